@@ -1,0 +1,229 @@
+"""Settings of every process, read from ``TREEPO_*`` environment variables.
+
+One settings class per process (``SamplerSettings``, ``LearnerSettings``) built from shared
+sub-models, so one ``.env`` file configures a whole run. Nesting uses ``__``:
+``TREEPO_TREE__WIDTH=16`` sets ``settings.tree.width``. Every field has a docstring and bounds;
+``docs/configuration.md`` is generated from them (``treepo config docs``).
+
+This module only describes and validates settings; it opens no connections.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline.errors import ConfigError
+from pipeline.sampling import TreeConfig
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "TREEPO_"
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class RedisSettings(_Section):
+    """How to reach Redis."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    """Redis URL. Use ``rediss://`` for TLS; a password may be given here or below."""
+    password: SecretStr | None = None
+    """Password (overrides one in the URL). Never logged."""
+    tls_ca_file: str | None = None
+    """CA bundle to verify the server's TLS certificate (``rediss://`` only)."""
+    connect_timeout_s: float = Field(5.0, gt=0, le=120)
+    """Seconds to wait for a connection or a reply before retrying."""
+    retry_attempts: int = Field(10, ge=1, le=1000)
+    """How many times a failed Redis call is retried (with exponential backoff) before giving up."""
+    retry_max_delay_s: float = Field(5.0, gt=0, le=300)
+    """Upper bound of the backoff between retries."""
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+
+class RunSettings(_Section):
+    """What identifies a run and bounds its off-policyness."""
+
+    name: str = "default"
+    """Run name; every Redis key and stream of the run is prefixed ``treepo:{<name>}:`` (a Redis
+    Cluster hash tag, so one run's keys share a slot). Letters, digits, ``_.-``, up to 64."""
+    max_staleness: int = Field(1, ge=0, le=64)
+    """How many policy versions a tree may lag behind the learner. 0 = synchronous on-policy."""
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    """Base random seed of the run."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _RUN_NAME.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', '-'")
+        return v
+
+
+class StreamSettings(_Section):
+    """Redis Streams consumption knobs."""
+
+    block_ms: int = Field(1000, ge=1, le=60_000)
+    """How long one XREADGROUP blocks waiting for entries, in milliseconds."""
+    batch: int = Field(16, ge=1, le=10_000)
+    """Most entries read by one XREADGROUP."""
+    claim_idle_ms: int = Field(60_000, ge=100, le=86_400_000)
+    """Pending entries idle longer than this are reclaimed from dead consumers (XAUTOCLAIM)."""
+    max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024, le=2**31 - 1)
+    """Largest message accepted from a stream; larger ones go to the dead-letter stream."""
+
+
+class SamplerOptions(_Section):
+    """Options of the sampler process itself."""
+
+    worker_id: str = ""
+    """Consumer name in the ``samplers`` group; empty = ``<host>-<pid>``."""
+    host: str = "127.0.0.1"
+    """Address the ``/metrics`` and ``/healthz`` server binds."""
+    port: int = Field(9101, ge=0, le=65535)
+    """Port of the metrics server (``$PORT`` under honcho overrides it)."""
+    batch_prompts: int = Field(8, ge=1, le=4096)
+    """Prompts grown together in one tree-sampling batch."""
+
+
+class LearnerOptions(_Section):
+    """Options of the learner process itself."""
+
+    host: str = "127.0.0.1"
+    """Address the weight server (and ``/metrics``) binds. Loopback by default."""
+    port: int = Field(9100, ge=0, le=65535)
+    """Port of the weight server (``$PORT`` under honcho overrides it)."""
+    batch_prompts: int = Field(8, ge=1, le=4096)
+    """Trees (prompts) per optimizer step."""
+    total_steps: int = Field(100, ge=1, le=10_000_000)
+    """The learner exits after this many optimizer steps."""
+
+
+class LossSettings(_Section):
+    """TreePO loss and off-policy correction (see docs/algorithm.md)."""
+
+    advantage: Literal["average", "size_weighted", "root"] = "average"
+    """Tree advantage estimator."""
+    clip_low: float = Field(0.2, gt=0, lt=1)
+    """PPO lower clip epsilon."""
+    clip_high: float = Field(0.28, gt=0, le=10)
+    """PPO upper clip epsilon (clip-higher)."""
+    dual_clip: float = Field(10.0, gt=1, le=1000)
+    """Dual-clip constant for negative advantages."""
+    is_level: Literal["token", "segment", "sequence"] = "segment"
+    """Level of the behavior importance weight pi_prox/mu."""
+    is_cap: float = Field(2.0, gt=0, le=1000)
+    """Truncation of the behavior importance weight."""
+
+
+class SamplerSettings(BaseSettings):
+    """Everything the sampler process reads."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore",
+        use_attribute_docstrings=True,
+    )
+
+    redis: RedisSettings = RedisSettings()
+    """Redis connection."""
+    run: RunSettings = RunSettings()
+    """Run identity and staleness bound."""
+    streams: StreamSettings = StreamSettings()
+    """Stream consumption."""
+    tree: TreeConfig = TreeConfig()
+    """TreePO tree shape and budget."""
+    sampler: SamplerOptions = SamplerOptions()
+    """Sampler process options."""
+
+
+class LearnerSettings(BaseSettings):
+    """Everything the learner process reads."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore",
+        use_attribute_docstrings=True,
+    )
+
+    redis: RedisSettings = RedisSettings()
+    """Redis connection."""
+    run: RunSettings = RunSettings()
+    """Run identity and staleness bound."""
+    streams: StreamSettings = StreamSettings()
+    """Stream consumption."""
+    loss: LossSettings = LossSettings()
+    """Loss and importance correction."""
+    learner: LearnerOptions = LearnerOptions()
+    """Learner process options."""
+
+
+PROCESS_SETTINGS: tuple[type[BaseSettings], ...] = (SamplerSettings, LearnerSettings)
+S = TypeVar("S", bound=BaseSettings)
+
+
+def known_env_names() -> set[str]:
+    """Every ``TREEPO_*`` variable some process reads (whole sections and their fields)."""
+    names: set[str] = set()
+    for cls in PROCESS_SETTINGS:
+        for fname, finfo in cls.model_fields.items():
+            top = f"{ENV_PREFIX}{fname.upper()}"
+            names.add(top)
+            sub = finfo.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                names.update(f"{top}__{s.upper()}" for s in sub.model_fields)
+    return names
+
+
+def unknown_env_names(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``TREEPO_*`` variables in ``environ`` that no settings class declares (likely typos)."""
+    env = os.environ if environ is None else environ
+    known = known_env_names()
+    return sorted(k for k in env if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+
+
+def warn_unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Log a warning, with the closest known name, for every unknown ``TREEPO_*`` variable."""
+    unknown = unknown_env_names(environ)
+    known = sorted(known_env_names())
+    for name in unknown:
+        close = difflib.get_close_matches(name.upper(), known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        log.warning("unknown setting %s is ignored%s", name, hint)
+    return unknown
+
+
+def env_name(loc: tuple[Any, ...]) -> str:
+    """The environment variable behind a pydantic error location, e.g. TREEPO_TREE__WIDTH."""
+    parts = [str(p).upper() for p in loc if not isinstance(p, int)]
+    return ENV_PREFIX + "__".join(parts[:2])
+
+
+def load_settings(cls: type[S], **overrides: Any) -> S:
+    """Build ``cls`` from the environment, warning about unknown ``TREEPO_*`` variables and
+    turning validation failures into one ``ConfigError`` that names each variable."""
+    warn_unknown_env()
+    try:
+        return cls(**overrides)
+    except ValidationError as exc:
+        problems = [f"{env_name(e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()]
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from None
+
+
+def stream_key(run: RunSettings, what: str) -> str:
+    """Name of one of the run's Redis keys, e.g. ``treepo:{default}:trees``."""
+    return f"treepo:{{{run.name}}}:{what}"

@@ -1,0 +1,605 @@
+"""Every message that crosses a process boundary, and the one encode/decode pair for them.
+
+Wire format: one msgpack map per message, never pickle. Every map carries ``type`` and
+``schema_version``. Arrays of numbers travel as msgpack ``bin`` holding little-endian int32
+(token ids, indices, versions), float32 (log-probs) or float64 (rewards). ``docs/wire-format.md``
+describes each field so that a reader in another language can decode a ``TreeRollout``.
+
+``decode`` trusts nothing: every malformed input raises ``MessageDecodeError`` naming the field,
+input larger than the configured limits is refused before it is unpacked, and msgpack's own
+length limits are bounded by the input size, so decoding never allocates far more than it reads.
+
+This module does not know about Redis or engines; ``pipeline.streams`` moves the bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar, Union
+
+import msgpack
+
+from pipeline.errors import MessageDecodeError
+
+SCHEMA_VERSION = 1
+"""Version of every message type defined here. Bump it on any change of fields or meaning."""
+
+FINISH_REASONS = frozenset({"eos", "stop", "length", "depth", "repetition"})
+"""Why a leaf's path ended: EOS token, engine stop condition, response-length cap, depth cap,
+repetition detector."""
+
+ROLES = frozenset({"sampler", "learner"})
+
+_LITTLE = sys.byteorder == "little"
+assert array("i").itemsize == 4 and array("f").itemsize == 4 and array("d").itemsize == 8
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Upper bounds that ``decode`` enforces; anything larger is refused, not unpacked."""
+
+    max_bytes: int = 256 * 1024 * 1024
+    max_tokens: int = 16_000_000
+    max_nodes: int = 1_000_000
+    max_string_chars: int = 1_000_000
+    vocab_size: int = 2**31 - 1
+    """Token ids must lie in ``[0, vocab_size)``; set it to the model's vocabulary size."""
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+# --------------------------------------------------------------------------------------------
+# Message classes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptTask:
+    """One prompt to grow a tree for. learner -> samplers, stream ``<prefix>:prompts``."""
+
+    TYPE: ClassVar[str] = "prompt_task"
+
+    prompt_id: str
+    prompt_token_ids: list[int]
+    answer: str
+    """Reference answer the reward function checks against (the task's answer key)."""
+    dataset_position: int
+    """Position of the prompt in the learner's dataset order (for resume and audits)."""
+    admitted_version: int
+    """Learner policy version when the prompt was admitted."""
+    task: str = ""
+    """Name of the reward function to apply (empty: the sampler's configured default)."""
+    created_at: float = 0.0
+
+
+@dataclass
+class RolloutNode:
+    """One segment of a tree: the tokens one request produced under its parent's context."""
+
+    parent: int
+    """Index of the parent node in ``TreeRollout.nodes``, or -1 when the parent is the prompt.
+    Parents always come before their children."""
+    token_ids: list[int]
+    logprobs: list[float]
+    """Behavior log-prob of each token under the sampling policy (same length as token_ids)."""
+    policy_version: int
+    """Policy version of the weights that generated this segment."""
+
+
+@dataclass
+class RolloutLeaf:
+    """A finished path: the node it ends at, its reward and why it ended."""
+
+    node: int
+    reward: float
+    finish_reason: str
+
+
+@dataclass
+class RolloutStats:
+    """Accounting counters for one tree (see TREEPO.md, accounting per tree)."""
+
+    decoded_tokens: int = 0
+    independent_tokens: int = 0
+    prefill_tokens: int = 0
+    engine_calls: int = 0
+    fallbacks: int = 0
+    max_depth_reached: int = 0
+    generation_seconds: float = 0.0
+
+
+@dataclass
+class TreeRollout:
+    """The whole tree of one prompt. sampler -> learner, stream ``<prefix>:trees``."""
+
+    TYPE: ClassVar[str] = "tree_rollout"
+
+    tree_id: str
+    prompt_id: str
+    sampler_id: str
+    prompt_token_ids: list[int]
+    nodes: list[RolloutNode]
+    leaves: list[RolloutLeaf]
+    stats: RolloutStats = field(default_factory=RolloutStats)
+    dataset_position: int = 0
+    created_at: float = 0.0
+
+    def leaf_path(self, leaf: RolloutLeaf) -> list[int]:
+        """Node indices from the depth-1 node down to ``leaf.node``."""
+        path = []
+        node = leaf.node
+        while node != -1:
+            path.append(node)
+            node = self.nodes[node].parent
+        return path[::-1]
+
+
+@dataclass
+class WeightAnnouncement:
+    """A new policy version is ready to download. learner -> samplers, key + pub/sub channel
+    ``<prefix>:weights``."""
+
+    TYPE: ClassVar[str] = "weight_announcement"
+
+    version: int
+    url: str
+    """Base URL of the version on the weight server; ``<url>/manifest.json`` lists the files."""
+    manifest_sha256: str
+    """sha256 (hex) of the manifest bytes, so a sampler can verify what it fetched."""
+    total_bytes: int
+    created_at: float = 0.0
+
+
+@dataclass
+class Heartbeat:
+    """Liveness of one process. any process -> key ``<prefix>:heartbeat:<worker_id>`` with TTL."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+
+    worker_id: str
+    role: str
+    host: str
+    pid: int
+    policy_version: int
+    sent_at: float
+    state: str = "running"
+
+
+Message = Union[PromptTask, TreeRollout, WeightAnnouncement, Heartbeat]
+M = TypeVar("M", PromptTask, TreeRollout, WeightAnnouncement, Heartbeat)
+
+
+# --------------------------------------------------------------------------------------------
+# Packing helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _pack_array(code: str, values: Sequence[int] | Sequence[float]) -> bytes:
+    arr = array(code, values)
+    if not _LITTLE:
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def _int32(values: Sequence[int]) -> bytes:
+    return _pack_array("i", values)
+
+
+def _float32(values: Sequence[float]) -> bytes:
+    return _pack_array("f", values)
+
+
+def _float64(values: Sequence[float]) -> bytes:
+    return _pack_array("d", values)
+
+
+def _header(msg: Message) -> dict[str, Any]:
+    return {"type": msg.TYPE, "schema_version": SCHEMA_VERSION}
+
+
+def _encode_prompt(msg: PromptTask) -> dict[str, Any]:
+    return {
+        "prompt_id": msg.prompt_id,
+        "prompt": _int32(msg.prompt_token_ids),
+        "answer": msg.answer,
+        "dataset_position": msg.dataset_position,
+        "admitted_version": msg.admitted_version,
+        "task": msg.task,
+        "created_at": float(msg.created_at),
+    }
+
+
+def _encode_rollout(msg: TreeRollout) -> dict[str, Any]:
+    nodes = msg.nodes
+    s = msg.stats
+    return {
+        "tree_id": msg.tree_id,
+        "prompt_id": msg.prompt_id,
+        "sampler_id": msg.sampler_id,
+        "dataset_position": msg.dataset_position,
+        "created_at": float(msg.created_at),
+        "prompt": _int32(msg.prompt_token_ids),
+        "node_parent": _int32([n.parent for n in nodes]),
+        "node_len": _int32([len(n.token_ids) for n in nodes]),
+        "node_version": _int32([n.policy_version for n in nodes]),
+        "tokens": _int32([t for n in nodes for t in n.token_ids]),
+        "logprobs": _float32([lp for n in nodes for lp in n.logprobs]),
+        "leaf_node": _int32([leaf.node for leaf in msg.leaves]),
+        "leaf_reward": _float64([leaf.reward for leaf in msg.leaves]),
+        "leaf_finish": [leaf.finish_reason for leaf in msg.leaves],
+        "stats": {
+            "decoded_tokens": s.decoded_tokens,
+            "independent_tokens": s.independent_tokens,
+            "prefill_tokens": s.prefill_tokens,
+            "engine_calls": s.engine_calls,
+            "fallbacks": s.fallbacks,
+            "max_depth_reached": s.max_depth_reached,
+            "generation_seconds": float(s.generation_seconds),
+        },
+    }
+
+
+def _encode_announcement(msg: WeightAnnouncement) -> dict[str, Any]:
+    return {
+        "version": msg.version,
+        "url": msg.url,
+        "manifest_sha256": msg.manifest_sha256,
+        "total_bytes": msg.total_bytes,
+        "created_at": float(msg.created_at),
+    }
+
+
+def _encode_heartbeat(msg: Heartbeat) -> dict[str, Any]:
+    return {
+        "worker_id": msg.worker_id,
+        "role": msg.role,
+        "host": msg.host,
+        "pid": msg.pid,
+        "policy_version": msg.policy_version,
+        "sent_at": float(msg.sent_at),
+        "state": msg.state,
+    }
+
+
+def encode(msg: Message) -> bytes:
+    """Serialize one message to msgpack bytes. Raises ValueError on a message that cannot be
+    represented (for example a token id outside int32)."""
+    encoders: dict[type, Callable[[Any], dict[str, Any]]] = {
+        PromptTask: _encode_prompt,
+        TreeRollout: _encode_rollout,
+        WeightAnnouncement: _encode_announcement,
+        Heartbeat: _encode_heartbeat,
+    }
+    try:
+        body = encoders[type(msg)](msg)
+    except KeyError:
+        raise ValueError(f"not a wire message: {type(msg).__name__}") from None
+    except OverflowError as exc:
+        raise ValueError(f"{type(msg).__name__}: number out of range for the wire: {exc}") from exc
+    packed: bytes = msgpack.packb({**_header(msg), **body}, use_bin_type=True)
+    return packed
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+_I32_MAX = 2**31 - 1
+_I64_MAX = 2**63 - 1
+
+
+class _Fields:
+    """Typed, bounded access to one decoded msgpack map; every failure names the field."""
+
+    def __init__(self, data: Any, prefix: str, limits: DecodeLimits) -> None:
+        if not isinstance(data, dict):
+            raise MessageDecodeError(prefix or "message", f"expected a map, got {_kind(data)}")
+        self.data: dict[str, Any] = data
+        self.prefix = prefix
+        self.limits = limits
+        self.used: set[str] = set()
+
+    def name(self, key: str) -> str:
+        return f"{self.prefix}.{key}" if self.prefix else key
+
+    def get(self, key: str) -> Any:
+        if key not in self.data:
+            raise MessageDecodeError(self.name(key), "missing")
+        self.used.add(key)
+        return self.data[key]
+
+    def no_extra(self) -> None:
+        extra = sorted(str(k) for k in self.data if k not in self.used)
+        if extra:
+            raise MessageDecodeError(self.name(extra[0]), "unknown field for this schema version")
+
+    def text(self, key: str, max_chars: int | None = None) -> str:
+        value = self.get(key)
+        if not isinstance(value, str):
+            raise MessageDecodeError(self.name(key), f"expected a string, got {_kind(value)}")
+        limit = self.limits.max_string_chars if max_chars is None else max_chars
+        if len(value) > limit:
+            raise MessageDecodeError(self.name(key), f"string of {len(value)} chars > {limit}")
+        return value
+
+    def integer(self, key: str, lo: int = 0, hi: int = _I64_MAX) -> int:
+        value = self.get(key)
+        if type(value) is not int:
+            raise MessageDecodeError(self.name(key), f"expected an integer, got {_kind(value)}")
+        if not lo <= value <= hi:
+            raise MessageDecodeError(self.name(key), f"{value} outside [{lo}, {hi}]")
+        return value
+
+    def real(self, key: str, lo: float = -math.inf, hi: float = math.inf) -> float:
+        value = self.get(key)
+        if type(value) is int:
+            value = float(value)
+        if type(value) is not float:
+            raise MessageDecodeError(self.name(key), f"expected a float, got {_kind(value)}")
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise MessageDecodeError(self.name(key), f"{value} is not finite or outside [{lo}, {hi}]")
+        return value
+
+    def numbers(self, key: str, code: str, count: int | None = None) -> list[Any]:
+        raw = self.get(key)
+        if not isinstance(raw, bytes):
+            raise MessageDecodeError(self.name(key), f"expected bin bytes, got {_kind(raw)}")
+        width = array(code).itemsize
+        if len(raw) % width:
+            raise MessageDecodeError(self.name(key), f"{len(raw)} bytes is not a multiple of {width}")
+        n = len(raw) // width
+        if count is not None and n != count:
+            raise MessageDecodeError(self.name(key), f"has {n} values, expected {count}")
+        arr = array(code)
+        arr.frombytes(raw)
+        if not _LITTLE:
+            arr.byteswap()
+        return arr.tolist()
+
+    def token_ids(self, key: str, count: int | None = None) -> list[int]:
+        values: list[int] = self.numbers(key, "i", count)
+        if len(values) > self.limits.max_tokens:
+            raise MessageDecodeError(
+                self.name(key), f"{len(values)} tokens > limit {self.limits.max_tokens}"
+            )
+        vocab = self.limits.vocab_size
+        for i, t in enumerate(values):
+            if not 0 <= t < vocab:
+                raise MessageDecodeError(f"{self.name(key)}[{i}]", f"token id {t} outside [0, {vocab})")
+        return values
+
+    def finite_floats(self, key: str, code: str, count: int, hi: float = math.inf) -> list[float]:
+        values: list[float] = self.numbers(key, code, count)
+        for i, v in enumerate(values):
+            if not math.isfinite(v) or v > hi:
+                raise MessageDecodeError(f"{self.name(key)}[{i}]", f"{v} is not finite or > {hi}")
+        return values
+
+    def sub(self, key: str) -> _Fields:
+        return _Fields(self.get(key), self.name(key), self.limits)
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def _decode_prompt(f: _Fields) -> PromptTask:
+    return PromptTask(
+        prompt_id=f.text("prompt_id", 256),
+        prompt_token_ids=f.token_ids("prompt"),
+        answer=f.text("answer"),
+        dataset_position=f.integer("dataset_position"),
+        admitted_version=f.integer("admitted_version", 0, _I32_MAX),
+        task=f.text("task", 256),
+        created_at=f.real("created_at"),
+    )
+
+
+_LOGPROB_MAX = 1e-3  # log-probs are <= 0; allow float rounding noise above zero
+
+
+def _decode_rollout(f: _Fields) -> TreeRollout:
+    tree_id = f.text("tree_id", 256)
+    prompt_id = f.text("prompt_id", 256)
+    sampler_id = f.text("sampler_id", 256)
+    dataset_position = f.integer("dataset_position")
+    created_at = f.real("created_at")
+    prompt = f.token_ids("prompt")
+    parents: list[int] = f.numbers("node_parent", "i")
+    n = len(parents)
+    if n > f.limits.max_nodes:
+        raise MessageDecodeError("node_parent", f"{n} nodes > limit {f.limits.max_nodes}")
+    lengths: list[int] = f.numbers("node_len", "i", n)
+    versions: list[int] = f.numbers("node_version", "i", n)
+    for i in range(n):
+        if not -1 <= parents[i] < i:
+            raise MessageDecodeError(f"node_parent[{i}]", f"{parents[i]} is not -1 or an earlier node")
+        if lengths[i] < 0:
+            raise MessageDecodeError(f"node_len[{i}]", f"negative length {lengths[i]}")
+        if versions[i] < 0:
+            raise MessageDecodeError(f"node_version[{i}]", f"negative version {versions[i]}")
+    total = sum(lengths)
+    if total > f.limits.max_tokens:
+        raise MessageDecodeError("node_len", f"{total} tokens > limit {f.limits.max_tokens}")
+    tokens = f.token_ids("tokens", total)
+    logprobs = f.finite_floats("logprobs", "f", total, hi=_LOGPROB_MAX)
+    leaf_nodes: list[int] = f.numbers("leaf_node", "i")
+    m = len(leaf_nodes)
+    rewards = f.finite_floats("leaf_reward", "d", m)
+    finishes = f.get("leaf_finish")
+    if not isinstance(finishes, list) or len(finishes) != m:
+        raise MessageDecodeError("leaf_finish", f"expected a list of {m} strings")
+    for i, reason in enumerate(finishes):
+        if reason not in FINISH_REASONS:
+            raise MessageDecodeError(f"leaf_finish[{i}]", f"{reason!r} not in {sorted(FINISH_REASONS)}")
+    has_child = [False] * n
+    for p in parents:
+        if p >= 0:
+            has_child[p] = True
+    seen: set[int] = set()
+    for i, node in enumerate(leaf_nodes):
+        if not 0 <= node < n:
+            raise MessageDecodeError(f"leaf_node[{i}]", f"{node} is not a node index below {n}")
+        if node in seen or has_child[node]:
+            raise MessageDecodeError(f"leaf_node[{i}]", f"node {node} is repeated or has children")
+        seen.add(node)
+    if len(seen) != has_child.count(False):
+        raise MessageDecodeError("leaf_node", "every childless node must be a leaf")
+    s = f.sub("stats")
+    stats = RolloutStats(
+        decoded_tokens=s.integer("decoded_tokens"),
+        independent_tokens=s.integer("independent_tokens"),
+        prefill_tokens=s.integer("prefill_tokens"),
+        engine_calls=s.integer("engine_calls"),
+        fallbacks=s.integer("fallbacks"),
+        max_depth_reached=s.integer("max_depth_reached"),
+        generation_seconds=s.real("generation_seconds", 0.0),
+    )
+    s.no_extra()
+    nodes = []
+    offset = 0
+    for i in range(n):
+        end = offset + lengths[i]
+        nodes.append(RolloutNode(parents[i], tokens[offset:end], logprobs[offset:end], versions[i]))
+        offset = end
+    leaves = [RolloutLeaf(leaf_nodes[i], rewards[i], finishes[i]) for i in range(m)]
+    return TreeRollout(
+        tree_id=tree_id,
+        prompt_id=prompt_id,
+        sampler_id=sampler_id,
+        prompt_token_ids=prompt,
+        nodes=nodes,
+        leaves=leaves,
+        stats=stats,
+        dataset_position=dataset_position,
+        created_at=created_at,
+    )
+
+
+def _decode_announcement(f: _Fields) -> WeightAnnouncement:
+    url = f.text("url", 4096)
+    if not url.startswith(("http://", "https://")):
+        raise MessageDecodeError("url", f"{url[:80]!r} is not an http(s) URL")
+    digest = f.text("manifest_sha256", 64)
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise MessageDecodeError("manifest_sha256", "expected 64 lowercase hex characters")
+    return WeightAnnouncement(
+        version=f.integer("version", 0, _I32_MAX),
+        url=url,
+        manifest_sha256=digest,
+        total_bytes=f.integer("total_bytes"),
+        created_at=f.real("created_at"),
+    )
+
+
+def _decode_heartbeat(f: _Fields) -> Heartbeat:
+    role = f.text("role", 32)
+    if role not in ROLES:
+        raise MessageDecodeError("role", f"{role!r} not in {sorted(ROLES)}")
+    return Heartbeat(
+        worker_id=f.text("worker_id", 256),
+        role=role,
+        host=f.text("host", 256),
+        pid=f.integer("pid", 0, _I32_MAX),
+        policy_version=f.integer("policy_version", 0, _I32_MAX),
+        sent_at=f.real("sent_at"),
+        state=f.text("state", 64),
+    )
+
+
+_DECODERS: dict[str, Callable[[_Fields], Any]] = {
+    PromptTask.TYPE: _decode_prompt,
+    TreeRollout.TYPE: _decode_rollout,
+    WeightAnnouncement.TYPE: _decode_announcement,
+    Heartbeat.TYPE: _decode_heartbeat,
+}
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise MessageDecodeError("message", f"msgpack extension type {code} is not allowed")
+
+
+def decode(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Message:
+    """Parse bytes from the wire into a message object.
+
+    Raises ``MessageDecodeError`` (and nothing else) for every malformed input; the error's
+    ``field`` names what is wrong.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MessageDecodeError("message", f"expected bytes, got {_kind(data)}")
+    if len(data) > limits.max_bytes:
+        raise MessageDecodeError("message", f"{len(data)} bytes > limit {limits.max_bytes}")
+    try:
+        raw = msgpack.unpackb(
+            bytes(data),
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+        )
+    except MessageDecodeError:
+        raise
+    except Exception as exc:  # msgpack raises many types on bad bytes
+        raise MessageDecodeError("message", f"not valid msgpack: {type(exc).__name__}: {exc}") from None
+    try:
+        return _decode_fields(raw, limits)
+    except MessageDecodeError:
+        raise
+    except Exception as exc:  # defensive: the contract is that nothing else escapes
+        raise MessageDecodeError("message", f"malformed: {type(exc).__name__}: {exc}") from None
+
+
+def _decode_fields(raw: Any, limits: DecodeLimits) -> Message:
+    f = _Fields(raw, "", limits)
+    kind = f.text("type", 64)
+    version = f.get("schema_version")
+    if type(version) is not int:
+        raise MessageDecodeError("schema_version", f"expected an integer, got {_kind(version)}")
+    if version != SCHEMA_VERSION:
+        raise MessageDecodeError(
+            "schema_version", f"unknown version {version}; this build reads {SCHEMA_VERSION}"
+        )
+    if kind not in _DECODERS:
+        raise MessageDecodeError("type", f"unknown message type {kind!r}")
+    msg: Message = _DECODERS[kind](f)
+    f.no_extra()
+    return msg
+
+
+def decode_as(data: bytes, cls: type[M], limits: DecodeLimits = DEFAULT_LIMITS) -> M:
+    """``decode`` that also checks the message type."""
+    msg = decode(data, limits)
+    if not isinstance(msg, cls):
+        raise MessageDecodeError("type", f"expected {cls.TYPE}, got {msg.TYPE}")
+    return msg
+
+
+def to_jsonable(msg: Message) -> dict[str, Any]:
+    """A JSON-friendly dict of a message (for the CLI and logs)."""
+    from dataclasses import asdict
+
+    return {"type": msg.TYPE, "schema_version": SCHEMA_VERSION, **asdict(msg)}
+
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "FINISH_REASONS",
+    "SCHEMA_VERSION",
+    "DecodeLimits",
+    "Heartbeat",
+    "Message",
+    "PromptTask",
+    "RolloutLeaf",
+    "RolloutNode",
+    "RolloutStats",
+    "TreeRollout",
+    "WeightAnnouncement",
+    "decode",
+    "decode_as",
+    "encode",
+    "to_jsonable",
+]

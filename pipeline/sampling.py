@@ -1,0 +1,334 @@
+"""TreePO segment-tree sampling, independent of any inference engine.
+
+``TreeSampler.expand`` grows one tree per prompt. Each segment step sends every active path of
+every prompt to the engine in ONE ``SegmentGenerator.generate`` call (siblings adjacent, so a
+prefix cache hits). Per prompt, with w = width, b = branching (TREEPO.md section 1):
+
+* step 0 forks the prompt into its initial divergence d0 (fixed, or drawn from a range);
+* after a step each new segment either ends the path (EOS, engine stop, response-length cap,
+  depth cap, repetition) and becomes a leaf, or stays active;
+* next step's request count is ``n = min(w - leaves, b * active)``; the invariant
+  ``leaves + active <= w`` makes ``n >= active``, so every active path continues. The n - active
+  extra requests are spread uniformly (default) or by softmax(+/- score / temperature) of the last
+  segment's mean log-prob or entropy;
+* fallback: a prompt with no active path and fewer than w leaves cuts finished leaves (those that
+  ended with EOS or an engine stop first) at a random segment boundary and forks b new paths from
+  the cut; with no cut possible it restarts from the prompt. Contexts are always rebuilt as
+  prompt + the path's own tokens, so a fork can never splice onto a foreign prefix.
+
+The engine side (vLLM) is in ``workers/``; this module never imports it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from pipeline.tree import Tree
+
+Allocation = Literal["uniform", "logprob_high", "logprob_low", "entropy_high", "entropy_low"]
+ANSWER_REASONS = ("eos", "stop")
+"""Finish reasons of paths that ended on their own; fallback prefers cutting these."""
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    """One path's next segment: the full context (prompt + path tokens) and the token budget."""
+
+    token_ids: list[int]
+    max_tokens: int
+
+
+@dataclass
+class GeneratedSegment:
+    """What the engine produced for one request.
+
+    ``finished`` means the engine stopped on its own (EOS or a stop condition), not on
+    ``max_tokens``. ``logprobs`` are the sampled tokens' log-probs under the behavior policy.
+    ``entropies`` (optional) are per-token entropies, used only by entropy allocation.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finished: bool
+    policy_version: int = 0
+    entropies: list[float] | None = None
+
+
+@runtime_checkable
+class SegmentGenerator(Protocol):
+    """An engine that continues many contexts by one segment each, in one batched call."""
+
+    async def generate(self, requests: list[SegmentRequest]) -> list[GeneratedSegment]:
+        """One output per request, in the same order."""
+        ...
+
+
+class TreeConfig(BaseModel):
+    """Shape and budget of the trees (TREEPO.md section 1)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    width: int = Field(16, ge=1, le=4096)
+    """w: leaves per prompt (the group size)."""
+    segment_tokens: int = Field(512, ge=1, le=1_000_000)
+    """l: tokens per segment; every non-final segment is exactly this long."""
+    max_depth: int = Field(14, ge=1, le=10_000)
+    """d: most segments on one path."""
+    branching: int = Field(2, ge=1, le=4096)
+    """b: children per active path per step when budget allows."""
+    initial_divergence: int = Field(2, ge=1, le=4096)
+    """Root fan-out: paths started from the prompt (clamped to width)."""
+    initial_divergence_range: tuple[int, int] | None = None
+    """When set, each prompt's root fan-out is drawn uniformly from [lo, hi] (e.g. [2, 8])."""
+    max_response_tokens: int | None = Field(None, ge=1)
+    """Response length cap in tokens; unset = segment_tokens * max_depth."""
+    fallback: bool = True
+    """Refill prompts that ran out of active paths by forking from cut leaves."""
+    fallback_window: int | None = None
+    """Granularity of fallback cuts in tokens: a multiple of segment_tokens. Unset or -1 =
+    segment_tokens (cut at any segment boundary)."""
+    allocation: Allocation = "uniform"
+    """How the extra branches of a step are spread over active paths."""
+    allocation_temperature: float = Field(1.0, gt=0, le=1e6)
+    """Softmax temperature of the non-uniform allocations."""
+    eos_token_id: int | None = Field(None, ge=0)
+    """End-of-sequence token; unset = only the engine's own stop ends a path (the sampler fills
+    it from the tokenizer)."""
+    repetition_ngram: int = Field(16, ge=0, le=4096)
+    """A path ends when its response ends with an n-gram (n <= this) repeated
+    ``repetition_repeats`` times in a row. 0 disables the detector."""
+    repetition_repeats: int = Field(8, ge=2, le=10_000)
+    """Consecutive repeats of one n-gram that count as degenerate repetition."""
+
+    @field_validator("fallback_window", mode="before")
+    @classmethod
+    def _unset_window(cls, v: object) -> object:
+        return None if v in (-1, "-1", "", None) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> TreeConfig:
+        rng = self.initial_divergence_range
+        if rng is not None and not 1 <= rng[0] <= rng[1]:
+            raise ValueError(f"initial_divergence_range {rng}: need 1 <= lo <= hi")
+        w = self.fallback_window
+        if w is not None and (w <= 0 or w % self.segment_tokens):
+            raise ValueError(
+                f"fallback_window {w} must be a positive multiple of segment_tokens "
+                f"({self.segment_tokens}), or -1/unset for one segment"
+            )
+        return self
+
+    @property
+    def response_cap(self) -> int:
+        if self.max_response_tokens is not None:
+            return self.max_response_tokens
+        return self.segment_tokens * self.max_depth
+
+    @property
+    def window_segments(self) -> int:
+        """Fallback cut granularity in segments."""
+        return (self.fallback_window or self.segment_tokens) // self.segment_tokens
+
+
+def repeats_tail(tokens: list[int], max_ngram: int, repeats: int) -> bool:
+    """True when ``tokens`` ends with some n-gram (1 <= n <= max_ngram) repeated ``repeats``
+    times in a row."""
+    for n in range(1, max_ngram + 1):
+        span = n * repeats
+        if span > len(tokens):
+            break
+        gram = tokens[-n:]
+        if tokens[-span:] == gram * repeats:
+            return True
+    return False
+
+
+@dataclass
+class _PromptState:
+    """Growth state of one prompt's tree between segment steps."""
+
+    tree: Tree
+    forks: list[tuple[int | None, int]] = field(default_factory=list)
+    """(parent node or None for the prompt, number of children) to request next step."""
+    active: list[int] = field(default_factory=list)
+    score: dict[int, float] = field(default_factory=dict)
+    """Allocation score of each active node (mean log-prob or entropy of its segment)."""
+    lengths: dict[int, int] = field(default_factory=dict)
+    """Response length (tokens) up to and including each node."""
+
+
+class TreeSampler:
+    """Grows TreePO segment trees with any ``SegmentGenerator``."""
+
+    def __init__(
+        self,
+        generator: SegmentGenerator,
+        config: TreeConfig,
+        rng: random.Random | int | None = None,
+    ) -> None:
+        self.generator = generator
+        self.config = config
+        self.rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+
+    async def expand(self, prompts: list[list[int]]) -> list[Tree]:
+        """Grow one tree per prompt (same order), one engine call per segment step."""
+        states = [_PromptState(Tree(list(p))) for p in prompts]
+        for st in states:
+            st.forks = [(None, min(self._root_fanout(), self.config.width))]
+        while True:
+            batch = [(st, parent) for st in states for parent, k in st.forks for _ in range(k)]
+            if not batch:
+                break
+            requests = [self._request(st, parent) for st, parent in batch]
+            started = time.perf_counter()
+            outputs = await self.generator.generate(requests)
+            elapsed = time.perf_counter() - started
+            if len(outputs) != len(requests):
+                raise ValueError(f"generator returned {len(outputs)} outputs for {len(requests)} requests")
+            self._account(batch, requests, outputs, elapsed)
+            for st in states:
+                st.active = []
+            for (st, parent), req, out in zip(batch, requests, outputs):
+                self._grow(st, parent, req, out)
+            for st in states:
+                st.forks = self._plan(st)
+        for st in states:
+            st.tree.recount()
+        return [st.tree for st in states]
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def _root_fanout(self) -> int:
+        rng = self.config.initial_divergence_range
+        if rng is None:
+            return self.config.initial_divergence
+        return self.rng.randint(rng[0], rng[1])
+
+    def _request(self, st: _PromptState, parent: int | None) -> SegmentRequest:
+        done = 0 if parent is None else st.lengths[parent]
+        budget = min(self.config.segment_tokens, self.config.response_cap - done)
+        context = st.tree.prompt_token_ids + st.tree.response_tokens(parent)
+        return SegmentRequest(context, budget)
+
+    def _account(
+        self,
+        batch: list[tuple[_PromptState, int | None]],
+        requests: list[SegmentRequest],
+        outputs: list[GeneratedSegment],
+        elapsed: float,
+    ) -> None:
+        total = sum(len(o.token_ids) for o in outputs) or 1
+        seen: set[int] = set()
+        for (st, _), req, out in zip(batch, requests, outputs):
+            s = st.tree.stats
+            if id(st) not in seen:
+                seen.add(id(st))
+                s.engine_calls += 1
+            s.prefill_tokens += len(req.token_ids)
+            s.generation_seconds += elapsed * len(out.token_ids) / total
+
+    def _grow(
+        self, st: _PromptState, parent: int | None, req: SegmentRequest, out: GeneratedSegment
+    ) -> None:
+        cfg = self.config
+        if len(out.token_ids) != len(out.logprobs):
+            raise ValueError(f"segment has {len(out.token_ids)} tokens but {len(out.logprobs)} logprobs")
+        if len(out.token_ids) > req.max_tokens:
+            raise ValueError(f"segment of {len(out.token_ids)} tokens exceeds max_tokens {req.max_tokens}")
+        tokens, logprobs = list(out.token_ids), list(out.logprobs)
+        reason: str | None = None
+        if cfg.eos_token_id is not None and cfg.eos_token_id in tokens:
+            cut = tokens.index(cfg.eos_token_id) + 1  # keep the EOS, drop what follows it
+            tokens, logprobs, reason = tokens[:cut], logprobs[:cut], "eos"
+        elif out.finished or len(tokens) < req.max_tokens:
+            reason = "stop"
+        node = st.tree.add_node(parent, tokens, logprobs, out.policy_version)
+        length = (0 if parent is None else st.lengths[parent]) + len(tokens)
+        st.lengths[node.id] = length
+        if reason is None:
+            if node.depth >= cfg.max_depth:
+                reason = "depth"
+            elif length >= cfg.response_cap:
+                reason = "length"
+            elif cfg.repetition_ngram and repeats_tail(
+                st.tree.response_tokens(node.id), cfg.repetition_ngram, cfg.repetition_repeats
+            ):
+                reason = "repetition"
+        if reason is not None:
+            st.tree.add_leaf(node.id, reason)
+        else:
+            st.active.append(node.id)
+            st.score[node.id] = self._score(out, len(tokens))
+
+    def _score(self, out: GeneratedSegment, n: int) -> float:
+        if n == 0:
+            return 0.0
+        if self.config.allocation.startswith("entropy"):
+            if out.entropies is not None:
+                return sum(out.entropies[:n]) / n
+            return -sum(out.logprobs[:n]) / n  # sampled-token surprisal estimates entropy
+        return sum(out.logprobs[:n]) / n
+
+    # -- planning the next step ----------------------------------------------------------------
+
+    def _plan(self, st: _PromptState) -> list[tuple[int | None, int]]:
+        cfg = self.config
+        room = cfg.width - len(st.tree.leaves)
+        if st.active:
+            n = min(room, cfg.branching * len(st.active))
+            return self._allocate(st, n)
+        if room > 0 and cfg.fallback:
+            return self._fallback(st, room)
+        return []
+
+    def _allocate(self, st: _PromptState, n: int) -> list[tuple[int | None, int]]:
+        active = st.active
+        counts = [1] * len(active)
+        extra = n - len(active)
+        if extra > 0:
+            if self.config.allocation == "uniform":
+                for i in range(len(active)):
+                    counts[i] += extra // len(active)
+                for i in self.rng.sample(range(len(active)), extra % len(active)):
+                    counts[i] += 1
+            else:
+                sign = 1.0 if self.config.allocation.endswith("high") else -1.0
+                t = self.config.allocation_temperature
+                logits = [sign * st.score[a] / t for a in active]
+                top = max(logits)
+                weights = [math.exp(x - top) for x in logits]
+                for i in self.rng.choices(range(len(active)), weights=weights, k=extra):
+                    counts[i] += 1
+        return [(a, c) for a, c in zip(active, counts)]
+
+    def _fallback(self, st: _PromptState, room: int) -> list[tuple[int | None, int]]:
+        tree, cfg = st.tree, self.config
+        m = cfg.window_segments
+        preferred, others = [], []
+        for leaf in tree.leaves:
+            cuts = [c for c in range(m, len(leaf.path), m)]  # depths 1..k-1 on the window grid
+            if cuts:
+                (preferred if leaf.finish_reason in ANSWER_REASONS else others).append((leaf, cuts))
+        self.rng.shuffle(preferred)
+        self.rng.shuffle(others)
+        candidates = preferred + others
+        forks: dict[int | None, int] = {}
+        if not candidates:
+            tree.stats.fallbacks += 1
+            return [(None, room)]
+        i = 0
+        while room > 0:
+            leaf, cuts = candidates[i % len(candidates)]
+            cut_node = leaf.path[self.rng.choice(cuts) - 1]
+            k = min(cfg.branching, room)
+            forks[cut_node] = forks.get(cut_node, 0) + k
+            room -= k
+            tree.stats.fallbacks += 1
+            i += 1
+        return list(forks.items())

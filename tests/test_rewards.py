@@ -1,0 +1,52 @@
+"""math_reward: the last boxed answer, symbolic equivalence, never raising."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.rewards import last_boxed, math_reward
+
+
+@pytest.mark.parametrize(
+    ("response", "reference", "expected"),
+    [
+        ("so the answer is \\boxed{42}", "42", 1.0),
+        ("\\boxed{41}", "42", -1.0),
+        ("42", "42", -1.0),  # no box, no credit
+        ("first \\boxed{1} then \\boxed{42}", "42", 1.0),  # the last box counts
+        ("first \\boxed{42} then \\boxed{1}", "42", -1.0),
+        ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+        ("\\boxed{\\frac{2}{4}}", "\\frac{1}{2}", 1.0),
+        ("\\boxed{x^2+2x+1}", "(x+1)^2", 1.0),
+        ("\\boxed{42", "42", -1.0),  # cut off
+        ("\\boxed{}", "", -1.0),
+    ],
+)
+def test_math_reward(response: str, reference: str, expected: float) -> None:
+    assert math_reward(response, reference) == expected
+
+
+def test_last_boxed_balances_braces() -> None:
+    assert last_boxed("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
+    assert last_boxed("\\boxed {7}") == "7"
+    assert last_boxed("\\boxed{1} \\boxed{") is None  # the last box is cut off
+    assert last_boxed("nothing") is None
+
+
+def test_works_off_the_main_thread() -> None:
+    out: list[float] = []
+    t = threading.Thread(target=lambda: out.extend([math_reward("\\boxed{3}", "3"), math_reward("\\boxed{4}", "3")]))
+    t.start()
+    t.join(30)
+    assert out == [1.0, -1.0]
+
+
+@given(st.text(max_size=200), st.text(max_size=20))
+@settings(max_examples=100, deadline=None)
+def test_never_raises(response: str, reference: str) -> None:
+    assert math_reward("\\boxed{" + response, reference) in (1.0, -1.0)
+    assert math_reward(response, reference) in (1.0, -1.0)
