@@ -30,7 +30,8 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    # unknown nested variables are reported by warn_unknown_env, not rejected
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
 
 
 class RedisSettings(_Section):
@@ -92,14 +93,52 @@ class StreamSettings(_Section):
 class SamplerOptions(_Section):
     """Options of the sampler process itself."""
 
+    model: str = ""
+    """Hugging Face model directory the engine starts from (required)."""
+    work_dir: str = "runs/sampler"
+    """Where this sampler keeps downloaded weight versions."""
     worker_id: str = ""
     """Consumer name in the ``samplers`` group; empty = ``<host>-<pid>``."""
     host: str = "127.0.0.1"
     """Address the ``/metrics`` and ``/healthz`` server binds."""
     port: int = Field(9101, ge=0, le=65535)
-    """Port of the metrics server (``$PORT`` under honcho overrides it)."""
+    """Port of the metrics server (``--port``/``$PORT`` under honcho overrides it)."""
     batch_prompts: int = Field(8, ge=1, le=4096)
     """Prompts grown together in one tree-sampling batch."""
+    default_task: Literal["arith", "math"] = "arith"
+    """Reward function for prompts that do not name one."""
+    temperature: float = Field(1.0, ge=0.0, le=10.0)
+    """Sampling temperature (the behavior policy is the tempered distribution)."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling threshold."""
+    dtype: str = "float32"
+    """Engine dtype (``float32`` on CPU; ``bfloat16`` on GPUs)."""
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
+    """Fraction of device memory vLLM may take (0.3 works on CPU machines)."""
+    enforce_eager: bool = True
+    """Skip graph capture/compilation (faster start; set false on GPUs for speed)."""
+    max_model_len: int = Field(0, ge=0, le=1_000_000)
+    """Engine context length; 0 = the model's own."""
+    kv_cache_gib: int = Field(1, ge=1, le=1024)
+    """KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE)."""
+    heartbeat_ttl_s: float = Field(10.0, ge=1.0, le=3600.0)
+    """Heartbeat key time-to-live; refreshed every third of it."""
+    weights_poll_s: float = Field(0.5, gt=0.0, le=60.0)
+    """How often the weight announcement key is checked."""
+
+
+class WeightSettings(_Section):
+    """Weight broadcast between learner and samplers."""
+
+    token: SecretStr | None = None
+    """Bearer token the weight server requires and samplers send (unset: no auth)."""
+    public_url: str = ""
+    """Base URL samplers use to reach the learner's weight server; empty =
+    ``http://<learner.host>:<port>``. Set it when samplers run on other machines."""
+    keep_versions: int = Field(3, ge=1, le=1000)
+    """Weight versions the learner keeps serving (older ones are deleted)."""
+    download_timeout_s: float = Field(600.0, gt=0, le=86_400)
+    """Time limit of one version download."""
 
 
 class LearnerOptions(_Section):
@@ -148,6 +187,8 @@ class SamplerSettings(BaseSettings):
     """Stream consumption."""
     tree: TreeConfig = TreeConfig()
     """TreePO tree shape and budget."""
+    weights: WeightSettings = WeightSettings()
+    """Weight broadcast."""
     sampler: SamplerOptions = SamplerOptions()
     """Sampler process options."""
 
@@ -168,6 +209,8 @@ class LearnerSettings(BaseSettings):
     """Stream consumption."""
     loss: LossSettings = LossSettings()
     """Loss and importance correction."""
+    weights: WeightSettings = WeightSettings()
+    """Weight broadcast."""
     learner: LearnerOptions = LearnerOptions()
     """Learner process options."""
 
@@ -213,10 +256,11 @@ def env_name(loc: tuple[Any, ...]) -> str:
     return ENV_PREFIX + "__".join(parts[:2])
 
 
-def load_settings(cls: type[S], **overrides: Any) -> S:
+def load_settings(cls: type[S], warn: bool = True, **overrides: Any) -> S:
     """Build ``cls`` from the environment, warning about unknown ``TREEPO_*`` variables and
     turning validation failures into one ``ConfigError`` that names each variable."""
-    warn_unknown_env()
+    if warn:
+        warn_unknown_env()
     try:
         return cls(**overrides)
     except ValidationError as exc:

@@ -72,7 +72,7 @@ class SegmentGenerator(Protocol):
 class TreeConfig(BaseModel):
     """Shape and budget of the trees (TREEPO.md section 1)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(frozen=True, extra="ignore", use_attribute_docstrings=True)
 
     width: int = Field(16, ge=1, le=4096)
     """w: leaves per prompt (the group size)."""

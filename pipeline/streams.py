@@ -275,6 +275,17 @@ class Streams:
         self.counters.acked += int(n)
         return int(n)
 
+    async def release(self, stream: str, group: str, consumer: str, entry_ids: list[str]) -> None:
+        """Hand unfinished entries back: mark them idle for ``claim_idle_ms`` so that any other
+        consumer's next reclaim takes them at once (used on shutdown)."""
+        if not entry_ids:
+            return
+        idle = self.stream_settings.claim_idle_ms
+        await self.call(
+            lambda: self.client.xclaim(stream, group, consumer, 0, entry_ids, idle=idle, justid=True),
+            f"XCLAIM {stream}",
+        )
+
     async def consume(
         self,
         stream: str,

@@ -35,3 +35,16 @@ def make_streams(server: RedisServer, run: str = "test", **stream_kw: object) ->
 def run(coro: object) -> object:
     """Run a coroutine to completion in a fresh event loop (plain test functions, no plugin)."""
     return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+TOY_TEST_SPEC = {"max_steps": 300, "eval_every": 300, "target_accuracy": 1.1, "eval_problems": 50}
+"""A quick warm-up for tests: the model learns the answer format, not yet the arithmetic."""
+
+
+@pytest.fixture(scope="session")
+def toy_model() -> Path:
+    """The toy model kit's model, built once and cached under .cache/ (a second run is instant)."""
+    from learner.toy import ToySpec, build_toy_model
+
+    root = Path(__file__).resolve().parent.parent / ".cache"
+    return build_toy_model(root / "toy-test", seed=0, spec=ToySpec(**TOY_TEST_SPEC))  # type: ignore[arg-type]

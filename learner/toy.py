@@ -1,0 +1,159 @@
+"""Toy model kit: a tiny Qwen2-architecture LM and tokenizer for the built-in ``arith`` task.
+
+``build_toy_model(out_dir, seed)`` builds, with no network, a symbol-level tokenizer
+(``tokenizers``), a small Qwen2 causal LM, and warm-starts it with supervised training on the
+task's train split until its greedy held-out accuracy first reaches ``target_accuracy`` (so the
+start is neither hopeless nor solved), then saves a normal Hugging Face model directory that
+vLLM and transformers both load. A finished directory is reused (``toy_meta.json`` records the
+seed and kit version), so a second call is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.tasks import ArithTask
+
+log = logging.getLogger(__name__)
+
+KIT_VERSION = 1
+SPECIALS = ["<pad>", "<eos>", "<unk>"]
+SYMBOLS = [*"0123456789+=;", "\\boxed{", "}"]
+PAD_ID, EOS_ID = 0, 1
+
+
+@dataclass(frozen=True)
+class ToySpec:
+    """Model size and warm-up budget of the toy kit."""
+
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 384
+    max_positions: int = 128
+    vocab: int = 32
+    batch: int = 64
+    lr: float = 2e-3
+    target_accuracy: float = 0.25
+    """Warm-up stops once greedy held-out accuracy reaches this."""
+    eval_every: int = 50
+    eval_problems: int = 200
+    max_steps: int = 3000
+
+
+def build_tokenizer():  # type: ignore[no-untyped-def]
+    """A tokenizer whose tokens are single symbols, plus ``\\boxed{`` as one token."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + SYMBOLS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"\\boxed\{|."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+def _model(spec: ToySpec):  # type: ignore[no-untyped-def]
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads, max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=True, eos_token_id=EOS_ID, pad_token_id=PAD_ID, bos_token_id=EOS_ID,
+        torch_dtype="float32",
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 48) -> float:  # type: ignore[no-untyped-def]
+    """Fraction of ``problems`` whose greedy completion the task's checker accepts."""
+    import torch
+
+    from pipeline.tasks import reward_fn
+
+    model.eval()
+    enc = tokenizer([p.prompt for p in problems], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    model.train()
+    good = sum(reward_fn(p.task)(t, p.answer) > 0 for p, t in zip(problems, texts))
+    return good / len(problems)
+
+
+def _batches(task: ArithTask, tokenizer, spec: ToySpec, seed: int):  # type: ignore[no-untyped-def]
+    import torch
+
+    it = task.sample("train", seed)
+    while True:
+        ops = [next(it) for _ in range(spec.batch)]
+        prompts = [tokenizer(task.problem(o).prompt)["input_ids"] for o in ops]
+        answers = [tokenizer(task.solution(o))["input_ids"] + [EOS_ID] for o in ops]
+        length = max(len(p) + len(a) for p, a in zip(prompts, answers))
+        ids = torch.full((spec.batch, length), PAD_ID)
+        labels = torch.full((spec.batch, length), -100)
+        for i, (p, a) in enumerate(zip(prompts, answers)):
+            seq = p + a
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, len(p) : len(seq)] = torch.tensor(a)
+        yield ids, labels, (ids != PAD_ID).long()
+
+
+def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = None) -> Path:
+    """Build (or reuse) the toy model directory; returns its path."""
+    import torch
+
+    spec = spec or ToySpec()
+    out = Path(out_dir)
+    meta_path = out / "toy_meta.json"
+    want = {"kit_version": KIT_VERSION, "seed": seed, "spec": asdict(spec)}
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if {k: meta.get(k) for k in want} == want:
+            return out
+    started = time.monotonic()
+    torch.manual_seed(seed)
+    task = ArithTask()
+    tokenizer = build_tokenizer()
+    model = _model(spec)
+    heldout = task.problems("heldout", spec.eval_problems, seed=seed + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    acc, step = 0.0, 0
+    for step, (ids, labels, mask) in enumerate(_batches(task, tokenizer, spec, seed), start=1):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % spec.eval_every == 0:
+            acc = greedy_accuracy(model, tokenizer, heldout)
+            log.info("toy warm-up step %d loss %.3f held-out greedy accuracy %.3f", step, loss.item(), acc)
+            if acc >= spec.target_accuracy or step >= spec.max_steps:
+                break
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".toy-", dir=out.parent))
+    model.generation_config.eos_token_id = EOS_ID
+    model.generation_config.pad_token_id = PAD_ID
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    meta = {**want, "steps": step, "heldout_greedy_accuracy": acc,
+            "seconds": round(time.monotonic() - started, 1),
+            "parameters": sum(p.numel() for p in model.parameters())}
+    (tmp / "toy_meta.json").write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log.info("toy model ready in %s (%s)", out, meta)
+    return out

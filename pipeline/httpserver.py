@@ -1,0 +1,48 @@
+"""The small aiohttp server every long-running process exposes: ``/metrics`` and ``/healthz``.
+
+Processes add their own routes (the learner's weight server) to the app this factory returns.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+
+def make_app(registry: CollectorRegistry, health: Callable[[], dict[str, Any]]) -> web.Application:
+    """An app serving ``registry`` on /metrics and ``health()`` as JSON on /healthz (HTTP 503
+    when it reports ``ok: False``)."""
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        state = health()
+        return web.Response(
+            text=json.dumps(state), content_type="application/json",
+            status=200 if state.get("ok", True) else 503,
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Start serving ``app``; returns the runner (``await runner.cleanup()`` to stop) and the
+    bound port (useful with port 0)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    bound = port
+    if server is not None and getattr(server, "sockets", None):
+        bound = int(server.sockets[0].getsockname()[1])
+    return runner, bound

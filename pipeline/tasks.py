@@ -1,0 +1,142 @@
+"""Tasks and datasets: the built-in arithmetic-chain task and local JSONL/Parquet datasets.
+
+A ``Problem`` is a prompt text, a reference answer and a reward function name. The built-in
+task ``arith`` asks for the sum of a few numbers, written as one intermediate step per addition
+and a final boxed answer::
+
+    prompt:   12+34+7=
+    response: 12+34=46;46+7=53;\\boxed{53}
+
+Its checker (``arith_reward``) reads the last boxed number; ``math`` uses ``math_reward``. Real
+datasets are local files; a row missing a field is an error naming the file, row and field.
+Tokenization is not done here (see ``pipeline.tokenizer``).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import DatasetError
+from pipeline.rewards import CORRECT, WRONG, last_boxed, math_reward
+
+BOX_OPEN = "\\boxed{"
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+    task: str = "arith"
+    """Reward function name: ``arith`` or ``math``."""
+
+
+@dataclass(frozen=True)
+class ArithTask:
+    """Seeded generator of arithmetic chains. Train and held-out splits are disjoint: a problem
+    belongs to the held-out split iff a hash of its operands falls in the held-out bucket."""
+
+    terms: int = 3
+    max_operand: int = 99
+    heldout_buckets: int = 10
+    """One bucket of this many is held out (10% of the problem space)."""
+
+    def _is_heldout(self, operands: tuple[int, ...]) -> bool:
+        h = 0
+        for x in operands:
+            h = (h * 1_000_003 + x) % 2_147_483_647
+        return h % self.heldout_buckets == 0
+
+    def problem(self, operands: tuple[int, ...]) -> Problem:
+        return Problem("+".join(map(str, operands)) + "=", str(sum(operands)), "arith")
+
+    def solution(self, operands: tuple[int, ...]) -> str:
+        """The reference response: one step per addition, then the boxed total."""
+        steps, acc = [], operands[0]
+        for x in operands[1:]:
+            steps.append(f"{acc}+{x}={acc + x};")
+            acc += x
+        return "".join(steps) + BOX_OPEN + str(acc) + "}"
+
+    def sample(self, split: str, seed: int) -> Iterator[tuple[int, ...]]:
+        """Endless operand tuples of ``split`` ("train" or "heldout"), deterministic in seed."""
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
+        rng = random.Random(f"arith-{split}-{seed}")
+        want_heldout = split == "heldout"
+        while True:
+            ops = tuple(rng.randint(1, self.max_operand) for _ in range(self.terms))
+            if self._is_heldout(ops) == want_heldout:
+                yield ops
+
+    def problems(self, split: str, n: int, seed: int = 0) -> list[Problem]:
+        it = self.sample(split, seed)
+        return [self.problem(next(it)) for _ in range(n)]
+
+
+def arith_reward(response: str, reference: str) -> float:
+    """+1 when the last boxed value equals the reference integer exactly, else -1."""
+    boxed = last_boxed(response)
+    return CORRECT if boxed is not None and boxed.strip() == reference.strip() else WRONG
+
+
+REWARDS: dict[str, Callable[[str, str], float]] = {"arith": arith_reward, "math": math_reward}
+
+
+def reward_fn(task: str) -> Callable[[str, str], float]:
+    try:
+        return REWARDS[task]
+    except KeyError:
+        raise ValueError(f"unknown reward task {task!r}; known: {sorted(REWARDS)}") from None
+
+
+def load_dataset(
+    path: str | Path, prompt_field: str = "prompt", answer_field: str = "answer", task: str = "math"
+) -> list[Problem]:
+    """Read a local JSONL or Parquet file into problems. Each row needs a non-empty string (or
+    number) in ``prompt_field`` and ``answer_field``; any other row is an error naming the file,
+    the (1-based) row and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file")
+    reward_fn(task)
+    rows = _read_rows(path)
+    out = []
+    for i, row in rows:
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path}: row {i}: expected an object, got {type(row).__name__}")
+        values = []
+        for name in (prompt_field, answer_field):
+            value = row.get(name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = str(value)
+            if not isinstance(value, str) or not value.strip():
+                raise DatasetError(f"{path}: row {i}: field {name!r} is missing or empty")
+            values.append(value)
+        out.append(Problem(values[0], values[1], task))
+    if not out:
+        raise DatasetError(f"{path}: no rows")
+    return out
+
+
+def _read_rows(path: Path) -> list[tuple[int, object]]:
+    """(row number, row) pairs; for JSONL the row number is the line number."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DatasetError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        return list(enumerate(pq.read_table(path).to_pylist(), start=1))
+    rows: list[tuple[int, object]] = []
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((i, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DatasetError(f"{path}: row {i}: not valid JSON ({exc.msg})") from None
+    return rows

@@ -1,0 +1,288 @@
+"""The sampler worker on a real vLLM CPU engine and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from prometheus_client import generate_latest
+from pydantic import SecretStr
+
+from learner.weight_server import WeightStore, add_routes, announce
+from pipeline.config import RedisSettings, RunSettings, SamplerOptions, SamplerSettings, StreamSettings
+from pipeline.httpserver import start
+from pipeline.messages import PromptTask, TreeRollout
+from pipeline.sampling import TreeConfig
+from pipeline.streams import Streams
+from pipeline.tasks import ArithTask
+from pipeline.tree import Tree
+from tests.conftest import make_streams
+from tests.services import RedisServer, free_port, wait_port
+from workers.engine import EngineOptions, VLLMSegmentGenerator
+from workers.sampler import Sampler
+
+pytestmark = pytest.mark.slow
+
+TREE = TreeConfig(width=4, segment_tokens=6, max_depth=6, branching=2, initial_divergence=2)
+ANSWER_FORMAT = re.compile(r"^(\d+\+\d+=\d+;)*\\boxed\{\d+\}$")
+FORMAT_SEEN: list[bool] = []
+
+
+@pytest.fixture(scope="session")
+def engine(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMSegmentGenerator]:
+    model = tmp_path_factory.mktemp("engine") / "model"
+    shutil.copytree(toy_model, model)
+    gen = VLLMSegmentGenerator(EngineOptions(model=str(model), dtype="float32"))
+    yield gen
+    gen.close()
+
+
+@pytest.fixture
+def tokenizer(engine: VLLMSegmentGenerator):  # type: ignore[no-untyped-def]
+    return engine.llm.get_tokenizer()
+
+
+def settings_for(server: RedisServer, tmp: Path, **sampler: object) -> SamplerSettings:
+    return SamplerSettings(
+        redis=RedisSettings(url=server.url),
+        run=RunSettings(name="test", max_staleness=1),
+        streams=StreamSettings(block_ms=100, claim_idle_ms=1000),
+        tree=TREE,
+        sampler=SamplerOptions(port=0, work_dir=str(tmp / "work"), weights_poll_s=0.1, **sampler),  # type: ignore[arg-type]
+    )
+
+
+def make_sampler(server: RedisServer, tmp: Path, engine: VLLMSegmentGenerator, tokenizer) -> Sampler:  # type: ignore[no-untyped-def]
+    engine.stop.clear()
+    return Sampler(settings_for(server, tmp), engine, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def tasks(tokenizer, n: int, start: int = 0) -> list[PromptTask]:  # type: ignore[no-untyped-def]
+    problems = ArithTask().problems("heldout", n + start, seed=3)[start:]
+    return [PromptTask(f"p{start + i}", tokenizer(p.prompt)["input_ids"], p.answer, start + i, 0, "arith",
+                       time.time()) for i, p in enumerate(problems)]
+
+
+async def push(s: Streams, prompts: list[PromptTask]) -> None:
+    for p in prompts:
+        await s.publish(s.keys.prompts, p)
+
+
+async def read_trees(s: Streams, n: int, timeout: float = 120) -> list[TreeRollout]:
+    await s.ensure_group(s.keys.trees, "learner")
+    out: list[TreeRollout] = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n and time.monotonic() < deadline:
+        got = await s.read(s.keys.trees, "learner", "test-reader", count=n)
+        out.extend(d.message for d in got)  # type: ignore[misc]
+        await s.ack(s.keys.trees, "learner", [d.entry_id for d in got])
+    return out
+
+
+def check_rollout(r: TreeRollout, task: PromptTask, decode, eos: int) -> None:  # type: ignore[no-untyped-def]
+    tree = Tree.from_rollout(r)
+    assert r.prompt_token_ids == task.prompt_token_ids and r.tree_id == f"t-{task.prompt_id}"
+    assert len(r.leaves) == TREE.width  # fallback on: exactly w leaves
+    parents = {n.parent for n in tree.nodes}
+    for n in tree.nodes:
+        if n.id in parents:
+            assert len(n.token_ids) == TREE.segment_tokens and eos not in n.token_ids
+        assert all(math.isfinite(lp) and lp <= 1e-6 for lp in n.logprobs)
+    for leaf in tree.leaves:
+        text = decode(leaf.response_token_ids)
+        assert set(text.replace("\\boxed{", "")) <= set("0123456789+=;}"), text
+        tail = text.rsplit("\\boxed{", 1)[1] if "\\boxed{" in text else ""
+        expected = 1.0 if "}" in tail and tail.split("}")[0] == task.answer else -1.0
+        assert leaf.reward == expected, (text, task.answer)
+        if leaf.finish_reason == "eos":
+            FORMAT_SEEN.append(bool(ANSWER_FORMAT.match(text)))
+    assert r.stats.decoded_tokens == sum(len(n.token_ids) for n in tree.nodes)
+    assert r.stats.independent_tokens == sum(len(leaf.response_token_ids) for leaf in tree.leaves)
+    assert r.stats.decoded_tokens < r.stats.independent_tokens
+
+
+def test_prompt_in_tree_out(redis_server: RedisServer, tmp_path: Path, engine: VLLMSegmentGenerator,
+                            tokenizer) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        s = make_streams(redis_server)
+        prompts = tasks(tokenizer, 3)
+        await push(s, prompts)
+        sampler = make_sampler(redis_server, tmp_path, engine, tokenizer)
+        assert await sampler.run(max_prompts=3) == 3
+        trees = await read_trees(s, 3)
+        assert sorted(t.prompt_id for t in trees) == ["p0", "p1", "p2"]
+        by_id = {p.prompt_id: p for p in prompts}
+        for r in trees:
+            check_rollout(r, by_id[r.prompt_id], lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                          engine.eos_token_id)
+            assert {n.policy_version for n in r.nodes} == {engine.policy_version}
+        # sampled at temperature 1 from a briefly warmed-up model: most finished leaves follow
+        # the task's format "a+b=c;c+d=e;\\boxed{e}"
+        assert sum(FORMAT_SEEN) >= 0.5 * len(FORMAT_SEEN) > 0
+        assert (await s.group_info(s.keys.prompts, "samplers")).pending == 0
+        # metrics after the run: declared names with plausible values
+        text = generate_latest(sampler.metrics.registry).decode()
+        values = parse_metrics(text)
+        assert values["treepo_sampler_trees_total"] == 3
+        assert values["treepo_sampler_leaves_total"] == 3 * TREE.width
+        assert 0 < values["treepo_sampler_tokens_decoded_total"] < values["treepo_sampler_tokens_independent_total"]
+        assert values["treepo_sampler_tokens_decoded_total"] == sum(r.stats.decoded_tokens for r in trees)
+        assert values["treepo_sampler_engine_calls_total"] >= TREE.max_depth // 2
+        assert values["treepo_sampler_generation_seconds_total"] > 0
+        assert values["treepo_sampler_gpu_seconds_used_total"] > 0
+        assert values["treepo_sampler_gpu_seconds_independent_total"] > 0
+        assert values["treepo_sampler_prompt_wait_seconds_count"] == 3
+        await s.close()
+
+    asyncio.run(main())
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.split()
+            out[name] = float(value)
+    return out
+
+
+def test_weight_swap_changes_outputs_and_corrupt_weights_are_refused(
+    redis_server: RedisServer, tmp_path: Path, engine: VLLMSegmentGenerator, tokenizer  # type: ignore[no-untyped-def]
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    base = load_file(str(Path(engine.options.model) / "model.safetensors"))
+    start_version = engine.policy_version
+
+    async def main() -> None:
+        s = make_streams(redis_server)
+        store = WeightStore(tmp_path / "weights", keep=5)
+        app = web.Application()
+        add_routes(app, store, token="sekret")
+        runner, port = await start(app, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{port}"
+        sampler = make_sampler(redis_server, tmp_path, engine, tokenizer)
+        sampler.settings.weights.token = SecretStr("sekret")
+        v1 = start_version + 1
+
+        def write_scrambled(d: Path) -> None:  # a different policy: permuted embedding rows
+            w = dict(base)
+            emb = [k for k in w if "embed_tokens" in k][0]
+            w[emb] = w[emb].flip(0).contiguous()
+            save_file(w, str(d / "model.safetensors"))
+
+        manifest, data = store.publish(v1, write_scrambled)
+        await sampler._maybe_fetch(await announce(s, v1, url, data, manifest.total_bytes))
+        prompts = tasks(tokenizer, 2)
+        await push(s, prompts)
+        assert await sampler.run(max_prompts=2) == 2
+        trees = await read_trees(s, 2)
+        assert all(n.policy_version == v1 for r in trees for n in r.nodes)
+        assert engine.policy_version == v1
+        # same prompt under new weights no longer follows the trained format
+        texts = [tokenizer.decode(leaf_tokens(r, leaf), skip_special_tokens=True) for r in trees for leaf in r.leaves]
+        assert not all(ANSWER_FORMAT.match(t) for t in texts)
+
+        sampler = make_sampler(redis_server, tmp_path, engine, tokenizer)
+        sampler.settings.weights.token = SecretStr("sekret")
+        # v2: the file is corrupted after the manifest was written -> sha256 mismatch, refused
+        v2 = v1 + 1
+        manifest, data = store.publish(v2, lambda d: save_file(dict(base), str(d / "model.safetensors")))
+        with (store.path(v2) / "model.safetensors").open("r+b") as f:
+            f.seek(200)
+            f.write(b"\x00\xff" * 8)
+        await sampler._maybe_fetch(await announce(s, v2, url, data, manifest.total_bytes))
+        assert sampler.metrics.weight_rejected._value.get() == 1
+        # v3: a tensor missing -> refused by the header check before the engine sees it
+        v3 = v2 + 1
+        manifest, data = store.publish(v3, lambda d: save_file(dict(list(base.items())[1:]),
+                                                               str(d / "model.safetensors")))
+        await sampler._maybe_fetch(await announce(s, v3, url, data, manifest.total_bytes))
+        assert sampler.metrics.weight_rejected._value.get() == 2
+        # sampling goes on with the old weights
+        await push(s, tasks(tokenizer, 2, start=10))
+        sampler.settings.run.max_staleness = 5
+        assert await sampler.run(max_prompts=2) == 2
+        trees = await read_trees(s, 2)
+        assert all(n.policy_version == v1 for r in trees for n in r.nodes), "kept the old weights"
+        assert engine.policy_version == v1
+        # a wrong token is refused by the server
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/weights/{v1}/manifest.json") as resp:
+            assert resp.status == 401
+        await runner.cleanup()
+        await s.close()
+
+    try:
+        asyncio.run(main())
+    finally:  # give the session engine its original weights back for other tests
+        d = tmp_path / "restore"
+        d.mkdir()
+        save_file(dict(base), str(d / "model.safetensors"))
+        engine.stage_weights(start_version, d)
+        engine.swap_now()
+
+
+def leaf_tokens(r: TreeRollout, leaf) -> list[int]:  # type: ignore[no-untyped-def]
+    return [t for n in r.leaf_path(leaf) for t in r.nodes[n].token_ids]
+
+
+def test_two_sampler_processes_split_work_and_stop_on_sigterm(
+    redis_server: RedisServer, tmp_path: Path, toy_model: Path, tokenizer  # type: ignore[no-untyped-def]
+) -> None:
+    """Two real ``treepo-sampler`` processes on one stream: every prompt is served exactly once,
+    both expose /metrics and /healthz, and SIGTERM ends each within 5 s."""
+    ports = [free_port(), free_port()]
+    env = {**os.environ, "TREEPO_REDIS__URL": redis_server.url, "TREEPO_RUN__NAME": "test",
+           "TREEPO_SAMPLER__MODEL": str(toy_model), "TREEPO_SAMPLER__BATCH_PROMPTS": "4",
+           "TREEPO_TREE__WIDTH": "4", "TREEPO_TREE__SEGMENT_TOKENS": "6", "TREEPO_TREE__MAX_DEPTH": "6",
+           "TREEPO_SAMPLER__WORK_DIR": str(tmp_path / "work"), "TREEPO_STREAMS__BLOCK_MS": "200"}
+    logs = [(tmp_path / f"s{i}.log").open("wb") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "workers.sampler", "--port", str(p)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=log)
+             for p, log in zip(ports, logs)]
+    try:
+        async def main() -> list[TreeRollout]:
+            s = make_streams(redis_server)
+            await push(s, tasks(tokenizer, 24))
+            trees = await read_trees(s, 24, timeout=240)
+            await s.close()
+            return trees
+
+        trees = asyncio.run(main())
+        ids = [t.prompt_id for t in trees]
+        assert sorted(ids) == sorted(f"p{i}" for i in range(24)) and len(set(ids)) == 24
+        assert len({t.sampler_id for t in trees}) == 2, "both samplers took work"
+        import urllib.request
+
+        for p in ports:
+            wait_port(p)
+            text = urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=5).read().decode()
+            assert "treepo_sampler_trees_total" in text
+            health = urllib.request.urlopen(f"http://127.0.0.1:{p}/healthz", timeout=5).read()
+            assert b'"ok": true' in health
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        for proc in procs:
+            assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - started < 5.0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
