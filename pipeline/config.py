@@ -144,14 +144,58 @@ class WeightSettings(_Section):
 class LearnerOptions(_Section):
     """Options of the learner process itself."""
 
+    model: str = ""
+    """Hugging Face model directory training starts from (required)."""
+    work_dir: str = "runs/learner"
+    """Run folder: checkpoints, published weights and the step log."""
     host: str = "127.0.0.1"
     """Address the weight server (and ``/metrics``) binds. Loopback by default."""
     port: int = Field(9100, ge=0, le=65535)
-    """Port of the weight server (``$PORT`` under honcho overrides it)."""
+    """Port of the weight server (``--port``/``$PORT`` under honcho overrides it)."""
+    dataset: str = "arith"
+    """``arith`` (the built-in task) or a local ``.jsonl``/``.parquet`` file."""
+    prompt_field: str = "prompt"
+    """Dataset field holding the prompt text."""
+    answer_field: str = "answer"
+    """Dataset field holding the reference answer."""
+    task: Literal["arith", "math"] = "math"
+    """Reward function for file datasets (the built-in dataset always uses ``arith``)."""
+    chat_template: bool = False
+    """Wrap prompts with the tokenizer's chat template."""
     batch_prompts: int = Field(8, ge=1, le=4096)
     """Trees (prompts) per optimizer step."""
     total_steps: int = Field(100, ge=1, le=10_000_000)
     """The learner exits after this many optimizer steps."""
+    ppo_epochs: int = Field(1, ge=1, le=100)
+    """Passes over each batch."""
+    mini_batches: int = Field(1, ge=1, le=1024)
+    """Optimizer steps per pass (the batch's rows are split evenly)."""
+    lr: float = Field(1e-5, gt=0, le=1.0)
+    """AdamW learning rate."""
+    warmup_steps: int = Field(0, ge=0, le=1_000_000)
+    """Linear learning-rate warm-up, in optimizer steps."""
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
+    """AdamW weight decay."""
+    grad_clip: float = Field(1.0, gt=0, le=1e6)
+    """Gradient norm clipping."""
+    zero_stage: int = Field(0, ge=0, le=3)
+    """DeepSpeed ZeRO stage."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision (fp32 on CPU)."""
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    """Micro-batches per mini-batch (each mini-batch's rows are split into this many)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    publish_every: int = Field(1, ge=1, le=1_000_000)
+    """Publish weights every this many steps (needs max_staleness >= publish_every - 1)."""
+    checkpoint_every: int = Field(1, ge=1, le=1_000_000)
+    """Checkpoint every this many steps; trees are acknowledged only once checkpointed."""
+    keep_checkpoints: int = Field(2, ge=1, le=1000)
+    """Checkpoints kept on disk."""
+    dynamic_sampling: bool = True
+    """Drop trees whose leaves all have the same reward (no signal)."""
+    eval_problems: int = Field(0, ge=0, le=100_000)
+    """Held-out problems the learner evaluates (greedy) at start and end; 0 = none."""
 
 
 class LossSettings(_Section):
@@ -169,6 +213,8 @@ class LossSettings(_Section):
     """Level of the behavior importance weight pi_prox/mu."""
     is_cap: float = Field(2.0, gt=0, le=1000)
     """Truncation of the behavior importance weight."""
+    is_band: tuple[float, float] | None = None
+    """Instead of truncating, mask tokens whose weight lies outside [lo, hi] (e.g. [0.5, 2])."""
 
 
 class SamplerSettings(BaseSettings):

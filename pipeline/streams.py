@@ -193,11 +193,13 @@ class Streams:
         count: int | None = None,
         block_ms: int | None = None,
         pending: bool = False,
+        after: str = "0",
     ) -> list[Delivery]:
-        """XREADGROUP up to ``count`` entries (new ones, or with ``pending`` this consumer's own
-        unacknowledged ones, e.g. after a restart). Bad entries go to the dead-letter stream."""
+        """XREADGROUP up to ``count`` entries: new ones, or with ``pending`` this consumer's own
+        unacknowledged ones with ids above ``after`` (a restart resumes them). Bad entries go to
+        the dead-letter stream."""
         count = count or self.stream_settings.batch
-        start = "0" if pending else ">"
+        start = after if pending else ">"
         block = None if pending else (self.stream_settings.block_ms if block_ms is None else block_ms)
         reply = await self.call(
             lambda: self.client.xreadgroup(group, consumer, {stream: start}, count=count, block=block),

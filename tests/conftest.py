@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,3 +49,29 @@ def toy_model() -> Path:
 
     root = Path(__file__).resolve().parent.parent / ".cache"
     return build_toy_model(root / "toy-test", seed=0, spec=ToySpec(**TOY_TEST_SPEC))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def engine(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One vLLM CPU engine on a copy of the toy model, shared by the session (start-ups are slow)."""
+    from workers.engine import EngineOptions, VLLMSegmentGenerator
+
+    model = tmp_path_factory.mktemp("engine") / "model"
+    shutil.copytree(toy_model, model)
+    gen = VLLMSegmentGenerator(EngineOptions(model=str(model), dtype="float32"))
+    yield gen
+    gen.close()
+
+
+@pytest.fixture
+def tokenizer(engine):  # type: ignore[no-untyped-def]
+    return engine.llm.get_tokenizer()
+
+
+def restore_base_weights(engine, tmp: Path, version: int) -> None:  # type: ignore[no-untyped-def]
+    """Give the session engine its original weights (and version) back after a test swapped."""
+    d = tmp / "restore-base"
+    d.mkdir(exist_ok=True)
+    shutil.copy(Path(engine.options.model) / "model.safetensors", d / "model.safetensors")
+    engine.stage_weights(version, d)
+    engine.swap_now()

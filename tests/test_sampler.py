@@ -27,9 +27,9 @@ from pipeline.sampling import TreeConfig
 from pipeline.streams import Streams
 from pipeline.tasks import ArithTask
 from pipeline.tree import Tree
-from tests.conftest import make_streams
+from tests.conftest import make_streams, restore_base_weights
 from tests.services import RedisServer, free_port, wait_port
-from workers.engine import EngineOptions, VLLMSegmentGenerator
+from workers.engine import VLLMSegmentGenerator
 from workers.sampler import Sampler
 
 pytestmark = pytest.mark.slow
@@ -37,20 +37,6 @@ pytestmark = pytest.mark.slow
 TREE = TreeConfig(width=4, segment_tokens=6, max_depth=6, branching=2, initial_divergence=2)
 ANSWER_FORMAT = re.compile(r"^(\d+\+\d+=\d+;)*\\boxed\{\d+\}$")
 FORMAT_SEEN: list[bool] = []
-
-
-@pytest.fixture(scope="session")
-def engine(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMSegmentGenerator]:
-    model = tmp_path_factory.mktemp("engine") / "model"
-    shutil.copytree(toy_model, model)
-    gen = VLLMSegmentGenerator(EngineOptions(model=str(model), dtype="float32"))
-    yield gen
-    gen.close()
-
-
-@pytest.fixture
-def tokenizer(engine: VLLMSegmentGenerator):  # type: ignore[no-untyped-def]
-    return engine.llm.get_tokenizer()
 
 
 def settings_for(server: RedisServer, tmp: Path, **sampler: object) -> SamplerSettings:
@@ -227,12 +213,8 @@ def test_weight_swap_changes_outputs_and_corrupt_weights_are_refused(
 
     try:
         asyncio.run(main())
-    finally:  # give the session engine its original weights back for other tests
-        d = tmp_path / "restore"
-        d.mkdir()
-        save_file(dict(base), str(d / "model.safetensors"))
-        engine.stage_weights(start_version, d)
-        engine.swap_now()
+    finally:
+        restore_base_weights(engine, tmp_path, start_version)
 
 
 def leaf_tokens(r: TreeRollout, leaf) -> list[int]:  # type: ignore[no-untyped-def]

@@ -1,0 +1,98 @@
+"""From TreeRollouts to training tensors.
+
+Each leaf becomes one row: prompt + the leaf's response. Tensors are aligned with next-token
+targets (length L - 1): position j holds what predicts token j + 1. Response positions carry the
+behavior log-prob mu of the token (from the tree), the segment index of the token along its path
+(for segment-level importance weights) and the leaf's advantage: the tree advantage of its mode,
+whitened over all response tokens of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.advantage import AdvantageMode, tree_advantages, whiten
+from pipeline.messages import TreeRollout
+
+
+@dataclass
+class TrainBatch:
+    input_ids: torch.Tensor
+    """[rows, L] prompt + response, right-padded."""
+    attention_mask: torch.Tensor
+    """[rows, L] 1 on real tokens."""
+    mask: torch.Tensor
+    """[rows, L-1] 1 where the target is a response token."""
+    behavior_logprobs: torch.Tensor
+    """[rows, L-1] mu of each response target."""
+    segment_ids: torch.Tensor
+    """[rows, L-1] index of the target's segment along its path (0 = first segment)."""
+    advantages: torch.Tensor
+    """[rows, L-1] whitened tree advantage of the row's leaf."""
+    rewards: list[float]
+    raw_advantages: list[float]
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def select(self, index: torch.Tensor) -> TrainBatch:
+        """Rows ``index`` of this batch (for mini-batches)."""
+        idx = index.tolist()
+        return TrainBatch(
+            self.input_ids[index], self.attention_mask[index], self.mask[index],
+            self.behavior_logprobs[index], self.segment_ids[index], self.advantages[index],
+            [self.rewards[i] for i in idx], [self.raw_advantages[i] for i in idx],
+        )
+
+
+def build_batch(trees: list[TreeRollout], mode: AdvantageMode = "average", pad_id: int = 0) -> TrainBatch:
+    """One row per leaf of every tree (the trees' order, then leaf order)."""
+    rows: list[tuple[list[int], int, list[float], list[int]]] = []
+    raw: list[float] = []
+    rewards: list[float] = []
+    for tree in trees:
+        paths = [tree.leaf_path(leaf) for leaf in tree.leaves]
+        leaf_rewards = [leaf.reward for leaf in tree.leaves]
+        raw.extend(tree_advantages(paths, leaf_rewards, mode))
+        rewards.extend(leaf_rewards)
+        for path in paths:
+            tokens: list[int] = []
+            mus: list[float] = []
+            segs: list[int] = []
+            for depth, node in enumerate(path):
+                n = tree.nodes[node]
+                tokens += n.token_ids
+                mus += n.logprobs
+                segs += [depth] * len(n.token_ids)
+            rows.append((tree.prompt_token_ids + tokens, len(tree.prompt_token_ids), mus, segs))
+    if not rows:
+        raise ValueError("no leaves to train on")
+    counts = [len(m) for _, _, m, _ in rows]
+    adv = whiten(raw, counts)
+    length = max(len(ids) for ids, _, _, _ in rows)
+    r = len(rows)
+    input_ids = torch.full((r, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((r, length), dtype=torch.long)
+    mask = torch.zeros((r, length - 1))
+    mu = torch.zeros((r, length - 1))
+    seg = torch.zeros((r, length - 1), dtype=torch.long)
+    advantages = torch.zeros((r, length - 1))
+    for i, (ids, p, mus, segs) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        lo, hi = p - 1, p - 1 + len(mus)  # targets of the response tokens
+        mask[i, lo:hi] = 1
+        mu[i, lo:hi] = torch.tensor(mus)
+        seg[i, lo:hi] = torch.tensor(segs)
+        advantages[i, lo:hi] = adv[i]
+    return TrainBatch(input_ids, attention, mask, mu, seg, advantages, rewards, raw)
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log p(token j+1 | tokens <= j) for every position: [rows, L-1]."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,359 @@
+"""The learner process: admits prompts, consumes trees, trains, checkpoints, publishes weights.
+
+Loop: admit prompts while fewer than ``(max_staleness + 1) * batch_prompts`` are admitted but
+unresolved -> read trees (first this consumer's own pending entries, so a restart resumes them)
+-> skip trees already trained (dedupe by tree id), drop trees older than ``max_staleness``
+versions and, with dynamic sampling, trees whose leaves share one reward (each counted) -> once
+``batch_prompts`` trees are ready: one importance-corrected update (``learner.trainer``) ->
+policy version + 1 -> checkpoint -> XACK the trees it resolved -> every ``publish_every`` steps
+export, serve and announce the weights.
+
+Trees are acknowledged only after a checkpoint holds the update that used them, and the
+checkpoint records every trained tree id, so a crash neither loses nor double-trains a tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from learner.batch import build_batch
+from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.metrics import LearnerMetrics
+from learner.trainer import Engine, build_engine, export_weights, train_on_batch
+from learner.weight_server import WeightStore, add_routes, announce
+from pipeline.advantage import has_signal
+from pipeline.config import LearnerSettings, load_settings
+from pipeline.errors import ConfigError
+from pipeline.httpserver import make_app, start
+from pipeline.messages import PromptTask, TreeRollout
+from pipeline.streams import Delivery, Streams
+from pipeline.tasks import ArithTask, Problem, load_dataset
+
+log = logging.getLogger(__name__)
+
+PROMPT_GROUP = "samplers"
+TREE_GROUP = "learner"
+CONSUMER = "learner-0"
+
+
+@dataclass
+class LearnerState:
+    """What a checkpoint restores besides weights and optimizer."""
+
+    step: int = 0
+    cursor: int = 0
+    """Prompts admitted so far (the next dataset position)."""
+    resolved: int = 0
+    """Admitted prompts whose tree was trained, dropped or skipped."""
+    trained: set[str] = field(default_factory=set)
+    dropped_stale: int = 0
+    dropped_no_signal: int = 0
+    python_rng: Any = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "version": self.step, "cursor": self.cursor, "resolved": self.resolved,
+                "trained": sorted(self.trained), "dropped_stale": self.dropped_stale,
+                "dropped_no_signal": self.dropped_no_signal, "python_rng": self.python_rng}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LearnerState:
+        return cls(d["step"], d["cursor"], d["resolved"], set(d["trained"]), d["dropped_stale"],
+                   d["dropped_no_signal"], d.get("python_rng"))
+
+
+def load_problems(settings: LearnerSettings) -> list[Problem]:
+    opts = settings.learner
+    if opts.dataset == "arith":
+        return ArithTask().problems("train", 100_000, seed=settings.run.seed)
+    return load_dataset(opts.dataset, opts.prompt_field, opts.answer_field, opts.task)
+
+
+class Learner:
+    def __init__(self, settings: LearnerSettings, engine: Engine, tokenizer: Any,
+                 problems: list[Problem], metrics: LearnerMetrics | None = None) -> None:
+        opts = settings.learner
+        if settings.run.max_staleness < opts.publish_every - 1:
+            raise ConfigError(
+                f"TREEPO_LEARNER__PUBLISH_EVERY={opts.publish_every} needs TREEPO_RUN__MAX_STALENESS >= "
+                f"{opts.publish_every - 1} (got {settings.run.max_staleness}): otherwise every tree is stale")
+        self.settings = settings
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.problems = problems
+        self.metrics = metrics or LearnerMetrics()
+        self.work = Path(opts.work_dir)
+        self.ckpt_root = self.work / "checkpoints"
+        self.store = WeightStore(self.work / "weights", keep=settings.weights.keep_versions)
+        self.streams = Streams(settings.redis, settings.run, settings.streams)
+        self.state = LearnerState()
+        self.rng = random.Random(settings.run.seed)
+        self.ready: list[tuple[Delivery, TreeRollout]] = []
+        self.resolved_entries: list[str] = []
+        self.stop = asyncio.Event()
+        self.port = opts.port
+        self.base_url = settings.weights.public_url
+        self.started = time.monotonic()
+        self._resume()
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return self.state.step
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.ckpt_root)
+        if path is None:
+            return
+        if self.engine.zero_stage > 0:
+            raise ConfigError(f"resuming from {path} needs TREEPO_LEARNER__ZERO_STAGE=0: optimizer "
+                              "partitions of ZeRO stages 1-3 are not restored yet")
+        saved = load_checkpoint(path, self.engine.module, self.engine.optimizer)
+        self.state = LearnerState.from_json(saved)
+        if self.state.python_rng is not None:
+            version, internal, gauss = self.state.python_rng
+            self.rng.setstate((version, tuple(internal), gauss))
+        log.info("resumed from %s: step %d, cursor %d, %d trees trained", path, self.state.step,
+                 self.state.cursor, len(self.state.trained))
+
+    def request_stop(self) -> None:
+        self.stop.set()
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": True, "step": self.state.step, "policy_version": self.version}
+
+    # -- main loop -------------------------------------------------------------------------------
+
+    async def run(self, max_steps: int | None = None) -> int:
+        """Train until ``total_steps`` (or ``max_steps`` more steps, or a stop request)."""
+        keys, opts = self.streams.keys, self.settings.learner
+        target = opts.total_steps if max_steps is None else min(opts.total_steps, self.state.step + max_steps)
+        await self.streams.ensure_group(keys.prompts, PROMPT_GROUP)
+        await self.streams.ensure_group(keys.trees, TREE_GROUP)
+        app = make_app(self.metrics.registry, self.health)
+        token = self.settings.weights.token
+        add_routes(app, self.store, token.get_secret_value() if token else None)
+        runner, self.port = await start(app, opts.host, opts.port)
+        self.base_url = self.base_url or f"http://{opts.host}:{self.port}"
+        log.info("learner serving weights and /metrics at %s", self.base_url)
+        try:
+            await self._publish()
+            after: str | None = "0"  # first this consumer's own pending entries, then new ones
+            while self.state.step < target and not self.stop.is_set():
+                await self._admit()
+                waited = time.monotonic()
+                batch = await self.streams.read(keys.trees, TREE_GROUP, CONSUMER, pending=after is not None,
+                                                after=after or "0")
+                if after is not None:
+                    after = batch[-1].entry_id if batch else None
+                self.metrics.wait_seconds.inc(time.monotonic() - waited)
+                self._take(batch)
+                await self._observe_streams()
+                if len(self.ready) >= opts.batch_prompts:
+                    await self._step()
+        finally:
+            if self.resolved_entries and self.state.step > 0:
+                await self._checkpoint()
+            await runner.cleanup()
+            await self.streams.close()
+        return self.state.step
+
+    async def _observe_streams(self) -> None:
+        info = await self.streams.group_info(self.streams.keys.trees, TREE_GROUP)
+        self.metrics.stream_lag.set(info.lag)
+        self.metrics.stream_pending.set(info.pending)
+
+    async def _admit(self) -> None:
+        """Admit prompts up to the staleness bound (AReaL's rule)."""
+        opts = self.settings.learner
+        limit = (self.settings.run.max_staleness + 1) * opts.batch_prompts
+        while self.state.cursor - self.state.resolved < limit:
+            pos = self.state.cursor
+            problem = self.problems[pos % len(self.problems)]
+            task = PromptTask(f"q{pos}", self.encode_prompt(problem.prompt), problem.answer, pos,
+                              self.version, problem.task, time.time())
+            await self.streams.publish(self.streams.keys.prompts, task)
+            self.state.cursor += 1
+            self.metrics.prompts_admitted.inc()
+        self.metrics.prompts_in_flight.set(self.state.cursor - self.state.resolved)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        if self.settings.learner.chat_template:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                     add_generation_prompt=True, tokenize=True)
+            return list(ids)
+        return list(self.tokenizer(text)["input_ids"])
+
+    def _take(self, batch: list[Delivery]) -> None:
+        """Sort consumed trees into ready, duplicate or dropped (each counted)."""
+        for d in batch:
+            tree = d.message
+            if not isinstance(tree, TreeRollout):
+                log.error("unexpected %s on the trees stream; skipped", type(tree).__name__)
+                self.resolved_entries.append(d.entry_id)
+                continue
+            self.metrics.trees_consumed.inc()
+            if tree.tree_id in self.state.trained or any(t.tree_id == tree.tree_id for _, t in self.ready):
+                self.metrics.trees_duplicate.inc()
+                self.resolved_entries.append(d.entry_id)
+                continue
+            if self._staleness(tree) > self.settings.run.max_staleness:
+                self.state.dropped_stale += 1
+                self.metrics.trees_dropped_stale.inc()
+                self._resolve(d)
+                continue
+            if self.settings.learner.dynamic_sampling and not has_signal([leaf.reward for leaf in tree.leaves]):
+                self.state.dropped_no_signal += 1
+                self.metrics.trees_dropped_no_signal.inc()
+                self._resolve(d)
+                continue
+            self.ready.append((d, tree))
+
+    def _resolve(self, d: Delivery) -> None:
+        self.state.resolved += 1
+        self.resolved_entries.append(d.entry_id)
+
+    def _staleness(self, tree: TreeRollout) -> int:
+        oldest = min((n.policy_version for n in tree.nodes), default=self.version)
+        return self.version - oldest
+
+    async def _step(self) -> None:
+        opts = self.settings.learner
+        taken, self.ready = self.ready[: opts.batch_prompts], self.ready[opts.batch_prompts:]
+        trees = [t for _, t in taken]
+        staleness = [self._staleness(t) for t in trees]
+        batch = build_batch(trees, self.settings.loss.advantage, pad_id=self.tokenizer.pad_token_id or 0)
+        started = time.perf_counter()
+        stats = await asyncio.to_thread(train_on_batch, self.engine, batch, opts, self.settings.loss,
+                                        self.state.step, self.settings.run.seed)
+        seconds = time.perf_counter() - started
+        self.state.step += 1
+        for d, t in taken:
+            self.state.trained.add(t.tree_id)
+            self._resolve(d)
+        rewards = batch.rewards
+        reward = sum(rewards) / len(rewards)
+        accuracy = sum(r > 0 for r in rewards) / len(rewards)
+        m = self.metrics
+        m.steps.inc()
+        m.step_seconds.observe(seconds)
+        m.tokens_trained.inc(stats["tokens"])
+        m.tokens_per_second.set(stats["tokens"] / max(seconds, 1e-9))
+        m.trees_trained.inc(len(trees))
+        for s in staleness:
+            m.staleness.observe(s)
+        m.is_weight_mean.set(stats.get("is_weight_mean", 1.0))
+        m.is_truncated_fraction.set(stats.get("is_truncated_fraction", 0.0))
+        m.is_ess.set(stats.get("is_ess", 1.0))
+        m.clip_fraction.set(stats.get("clip_fraction", 0.0))
+        m.reward_mean.set(reward)
+        m.accuracy.set(accuracy)
+        m.loss.set(stats.get("loss", 0.0))
+        m.grad_norm.set(stats.get("grad_norm", 0.0))
+        m.policy_version.set(self.version)
+        record = {"step": self.state.step, "version": self.version, "reward": reward, "accuracy": accuracy,
+                  "trees": len(trees), "leaves": len(rewards), "staleness_mean": sum(staleness) / len(staleness),
+                  "staleness_max": max(staleness), "seconds": seconds, "tokens_per_second":
+                  stats["tokens"] / max(seconds, 1e-9), "wall": time.monotonic() - self.started,
+                  "dropped_stale": self.state.dropped_stale, "dropped_no_signal": self.state.dropped_no_signal,
+                  **{k: stats[k] for k in ("loss", "is_weight_mean", "is_truncated_fraction", "is_ess",
+                                           "clip_fraction", "approx_kl", "grad_norm", "lr") if k in stats}}
+        self._log_step(record)
+        if self.state.step % opts.checkpoint_every == 0 or self.state.step >= opts.total_steps:
+            await self._checkpoint()
+        if self.state.step % opts.publish_every == 0:
+            await self._publish()
+
+    def _log_step(self, r: dict[str, Any]) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        with (self.work / "steps.jsonl").open("a") as f:
+            f.write(json.dumps(r) + "\n")
+        log.info("step %d reward %+.3f acc %.2f loss %+.4f staleness %.1f (max %d) is_w %.3f ess %.2f "
+                 "%.0f tok/s", r["step"], r["reward"], r["accuracy"], r.get("loss", 0.0),
+                 r["staleness_mean"], r["staleness_max"], r.get("is_weight_mean", 1.0), r.get("is_ess", 1.0),
+                 r["tokens_per_second"])
+
+    async def _checkpoint(self) -> None:
+        started = time.perf_counter()
+        self.state.python_rng = self.rng.getstate()
+        opts = self.settings.learner
+        await asyncio.to_thread(save_checkpoint, self.ckpt_root, self.state.step, self.engine.module,
+                                self.engine.optimizer, self.state.to_json(), 0, opts.keep_checkpoints)
+        self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+        entries, self.resolved_entries = self.resolved_entries, []
+        await self.streams.ack(self.streams.keys.trees, TREE_GROUP, entries)
+
+    async def _publish(self) -> None:
+        started = time.perf_counter()
+        version = self.version
+        if version not in self.store.versions():
+            await asyncio.to_thread(self.store.publish, version, lambda d: export_weights(self.engine, d))
+        data = self.store.manifest_bytes(version)
+        total = sum(p.stat().st_size for p in self.store.path(version).glob("*.safetensors"))
+        await announce(self.streams, version, self.base_url, data, total)
+        self.metrics.publish_seconds.observe(time.perf_counter() - started)
+        self.metrics.publish_bytes.inc(total)
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+
+def build_learner(settings: LearnerSettings) -> Learner:
+    from transformers import AutoTokenizer
+
+    model = settings.learner.model
+    if not model or not Path(model).is_dir():
+        raise ConfigError(f"TREEPO_LEARNER__MODEL: {model!r} is not a model directory")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("the learner process runs on one rank for now (WORLD_SIZE > 1 given)")
+    engine = build_engine(model, settings.learner)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return Learner(settings, engine, tokenizer, load_problems(settings))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.cli import setup_logging
+
+    parser = argparse.ArgumentParser(prog="treepo-learner", description="TreePO learner")
+    parser.add_argument("--port", type=int, help="weight-server port (default: $PORT or settings)")
+    parser.add_argument("--model", help="model directory (default: TREEPO_LEARNER__MODEL)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many more steps (bounded mode)")
+    args = parser.parse_args(argv)
+    setup_logging(os.environ.get("LOG_LEVEL", "INFO"))
+    port = args.port if args.port is not None else os.environ.get("PORT")
+    try:
+        settings = load_settings(LearnerSettings)
+        updates: dict[str, Any] = {}
+        if port is not None:
+            updates["port"] = int(port)
+        if args.model:
+            updates["model"] = args.model
+        settings.learner = settings.learner.model_copy(update=updates)
+        learner = build_learner(settings)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+
+    async def serve() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, learner.request_stop)
+        return await learner.run(args.max_steps)
+
+    steps = asyncio.run(serve())
+    log.info("learner exits at step %d", steps)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

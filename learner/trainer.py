@@ -1,0 +1,186 @@
+"""The HF causal LM under DeepSpeed, and one importance-corrected TreePO update on a batch.
+
+``build_engine`` wraps the model with ``deepspeed.initialize`` (ZeRO stage, precision, gradient
+accumulation, clipping from settings; a torch AdamW so no C++ op has to be built). On machines
+without CUDA it selects DeepSpeed's CPU accelerator and the gloo backend. ``train_on_batch``
+recomputes pi_prox once, then runs ``ppo_epochs`` x ``mini_batches`` updates. ``export_weights``
+writes full weights (gathered under ZeRO-3) as safetensors in HF layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learner.batch import TrainBatch, token_logprobs
+from learner.loss import policy_loss
+from pipeline.config import LearnerOptions, LossSettings
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_distributed() -> None:
+    """Join (or, run alone, create) the torch.distributed group DeepSpeed needs."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+@dataclass
+class Engine:
+    """The DeepSpeed engine and what the learner needs beside it."""
+
+    ds: Any
+    """deepspeed.DeepSpeedEngine"""
+    optimizer: torch.optim.Optimizer
+    """The innermost torch optimizer (for checkpoints)."""
+    zero_stage: int
+    base_lr: float
+    warmup_steps: int
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module  # type: ignore[no-any-return]
+
+    def set_lr(self, step: int) -> float:
+        lr = self.base_lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.base_lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+
+def ds_config(opts: LearnerOptions) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": opts.gradient_accumulation_steps,
+        "gradient_clipping": opts.grad_clip,
+        "zero_optimization": {"stage": opts.zero_stage},
+        "bf16": {"enabled": opts.precision == "bf16"},
+        "fp16": {"enabled": opts.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1_000_000_000,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model_dir: str | Path, opts: LearnerOptions) -> Engine:
+    init_distributed()
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if opts.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    ds, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(opts))
+    inner = ds_opt
+    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    return Engine(ds, inner, opts.zero_stage, opts.lr, opts.warmup_steps)
+
+
+def _chunks(n: int, parts: int) -> list[torch.Tensor]:
+    parts = max(1, min(parts, n))
+    return [c for c in torch.arange(n).chunk(parts) if c.numel()]
+
+
+def train_on_batch(engine: Engine, batch: TrainBatch, opts: LearnerOptions, loss: LossSettings,
+                   step: int, seed: int = 0) -> dict[str, float]:
+    """One learner step: recompute pi_prox, then ppo_epochs x mini_batches optimizer steps.
+    Returns statistics averaged over the updates."""
+    ds = engine.ds
+    gas = opts.gradient_accumulation_steps
+    lr = engine.set_lr(step)
+    ds.eval()
+    with torch.no_grad():
+        proximal = token_logprobs(ds.module, batch.input_ids, batch.attention_mask)
+    ds.train()
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    totals: dict[str, float] = {}
+    updates, seen_tokens = 0, 0.0
+    for _ in range(opts.ppo_epochs):
+        order = torch.randperm(batch.rows, generator=gen)
+        for mb in _chunks(batch.rows, opts.mini_batches):
+            rows = order[mb]
+            mb_tokens = float(batch.mask[rows].sum().item())
+            micro = _chunks(len(rows), gas)
+            while len(micro) < gas:  # fewer rows than micro-batches: pad with empty steps
+                micro.append(micro[-1][:0])
+            for part in micro:
+                sub = batch.select(rows[part]) if part.numel() else batch.select(rows[:1])
+                logprobs = token_logprobs(ds.module, sub.input_ids, sub.attention_mask)
+                lp_loss, stats = policy_loss(
+                    logprobs, proximal[rows[part]] if part.numel() else proximal[rows[:1]],
+                    sub.behavior_logprobs, sub.advantages, sub.mask, sub.segment_ids,
+                    level=loss.is_level, clip_low=loss.clip_low, clip_high=loss.clip_high,
+                    dual_clip=loss.dual_clip, is_cap=loss.is_cap, is_band=loss.is_band,
+                )
+                # token mean over the whole mini-batch: DeepSpeed divides by gas itself
+                scale = stats["tokens"] / max(1.0, mb_tokens) * gas if part.numel() else 0.0
+                ds.backward(lp_loss * scale)
+                ds.step()
+                if part.numel():  # token-weighted averages over all micro-batches
+                    weight = stats.pop("tokens")
+                    seen_tokens += weight
+                    for k, v in stats.items():
+                        totals[k] = totals.get(k, 0.0) + v * weight
+            updates += 1
+    out = {k: v / max(1.0, seen_tokens) for k, v in totals.items()}
+    out.update(tokens=float(batch.mask.sum().item()), updates=float(updates), lr=lr,
+               grad_norm=float(ds.get_global_grad_norm() or 0.0))
+    return out
+
+
+def full_state_dict(engine: Engine) -> dict[str, torch.Tensor]:
+    """Full parameters on every rank (gathered when ZeRO-3 partitions them)."""
+    module = engine.module
+    if engine.zero_stage == 3:
+        import deepspeed
+
+        params = list(module.parameters())
+        ctx: Any = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    else:
+        ctx = nullcontext()
+    with ctx:
+        return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+
+
+def export_weights(engine: Engine, directory: Path) -> None:
+    """Write the model's full weights as HF-layout safetensors into ``directory`` (tied weights
+    stored once, as the original checkpoint has them)."""
+    module: Any = engine.module
+    ctx: Any = nullcontext()
+    if engine.zero_stage == 3:
+        import deepspeed
+
+        ctx = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    with ctx:
+        module.save_pretrained(str(directory), safe_serialization=True)
+    for extra in directory.iterdir():  # the weight server serves weights only
+        if not extra.name.endswith(".safetensors"):
+            extra.unlink()

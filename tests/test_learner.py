@@ -1,0 +1,135 @@
+"""The learner on DeepSpeed (CPU accelerator): two ranks under the launcher, and a real run with
+a real vLLM sampler in which the learner trains, publishes, is killed and resumes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import RedisSettings, RunSettings, SamplerOptions, SamplerSettings, StreamSettings
+from pipeline.messages import TreeRollout, decode
+from pipeline.sampling import TreeConfig
+from tests.conftest import make_streams, restore_base_weights
+from tests.services import RedisServer, free_port
+from workers.engine import VLLMSegmentGenerator
+from workers.sampler import Sampler
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_two_deepspeed_ranks_train_and_agree(toy_model: Path, tmp_path: Path) -> None:
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
+    assert launcher, "the deepspeed launcher is installed with the learner extra"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run(
+        [launcher, "--num_gpus", "2", "--master_port", env["MASTER_PORT"], str(ROOT / "tests" / "ds_ranks.py"),
+         str(toy_model), str(tmp_path), "2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    losses = ranks[0]["losses"]
+    assert losses[-1] < losses[0], losses  # the TreePO loss against the initial policy falls
+    assert ranks[0]["losses"] == ranks[1]["losses"]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # equal weights on both ranks after ZeRO-2
+
+
+def learner_env(server: RedisServer, model: Path, work: Path, port: int, total_steps: int) -> dict[str, str]:
+    return {**os.environ, "TREEPO_REDIS__URL": server.url, "TREEPO_RUN__NAME": "test",
+            "TREEPO_RUN__MAX_STALENESS": "1", "TREEPO_LEARNER__MODEL": str(model),
+            "TREEPO_LEARNER__WORK_DIR": str(work), "TREEPO_LEARNER__BATCH_PROMPTS": "3",
+            "TREEPO_LEARNER__TOTAL_STEPS": str(total_steps), "TREEPO_LEARNER__LR": "1e-4",
+            "TREEPO_LEARNER__DYNAMIC_SAMPLING": "false", "TREEPO_STREAMS__BLOCK_MS": "200",
+            "TREEPO_LEARNER__PORT": str(port)}
+
+
+def start_learner(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "learner.process"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+
+
+def checkpoint_state(work: Path) -> dict | None:  # type: ignore[type-arg]
+    pointer = work / "checkpoints" / "LATEST"
+    if not pointer.is_file():
+        return None
+    state = work / "checkpoints" / pointer.read_text().strip() / "state.json"
+    return json.loads(state.read_text()) if state.is_file() else None
+
+
+def test_learner_trains_publishes_survives_a_kill(
+    redis_server: RedisServer, tmp_path: Path, toy_model: Path, engine: VLLMSegmentGenerator, tokenizer  # type: ignore[no-untyped-def]
+) -> None:
+    work = tmp_path / "learner"
+    log = tmp_path / "learner.log"
+    engine.stop.clear()
+    start_version = engine.policy_version
+    sampler = Sampler(
+        SamplerSettings(redis=RedisSettings(url=redis_server.url), run=RunSettings(name="test", max_staleness=1),
+                        streams=StreamSettings(block_ms=200, claim_idle_ms=2000),
+                        tree=TreeConfig(width=4, segment_tokens=6, max_depth=6),
+                        sampler=SamplerOptions(port=0, work_dir=str(tmp_path / "sw"), batch_prompts=3,
+                                               weights_poll_s=0.1)),
+        engine, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+
+    async def main() -> tuple[dict, dict, dict]:  # type: ignore[type-arg]
+        sampling = asyncio.create_task(sampler.run())
+        port = free_port()
+        proc = start_learner(learner_env(redis_server, toy_model, work, port, 50), log)
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                state = checkpoint_state(work)
+                if state and state["step"] >= 3 and engine.policy_version > start_version:
+                    break
+                assert proc.poll() is None, log.read_text()[-3000:]
+                await asyncio.sleep(0.2)
+            else:
+                raise AssertionError("learner made no progress:\n" + log.read_text()[-3000:])
+            proc.send_signal(signal.SIGKILL)  # a crash, right after some checkpoint
+            proc.wait(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        at_kill = checkpoint_state(work)
+        assert at_kill is not None
+        total = at_kill["step"] + 3
+        proc = start_learner(learner_env(redis_server, toy_model, work, free_port(), total), log)
+        while proc.poll() is None:
+            await asyncio.sleep(0.2)
+        assert proc.returncode == 0, log.read_text()[-3000:]
+        final = checkpoint_state(work)
+        sampler.request_stop()
+        await sampling
+        s = make_streams(redis_server)
+        trees = [decode(f[b"m"]) for _, f in await s.client.xrange(s.keys.trees)]
+        await s.close()
+        return at_kill, final, {"trees": trees}  # type: ignore[return-value]
+
+    try:
+        at_kill, final, seen = asyncio.run(main())
+    finally:
+        restore_base_weights(engine, tmp_path, start_version)
+    # resumed and finished: step and version continue from the checkpoint
+    assert final["step"] == at_kill["step"] + 3 and final["version"] == final["step"]
+    # nothing lost: every tree trained before the crash is still recorded as trained
+    assert set(at_kill["trained"]) <= set(final["trained"])
+    # nothing trained twice: every step trained 3 distinct trees, and no id repeats across steps
+    assert len(final["trained"]) == 3 * final["step"]
+    steps = [json.loads(line) for line in (work / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps][-3:] == [final["step"] - 2, final["step"] - 1, final["step"]]
+    # the sampler picked up published weights: later trees carry newer policy versions
+    trees: list[TreeRollout] = seen["trees"]  # type: ignore[assignment]
+    versions = {n.policy_version for t in trees for n in t.nodes}
+    assert max(versions) >= 2, versions
+    assert "resumed from" in log.read_text()
