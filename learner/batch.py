@@ -42,13 +42,20 @@ class TrainBatch:
         """Rows ``index`` of this batch (for mini-batches)."""
         idx = index.tolist()
         return TrainBatch(
-            self.input_ids[index], self.attention_mask[index], self.mask[index],
-            self.behavior_logprobs[index], self.segment_ids[index], self.advantages[index],
-            [self.rewards[i] for i in idx], [self.raw_advantages[i] for i in idx],
+            self.input_ids[index],
+            self.attention_mask[index],
+            self.mask[index],
+            self.behavior_logprobs[index],
+            self.segment_ids[index],
+            self.advantages[index],
+            [self.rewards[i] for i in idx],
+            [self.raw_advantages[i] for i in idx],
         )
 
 
-def build_batch(trees: list[TreeRollout], mode: AdvantageMode = "average", pad_id: int = 0) -> TrainBatch:
+def build_batch(
+    trees: list[TreeRollout], mode: AdvantageMode = "average", pad_id: int = 0
+) -> TrainBatch:
     """One row per leaf of every tree (the trees' order, then leaf order)."""
     rows: list[tuple[list[int], int, list[float], list[int]]] = []
     raw: list[float] = []
@@ -91,7 +98,9 @@ def build_batch(trees: list[TreeRollout], mode: AdvantageMode = "average", pad_i
     return TrainBatch(input_ids, attention, mask, mu, seg, advantages, rewards, raw)
 
 
-def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_logprobs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """log p(token j+1 | tokens <= j) for every position: [rows, L-1]."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
     targets = input_ids[:, 1:]

@@ -28,7 +28,9 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 LATEST = "LATEST"
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _flatten_optimizer(
+    opt: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
@@ -50,8 +52,15 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(root: Path, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], rank: int = 0, keep: int = 2) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    rank: int = 0,
+    keep: int = 2,
+) -> Path:
     """Write one checkpoint (rank 0 writes the model and state; every rank its optimizer)."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
@@ -90,13 +99,16 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
-def load_checkpoint(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    rank: int = 0) -> dict[str, Any]:
+def load_checkpoint(
+    path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0
+) -> dict[str, Any]:
     """Restore module, optimizer and RNG in place; returns the saved learner state."""
     missing, unexpected = load_model(module, str(path / "model.safetensors"), strict=False)
     if unexpected or [m for m in missing if "lm_head" not in m]:
-        raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
     tensors = load_file(str(path / f"optimizer-rank{rank}.safetensors"))
     meta = json.loads((path / f"optimizer-rank{rank}.json").read_text())
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))

@@ -43,7 +43,9 @@ def behavior_log_weights(
     n_seg = int(segment_ids.max().item()) + 1 if segment_ids.numel() else 1
     seg = segment_ids.clamp(min=0).long()
     sums = torch.zeros(log_w.shape[0], n_seg, dtype=log_w.dtype).scatter_add_(1, seg, log_w)
-    counts = torch.zeros(log_w.shape[0], n_seg, dtype=log_w.dtype).scatter_add_(1, seg, mask.to(log_w.dtype))
+    counts = torch.zeros(log_w.shape[0], n_seg, dtype=log_w.dtype).scatter_add_(
+        1, seg, mask.to(log_w.dtype)
+    )
     means = sums / counts.clamp(min=1)
     return means.gather(1, seg)
 
@@ -84,7 +86,9 @@ def policy_loss(
     loss = (weights.detach() * pg * mask).sum() / n
     with torch.no_grad():
         w_sel = raw_w[mask > 0]
-        ess = (w_sel.sum() ** 2 / (w_sel.numel() * (w_sel**2).sum())).item() if w_sel.numel() else 1.0
+        ess = (
+            (w_sel.sum() ** 2 / (w_sel.numel() * (w_sel**2).sum())).item() if w_sel.numel() else 1.0
+        )
         stats = {
             "loss": loss.item(),
             "tokens": float(mask.sum().item()),

@@ -15,47 +15,89 @@ class LearnerMetrics:
         r = self.registry
         p = "treepo_learner_"
         self.steps = Counter(p + "steps", "Optimizer steps taken (learner steps).", registry=r)
-        self.step_seconds = Histogram(p + "step_seconds", "Seconds of one learner step (update only).",
-                                      buckets=(0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300), registry=r)
-        self.wait_seconds = Counter(p + "wait_seconds", "Seconds spent waiting for trees.", registry=r)
-        self.tokens_trained = Counter(p + "tokens_trained", "Response tokens trained on.", registry=r)
-        self.tokens_per_second = Gauge(p + "tokens_per_second", "Trained tokens per second of the last step.",
-                                       registry=r)
-        self.trees_consumed = Counter(p + "trees_consumed", "Trees read from the stream.", registry=r)
+        self.step_seconds = Histogram(
+            p + "step_seconds",
+            "Seconds of one learner step (update only).",
+            buckets=(0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        self.wait_seconds = Counter(
+            p + "wait_seconds", "Seconds spent waiting for trees.", registry=r
+        )
+        self.tokens_trained = Counter(
+            p + "tokens_trained", "Response tokens trained on.", registry=r
+        )
+        self.tokens_per_second = Gauge(
+            p + "tokens_per_second", "Trained tokens per second of the last step.", registry=r
+        )
+        self.trees_consumed = Counter(
+            p + "trees_consumed", "Trees read from the stream.", registry=r
+        )
         self.trees_trained = Counter(p + "trees_trained", "Trees used in an update.", registry=r)
         self.trees_dropped_stale = Counter(
-            p + "trees_dropped_stale", "Trees dropped for exceeding max_staleness.", registry=r)
+            p + "trees_dropped_stale", "Trees dropped for exceeding max_staleness.", registry=r
+        )
         self.trees_dropped_no_signal = Counter(
-            p + "trees_dropped_no_signal", "Trees dropped because all leaves had one reward.", registry=r)
+            p + "trees_dropped_no_signal",
+            "Trees dropped because all leaves had one reward.",
+            registry=r,
+        )
         self.trees_duplicate = Counter(
-            p + "trees_duplicate", "Trees skipped because their id was already trained.", registry=r)
-        self.staleness = Histogram(p + "staleness_versions", "Policy versions a trained tree lagged behind.",
-                                   buckets=(0, 1, 2, 3, 4, 6, 8, 16), registry=r)
-        self.is_weight_mean = Gauge(p + "is_weight_mean", "Mean behavior importance weight pi_prox/mu.",
-                                    registry=r)
+            p + "trees_duplicate", "Trees skipped because their id was already trained.", registry=r
+        )
+        self.staleness = Histogram(
+            p + "staleness_versions",
+            "Policy versions a trained tree lagged behind.",
+            buckets=(0, 1, 2, 3, 4, 6, 8, 16),
+            registry=r,
+        )
+        self.is_weight_mean = Gauge(
+            p + "is_weight_mean", "Mean behavior importance weight pi_prox/mu.", registry=r
+        )
         self.is_truncated_fraction = Gauge(
-            p + "is_truncated_fraction", "Fraction of tokens whose importance weight was truncated.", registry=r)
-        self.is_ess = Gauge(p + "is_ess", "Normalised effective sample size of the importance weights.",
-                            registry=r)
-        self.clip_fraction = Gauge(p + "clip_fraction", "Fraction of tokens where the PPO clip engaged.",
-                                   registry=r)
-        self.reward_mean = Gauge(p + "reward_mean", "Mean leaf reward of the last batch.", registry=r)
-        self.accuracy = Gauge(p + "accuracy", "Fraction of leaves with positive reward in the last batch.",
-                              registry=r)
+            p + "is_truncated_fraction",
+            "Fraction of tokens whose importance weight was truncated.",
+            registry=r,
+        )
+        self.is_ess = Gauge(
+            p + "is_ess", "Normalised effective sample size of the importance weights.", registry=r
+        )
+        self.clip_fraction = Gauge(
+            p + "clip_fraction", "Fraction of tokens where the PPO clip engaged.", registry=r
+        )
+        self.reward_mean = Gauge(
+            p + "reward_mean", "Mean leaf reward of the last batch.", registry=r
+        )
+        self.accuracy = Gauge(
+            p + "accuracy", "Fraction of leaves with positive reward in the last batch.", registry=r
+        )
         self.loss = Gauge(p + "loss", "Policy loss of the last step.", registry=r)
         self.grad_norm = Gauge(p + "grad_norm", "Gradient norm of the last step.", registry=r)
-        self.policy_version = Gauge(p + "policy_version", "Current policy version (optimizer steps).",
-                                    registry=r)
-        self.stream_lag = Gauge(p + "stream_lag", "Trees in the stream not yet read by the learner.", registry=r)
-        self.stream_pending = Gauge(p + "stream_pending", "Trees read but not yet acknowledged.", registry=r)
-        self.prompts_admitted = Counter(p + "prompts_admitted", "Prompts admitted to the prompts stream.",
-                                        registry=r)
-        self.prompts_in_flight = Gauge(p + "prompts_in_flight", "Prompts admitted but not yet trained on.",
-                                       registry=r)
-        self.publish_seconds = Histogram(p + "publish_seconds", "Seconds to export and announce weights.",
-                                         buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120), registry=r)
+        self.policy_version = Gauge(
+            p + "policy_version", "Current policy version (optimizer steps).", registry=r
+        )
+        self.stream_lag = Gauge(
+            p + "stream_lag", "Trees in the stream not yet read by the learner.", registry=r
+        )
+        self.stream_pending = Gauge(
+            p + "stream_pending", "Trees read but not yet acknowledged.", registry=r
+        )
+        self.prompts_admitted = Counter(
+            p + "prompts_admitted", "Prompts admitted to the prompts stream.", registry=r
+        )
+        self.prompts_in_flight = Gauge(
+            p + "prompts_in_flight", "Prompts admitted but not yet trained on.", registry=r
+        )
+        self.publish_seconds = Histogram(
+            p + "publish_seconds",
+            "Seconds to export and announce weights.",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
+            registry=r,
+        )
         self.publish_bytes = Counter(p + "publish_bytes", "Bytes of weights published.", registry=r)
-        self.checkpoint_seconds = Histogram(p + "checkpoint_seconds", "Seconds to write a checkpoint.",
-                                            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120), registry=r)
-        self.heldout_accuracy = Gauge(p + "heldout_accuracy", "Greedy held-out accuracy (last evaluation).",
-                                      registry=r)
+        self.checkpoint_seconds = Histogram(
+            p + "checkpoint_seconds",
+            "Seconds to write a checkpoint.",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
+            registry=r,
+        )

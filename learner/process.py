@@ -61,14 +61,28 @@ class LearnerState:
     python_rng: Any = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "version": self.step, "cursor": self.cursor, "resolved": self.resolved,
-                "trained": sorted(self.trained), "dropped_stale": self.dropped_stale,
-                "dropped_no_signal": self.dropped_no_signal, "python_rng": self.python_rng}
+        return {
+            "step": self.step,
+            "version": self.step,
+            "cursor": self.cursor,
+            "resolved": self.resolved,
+            "trained": sorted(self.trained),
+            "dropped_stale": self.dropped_stale,
+            "dropped_no_signal": self.dropped_no_signal,
+            "python_rng": self.python_rng,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> LearnerState:
-        return cls(d["step"], d["cursor"], d["resolved"], set(d["trained"]), d["dropped_stale"],
-                   d["dropped_no_signal"], d.get("python_rng"))
+        return cls(
+            d["step"],
+            d["cursor"],
+            d["resolved"],
+            set(d["trained"]),
+            d["dropped_stale"],
+            d["dropped_no_signal"],
+            d.get("python_rng"),
+        )
 
 
 def load_problems(settings: LearnerSettings) -> list[Problem]:
@@ -79,13 +93,21 @@ def load_problems(settings: LearnerSettings) -> list[Problem]:
 
 
 class Learner:
-    def __init__(self, settings: LearnerSettings, engine: Engine, tokenizer: Any,
-                 problems: list[Problem], metrics: LearnerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: LearnerSettings,
+        engine: Engine,
+        tokenizer: Any,
+        problems: list[Problem],
+        metrics: LearnerMetrics | None = None,
+    ) -> None:
         opts = settings.learner
         if settings.run.max_staleness < opts.publish_every - 1:
             raise ConfigError(
-                f"TREEPO_LEARNER__PUBLISH_EVERY={opts.publish_every} needs TREEPO_RUN__MAX_STALENESS >= "
-                f"{opts.publish_every - 1} (got {settings.run.max_staleness}): otherwise every tree is stale")
+                f"TREEPO_LEARNER__PUBLISH_EVERY={opts.publish_every} needs "
+                f"TREEPO_RUN__MAX_STALENESS >= {opts.publish_every - 1} "
+                f"(got {settings.run.max_staleness}): otherwise every tree is stale"
+            )
         self.settings = settings
         self.engine = engine
         self.tokenizer = tokenizer
@@ -116,15 +138,22 @@ class Learner:
         if path is None:
             return
         if self.engine.zero_stage > 0:
-            raise ConfigError(f"resuming from {path} needs TREEPO_LEARNER__ZERO_STAGE=0: optimizer "
-                              "partitions of ZeRO stages 1-3 are not restored yet")
+            raise ConfigError(
+                f"resuming from {path} needs TREEPO_LEARNER__ZERO_STAGE=0: optimizer "
+                "partitions of ZeRO stages 1-3 are not restored yet"
+            )
         saved = load_checkpoint(path, self.engine.module, self.engine.optimizer)
         self.state = LearnerState.from_json(saved)
         if self.state.python_rng is not None:
             version, internal, gauss = self.state.python_rng
             self.rng.setstate((version, tuple(internal), gauss))
-        log.info("resumed from %s: step %d, cursor %d, %d trees trained", path, self.state.step,
-                 self.state.cursor, len(self.state.trained))
+        log.info(
+            "resumed from %s: step %d, cursor %d, %d trees trained",
+            path,
+            self.state.step,
+            self.state.cursor,
+            len(self.state.trained),
+        )
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -137,7 +166,11 @@ class Learner:
     async def run(self, max_steps: int | None = None) -> int:
         """Train until ``total_steps`` (or ``max_steps`` more steps, or a stop request)."""
         keys, opts = self.streams.keys, self.settings.learner
-        target = opts.total_steps if max_steps is None else min(opts.total_steps, self.state.step + max_steps)
+        target = (
+            opts.total_steps
+            if max_steps is None
+            else min(opts.total_steps, self.state.step + max_steps)
+        )
         await self.streams.ensure_group(keys.prompts, PROMPT_GROUP)
         await self.streams.ensure_group(keys.trees, TREE_GROUP)
         app = make_app(self.metrics.registry, self.health)
@@ -152,8 +185,9 @@ class Learner:
             while self.state.step < target and not self.stop.is_set():
                 await self._admit()
                 waited = time.monotonic()
-                batch = await self.streams.read(keys.trees, TREE_GROUP, CONSUMER, pending=after is not None,
-                                                after=after or "0")
+                batch = await self.streams.read(
+                    keys.trees, TREE_GROUP, CONSUMER, pending=after is not None, after=after or "0"
+                )
                 if after is not None:
                     after = batch[-1].entry_id if batch else None
                 self.metrics.wait_seconds.inc(time.monotonic() - waited)
@@ -161,6 +195,8 @@ class Learner:
                 await self._observe_streams()
                 if len(self.ready) >= opts.batch_prompts:
                     await self._step()
+            if self.state.step >= opts.total_steps:
+                await asyncio.to_thread(self.save_final_model)
         finally:
             if self.resolved_entries and self.state.step > 0:
                 await self._checkpoint()
@@ -180,8 +216,15 @@ class Learner:
         while self.state.cursor - self.state.resolved < limit:
             pos = self.state.cursor
             problem = self.problems[pos % len(self.problems)]
-            task = PromptTask(f"q{pos}", self.encode_prompt(problem.prompt), problem.answer, pos,
-                              self.version, problem.task, time.time())
+            task = PromptTask(
+                f"q{pos}",
+                self.encode_prompt(problem.prompt),
+                problem.answer,
+                pos,
+                self.version,
+                problem.task,
+                time.time(),
+            )
             await self.streams.publish(self.streams.keys.prompts, task)
             self.state.cursor += 1
             self.metrics.prompts_admitted.inc()
@@ -189,8 +232,9 @@ class Learner:
 
     def encode_prompt(self, text: str) -> list[int]:
         if self.settings.learner.chat_template:
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                     add_generation_prompt=True, tokenize=True)
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
             return list(ids)
         return list(self.tokenizer(text)["input_ids"])
 
@@ -203,7 +247,9 @@ class Learner:
                 self.resolved_entries.append(d.entry_id)
                 continue
             self.metrics.trees_consumed.inc()
-            if tree.tree_id in self.state.trained or any(t.tree_id == tree.tree_id for _, t in self.ready):
+            if tree.tree_id in self.state.trained or any(
+                t.tree_id == tree.tree_id for _, t in self.ready
+            ):
                 self.metrics.trees_duplicate.inc()
                 self.resolved_entries.append(d.entry_id)
                 continue
@@ -212,7 +258,9 @@ class Learner:
                 self.metrics.trees_dropped_stale.inc()
                 self._resolve(d)
                 continue
-            if self.settings.learner.dynamic_sampling and not has_signal([leaf.reward for leaf in tree.leaves]):
+            if self.settings.learner.dynamic_sampling and not has_signal(
+                [leaf.reward for leaf in tree.leaves]
+            ):
                 self.state.dropped_no_signal += 1
                 self.metrics.trees_dropped_no_signal.inc()
                 self._resolve(d)
@@ -229,13 +277,22 @@ class Learner:
 
     async def _step(self) -> None:
         opts = self.settings.learner
-        taken, self.ready = self.ready[: opts.batch_prompts], self.ready[opts.batch_prompts:]
+        taken, self.ready = self.ready[: opts.batch_prompts], self.ready[opts.batch_prompts :]
         trees = [t for _, t in taken]
         staleness = [self._staleness(t) for t in trees]
-        batch = build_batch(trees, self.settings.loss.advantage, pad_id=self.tokenizer.pad_token_id or 0)
+        batch = build_batch(
+            trees, self.settings.loss.advantage, pad_id=self.tokenizer.pad_token_id or 0
+        )
         started = time.perf_counter()
-        stats = await asyncio.to_thread(train_on_batch, self.engine, batch, opts, self.settings.loss,
-                                        self.state.step, self.settings.run.seed)
+        stats = await asyncio.to_thread(
+            train_on_batch,
+            self.engine,
+            batch,
+            opts,
+            self.settings.loss,
+            self.state.step,
+            self.settings.run.seed,
+        )
         seconds = time.perf_counter() - started
         self.state.step += 1
         for d, t in taken:
@@ -261,13 +318,35 @@ class Learner:
         m.loss.set(stats.get("loss", 0.0))
         m.grad_norm.set(stats.get("grad_norm", 0.0))
         m.policy_version.set(self.version)
-        record = {"step": self.state.step, "version": self.version, "reward": reward, "accuracy": accuracy,
-                  "trees": len(trees), "leaves": len(rewards), "staleness_mean": sum(staleness) / len(staleness),
-                  "staleness_max": max(staleness), "seconds": seconds, "tokens_per_second":
-                  stats["tokens"] / max(seconds, 1e-9), "wall": time.monotonic() - self.started,
-                  "dropped_stale": self.state.dropped_stale, "dropped_no_signal": self.state.dropped_no_signal,
-                  **{k: stats[k] for k in ("loss", "is_weight_mean", "is_truncated_fraction", "is_ess",
-                                           "clip_fraction", "approx_kl", "grad_norm", "lr") if k in stats}}
+        record = {
+            "step": self.state.step,
+            "version": self.version,
+            "reward": reward,
+            "accuracy": accuracy,
+            "trees": len(trees),
+            "leaves": len(rewards),
+            "staleness_mean": sum(staleness) / len(staleness),
+            "staleness_max": max(staleness),
+            "seconds": seconds,
+            "tokens_per_second": stats["tokens"] / max(seconds, 1e-9),
+            "wall": time.monotonic() - self.started,
+            "dropped_stale": self.state.dropped_stale,
+            "dropped_no_signal": self.state.dropped_no_signal,
+            **{
+                k: stats[k]
+                for k in (
+                    "loss",
+                    "is_weight_mean",
+                    "is_truncated_fraction",
+                    "is_ess",
+                    "clip_fraction",
+                    "approx_kl",
+                    "grad_norm",
+                    "lr",
+                )
+                if k in stats
+            },
+        }
         self._log_step(record)
         if self.state.step % opts.checkpoint_every == 0 or self.state.step >= opts.total_steps:
             await self._checkpoint()
@@ -278,17 +357,42 @@ class Learner:
         self.work.mkdir(parents=True, exist_ok=True)
         with (self.work / "steps.jsonl").open("a") as f:
             f.write(json.dumps(r) + "\n")
-        log.info("step %d reward %+.3f acc %.2f loss %+.4f staleness %.1f (max %d) is_w %.3f ess %.2f "
-                 "%.0f tok/s", r["step"], r["reward"], r["accuracy"], r.get("loss", 0.0),
-                 r["staleness_mean"], r["staleness_max"], r.get("is_weight_mean", 1.0), r.get("is_ess", 1.0),
-                 r["tokens_per_second"])
+        log.info(
+            "step %d reward %+.3f acc %.2f loss %+.4f staleness %.1f (max %d) is_w %.3f ess %.2f "
+            "%.0f tok/s",
+            r["step"],
+            r["reward"],
+            r["accuracy"],
+            r.get("loss", 0.0),
+            r["staleness_mean"],
+            r["staleness_max"],
+            r.get("is_weight_mean", 1.0),
+            r.get("is_ess", 1.0),
+            r["tokens_per_second"],
+        )
+
+    def save_final_model(self) -> Path:
+        """The trained policy as a normal Hugging Face model directory (``<work>/model``)."""
+        out = self.work / "model"
+        self.engine.module.save_pretrained(str(out), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(out))
+        log.info("final model (step %d) saved to %s", self.state.step, out)
+        return out
 
     async def _checkpoint(self) -> None:
         started = time.perf_counter()
         self.state.python_rng = self.rng.getstate()
         opts = self.settings.learner
-        await asyncio.to_thread(save_checkpoint, self.ckpt_root, self.state.step, self.engine.module,
-                                self.engine.optimizer, self.state.to_json(), 0, opts.keep_checkpoints)
+        await asyncio.to_thread(
+            save_checkpoint,
+            self.ckpt_root,
+            self.state.step,
+            self.engine.module,
+            self.engine.optimizer,
+            self.state.to_json(),
+            0,
+            opts.keep_checkpoints,
+        )
         self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
         entries, self.resolved_entries = self.resolved_entries, []
         await self.streams.ack(self.streams.keys.trees, TREE_GROUP, entries)
@@ -297,7 +401,9 @@ class Learner:
         started = time.perf_counter()
         version = self.version
         if version not in self.store.versions():
-            await asyncio.to_thread(self.store.publish, version, lambda d: export_weights(self.engine, d))
+            await asyncio.to_thread(
+                self.store.publish, version, lambda d: export_weights(self.engine, d)
+            )
         data = self.store.manifest_bytes(version)
         total = sum(p.stat().st_size for p in self.store.path(version).glob("*.safetensors"))
         await announce(self.streams, version, self.base_url, data, total)
@@ -327,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="treepo-learner", description="TreePO learner")
     parser.add_argument("--port", type=int, help="weight-server port (default: $PORT or settings)")
     parser.add_argument("--model", help="model directory (default: TREEPO_LEARNER__MODEL)")
-    parser.add_argument("--max-steps", type=int, help="stop after this many more steps (bounded mode)")
+    parser.add_argument(
+        "--max-steps", type=int, help="stop after this many more steps (bounded mode)"
+    )
     args = parser.parse_args(argv)
     setup_logging(os.environ.get("LOG_LEVEL", "INFO"))
     port = args.port if args.port is not None else os.environ.get("PORT")

@@ -59,7 +59,10 @@ def build_tokenizer():  # type: ignore[no-untyped-def]
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"\\boxed\{|."), behavior="isolated")
     core.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        tokenizer_object=core,
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
         padding_side="left",
     )
 
@@ -68,10 +71,17 @@ def _model(spec: ToySpec):  # type: ignore[no-untyped-def]
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads, max_position_embeddings=spec.max_positions,
-        tie_word_embeddings=True, eos_token_id=EOS_ID, pad_token_id=PAD_ID, bos_token_id=EOS_ID,
+        vocab_size=spec.vocab,
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_positions,
+        tie_word_embeddings=True,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        bos_token_id=EOS_ID,
         torch_dtype="float32",
     )
     return Qwen2ForCausalLM(config)
@@ -86,9 +96,14 @@ def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 48) -> flo
     model.eval()
     enc = tokenizer([p.prompt for p in problems], return_tensors="pt", padding=True)
     with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=EOS_ID,
+            pad_token_id=PAD_ID,
+        )
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     model.train()
     good = sum(reward_fn(p.task)(t, p.answer) > 0 for p, t in zip(problems, texts))
     return good / len(problems)
@@ -139,7 +154,12 @@ def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = N
         opt.step()
         if step % spec.eval_every == 0:
             acc = greedy_accuracy(model, tokenizer, heldout)
-            log.info("toy warm-up step %d loss %.3f held-out greedy accuracy %.3f", step, loss.item(), acc)
+            log.info(
+                "toy warm-up step %d loss %.3f held-out greedy accuracy %.3f",
+                step,
+                loss.item(),
+                acc,
+            )
             if acc >= spec.target_accuracy or step >= spec.max_steps:
                 break
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,9 +168,13 @@ def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = N
     model.generation_config.pad_token_id = PAD_ID
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    meta = {**want, "steps": step, "heldout_greedy_accuracy": acc,
-            "seconds": round(time.monotonic() - started, 1),
-            "parameters": sum(p.numel() for p in model.parameters())}
+    meta = {
+        **want,
+        "steps": step,
+        "heldout_greedy_accuracy": acc,
+        "seconds": round(time.monotonic() - started, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     (tmp / "toy_meta.json").write_text(json.dumps(meta, indent=2))
     if out.exists():
         shutil.rmtree(out)

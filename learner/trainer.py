@@ -36,8 +36,12 @@ def init_distributed() -> None:
     """Join (or, run alone, create) the torch.distributed group DeepSpeed needs."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1")):
+    for key, value in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+    ):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
@@ -67,7 +71,11 @@ class Engine:
         return self.ds.module  # type: ignore[no-any-return]
 
     def set_lr(self, step: int) -> float:
-        lr = self.base_lr * min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else self.base_lr
+        lr = (
+            self.base_lr * min(1.0, (step + 1) / self.warmup_steps)
+            if self.warmup_steps
+            else self.base_lr
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
@@ -97,7 +105,9 @@ def build_engine(model_dir: str | Path, opts: LearnerOptions) -> Engine:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    ds, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(opts))
+    ds, ds_opt, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config(opts)
+    )
     inner = ds_opt
     while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
         inner = inner.optimizer
@@ -109,8 +119,14 @@ def _chunks(n: int, parts: int) -> list[torch.Tensor]:
     return [c for c in torch.arange(n).chunk(parts) if c.numel()]
 
 
-def train_on_batch(engine: Engine, batch: TrainBatch, opts: LearnerOptions, loss: LossSettings,
-                   step: int, seed: int = 0) -> dict[str, float]:
+def train_on_batch(
+    engine: Engine,
+    batch: TrainBatch,
+    opts: LearnerOptions,
+    loss: LossSettings,
+    step: int,
+    seed: int = 0,
+) -> dict[str, float]:
     """One learner step: recompute pi_prox, then ppo_epochs x mini_batches optimizer steps.
     Returns statistics averaged over the updates."""
     ds = engine.ds
@@ -135,10 +151,18 @@ def train_on_batch(engine: Engine, batch: TrainBatch, opts: LearnerOptions, loss
                 sub = batch.select(rows[part]) if part.numel() else batch.select(rows[:1])
                 logprobs = token_logprobs(ds.module, sub.input_ids, sub.attention_mask)
                 lp_loss, stats = policy_loss(
-                    logprobs, proximal[rows[part]] if part.numel() else proximal[rows[:1]],
-                    sub.behavior_logprobs, sub.advantages, sub.mask, sub.segment_ids,
-                    level=loss.is_level, clip_low=loss.clip_low, clip_high=loss.clip_high,
-                    dual_clip=loss.dual_clip, is_cap=loss.is_cap, is_band=loss.is_band,
+                    logprobs,
+                    proximal[rows[part]] if part.numel() else proximal[rows[:1]],
+                    sub.behavior_logprobs,
+                    sub.advantages,
+                    sub.mask,
+                    sub.segment_ids,
+                    level=loss.is_level,
+                    clip_low=loss.clip_low,
+                    clip_high=loss.clip_high,
+                    dual_clip=loss.dual_clip,
+                    is_cap=loss.is_cap,
+                    is_band=loss.is_band,
                 )
                 # token mean over the whole mini-batch: DeepSpeed divides by gas itself
                 scale = stats["tokens"] / max(1.0, mb_tokens) * gas if part.numel() else 0.0
@@ -151,8 +175,12 @@ def train_on_batch(engine: Engine, batch: TrainBatch, opts: LearnerOptions, loss
                         totals[k] = totals.get(k, 0.0) + v * weight
             updates += 1
     out = {k: v / max(1.0, seen_tokens) for k, v in totals.items()}
-    out.update(tokens=float(batch.mask.sum().item()), updates=float(updates), lr=lr,
-               grad_norm=float(ds.get_global_grad_norm() or 0.0))
+    out.update(
+        tokens=float(batch.mask.sum().item()),
+        updates=float(updates),
+        lr=lr,
+        grad_norm=float(ds.get_global_grad_norm() or 0.0),
+    )
     return out
 
 

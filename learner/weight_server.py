@@ -27,6 +27,7 @@ from pipeline.weights import MANIFEST, Manifest, sha256_bytes, write_manifest
 
 log = logging.getLogger(__name__)
 
+
 class WeightStore:
     """The directory of published versions."""
 
@@ -65,6 +66,7 @@ class WeightStore:
     def manifest_bytes(self, version: int) -> bytes:
         return (self.path(version) / MANIFEST).read_bytes()
 
+
 def add_routes(app: web.Application, store: WeightStore, token: str | None = None) -> None:
     """Serve ``/weights/{version}/{file}`` from ``store``; with ``token``, require
     ``Authorization: Bearer <token>``."""
@@ -81,19 +83,30 @@ def add_routes(app: web.Application, store: WeightStore, token: str | None = Non
         directory = store.path(int(version))
         manifest_path = directory / MANIFEST
         if not manifest_path.is_file():
-            raise web.HTTPNotFound(text=f"version {version} is not served (kept: {store.versions()})")
-        allowed = {MANIFEST} | {f.name for f in Manifest.from_bytes(manifest_path.read_bytes()).files}
+            raise web.HTTPNotFound(
+                text=f"version {version} is not served (kept: {store.versions()})"
+            )
+        allowed = {MANIFEST} | {
+            f.name for f in Manifest.from_bytes(manifest_path.read_bytes()).files
+        }
         if name not in allowed:
             raise web.HTTPNotFound(text="no such file in this version")
         return web.FileResponse(directory / name)
 
     app.router.add_get("/weights/{version}/{name}", serve)
 
-async def announce(streams: Streams, version: int, base_url: str, manifest_data: bytes,
-                   total_bytes: int) -> WeightAnnouncement:
+
+async def announce(
+    streams: Streams, version: int, base_url: str, manifest_data: bytes, total_bytes: int
+) -> WeightAnnouncement:
     """Tell samplers about a version: set the weights key and publish on its channel."""
-    ann = WeightAnnouncement(version, f"{base_url.rstrip('/')}/weights/{version}",
-                             sha256_bytes(manifest_data), total_bytes, time.time())
+    ann = WeightAnnouncement(
+        version,
+        f"{base_url.rstrip('/')}/weights/{version}",
+        sha256_bytes(manifest_data),
+        total_bytes,
+        time.time(),
+    )
     payload = encode(ann)
     key = streams.keys.weights
     await streams.call(lambda: streams.client.set(key, payload), "SET weights")

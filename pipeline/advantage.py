@@ -92,7 +92,9 @@ def has_signal(rewards: Sequence[float], tol: float = 1e-9) -> bool:
     return len(rewards) > 1 and max(rewards) - min(rewards) > tol
 
 
-def filter_informative(items: Sequence[T], rewards: Sequence[Sequence[float]]) -> tuple[list[T], int]:
+def filter_informative(
+    items: Sequence[T], rewards: Sequence[Sequence[float]]
+) -> tuple[list[T], int]:
     """Keep the items (trees) whose rewards differ; returns (kept, number dropped)."""
     kept = [item for item, r in zip(items, rewards) if has_signal(r)]
     return kept, len(items) - len(kept)
@@ -121,6 +123,4 @@ def segment_advantages(
             value[k] = sum(value[c] for c in kids) / len(kids)
     top = children.get(None, [])
     root_value = sum(value[c] for c in top) / len(top) if top else 0.0
-    return {
-        k: value[k] - (root_value if p is None else value[p]) for k, p in enumerate(parents)
-    }
+    return {k: value[k] - (root_value if p is None else value[p]) for k, p in enumerate(parents)}

@@ -80,7 +80,12 @@ def config_reference() -> str:
                 continue
             seen.add(fname)
             users = [p for p, c in PROCESSES.items() if fname in c.model_fields]
-            lines += [f"## `{fname}` ({', '.join(users)})", "", (finfo.description or "").strip(), ""]
+            lines += [
+                f"## `{fname}` ({', '.join(users)})",
+                "",
+                (finfo.description or "").strip(),
+                "",
+            ]
             lines += ["| variable | default | constraints | meaning |", "|---|---|---|---|"]
             for sname, sinfo in sub.model_fields.items():
                 var = f"{ENV_PREFIX}{fname.upper()}__{sname.upper()}"
@@ -89,7 +94,9 @@ def config_reference() -> str:
                     default = "(secret)"
                 bounds = ", ".join(_bound(m) for m in sinfo.metadata) or "-"
                 doc = " ".join((sinfo.description or "").split()).replace("|", "\\|")
-                lines.append(f"| `{var}` | `{json.dumps(default, default=str)}` | {bounds} | {doc} |")
+                lines.append(
+                    f"| `{var}` | `{json.dumps(default, default=str)}` | {bounds} | {doc} |"
+                )
             lines.append("")
     return "\n".join(lines)
 
@@ -104,7 +111,7 @@ def _bound(meta: object) -> str:
 def _cmd_config_docs(args: argparse.Namespace) -> int:
     text = config_reference()
     if args.out:
-        Path(args.out).write_text(text)
+        Path(args.out).write_text(text + "\n")
     else:
         print(text)
     return 0
@@ -124,10 +131,23 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- toy model --------------------------------------------------------------------------------
+
+
+def _cmd_toy_build(args: argparse.Namespace) -> int:
+    from learner.toy import build_toy_model  # torch/transformers: imported only here
+
+    print(build_toy_model(args.out, seed=args.seed))
+    return 0
+
+
 # -- wiring -----------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="treepo", description="TreePO actor-learner pipeline tools")
+    parser = argparse.ArgumentParser(
+        prog="treepo", description="TreePO actor-learner pipeline tools"
+    )
     parser.add_argument("--version", action="version", version=f"treepo {__version__}")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -144,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     docs = config.add_parser("docs", help="write the configuration reference (Markdown)")
     docs.add_argument("--out", help="file to write (default: stdout)")
     docs.set_defaults(func=_cmd_config_docs)
+
+    toy = sub.add_parser("toy", help="the toy model kit").add_subparsers(
+        dest="toy_command", required=True, metavar="ACTION"
+    )
+    build = toy.add_parser("build", help="build (or reuse) the toy model; prints its directory")
+    build.add_argument("--out", required=True, help="model directory to create")
+    build.add_argument("--seed", type=int, default=0)
+    build.set_defaults(func=_cmd_toy_build)
 
     dec = sub.add_parser("decode", help="decode a msgpack message file and print it as JSON")
     dec.add_argument("file")

@@ -194,8 +194,6 @@ class LearnerOptions(_Section):
     """Checkpoints kept on disk."""
     dynamic_sampling: bool = True
     """Drop trees whose leaves all have the same reward (no signal)."""
-    eval_problems: int = Field(0, ge=0, le=100_000)
-    """Held-out problems the learner evaluates (greedy) at start and end; 0 = none."""
 
 
 class LossSettings(_Section):
@@ -221,7 +219,9 @@ class SamplerSettings(BaseSettings):
     """Everything the sampler process reads."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="ignore",
         use_attribute_docstrings=True,
     )
 
@@ -243,7 +243,9 @@ class LearnerSettings(BaseSettings):
     """Everything the learner process reads."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="ignore",
         use_attribute_docstrings=True,
     )
 
@@ -310,7 +312,9 @@ def load_settings(cls: type[S], warn: bool = True, **overrides: Any) -> S:
     try:
         return cls(**overrides)
     except ValidationError as exc:
-        problems = [f"{env_name(e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()]
+        problems = [
+            f"{env_name(e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
+        ]
         raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from None
 
 

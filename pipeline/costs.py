@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -34,7 +35,9 @@ class Work:
         return (self.prefill_tokens, self.decoded_tokens, self.steps)
 
 
-def _solve(rows: list[tuple[float, ...]], ys: list[float], cols: tuple[int, ...]) -> list[float] | None:
+def _solve(
+    rows: Sequence[tuple[float, ...]], ys: Sequence[float], cols: tuple[int, ...]
+) -> list[float] | None:
     """Least squares on the chosen columns (normal equations, Gaussian elimination)."""
     k = len(cols)
     ata = [[sum(r[cols[i]] * r[cols[j]] for r in rows) for j in range(k)] for i in range(k)]
@@ -73,7 +76,9 @@ class CostModel:
                 sol = _solve(rows, ys, cols)
                 if sol is None or any(x < 0 for x in sol):
                     continue
-                resid = sum((y - sum(s * r[c] for s, c in zip(sol, cols))) ** 2 for r, y in zip(rows, ys))
+                resid = sum(
+                    (y - sum(s * r[c] for s, c in zip(sol, cols))) ** 2 for r, y in zip(rows, ys)
+                )
                 if best is None or resid < best[0] - 1e-15:
                     best = (resid, sol, cols)
         if best is not None:
@@ -98,4 +103,6 @@ def independent_work(prompt_lengths: list[int], leaf_lengths: list[list[int]]) -
     """Work of sampling the same leaves independently: one ``n = len(leaves)`` request per prompt
     (the prompt prefilled once), every leaf decoded in full, all prompts in one batch."""
     longest = max((n for leaves in leaf_lengths for n in leaves), default=0)
-    return Work(float(sum(prompt_lengths)), float(sum(sum(x) for x in leaf_lengths)), float(longest))
+    return Work(
+        float(sum(prompt_lengths)), float(sum(sum(x) for x in leaf_lengths)), float(longest)
+    )

@@ -31,5 +31,10 @@ class WeightVerificationError(TreepoError):
     """Downloaded weights do not match their manifest (size or sha256)."""
 
 
+class WeightDownloadError(TreepoError):
+    """Weights could not be fetched (server unreachable, timeout): worth retrying later, unlike a
+    ``WeightVerificationError``."""
+
+
 class TransportError(TreepoError):
     """Redis could not be reached after the bounded retries."""

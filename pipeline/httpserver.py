@@ -24,7 +24,8 @@ def make_app(registry: CollectorRegistry, health: Callable[[], dict[str, Any]]) 
     async def healthz(_: web.Request) -> web.Response:
         state = health()
         return web.Response(
-            text=json.dumps(state), content_type="application/json",
+            text=json.dumps(state),
+            content_type="application/json",
             status=200 if state.get("ok", True) else 503,
         )
 
@@ -41,8 +42,6 @@ async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunn
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server
-    bound = port
-    if server is not None and getattr(server, "sockets", None):
-        bound = int(server.sockets[0].getsockname()[1])
+    sockets = getattr(site._server, "sockets", None)
+    bound = int(sockets[0].getsockname()[1]) if sockets else port
     return runner, bound

@@ -19,7 +19,7 @@ import sys
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar, Union
+from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
@@ -170,7 +170,7 @@ class Heartbeat:
     state: str = "running"
 
 
-Message = Union[PromptTask, TreeRollout, WeightAnnouncement, Heartbeat]
+Message = PromptTask | TreeRollout | WeightAnnouncement | Heartbeat
 M = TypeVar("M", PromptTask, TreeRollout, WeightAnnouncement, Heartbeat)
 
 
@@ -342,7 +342,9 @@ class _Fields:
         if type(value) is not float:
             raise MessageDecodeError(self.name(key), f"expected a float, got {_kind(value)}")
         if not math.isfinite(value) or not lo <= value <= hi:
-            raise MessageDecodeError(self.name(key), f"{value} is not finite or outside [{lo}, {hi}]")
+            raise MessageDecodeError(
+                self.name(key), f"{value} is not finite or outside [{lo}, {hi}]"
+            )
         return value
 
     def numbers(self, key: str, code: str, count: int | None = None) -> list[Any]:
@@ -351,7 +353,9 @@ class _Fields:
             raise MessageDecodeError(self.name(key), f"expected bin bytes, got {_kind(raw)}")
         width = array(code).itemsize
         if len(raw) % width:
-            raise MessageDecodeError(self.name(key), f"{len(raw)} bytes is not a multiple of {width}")
+            raise MessageDecodeError(
+                self.name(key), f"{len(raw)} bytes is not a multiple of {width}"
+            )
         n = len(raw) // width
         if count is not None and n != count:
             raise MessageDecodeError(self.name(key), f"has {n} values, expected {count}")
@@ -370,7 +374,9 @@ class _Fields:
         vocab = self.limits.vocab_size
         for i, t in enumerate(values):
             if not 0 <= t < vocab:
-                raise MessageDecodeError(f"{self.name(key)}[{i}]", f"token id {t} outside [0, {vocab})")
+                raise MessageDecodeError(
+                    f"{self.name(key)}[{i}]", f"token id {t} outside [0, {vocab})"
+                )
         return values
 
     def finite_floats(self, key: str, code: str, count: int, hi: float = math.inf) -> list[float]:
@@ -418,7 +424,9 @@ def _decode_rollout(f: _Fields) -> TreeRollout:
     versions: list[int] = f.numbers("node_version", "i", n)
     for i in range(n):
         if not -1 <= parents[i] < i:
-            raise MessageDecodeError(f"node_parent[{i}]", f"{parents[i]} is not -1 or an earlier node")
+            raise MessageDecodeError(
+                f"node_parent[{i}]", f"{parents[i]} is not -1 or an earlier node"
+            )
         if lengths[i] < 0:
             raise MessageDecodeError(f"node_len[{i}]", f"negative length {lengths[i]}")
         if versions[i] < 0:
@@ -436,7 +444,9 @@ def _decode_rollout(f: _Fields) -> TreeRollout:
         raise MessageDecodeError("leaf_finish", f"expected a list of {m} strings")
     for i, reason in enumerate(finishes):
         if reason not in FINISH_REASONS:
-            raise MessageDecodeError(f"leaf_finish[{i}]", f"{reason!r} not in {sorted(FINISH_REASONS)}")
+            raise MessageDecodeError(
+                f"leaf_finish[{i}]", f"{reason!r} not in {sorted(FINISH_REASONS)}"
+            )
     has_child = [False] * n
     for p in parents:
         if p >= 0:
@@ -544,7 +554,9 @@ def decode(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> Message:
     except MessageDecodeError:
         raise
     except Exception as exc:  # msgpack raises many types on bad bytes
-        raise MessageDecodeError("message", f"not valid msgpack: {type(exc).__name__}: {exc}") from None
+        raise MessageDecodeError(
+            "message", f"not valid msgpack: {type(exc).__name__}: {exc}"
+        ) from None
     try:
         return _decode_fields(raw, limits)
     except MessageDecodeError:

@@ -46,8 +46,8 @@ def _equivalent(candidate: str, reference: str, timeout_s: int | None) -> bool:
     # math-verify warns on every call made without its signal timeout (we enforce our own)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
-    gold = parse(f"${reference}$", parsing_timeout=timeout_s)  # type: ignore[arg-type]
-    pred = parse(f"\\boxed{{{candidate}}}", parsing_timeout=timeout_s)  # type: ignore[arg-type]
+    gold = parse(f"${reference}$", parsing_timeout=timeout_s)
+    pred = parse(f"\\boxed{{{candidate}}}", parsing_timeout=timeout_s)
     if not gold or not pred:
         return candidate.strip() == reference.strip()
     return bool(verify(gold, pred, timeout_seconds=timeout_s))

@@ -29,7 +29,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.tree import Tree
+from pipeline.tree import Leaf, Tree
 
 Allocation = Literal["uniform", "logprob_high", "logprob_low", "entropy_high", "entropy_low"]
 ANSWER_REASONS = ("eos", "stop")
@@ -190,7 +190,9 @@ class TreeSampler:
             outputs = await self.generator.generate(requests)
             elapsed = time.perf_counter() - started
             if len(outputs) != len(requests):
-                raise ValueError(f"generator returned {len(outputs)} outputs for {len(requests)} requests")
+                raise ValueError(
+                    f"generator returned {len(outputs)} outputs for {len(requests)} requests"
+                )
             self._account(batch, requests, outputs, elapsed)
             for st in states:
                 st.active = []
@@ -238,9 +240,13 @@ class TreeSampler:
     ) -> None:
         cfg = self.config
         if len(out.token_ids) != len(out.logprobs):
-            raise ValueError(f"segment has {len(out.token_ids)} tokens but {len(out.logprobs)} logprobs")
+            raise ValueError(
+                f"segment has {len(out.token_ids)} tokens but {len(out.logprobs)} logprobs"
+            )
         if len(out.token_ids) > req.max_tokens:
-            raise ValueError(f"segment of {len(out.token_ids)} tokens exceeds max_tokens {req.max_tokens}")
+            raise ValueError(
+                f"segment of {len(out.token_ids)} tokens exceeds max_tokens {req.max_tokens}"
+            )
         tokens, logprobs = list(out.token_ids), list(out.logprobs)
         reason: str | None = None
         if cfg.eos_token_id is not None and cfg.eos_token_id in tokens:
@@ -310,7 +316,8 @@ class TreeSampler:
     def _fallback(self, st: _PromptState, room: int) -> list[tuple[int | None, int]]:
         tree, cfg = st.tree, self.config
         m = cfg.window_segments
-        preferred, others = [], []
+        preferred: list[tuple[Leaf, list[int]]] = []
+        others: list[tuple[Leaf, list[int]]] = []
         for leaf in tree.leaves:
             cuts = [c for c in range(m, len(leaf.path), m)]  # depths 1..k-1 on the window grid
             if cuts:

@@ -35,7 +35,13 @@ PAYLOAD_FIELD = b"m"
 """Each stream entry holds one field: the msgpack-encoded message."""
 
 R = TypeVar("R")
-_RETRYABLE = (rexc.ConnectionError, rexc.TimeoutError, ConnectionError, OSError, asyncio.TimeoutError)
+_RETRYABLE = (
+    rexc.ConnectionError,
+    rexc.TimeoutError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 
 @dataclass(frozen=True)
@@ -151,12 +157,20 @@ class Streams:
                 return await fn()
             except _RETRYABLE as exc:
                 if attempt == attempts - 1:
-                    raise TransportError(f"redis {what} failed after {attempts} attempts: {exc}") from exc
+                    raise TransportError(
+                        f"redis {what} failed after {attempts} attempts: {exc}"
+                    ) from exc
                 delay = min(self.settings.retry_max_delay_s, 0.05 * 2**attempt)
                 delay *= 0.5 + random.random() / 2
                 self.counters.retries += 1
-                log.warning("redis %s failed (%s); retry %d/%d in %.2fs", what, exc, attempt + 1,
-                            attempts - 1, delay)
+                log.warning(
+                    "redis %s failed (%s); retry %d/%d in %.2fs",
+                    what,
+                    exc,
+                    attempt + 1,
+                    attempts - 1,
+                    delay,
+                )
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -200,9 +214,13 @@ class Streams:
         the dead-letter stream."""
         count = count or self.stream_settings.batch
         start = after if pending else ">"
-        block = None if pending else (self.stream_settings.block_ms if block_ms is None else block_ms)
-        reply = await self.call(
-            lambda: self.client.xreadgroup(group, consumer, {stream: start}, count=count, block=block),
+        block = (
+            None if pending else (self.stream_settings.block_ms if block_ms is None else block_ms)
+        )
+        reply: Any = await self.call(
+            lambda: self.client.xreadgroup(
+                group, consumer, {stream: start}, count=count, block=block
+            ),
             f"XREADGROUP {stream}",
         )
         entries: list[tuple[Any, Any]] = []
@@ -215,13 +233,17 @@ class Streams:
         return await self._deliveries(stream, group, entries)
 
     async def reclaim(
-        self, stream: str, group: str, consumer: str, min_idle_ms: int | None = None,
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        min_idle_ms: int | None = None,
         count: int | None = None,
     ) -> list[Delivery]:
         """Take over entries that other (dead) consumers left pending for ``min_idle_ms``."""
         idle = self.stream_settings.claim_idle_ms if min_idle_ms is None else min_idle_ms
         count = count or self.stream_settings.batch
-        reply = await self.call(
+        reply: Any = await self.call(
             lambda: self.client.xautoclaim(stream, group, consumer, idle, "0-0", count=count),
             f"XAUTOCLAIM {stream}",
         )
@@ -229,11 +251,18 @@ class Streams:
         deliveries = await self._deliveries(stream, group, entries)
         self.counters.reclaimed += len(deliveries)
         if deliveries:
-            log.info("reclaimed %d idle entries of %s/%s for %s", len(deliveries), stream, group,
-                     consumer)
+            log.info(
+                "reclaimed %d idle entries of %s/%s for %s",
+                len(deliveries),
+                stream,
+                group,
+                consumer,
+            )
         return deliveries
 
-    async def _deliveries(self, stream: str, group: str, entries: list[tuple[Any, Any]]) -> list[Delivery]:
+    async def _deliveries(
+        self, stream: str, group: str, entries: list[tuple[Any, Any]]
+    ) -> list[Delivery]:
         good: list[Delivery] = []
         bad: list[str] = []
         for raw_id, fields in entries:
@@ -256,7 +285,7 @@ class Streams:
 
     async def dead_letter(self, stream: str, entry_id: str, payload: bytes, reason: str) -> None:
         """Park a bad entry, with its reason, on the run's dead-letter stream."""
-        record = {
+        record: dict[Any, Any] = {
             b"source": stream.encode(),
             b"entry_id": entry_id.encode(),
             b"reason": reason.encode(),
@@ -284,7 +313,9 @@ class Streams:
             return
         idle = self.stream_settings.claim_idle_ms
         await self.call(
-            lambda: self.client.xclaim(stream, group, consumer, 0, entry_ids, idle=idle, justid=True),
+            lambda: self.client.xclaim(
+                stream, group, consumer, 0, list[Any](entry_ids), idle=idle, justid=True
+            ),
             f"XCLAIM {stream}",
         )
 
@@ -307,7 +338,11 @@ class Streams:
         number of entries handled.
         """
         await self.ensure_group(stream, group)
-        every = reclaim_every_s if reclaim_every_s is not None else self.stream_settings.claim_idle_ms / 2000
+        every = (
+            reclaim_every_s
+            if reclaim_every_s is not None
+            else self.stream_settings.claim_idle_ms / 2000
+        )
         handled, own_pending, last_reclaim = 0, True, 0.0
         while not (stop is not None and stop.is_set()):
             if max_messages is not None and handled >= max_messages:
@@ -357,9 +392,11 @@ class Streams:
         floor: tuple[int, int] | None = None
         for g in groups:
             if int(g["pending"]) > 0:
-                summary = await self.call(
-                    lambda g=g: self.client.xpending(stream, g["name"]), f"XPENDING {stream}"
-                )
+
+                async def pending_summary(name: Any = g["name"]) -> Any:
+                    return await self.client.xpending(stream, name)
+
+                summary = await self.call(pending_summary, f"XPENDING {stream}")
                 bound = _id_key(_s(summary["min"]))
             else:
                 bound = _id_key(_s(g["last-delivered-id"]))

@@ -128,7 +128,9 @@ def _read_rows(path: Path) -> list[tuple[int, object]]:
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise DatasetError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+            raise DatasetError(
+                f"{path}: reading Parquet needs pyarrow (pip install pyarrow)"
+            ) from None
         return list(enumerate(pq.read_table(path).to_pylist(), start=1))
     rows: list[tuple[int, object]] = []
     with path.open(encoding="utf-8") as f:

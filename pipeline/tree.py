@@ -157,7 +157,9 @@ class Tree:
         """Rebuild the tree of a decoded ``TreeRollout`` (validated by ``messages.decode``)."""
         tree = cls(list(msg.prompt_token_ids))
         for n in msg.nodes:
-            tree.add_node(None if n.parent < 0 else n.parent, n.token_ids, n.logprobs, n.policy_version)
+            tree.add_node(
+                None if n.parent < 0 else n.parent, n.token_ids, n.logprobs, n.policy_version
+            )
         for rl in msg.leaves:
             tree.add_leaf(rl.node, rl.finish_reason).reward = rl.reward
         s = msg.stats

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import WeightVerificationError
+from pipeline.errors import WeightDownloadError, WeightVerificationError
 
 MANIFEST = "manifest.json"
 _MAX_HEADER = 100 * 1024 * 1024
@@ -49,20 +49,33 @@ class Manifest:
         return sum(f.size for f in self.files)
 
     def to_bytes(self) -> bytes:
-        body = {"version": self.version, "format": self.format, "files": [asdict(f) for f in self.files]}
+        body = {
+            "version": self.version,
+            "format": self.format,
+            "files": [asdict(f) for f in self.files],
+        }
         return json.dumps(body, sort_keys=True, indent=1).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
         try:
             body = json.loads(data)
-            files = tuple(FileEntry(str(f["name"]), int(f["size"]), str(f["sha256"])) for f in body["files"])
+            files = tuple(
+                FileEntry(str(f["name"]), int(f["size"]), str(f["sha256"])) for f in body["files"]
+            )
             manifest = cls(int(body["version"]), files, str(body.get("format", "safetensors")))
         except (ValueError, KeyError, TypeError) as exc:
             raise WeightVerificationError(f"manifest is malformed: {exc}") from None
         for f in files:
-            if "/" in f.name or "\\" in f.name or f.name.startswith(".") or not f.name.endswith(".safetensors"):
-                raise WeightVerificationError(f"manifest file name {f.name!r} is not a plain .safetensors name")
+            if (
+                "/" in f.name
+                or "\\" in f.name
+                or f.name.startswith(".")
+                or not f.name.endswith(".safetensors")
+            ):
+                raise WeightVerificationError(
+                    f"manifest file name {f.name!r} is not a plain .safetensors name"
+                )
         if manifest.format != "safetensors" or not files:
             raise WeightVerificationError("manifest must list safetensors files")
         return manifest
@@ -117,7 +130,9 @@ def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             shape = tuple(int(d) for d in info["shape"])
             dtype = str(info["dtype"])
         except (KeyError, TypeError, ValueError):
-            raise WeightVerificationError(f"{path.name}: tensor {name!r} has a malformed entry") from None
+            raise WeightVerificationError(
+                f"{path.name}: tensor {name!r} has a malformed entry"
+            ) from None
         if not 0 <= start <= end <= data_len:
             raise WeightVerificationError(f"{path.name}: tensor {name!r} lies outside the file")
         out[name] = (dtype, shape)
@@ -134,13 +149,17 @@ def tensor_specs(directory: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     return specs
 
 
-def check_compatible(candidate: dict[str, tuple[str, tuple[int, ...]]],
-                     reference: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+def check_compatible(
+    candidate: dict[str, tuple[str, tuple[int, ...]]],
+    reference: dict[str, tuple[str, tuple[int, ...]]],
+) -> None:
     """Refuse weights whose tensor names, dtypes or shapes differ from the engine's."""
     missing = sorted(set(reference) - set(candidate))
     extra = sorted(set(candidate) - set(reference))
     if missing or extra:
-        raise WeightVerificationError(f"tensor names differ: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise WeightVerificationError(
+            f"tensor names differ: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
     for name, spec in reference.items():
         if candidate[name] != spec:
             raise WeightVerificationError(f"tensor {name}: {candidate[name]} != expected {spec}")
@@ -184,7 +203,7 @@ async def download_version(
     except WeightVerificationError:
         raise
     except (OSError, aiohttp.ClientError, TimeoutError) as exc:
-        raise WeightVerificationError(f"download from {url} failed: {exc}") from exc
+        raise WeightDownloadError(f"download from {url} failed: {exc}") from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -199,7 +218,9 @@ async def _fetch_file(http: Any, url: str, path: Path, entry: FileEntry) -> None
             async for block in resp.content.iter_chunked(1 << 20):
                 size += len(block)
                 if size > entry.size:
-                    raise WeightVerificationError(f"{entry.name}: more than the {entry.size} bytes announced")
+                    raise WeightVerificationError(
+                        f"{entry.name}: more than the {entry.size} bytes announced"
+                    )
                 h.update(block)
                 f.write(block)
     if size != entry.size:

@@ -27,7 +27,9 @@ def make_streams(server: RedisServer, run: str = "test", **stream_kw: object) ->
     """A transport on ``server`` with short timeouts suited to tests."""
     stream_kw.setdefault("block_ms", 100)
     return Streams(
-        RedisSettings(url=server.url, connect_timeout_s=2.0, retry_attempts=40, retry_max_delay_s=0.5),
+        RedisSettings(
+            url=server.url, connect_timeout_s=2.0, retry_attempts=40, retry_max_delay_s=0.5
+        ),
         RunSettings(name=run),
         StreamSettings(**stream_kw),  # type: ignore[arg-type]
     )
@@ -53,7 +55,7 @@ def toy_model() -> Path:
 
 @pytest.fixture(scope="session")
 def engine(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """One vLLM CPU engine on a copy of the toy model, shared by the session (start-ups are slow)."""
+    """One vLLM CPU engine on a copy of the toy model, shared by the session (slow start)."""
     from workers.engine import EngineOptions, VLLMSegmentGenerator
 
     model = tmp_path_factory.mktemp("engine") / "model"

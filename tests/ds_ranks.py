@@ -25,17 +25,33 @@ def main() -> None:
     # one fixed tree: the correct leaf is rewarded, the wrong one punished
     good = [4, 5, 13, 6, 7, 14, 7, 8, 15, 7, 8, 13, 10, 14, 8, 4, 15, 16, 8, 4, 17, 1]
     bad = [4, 5, 13, 6, 7, 14, 5, 5, 15, 5, 5, 13, 10, 14, 6, 2, 15, 16, 6, 2, 17, 1]
-    nodes = [RolloutNode(-1, good[:6], [-1.0] * 6, 0), RolloutNode(0, good[6:], [-1.0] * 16, 0),
-             RolloutNode(0, bad[6:], [-1.0] * 16, 0)]
-    tree = TreeRollout("t", "p", "s", [4, 5, 13, 6, 7, 13, 10, 14], nodes,
-                       [RolloutLeaf(1, 1.0, "eos"), RolloutLeaf(2, -1.0, "eos")])
+    nodes = [
+        RolloutNode(-1, good[:6], [-1.0] * 6, 0),
+        RolloutNode(0, good[6:], [-1.0] * 16, 0),
+        RolloutNode(0, bad[6:], [-1.0] * 16, 0),
+    ]
+    tree = TreeRollout(
+        "t",
+        "p",
+        "s",
+        [4, 5, 13, 6, 7, 13, 10, 14],
+        nodes,
+        [RolloutLeaf(1, 1.0, "eos"), RolloutLeaf(2, -1.0, "eos")],
+    )
     batch = build_batch([tree] * 4)
+
     def surrogate(reference: torch.Tensor) -> float:
         """The TreePO loss of the current policy against the fixed initial policy."""
         with torch.no_grad():
             lp = token_logprobs(engine.module, batch.input_ids, batch.attention_mask)
-            loss, _ = policy_loss(lp, reference, batch.behavior_logprobs, batch.advantages, batch.mask,
-                                  batch.segment_ids)
+            loss, _ = policy_loss(
+                lp,
+                reference,
+                batch.behavior_logprobs,
+                batch.advantages,
+                batch.mask,
+                batch.segment_ids,
+            )
         return float(loss.item())
 
     with torch.no_grad():
@@ -47,8 +63,11 @@ def main() -> None:
     state = full_state_dict(engine)
     checksum = float(sum(v.double().sum().item() for v in state.values()))
     r = rank()
-    (out / f"rank{r}.json").write_text(json.dumps({"losses": losses, "checksum": checksum,
-                                                    "world": torch.distributed.get_world_size()}))
+    (out / f"rank{r}.json").write_text(
+        json.dumps(
+            {"losses": losses, "checksum": checksum, "world": torch.distributed.get_world_size()}
+        )
+    )
 
 
 if __name__ == "__main__":

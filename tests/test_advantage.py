@@ -41,7 +41,9 @@ def brute_force(paths: list[list[int]], rewards: list[float], mode: str) -> list
 def trees(draw: st.DrawFn) -> tuple[list[list[int]], list[float]]:
     """Random trees as leaf paths: grow nodes with parents, leaves = childless nodes."""
     n = draw(st.integers(1, 25))
-    parents = [None] + [draw(st.integers(0, k - 1)) if draw(st.booleans()) else None for k in range(1, n)]
+    parents = [None] + [
+        draw(st.integers(0, k - 1)) if draw(st.booleans()) else None for k in range(1, n)
+    ]
     has_child = {p for p in parents if p is not None}
     paths = []
     for k in range(n):
@@ -71,9 +73,13 @@ def test_root_mode_is_reward_minus_prompt_mean(tree: tuple[list[list[int]], list
 
 
 @given(trees(), st.floats(-5, 5), st.sampled_from(["average", "size_weighted", "root"]))
-def test_equal_rewards_give_zero(tree: tuple[list[list[int]], list[float]], r: float, mode: str) -> None:
+def test_equal_rewards_give_zero(
+    tree: tuple[list[list[int]], list[float]], r: float, mode: str
+) -> None:
     paths, _ = tree
-    assert tree_advantages(paths, [r] * len(paths), mode) == pytest.approx([0.0] * len(paths), abs=1e-9)  # type: ignore[arg-type]
+    assert tree_advantages(paths, [r] * len(paths), mode) == pytest.approx(
+        [0.0] * len(paths), abs=1e-9
+    )  # type: ignore[arg-type]
 
 
 def test_worked_example() -> None:
@@ -84,7 +90,12 @@ def test_worked_example() -> None:
     assert tree_advantages(paths, rewards, "root") == [0.5, 0.5, 0.5, -1.5]
     assert tree_advantages(paths, rewards, "average") == [0.25, 0.25, 0.75, -1.25]
     assert tree_advantages(paths, rewards, "size_weighted") == pytest.approx(
-        [(4 * 0.5 + 2 * 0) / 6, (4 * 0.5 + 2 * 0) / 6, (4 * 0.5 + 2 * 1) / 6, (4 * -1.5 + 2 * -1) / 6]
+        [
+            (4 * 0.5 + 2 * 0) / 6,
+            (4 * 0.5 + 2 * 0) / 6,
+            (4 * 0.5 + 2 * 1) / 6,
+            (4 * -1.5 + 2 * -1) / 6,
+        ]
     )
 
 
@@ -125,7 +136,8 @@ def test_segment_advantages_by_hand() -> None:
     v2 = 0.0
     v0 = (1.0 + v2) / 2
     root = (v0 + -1.0) / 2
-    assert adv == pytest.approx({0: v0 - root, 1: 1.0 - v0, 2: v2 - v0, 3: -1.0 - v2, 4: 1.0 - v2,
-                                 5: -1.0 - root})
+    assert adv == pytest.approx(
+        {0: v0 - root, 1: 1.0 - v0, 2: v2 - v0, 3: -1.0 - v2, 4: 1.0 - v2, 5: -1.0 - root}
+    )
     with pytest.raises(ValueError, match="node 1 has no children"):
         segment_advantages([None, 0], [0], [1.0])

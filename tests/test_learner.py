@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import RedisSettings, RunSettings, SamplerOptions, SamplerSettings, StreamSettings
+from pipeline.config import (
+    RedisSettings,
+    RunSettings,
+    SamplerOptions,
+    SamplerSettings,
+    StreamSettings,
+)
 from pipeline.messages import TreeRollout, decode
 from pipeline.sampling import TreeConfig
 from tests.conftest import make_streams, restore_base_weights
@@ -28,13 +34,28 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_two_deepspeed_ranks_train_and_agree(toy_model: Path, tmp_path: Path) -> None:
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which(
+        "deepspeed"
+    )
     assert launcher, "the deepspeed launcher is installed with the learner extra"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_PORT": str(free_port())}
     proc = subprocess.run(
-        [launcher, "--num_gpus", "2", "--master_port", env["MASTER_PORT"], str(ROOT / "tests" / "ds_ranks.py"),
-         str(toy_model), str(tmp_path), "2"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        [
+            launcher,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            env["MASTER_PORT"],
+            str(ROOT / "tests" / "ds_ranks.py"),
+            str(toy_model),
+            str(tmp_path),
+            "2",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -45,18 +66,33 @@ def test_two_deepspeed_ranks_train_and_agree(toy_model: Path, tmp_path: Path) ->
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # equal weights on both ranks after ZeRO-2
 
 
-def learner_env(server: RedisServer, model: Path, work: Path, port: int, total_steps: int) -> dict[str, str]:
-    return {**os.environ, "TREEPO_REDIS__URL": server.url, "TREEPO_RUN__NAME": "test",
-            "TREEPO_RUN__MAX_STALENESS": "1", "TREEPO_LEARNER__MODEL": str(model),
-            "TREEPO_LEARNER__WORK_DIR": str(work), "TREEPO_LEARNER__BATCH_PROMPTS": "3",
-            "TREEPO_LEARNER__TOTAL_STEPS": str(total_steps), "TREEPO_LEARNER__LR": "1e-4",
-            "TREEPO_LEARNER__DYNAMIC_SAMPLING": "false", "TREEPO_STREAMS__BLOCK_MS": "200",
-            "TREEPO_LEARNER__PORT": str(port)}
+def learner_env(
+    server: RedisServer, model: Path, work: Path, port: int, total_steps: int
+) -> dict[str, str]:
+    return {
+        **os.environ,
+        "TREEPO_REDIS__URL": server.url,
+        "TREEPO_RUN__NAME": "test",
+        "TREEPO_RUN__MAX_STALENESS": "1",
+        "TREEPO_LEARNER__MODEL": str(model),
+        "TREEPO_LEARNER__WORK_DIR": str(work),
+        "TREEPO_LEARNER__BATCH_PROMPTS": "3",
+        "TREEPO_LEARNER__TOTAL_STEPS": str(total_steps),
+        "TREEPO_LEARNER__LR": "1e-4",
+        "TREEPO_LEARNER__DYNAMIC_SAMPLING": "false",
+        "TREEPO_STREAMS__BLOCK_MS": "200",
+        "TREEPO_LEARNER__PORT": str(port),
+    }
 
 
 def start_learner(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "learner.process"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=log.open("ab"))
+    return subprocess.Popen(
+        [sys.executable, "-m", "learner.process"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("ab"),
+    )
 
 
 def checkpoint_state(work: Path) -> dict | None:  # type: ignore[type-arg]
@@ -68,19 +104,29 @@ def checkpoint_state(work: Path) -> dict | None:  # type: ignore[type-arg]
 
 
 def test_learner_trains_publishes_survives_a_kill(
-    redis_server: RedisServer, tmp_path: Path, toy_model: Path, engine: VLLMSegmentGenerator, tokenizer  # type: ignore[no-untyped-def]
+    redis_server: RedisServer,
+    tmp_path: Path,
+    toy_model: Path,
+    engine: VLLMSegmentGenerator,
+    tokenizer,  # type: ignore[no-untyped-def]
 ) -> None:
     work = tmp_path / "learner"
     log = tmp_path / "learner.log"
     engine.stop.clear()
     start_version = engine.policy_version
     sampler = Sampler(
-        SamplerSettings(redis=RedisSettings(url=redis_server.url), run=RunSettings(name="test", max_staleness=1),
-                        streams=StreamSettings(block_ms=200, claim_idle_ms=2000),
-                        tree=TreeConfig(width=4, segment_tokens=6, max_depth=6),
-                        sampler=SamplerOptions(port=0, work_dir=str(tmp_path / "sw"), batch_prompts=3,
-                                               weights_poll_s=0.1)),
-        engine, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+        SamplerSettings(
+            redis=RedisSettings(url=redis_server.url),
+            run=RunSettings(name="test", max_staleness=1),
+            streams=StreamSettings(block_ms=200, claim_idle_ms=2000),
+            tree=TreeConfig(width=4, segment_tokens=6, max_depth=6),
+            sampler=SamplerOptions(
+                port=0, work_dir=str(tmp_path / "sw"), batch_prompts=3, weights_poll_s=0.1
+            ),
+        ),
+        engine,
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+    )
 
     async def main() -> tuple[dict, dict, dict]:  # type: ignore[type-arg]
         sampling = asyncio.create_task(sampler.run())

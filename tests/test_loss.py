@@ -55,8 +55,19 @@ def random_case(seed: int, rows: int = 3, cols: int = 9):  # type: ignore[no-unt
 def test_matches_per_token_reference(level: str, seed: int) -> None:
     lp, prox, mu, adv, mask, seg = random_case(seed)
     loss, stats = policy_loss(lp, prox, mu, adv, mask, seg, level=level)  # type: ignore[arg-type]
-    ref = reference_loss(lp.tolist(), prox.tolist(), mu.tolist(), adv.tolist(), mask.tolist(), seg.tolist(),
-                         level, 0.2, 0.28, 10.0, 2.0)
+    ref = reference_loss(
+        lp.tolist(),
+        prox.tolist(),
+        mu.tolist(),
+        adv.tolist(),
+        mask.tolist(),
+        seg.tolist(),
+        level,
+        0.2,
+        0.28,
+        10.0,
+        2.0,
+    )
     assert loss.item() == pytest.approx(ref, rel=1e-5, abs=1e-6)
     assert stats["tokens"] == mask.sum().item()
 
@@ -78,7 +89,9 @@ def test_segment_level_is_the_geometric_mean_over_the_segment() -> None:
     seg = torch.tensor([[0, 0, 1, 1]])
     mask = torch.ones(1, 4)
     w = torch.exp(behavior_log_weights(prox, mu, mask, seg, "segment"))
-    expected = [math.sqrt(math.exp(0.5) * math.exp(-0.5))] * 2 + [math.sqrt(math.exp(2.0) * 1.0)] * 2
+    expected = [math.sqrt(math.exp(0.5) * math.exp(-0.5))] * 2 + [
+        math.sqrt(math.exp(2.0) * 1.0)
+    ] * 2
     assert w[0].tolist() == pytest.approx(expected)
 
 
@@ -124,10 +137,18 @@ def test_gradients_are_zero_for_filtered_tokens() -> None:
 
 def test_build_batch_alignment_and_advantages() -> None:
     # prompt [7, 8]; n0 = [1, 2] then leaves n1 = [3, 0] (+1) and n2 = [4] (-1)
-    tree = TreeRollout("t", "p", "s", [7, 8], [RolloutNode(-1, [1, 2], [-0.1, -0.2], 0),
-                                             RolloutNode(0, [3, 0], [-0.3, -0.4], 0),
-                                             RolloutNode(0, [4], [-0.5], 1)],
-                       [RolloutLeaf(1, 1.0, "eos"), RolloutLeaf(2, -1.0, "depth")])
+    tree = TreeRollout(
+        "t",
+        "p",
+        "s",
+        [7, 8],
+        [
+            RolloutNode(-1, [1, 2], [-0.1, -0.2], 0),
+            RolloutNode(0, [3, 0], [-0.3, -0.4], 0),
+            RolloutNode(0, [4], [-0.5], 1),
+        ],
+        [RolloutLeaf(1, 1.0, "eos"), RolloutLeaf(2, -1.0, "depth")],
+    )
     b = build_batch([tree], "average")
     assert b.input_ids.tolist() == [[7, 8, 1, 2, 3, 0], [7, 8, 1, 2, 4, 0]]
     assert b.attention_mask.tolist() == [[1] * 6, [1, 1, 1, 1, 1, 0]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import struct
@@ -48,12 +49,23 @@ def golden_rollout() -> TreeRollout:
         RolloutNode(2, [6], [-0.0625], 4),
     ]
     leaves = [RolloutLeaf(1, 1.0, "eos"), RolloutLeaf(3, -1.0, "depth")]
-    return TreeRollout("t-7", "p-000042", "sampler-a", [5, 9, 3, 11], nodes, leaves,
-                       RolloutStats(7, 9, 26, 3, 0, 3, 0.25), 42, 1_700_000_001.0)
+    return TreeRollout(
+        "t-7",
+        "p-000042",
+        "sampler-a",
+        [5, 9, 3, 11],
+        nodes,
+        leaves,
+        RolloutStats(7, 9, 26, 3, 0, 3, 0.25),
+        42,
+        1_700_000_001.0,
+    )
 
 
 def golden_announcement() -> WeightAnnouncement:
-    return WeightAnnouncement(5, "http://127.0.0.1:9100/weights/5", "ab" * 32, 123456, 1_700_000_002.0)
+    return WeightAnnouncement(
+        5, "http://127.0.0.1:9100/weights/5", "ab" * 32, 123456, 1_700_000_002.0
+    )
 
 
 def golden_heartbeat() -> Heartbeat:
@@ -89,7 +101,7 @@ def test_golden_rollout_is_readable_with_plain_msgpack_and_struct() -> None:
     tokens = struct.unpack(f"<{len(m['tokens']) // 4}i", m["tokens"])
     assert parents == (-1, 0, 0, 2)
     assert sum(lengths) == len(tokens)
-    assert tokens[lengths[0]: lengths[0] + lengths[1]] == (3, 0)
+    assert tokens[lengths[0] : lengths[0] + lengths[1]] == (3, 0)
     assert struct.unpack("<2d", m["leaf_reward"]) == (1.0, -1.0)
 
 
@@ -114,21 +126,55 @@ def rollouts(draw: st.DrawFn) -> TreeRollout:
         nodes.append(RolloutNode(parent, toks, lps, draw(st.integers(0, 1000))))
     childless = sorted(set(range(n)) - {nd.parent for nd in nodes})
     leaves = [
-        RolloutLeaf(k, draw(st.floats(-10, 10, allow_nan=False)), draw(st.sampled_from(sorted(FINISH_REASONS))))
+        RolloutLeaf(
+            k,
+            draw(st.floats(-10, 10, allow_nan=False)),
+            draw(st.sampled_from(sorted(FINISH_REASONS))),
+        )
         for k in childless
     ]
     stats = RolloutStats(*[draw(st.integers(0, 10**9)) for _ in range(6)], draw(times))
-    return TreeRollout(draw(ids), draw(ids), draw(ids), draw(tokens), nodes, leaves, stats,
-                       draw(st.integers(0, 2**40)), draw(times))
+    return TreeRollout(
+        draw(ids),
+        draw(ids),
+        draw(ids),
+        draw(tokens),
+        nodes,
+        leaves,
+        stats,
+        draw(st.integers(0, 2**40)),
+        draw(times),
+    )
 
 
-prompts = st.builds(PromptTask, ids, tokens, st.text(max_size=50), st.integers(0, 2**40),
-                    st.integers(0, 2**31 - 1), ids, times)
-announcements = st.builds(WeightAnnouncement, st.integers(0, 2**31 - 1),
-                          st.from_regex(r"https?://[a-z0-9.:/]{1,40}", fullmatch=True),
-                          st.from_regex(r"[0-9a-f]{64}", fullmatch=True), st.integers(0, 2**50), times)
-heartbeats = st.builds(Heartbeat, ids, st.sampled_from(["sampler", "learner"]), ids,
-                       st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1), times, ids)
+prompts = st.builds(
+    PromptTask,
+    ids,
+    tokens,
+    st.text(max_size=50),
+    st.integers(0, 2**40),
+    st.integers(0, 2**31 - 1),
+    ids,
+    times,
+)
+announcements = st.builds(
+    WeightAnnouncement,
+    st.integers(0, 2**31 - 1),
+    st.from_regex(r"https?://[a-z0-9.:/]{1,40}", fullmatch=True),
+    st.from_regex(r"[0-9a-f]{64}", fullmatch=True),
+    st.integers(0, 2**50),
+    times,
+)
+heartbeats = st.builds(
+    Heartbeat,
+    ids,
+    st.sampled_from(["sampler", "learner"]),
+    ids,
+    st.integers(0, 2**31 - 1),
+    st.integers(0, 2**31 - 1),
+    times,
+    ids,
+)
 
 
 @given(st.one_of(prompts, rollouts(), announcements, heartbeats))
@@ -179,8 +225,16 @@ def _mutated(name: str, **changes: object) -> bytes:
         ("tree_rollout", {"node_len": struct.pack("<3i", 2, 2, 3)}, "node_len"),
         ("tree_rollout", {"node_parent": struct.pack("<4i", -1, 0, 3, 2)}, "node_parent[2]"),
         ("tree_rollout", {"node_version": struct.pack("<4i", 0, 0, -1, 0)}, "node_version[2]"),
-        ("tree_rollout", {"logprobs": struct.pack("<7f", -1, -1, math.inf, -1, -1, -1, -1)}, "logprobs[2]"),
-        ("tree_rollout", {"logprobs": struct.pack("<7f", -1, -1, 0.5, -1, -1, -1, -1)}, "logprobs[2]"),
+        (
+            "tree_rollout",
+            {"logprobs": struct.pack("<7f", -1, -1, math.inf, -1, -1, -1, -1)},
+            "logprobs[2]",
+        ),
+        (
+            "tree_rollout",
+            {"logprobs": struct.pack("<7f", -1, -1, 0.5, -1, -1, -1, -1)},
+            "logprobs[2]",
+        ),
         ("tree_rollout", {"logprobs": struct.pack("<6f", *[-1.0] * 6)}, "logprobs"),
         ("tree_rollout", {"leaf_node": struct.pack("<2i", 1, 9)}, "leaf_node[1]"),
         ("tree_rollout", {"leaf_node": struct.pack("<2i", 1, 2)}, "leaf_node[1]"),
@@ -215,9 +269,19 @@ def test_limits_refuse_before_unpacking() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"\xc1", b"\x92\x01", msgpack.packb([1, 2]), msgpack.packb({1: 2}),
-     msgpack.packb(msgpack.ExtType(5, b"x")), b"\xdb\xff\xff\xff\xff", b"\x81" * 100_000,
-     encode(golden_prompt())[:-3], encode(golden_prompt()) + b"\x00", "text"],
+    [
+        b"",
+        b"\xc1",
+        b"\x92\x01",
+        msgpack.packb([1, 2]),
+        msgpack.packb({1: 2}),
+        msgpack.packb(msgpack.ExtType(5, b"x")),
+        b"\xdb\xff\xff\xff\xff",
+        b"\x81" * 100_000,
+        encode(golden_prompt())[:-3],
+        encode(golden_prompt()) + b"\x00",
+        "text",
+    ],
 )
 def test_garbage_raises_only_decode_error(data: object) -> None:
     with pytest.raises(MessageDecodeError):
@@ -225,10 +289,8 @@ def test_garbage_raises_only_decode_error(data: object) -> None:
 
 
 def _expect_decode_error_or_message(data: bytes) -> None:
-    try:
+    with contextlib.suppress(MessageDecodeError):
         decode(data)
-    except MessageDecodeError:
-        pass
 
 
 @given(st.binary(max_size=2000))

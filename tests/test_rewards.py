@@ -39,7 +39,9 @@ def test_last_boxed_balances_braces() -> None:
 
 def test_works_off_the_main_thread() -> None:
     out: list[float] = []
-    t = threading.Thread(target=lambda: out.extend([math_reward("\\boxed{3}", "3"), math_reward("\\boxed{4}", "3")]))
+    t = threading.Thread(
+        target=lambda: out.extend([math_reward("\\boxed{3}", "3"), math_reward("\\boxed{4}", "3")])
+    )
     t.start()
     t.join(30)
     assert out == [1.0, -1.0]

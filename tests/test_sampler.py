@@ -6,12 +6,10 @@ import asyncio
 import math
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,13 @@ from prometheus_client import generate_latest
 from pydantic import SecretStr
 
 from learner.weight_server import WeightStore, add_routes, announce
-from pipeline.config import RedisSettings, RunSettings, SamplerOptions, SamplerSettings, StreamSettings
+from pipeline.config import (
+    RedisSettings,
+    RunSettings,
+    SamplerOptions,
+    SamplerSettings,
+    StreamSettings,
+)
 from pipeline.httpserver import start
 from pipeline.messages import PromptTask, TreeRollout
 from pipeline.sampling import TreeConfig
@@ -49,15 +53,31 @@ def settings_for(server: RedisServer, tmp: Path, **sampler: object) -> SamplerSe
     )
 
 
-def make_sampler(server: RedisServer, tmp: Path, engine: VLLMSegmentGenerator, tokenizer) -> Sampler:  # type: ignore[no-untyped-def]
+def make_sampler(
+    server: RedisServer, tmp: Path, engine: VLLMSegmentGenerator, tokenizer
+) -> Sampler:  # type: ignore[no-untyped-def]
     engine.stop.clear()
-    return Sampler(settings_for(server, tmp), engine, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    return Sampler(
+        settings_for(server, tmp),
+        engine,
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+    )
 
 
 def tasks(tokenizer, n: int, start: int = 0) -> list[PromptTask]:  # type: ignore[no-untyped-def]
     problems = ArithTask().problems("heldout", n + start, seed=3)[start:]
-    return [PromptTask(f"p{start + i}", tokenizer(p.prompt)["input_ids"], p.answer, start + i, 0, "arith",
-                       time.time()) for i, p in enumerate(problems)]
+    return [
+        PromptTask(
+            f"p{start + i}",
+            tokenizer(p.prompt)["input_ids"],
+            p.answer,
+            start + i,
+            0,
+            "arith",
+            time.time(),
+        )
+        for i, p in enumerate(problems)
+    ]
 
 
 async def push(s: Streams, prompts: list[PromptTask]) -> None:
@@ -98,8 +118,9 @@ def check_rollout(r: TreeRollout, task: PromptTask, decode, eos: int) -> None:  
     assert r.stats.decoded_tokens < r.stats.independent_tokens
 
 
-def test_prompt_in_tree_out(redis_server: RedisServer, tmp_path: Path, engine: VLLMSegmentGenerator,
-                            tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_prompt_in_tree_out(
+    redis_server: RedisServer, tmp_path: Path, engine: VLLMSegmentGenerator, tokenizer
+) -> None:  # type: ignore[no-untyped-def]
     async def main() -> None:
         s = make_streams(redis_server)
         prompts = tasks(tokenizer, 3)
@@ -110,8 +131,12 @@ def test_prompt_in_tree_out(redis_server: RedisServer, tmp_path: Path, engine: V
         assert sorted(t.prompt_id for t in trees) == ["p0", "p1", "p2"]
         by_id = {p.prompt_id: p for p in prompts}
         for r in trees:
-            check_rollout(r, by_id[r.prompt_id], lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                          engine.eos_token_id)
+            check_rollout(
+                r,
+                by_id[r.prompt_id],
+                lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                engine.eos_token_id,
+            )
             assert {n.policy_version for n in r.nodes} == {engine.policy_version}
         # sampled at temperature 1 from a briefly warmed-up model: most finished leaves follow
         # the task's format "a+b=c;c+d=e;\\boxed{e}"
@@ -122,8 +147,14 @@ def test_prompt_in_tree_out(redis_server: RedisServer, tmp_path: Path, engine: V
         values = parse_metrics(text)
         assert values["treepo_sampler_trees_total"] == 3
         assert values["treepo_sampler_leaves_total"] == 3 * TREE.width
-        assert 0 < values["treepo_sampler_tokens_decoded_total"] < values["treepo_sampler_tokens_independent_total"]
-        assert values["treepo_sampler_tokens_decoded_total"] == sum(r.stats.decoded_tokens for r in trees)
+        assert (
+            0
+            < values["treepo_sampler_tokens_decoded_total"]
+            < values["treepo_sampler_tokens_independent_total"]
+        )
+        assert values["treepo_sampler_tokens_decoded_total"] == sum(
+            r.stats.decoded_tokens for r in trees
+        )
         assert values["treepo_sampler_engine_calls_total"] >= TREE.max_depth // 2
         assert values["treepo_sampler_generation_seconds_total"] > 0
         assert values["treepo_sampler_gpu_seconds_used_total"] > 0
@@ -144,7 +175,10 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 def test_weight_swap_changes_outputs_and_corrupt_weights_are_refused(
-    redis_server: RedisServer, tmp_path: Path, engine: VLLMSegmentGenerator, tokenizer  # type: ignore[no-untyped-def]
+    redis_server: RedisServer,
+    tmp_path: Path,
+    engine: VLLMSegmentGenerator,
+    tokenizer,  # type: ignore[no-untyped-def]
 ) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -164,7 +198,7 @@ def test_weight_swap_changes_outputs_and_corrupt_weights_are_refused(
 
         def write_scrambled(d: Path) -> None:  # a different policy: permuted embedding rows
             w = dict(base)
-            emb = [k for k in w if "embed_tokens" in k][0]
+            emb = next(k for k in w if "embed_tokens" in k)
             w[emb] = w[emb].flip(0).contiguous()
             save_file(w, str(d / "model.safetensors"))
 
@@ -177,14 +211,20 @@ def test_weight_swap_changes_outputs_and_corrupt_weights_are_refused(
         assert all(n.policy_version == v1 for r in trees for n in r.nodes)
         assert engine.policy_version == v1
         # same prompt under new weights no longer follows the trained format
-        texts = [tokenizer.decode(leaf_tokens(r, leaf), skip_special_tokens=True) for r in trees for leaf in r.leaves]
+        texts = [
+            tokenizer.decode(leaf_tokens(r, leaf), skip_special_tokens=True)
+            for r in trees
+            for leaf in r.leaves
+        ]
         assert not all(ANSWER_FORMAT.match(t) for t in texts)
 
         sampler = make_sampler(redis_server, tmp_path, engine, tokenizer)
         sampler.settings.weights.token = SecretStr("sekret")
         # v2: the file is corrupted after the manifest was written -> sha256 mismatch, refused
         v2 = v1 + 1
-        manifest, data = store.publish(v2, lambda d: save_file(dict(base), str(d / "model.safetensors")))
+        manifest, data = store.publish(
+            v2, lambda d: save_file(dict(base), str(d / "model.safetensors"))
+        )
         with (store.path(v2) / "model.safetensors").open("r+b") as f:
             f.seek(200)
             f.write(b"\x00\xff" * 8)
@@ -192,8 +232,9 @@ def test_weight_swap_changes_outputs_and_corrupt_weights_are_refused(
         assert sampler.metrics.weight_rejected._value.get() == 1
         # v3: a tensor missing -> refused by the header check before the engine sees it
         v3 = v2 + 1
-        manifest, data = store.publish(v3, lambda d: save_file(dict(list(base.items())[1:]),
-                                                               str(d / "model.safetensors")))
+        manifest, data = store.publish(
+            v3, lambda d: save_file(dict(list(base.items())[1:]), str(d / "model.safetensors"))
+        )
         await sampler._maybe_fetch(await announce(s, v3, url, data, manifest.total_bytes))
         assert sampler.metrics.weight_rejected._value.get() == 2
         # sampling goes on with the old weights
@@ -206,7 +247,10 @@ def test_weight_swap_changes_outputs_and_corrupt_weights_are_refused(
         # a wrong token is refused by the server
         import aiohttp
 
-        async with aiohttp.ClientSession() as http, http.get(f"{url}/weights/{v1}/manifest.json") as resp:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"{url}/weights/{v1}/manifest.json") as resp,
+        ):
             assert resp.status == 401
         await runner.cleanup()
         await s.close()
@@ -222,20 +266,38 @@ def leaf_tokens(r: TreeRollout, leaf) -> list[int]:  # type: ignore[no-untyped-d
 
 
 def test_two_sampler_processes_split_work_and_stop_on_sigterm(
-    redis_server: RedisServer, tmp_path: Path, toy_model: Path, tokenizer  # type: ignore[no-untyped-def]
+    redis_server: RedisServer,
+    tmp_path: Path,
+    toy_model: Path,
+    tokenizer,  # type: ignore[no-untyped-def]
 ) -> None:
     """Two real ``treepo-sampler`` processes on one stream: every prompt is served exactly once,
     both expose /metrics and /healthz, and SIGTERM ends each within 5 s."""
     ports = [free_port(), free_port()]
-    env = {**os.environ, "TREEPO_REDIS__URL": redis_server.url, "TREEPO_RUN__NAME": "test",
-           "TREEPO_SAMPLER__MODEL": str(toy_model), "TREEPO_SAMPLER__BATCH_PROMPTS": "4",
-           "TREEPO_TREE__WIDTH": "4", "TREEPO_TREE__SEGMENT_TOKENS": "6", "TREEPO_TREE__MAX_DEPTH": "6",
-           "TREEPO_SAMPLER__WORK_DIR": str(tmp_path / "work"), "TREEPO_STREAMS__BLOCK_MS": "200"}
+    env = {
+        **os.environ,
+        "TREEPO_REDIS__URL": redis_server.url,
+        "TREEPO_RUN__NAME": "test",
+        "TREEPO_SAMPLER__MODEL": str(toy_model),
+        "TREEPO_SAMPLER__BATCH_PROMPTS": "4",
+        "TREEPO_TREE__WIDTH": "4",
+        "TREEPO_TREE__SEGMENT_TOKENS": "6",
+        "TREEPO_TREE__MAX_DEPTH": "6",
+        "TREEPO_SAMPLER__WORK_DIR": str(tmp_path / "work"),
+        "TREEPO_STREAMS__BLOCK_MS": "200",
+    }
     logs = [(tmp_path / f"s{i}.log").open("wb") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-m", "workers.sampler", "--port", str(p)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=log)
-             for p, log in zip(ports, logs)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "workers.sampler", "--port", str(p)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        for p, log in zip(ports, logs)
+    ]
     try:
+
         async def main() -> list[TreeRollout]:
             s = make_streams(redis_server)
             await push(s, tasks(tokenizer, 24))
@@ -251,7 +313,9 @@ def test_two_sampler_processes_split_work_and_stop_on_sigterm(
 
         for p in ports:
             wait_port(p)
-            text = urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=5).read().decode()
+            text = (
+                urllib.request.urlopen(f"http://127.0.0.1:{p}/metrics", timeout=5).read().decode()
+            )
             assert "treepo_sampler_trees_total" in text
             health = urllib.request.urlopen(f"http://127.0.0.1:{p}/healthz", timeout=5).read()
             assert b'"ok": true' in health

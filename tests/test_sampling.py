@@ -22,7 +22,9 @@ from pipeline.tree import Tree
 from tests.scripted import EOS, ScriptedGenerator, fingerprint
 
 
-def grow(gen: ScriptedGenerator, cfg: TreeConfig, prompts: list[list[int]], seed: int = 0) -> list[Tree]:
+def grow(
+    gen: ScriptedGenerator, cfg: TreeConfig, prompts: list[list[int]], seed: int = 0
+) -> list[Tree]:
     return asyncio.run(TreeSampler(gen, cfg, rng=seed).expand(prompts))
 
 
@@ -44,7 +46,9 @@ def check_tree(tree: Tree, cfg: TreeConfig) -> None:
         # generated under exactly prompt + its own path (fallback contexts included)
         if n.token_ids and n.token_ids[0] != EOS:
             context = tree.prompt_token_ids + tree.response_tokens(n.parent)
-            assert n.token_ids[0] == fingerprint(context), f"node {n.id} spliced onto a wrong prefix"
+            assert n.token_ids[0] == fingerprint(context), (
+                f"node {n.id} spliced onto a wrong prefix"
+            )
         if n.id in parents:  # non-final segments are exactly segment_tokens long
             assert len(n.token_ids) == cfg.segment_tokens
             assert cfg.eos_token_id not in n.token_ids
@@ -73,10 +77,17 @@ def check_calls(gen: ScriptedGenerator, trees: list[Tree]) -> None:
     """One generator call per step; stats.prefill and engine_calls match what was submitted."""
     assert sum(len(c) for c in gen.calls) == sum(len(t.nodes) for t in trees)
     for t in trees:
-        calls = [c for c in gen.calls if any(r.token_ids[: len(t.prompt_token_ids)] == t.prompt_token_ids for r in c)]
+        calls = [
+            c
+            for c in gen.calls
+            if any(r.token_ids[: len(t.prompt_token_ids)] == t.prompt_token_ids for r in c)
+        ]
         assert t.stats.engine_calls == len(calls)
         assert t.stats.prefill_tokens == sum(
-            len(r.token_ids) for c in calls for r in c if r.token_ids[: len(t.prompt_token_ids)] == t.prompt_token_ids
+            len(r.token_ids)
+            for c in calls
+            for r in c
+            if r.token_ids[: len(t.prompt_token_ids)] == t.prompt_token_ids
         )
 
 
@@ -94,7 +105,9 @@ def test_full_binary_tree_shape_and_saving() -> None:
     assert tree.stats.decoded_tokens / tree.stats.independent_tokens == pytest.approx(0.46875)
     assert all(leaf.finish_reason == "depth" for leaf in tree.leaves)
     # prefill: each request's context is prompt + its parent's path
-    assert tree.stats.prefill_tokens == sum((3 + 5 * (d - 1)) * k for d, k in [(1, 2), (2, 4), (3, 8), (4, 16)])
+    assert tree.stats.prefill_tokens == sum(
+        (3 + 5 * (d - 1)) * k for d, k in [(1, 2), (2, 4), (3, 8), (4, 16)]
+    )
 
 
 def test_budget_caps_requests_at_width() -> None:
@@ -124,7 +137,9 @@ def test_all_prompts_share_one_engine_call_per_step_and_siblings_are_adjacent() 
                 continue
             assert c not in seen, "siblings are not adjacent in the batch"
             seen.append(c)
-    assert len(gen.calls) <= cfg.max_depth * 4  # bounded: fallback rounds add steps, not calls per prompt
+    assert (
+        len(gen.calls) <= cfg.max_depth * 4
+    )  # bounded: fallback rounds add steps, not calls per prompt
 
 
 def test_eos_only_segment_ends_the_path_and_tokens_after_eos_are_dropped() -> None:
@@ -142,8 +157,14 @@ def test_eos_only_segment_ends_the_path_and_tokens_after_eos_are_dropped() -> No
             return out
 
     gen = EosGen()
-    cfg = TreeConfig(width=2, segment_tokens=4, max_depth=3, initial_divergence=2, eos_token_id=EOS,
-                     fallback=False)
+    cfg = TreeConfig(
+        width=2,
+        segment_tokens=4,
+        max_depth=3,
+        initial_divergence=2,
+        eos_token_id=EOS,
+        fallback=False,
+    )
     (tree,) = asyncio.run(TreeSampler(gen, cfg).expand([[1, 2]]))
     assert gen.calls == 1
     assert [leaf.response_token_ids for leaf in tree.leaves] == [[EOS], [5, EOS]]
@@ -151,8 +172,9 @@ def test_eos_only_segment_ends_the_path_and_tokens_after_eos_are_dropped() -> No
 
 
 def test_response_cap_that_is_not_a_segment_multiple() -> None:
-    cfg = TreeConfig(width=4, segment_tokens=4, max_depth=10, max_response_tokens=10,
-                     initial_divergence=2)
+    cfg = TreeConfig(
+        width=4, segment_tokens=4, max_depth=10, max_response_tokens=10, initial_divergence=2
+    )
     gen = ScriptedGenerator()
     (tree,) = grow(gen, cfg, [[1]])
     check_tree(tree, cfg)
@@ -175,8 +197,9 @@ def test_repetition_ends_a_path() -> None:
 
 
 def test_fallback_refills_to_width_cutting_at_segment_boundaries() -> None:
-    cfg = TreeConfig(width=8, segment_tokens=3, max_depth=6, initial_divergence=2, branching=2,
-                     eos_token_id=EOS)
+    cfg = TreeConfig(
+        width=8, segment_tokens=3, max_depth=6, initial_divergence=2, branching=2, eos_token_id=EOS
+    )
     gen = ScriptedGenerator(seed=3, eos_p=0.45)
     trees = grow(gen, cfg, [[1, 1], [2, 2], [3, 3]], seed=5)
     assert any(t.stats.fallbacks for t in trees)
@@ -196,8 +219,15 @@ def test_without_fallback_trees_may_stay_below_width() -> None:
 
 def test_fallback_prefers_answered_leaves_and_window_grid() -> None:
     """With a window of 2 segments, every fallback fork hangs under a node at an even depth."""
-    cfg = TreeConfig(width=6, segment_tokens=2, max_depth=8, initial_divergence=1, branching=1,
-                     fallback_window=4, eos_token_id=EOS)
+    cfg = TreeConfig(
+        width=6,
+        segment_tokens=2,
+        max_depth=8,
+        initial_divergence=1,
+        branching=1,
+        fallback_window=4,
+        eos_token_id=EOS,
+    )
     gen = ScriptedGenerator(seed=11, eos_p=0.3)
     (tree,) = grow(gen, cfg, [[5]], seed=2)
     check_tree(tree, cfg)
@@ -223,8 +253,9 @@ def test_bad_tree_config_is_refused_with_the_field() -> None:
 
 
 def test_random_initial_divergence_takes_effect() -> None:
-    cfg = TreeConfig(width=16, segment_tokens=2, max_depth=1, initial_divergence_range=(2, 8),
-                     fallback=False)
+    cfg = TreeConfig(
+        width=16, segment_tokens=2, max_depth=1, initial_divergence_range=(2, 8), fallback=False
+    )
     gen = ScriptedGenerator()
     trees = grow(gen, cfg, [[i] for i in range(40)], seed=4)
     fanouts = [len(t.children(None)) for t in trees]
@@ -240,8 +271,9 @@ def test_root_fanout_is_clamped_to_width() -> None:
 
 
 def test_deterministic_given_seed() -> None:
-    cfg = TreeConfig(width=8, segment_tokens=3, max_depth=5, initial_divergence_range=(2, 4),
-                     eos_token_id=EOS)
+    cfg = TreeConfig(
+        width=8, segment_tokens=3, max_depth=5, initial_divergence_range=(2, 4), eos_token_id=EOS
+    )
 
     def run(seed: int) -> list[list[list[int]]]:
         gen = ScriptedGenerator(seed=9, eos_p=0.3, stop_p=0.1)
@@ -259,18 +291,39 @@ class _ScoredGenerator:
         out = []
         for r in requests:
             good = len(r.token_ids) > 1 and r.token_ids[1] == 100
-            first = 100 if len(r.token_ids) == 1 and not any(o.token_ids[0] == 100 for o in out) else 200
-            toks = [first] + [3] * (r.max_tokens - 1) if len(r.token_ids) == 1 else [3] * r.max_tokens
+            first = (
+                100
+                if len(r.token_ids) == 1 and not any(o.token_ids[0] == 100 for o in out)
+                else 200
+            )
+            toks = (
+                [first] + [3] * (r.max_tokens - 1) if len(r.token_ids) == 1 else [3] * r.max_tokens
+            )
             lp = -0.01 if good or first == 100 else -3.0
             out.append(GeneratedSegment(toks, [lp] * len(toks), False))
         return out
 
 
-@pytest.mark.parametrize(("allocation", "favoured"), [("logprob_high", True), ("logprob_low", False),
-                                                       ("entropy_low", True), ("entropy_high", False)])
+@pytest.mark.parametrize(
+    ("allocation", "favoured"),
+    [
+        ("logprob_high", True),
+        ("logprob_low", False),
+        ("entropy_low", True),
+        ("entropy_high", False),
+    ],
+)
 def test_weighted_allocation_follows_the_score(allocation: str, favoured: bool) -> None:
-    cfg = TreeConfig(width=16, segment_tokens=2, max_depth=3, initial_divergence=2, branching=4,
-                     allocation=allocation, allocation_temperature=0.05, repetition_ngram=0)  # type: ignore[arg-type]
+    cfg = TreeConfig(
+        width=16,
+        segment_tokens=2,
+        max_depth=3,
+        initial_divergence=2,
+        branching=4,
+        allocation=allocation,
+        allocation_temperature=0.05,
+        repetition_ngram=0,
+    )  # type: ignore[arg-type]
     (tree,) = asyncio.run(TreeSampler(_ScoredGenerator(), cfg, rng=0).expand([[1]]))
     good, bad = tree.children(None)
     assert tree.nodes[good].token_ids[0] == 100
@@ -292,8 +345,10 @@ def test_generator_contract_violations_are_errors() -> None:
 
     class TooLong:
         async def generate(self, requests: list[SegmentRequest]) -> list[GeneratedSegment]:
-            return [GeneratedSegment([1] * (r.max_tokens + 1), [-1.0] * (r.max_tokens + 1), False)
-                    for r in requests]
+            return [
+                GeneratedSegment([1] * (r.max_tokens + 1), [-1.0] * (r.max_tokens + 1), False)
+                for r in requests
+            ]
 
     cfg = TreeConfig(width=2, segment_tokens=2, max_depth=2)
     assert isinstance(ScriptedGenerator(), SegmentGenerator)
@@ -320,12 +375,31 @@ def test_generator_contract_violations_are_errors() -> None:
 )
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_invariants_hold_for_random_generators(
-    width: int, seg: int, depth: int, branching: int, d0: int, cap: int | None, fallback: bool,
-    allocation: str, stop_p: float, eos_p: float, short_p: float, seed: int, n_prompts: int,
+    width: int,
+    seg: int,
+    depth: int,
+    branching: int,
+    d0: int,
+    cap: int | None,
+    fallback: bool,
+    allocation: str,
+    stop_p: float,
+    eos_p: float,
+    short_p: float,
+    seed: int,
+    n_prompts: int,
 ) -> None:
-    cfg = TreeConfig(width=width, segment_tokens=seg, max_depth=depth, branching=branching,
-                     initial_divergence=d0, max_response_tokens=cap, fallback=fallback,
-                     allocation=allocation, eos_token_id=EOS)  # type: ignore[arg-type]
+    cfg = TreeConfig(
+        width=width,
+        segment_tokens=seg,
+        max_depth=depth,
+        branching=branching,
+        initial_divergence=d0,
+        max_response_tokens=cap,
+        fallback=fallback,
+        allocation=allocation,
+        eos_token_id=EOS,
+    )  # type: ignore[arg-type]
     gen = ScriptedGenerator(seed=seed, stop_p=stop_p, eos_p=eos_p, short_p=short_p)
     prompts = [[1000 + i, i] for i in range(n_prompts)]
     trees = grow(gen, cfg, prompts, seed=seed)

@@ -145,8 +145,9 @@ def test_killed_consumer_entries_are_reclaimed(redis_server: RedisServer) -> Non
         async def handler(batch: list[Delivery]) -> None:
             seen.extend(ids_of(batch))
 
-        n = await s.consume(s.keys.prompts, GROUP, "survivor", handler, max_messages=6,
-                            reclaim_every_s=0)
+        n = await s.consume(
+            s.keys.prompts, GROUP, "survivor", handler, max_messages=6, reclaim_every_s=0
+        )
         assert n == 6 and sorted(seen) == sorted(f"p{i}" for i in range(6))
         assert s.counters.reclaimed == 4
         assert (await s.group_info(s.keys.prompts, GROUP)).pending == 0
@@ -155,7 +156,9 @@ def test_killed_consumer_entries_are_reclaimed(redis_server: RedisServer) -> Non
     asyncio.run(survivor())
 
 
-def test_malformed_entries_go_to_dead_letter_and_consumer_goes_on(redis_server: RedisServer) -> None:
+def test_malformed_entries_go_to_dead_letter_and_consumer_goes_on(
+    redis_server: RedisServer,
+) -> None:
     async def main() -> None:
         s = make_streams(redis_server)
         await s.ensure_group(s.keys.prompts, GROUP)

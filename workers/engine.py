@@ -129,8 +129,10 @@ class VLLMSegmentGenerator:
         prompts = [TokensPrompt(prompt_token_ids=list(r.token_ids)) for r in requests]
         params = [
             SamplingParams(
-                temperature=self.options.temperature, top_p=self.options.top_p,
-                max_tokens=r.max_tokens, logprobs=0,
+                temperature=self.options.temperature,
+                top_p=self.options.top_p,
+                max_tokens=r.max_tokens,
+                logprobs=0,
             )
             for r in requests
         ]

@@ -19,54 +19,98 @@ class SamplerMetrics:
     def __post_init__(self) -> None:
         r = self.registry
         p = "treepo_sampler_"
-        self.tokens_decoded = Counter(p + "tokens_decoded", "Tokens decoded by tree sampling.", registry=r)
+        self.tokens_decoded = Counter(
+            p + "tokens_decoded", "Tokens decoded by tree sampling.", registry=r
+        )
         self.tokens_independent = Counter(
             p + "tokens_independent",
             "Tokens independent sampling would decode for the same leaves (full leaf responses).",
-            registry=r)
-        self.prefill_tokens = Counter(p + "prefill_tokens", "Context tokens submitted to the engine.", registry=r)
+            registry=r,
+        )
+        self.prefill_tokens = Counter(
+            p + "prefill_tokens", "Context tokens submitted to the engine.", registry=r
+        )
         self.prefill_cached_tokens = Counter(
-            p + "prefill_cached_tokens", "Submitted context tokens served by the prefix cache.", registry=r)
+            p + "prefill_cached_tokens",
+            "Submitted context tokens served by the prefix cache.",
+            registry=r,
+        )
         self.segments = Counter(p + "segments", "Segments (tree nodes) generated.", registry=r)
         self.trees = Counter(p + "trees", "Trees published.", registry=r)
         self.leaves = Counter(p + "leaves", "Leaves published.", registry=r)
-        self.reward_mean = Gauge(p + "reward_mean", "Mean leaf reward of the last batch.", registry=r)
-        self.correct_leaves = Counter(p + "correct_leaves", "Leaves with a positive reward.", registry=r)
-        self.engine_calls = Counter(p + "engine_calls", "Batched engine calls (segment steps).", registry=r)
+        self.reward_mean = Gauge(
+            p + "reward_mean", "Mean leaf reward of the last batch.", registry=r
+        )
+        self.correct_leaves = Counter(
+            p + "correct_leaves", "Leaves with a positive reward.", registry=r
+        )
+        self.engine_calls = Counter(
+            p + "engine_calls", "Batched engine calls (segment steps).", registry=r
+        )
         self.fallbacks = Counter(p + "fallbacks", "Fallback forks used.", registry=r)
         self.generation_seconds = Counter(
-            p + "generation_seconds", "Wall seconds spent in engine calls.", registry=r)
+            p + "generation_seconds", "Wall seconds spent in engine calls.", registry=r
+        )
         self.gpu_seconds_used = Counter(
-            p + "gpu_seconds_used", "Estimated device-seconds tree sampling used (cost model).", registry=r)
+            p + "gpu_seconds_used",
+            "Estimated device-seconds tree sampling used (cost model).",
+            registry=r,
+        )
         self.gpu_seconds_independent = Counter(
             p + "gpu_seconds_independent",
-            "Estimated device-seconds independent sampling of the same leaves would use.", registry=r)
+            "Estimated device-seconds independent sampling of the same leaves would use.",
+            registry=r,
+        )
         self.gpu_seconds_saved = Gauge(
             p + "gpu_seconds_saved",
             "Cumulative estimated device-seconds saved by tree sampling (independent - used).",
-            registry=r)
+            registry=r,
+        )
         self.decode_tokens_per_second = Gauge(
-            p + "decode_tokens_per_second", "Fitted decode throughput of this engine.", registry=r)
+            p + "decode_tokens_per_second", "Fitted decode throughput of this engine.", registry=r
+        )
         self.prefill_tokens_per_second = Gauge(
-            p + "prefill_tokens_per_second", "Fitted prefill throughput of this engine.", registry=r)
-        self.policy_version = Gauge(p + "policy_version", "Policy version loaded in the engine.", registry=r)
+            p + "prefill_tokens_per_second", "Fitted prefill throughput of this engine.", registry=r
+        )
+        self.policy_version = Gauge(
+            p + "policy_version", "Policy version loaded in the engine.", registry=r
+        )
         self.weight_swap_seconds = Histogram(
-            p + "weight_swap_seconds", "Seconds to swap new weights into the engine.",
-            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120), registry=r)
+            p + "weight_swap_seconds",
+            "Seconds to swap new weights into the engine.",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
+            registry=r,
+        )
         self.weight_download_seconds = Histogram(
-            p + "weight_download_seconds", "Seconds to download and verify one weight version.",
-            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600), registry=r)
+            p + "weight_download_seconds",
+            "Seconds to download and verify one weight version.",
+            buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600),
+            registry=r,
+        )
         self.weight_swaps = Counter(p + "weight_swaps", "Weight versions swapped in.", registry=r)
         self.weight_rejected = Counter(
-            p + "weight_rejected", "Weight versions refused (failed verification).", registry=r)
+            p + "weight_rejected", "Weight versions refused (failed verification).", registry=r
+        )
         self.prompt_wait_seconds = Histogram(
-            p + "prompt_wait_seconds", "Seconds from prompt admission to its claim by a sampler.",
-            buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300), registry=r)
+            p + "prompt_wait_seconds",
+            "Seconds from prompt admission to its claim by a sampler.",
+            buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
+            registry=r,
+        )
         self.batch_seconds = Histogram(
-            p + "batch_seconds", "Seconds to grow, score and publish one batch of trees.",
-            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300), registry=r)
-        self.deadletter = Counter(p + "deadletter", "Prompt entries sent to the dead-letter stream.", registry=r)
+            p + "batch_seconds",
+            "Seconds to grow, score and publish one batch of trees.",
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
+            registry=r,
+        )
+        self.deadletter = Counter(
+            p + "deadletter", "Prompt entries sent to the dead-letter stream.", registry=r
+        )
         self.stale_waits = Counter(
-            p + "stale_waits", "Times the sampler paused claiming because it was too stale.", registry=r)
+            p + "stale_waits",
+            "Times the sampler paused claiming because it was too stale.",
+            registry=r,
+        )
         self.idle_seconds = Counter(
-            p + "idle_seconds", "Seconds spent waiting for prompts or fresh weights.", registry=r)
+            p + "idle_seconds", "Seconds spent waiting for prompts or fresh weights.", registry=r
+        )

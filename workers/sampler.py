@@ -24,9 +24,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.aio import wait_or_stop
 from pipeline.config import SamplerSettings, load_settings
 from pipeline.costs import CostModel, Work, independent_work
-from pipeline.errors import ConfigError, MessageDecodeError, WeightVerificationError
+from pipeline.errors import (
+    ConfigError,
+    MessageDecodeError,
+    WeightDownloadError,
+    WeightVerificationError,
+)
 from pipeline.httpserver import make_app, start
 from pipeline.messages import Heartbeat, PromptTask, WeightAnnouncement, decode_as, encode
 from pipeline.sampling import TreeSampler
@@ -63,7 +69,9 @@ class Sampler:
         tree_cfg = settings.tree
         if tree_cfg.eos_token_id is None and engine.eos_token_id is not None:
             tree_cfg = tree_cfg.model_copy(update={"eos_token_id": engine.eos_token_id})
-        self.tree_sampler = TreeSampler(engine, tree_cfg, rng=random.Random(f"{settings.run.seed}-{self.worker_id}"))
+        self.tree_sampler = TreeSampler(
+            engine, tree_cfg, rng=random.Random(f"{settings.run.seed}-{self.worker_id}")
+        )
         self.cost = CostModel()
         self.calls: list[CallStats] = []
         engine.on_call = self._on_call  # type: ignore[method-assign]
@@ -99,19 +107,33 @@ class Sampler:
         self.engine.stop.set()
 
     def health(self) -> dict[str, Any]:
-        return {"ok": not self.stop.is_set(), "worker_id": self.worker_id,
-                "policy_version": self.engine.policy_version, "prompts_done": self.prompts_done}
+        return {
+            "ok": not self.stop.is_set(),
+            "worker_id": self.worker_id,
+            "policy_version": self.engine.policy_version,
+            "prompts_done": self.prompts_done,
+        }
 
     async def run(self, max_prompts: int | None = None) -> int:
         """Serve until stopped (or ``max_prompts`` prompts are done); returns prompts done."""
         keys = self.streams.keys
         await self.streams.ensure_group(keys.prompts, PROMPT_GROUP)
         await self.streams.ensure_group(keys.trees, TREE_GROUP)
-        runner, self.port = await start(make_app(self.metrics.registry, self.health),
-                                        self.settings.sampler.host, self.settings.sampler.port)
-        log.info("sampler %s serving /metrics on %s:%d", self.worker_id, self.settings.sampler.host, self.port)
-        background = [asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-                      asyncio.create_task(self._weights_loop(), name="weights")]
+        runner, self.port = await start(
+            make_app(self.metrics.registry, self.health),
+            self.settings.sampler.host,
+            self.settings.sampler.port,
+        )
+        log.info(
+            "sampler %s serving /metrics on %s:%d",
+            self.worker_id,
+            self.settings.sampler.host,
+            self.port,
+        )
+        background = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._weights_loop(), name="weights"),
+        ]
         for task in background:
             task.add_done_callback(self._supervise)
         try:
@@ -121,10 +143,39 @@ class Sampler:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            await self._heartbeat("stopped", ttl=self.settings.sampler.heartbeat_ttl_s)
+            self.write_summary()
+            await self._heartbeat("stopped", ttl=self.settings.sampler.heartbeat_ttl_s, retry=False)
             await runner.cleanup()
             await self.streams.close()
         return self.prompts_done
+
+    def write_summary(self) -> Path:
+        """Final counters of this sampler as JSON (``<work_dir>/<worker>/summary.json``)."""
+        import json
+
+        m = self.metrics
+        values = {
+            name: m.registry.get_sample_value(name) or 0.0
+            for name in (
+                "treepo_sampler_trees_total",
+                "treepo_sampler_leaves_total",
+                "treepo_sampler_tokens_decoded_total",
+                "treepo_sampler_tokens_independent_total",
+                "treepo_sampler_prefill_tokens_total",
+                "treepo_sampler_engine_calls_total",
+                "treepo_sampler_generation_seconds_total",
+                "treepo_sampler_gpu_seconds_used_total",
+                "treepo_sampler_gpu_seconds_independent_total",
+                "treepo_sampler_weight_swaps_total",
+                "treepo_sampler_correct_leaves_total",
+            )
+        }
+        values["cost_model"] = list(self.cost.coef)
+        values["policy_version"] = self.engine.policy_version
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        path = self.work_dir / "summary.json"
+        path.write_text(json.dumps(values, indent=2))
+        return path
 
     def _supervise(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -150,7 +201,9 @@ class Sampler:
             batch: list[Delivery] = []
             if time.monotonic() - last_reclaim > self.settings.streams.claim_idle_ms / 2000:
                 last_reclaim = time.monotonic()
-                batch = await self.streams.reclaim(keys.prompts, PROMPT_GROUP, self.worker_id, count=count)
+                batch = await self.streams.reclaim(
+                    keys.prompts, PROMPT_GROUP, self.worker_id, count=count
+                )
             if not batch:
                 batch = await self.streams.read(keys.prompts, PROMPT_GROUP, self.worker_id, count)
             self._count_deadletters()
@@ -166,10 +219,7 @@ class Sampler:
 
     async def _idle(self, seconds: float) -> None:
         started = time.monotonic()
-        try:
-            await asyncio.wait_for(self.stop.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
+        await wait_or_stop(self.stop, seconds)
         self.metrics.idle_seconds.inc(time.monotonic() - started)
 
     def _too_stale(self) -> bool:
@@ -188,13 +238,20 @@ class Sampler:
         try:
             trees = await self.tree_sampler.expand([t.prompt_token_ids for t in tasks])
         except GenerationStopped:
-            await self.streams.release(keys.prompts, PROMPT_GROUP, self.worker_id, [d.entry_id for d in batch])
+            await self.streams.release(
+                keys.prompts, PROMPT_GROUP, self.worker_id, [d.entry_id for d in batch]
+            )
             log.info("stopping: released %d unfinished prompts", len(batch))
             return
         for task, tree in zip(tasks, trees):
             self._score(task, tree)
-            rollout = tree.to_rollout(f"t-{task.prompt_id}", task.prompt_id, self.worker_id,
-                                      task.dataset_position, time.time())
+            rollout = tree.to_rollout(
+                f"t-{task.prompt_id}",
+                task.prompt_id,
+                self.worker_id,
+                task.dataset_position,
+                time.time(),
+            )
             await self.streams.publish(keys.trees, rollout)
         await self.streams.ack(keys.prompts, PROMPT_GROUP, [d.entry_id for d in batch])
         self.prompts_done += len(batch)
@@ -207,11 +264,16 @@ class Sampler:
 
     def _account(self, tasks: list[PromptTask], trees: list[Tree], seconds: float) -> None:
         m = self.metrics
-        used = sum(self.cost.estimate(Work(c.prefill_tokens - c.cached_tokens, c.decoded_tokens, c.steps))
-                   for c in self.calls)
-        independent = self.cost.estimate(independent_work(
-            [len(t.prompt_token_ids) for t in tasks],
-            [[len(leaf.response_token_ids) for leaf in tree.leaves] for tree in trees]))
+        used = sum(
+            self.cost.estimate(Work(c.prefill_tokens - c.cached_tokens, c.decoded_tokens, c.steps))
+            for c in self.calls
+        )
+        independent = self.cost.estimate(
+            independent_work(
+                [len(t.prompt_token_ids) for t in tasks],
+                [[len(leaf.response_token_ids) for leaf in tree.leaves] for tree in trees],
+            )
+        )
         m.gpu_seconds_used.inc(used)
         m.gpu_seconds_independent.inc(independent)
         m.gpu_seconds_saved.inc(independent - used)
@@ -229,10 +291,17 @@ class Sampler:
         rewards = [leaf.reward or 0.0 for tree in trees for leaf in tree.leaves]
         m.reward_mean.set(sum(rewards) / max(1, len(rewards)))
         m.batch_seconds.observe(seconds)
-        log.info("published %d trees in %.2fs: %d leaves, decoded %d vs independent %d tokens, "
-                 "policy v%d", len(trees), seconds, sum(len(t.leaves) for t in trees),
-                 sum(t.stats.decoded_tokens for t in trees), sum(t.stats.independent_tokens for t in trees),
-                 self.engine.policy_version)
+        self.write_summary()
+        log.info(
+            "published %d trees in %.2fs: %d leaves, decoded %d vs independent %d tokens, "
+            "policy v%d",
+            len(trees),
+            seconds,
+            sum(len(t.leaves) for t in trees),
+            sum(t.stats.decoded_tokens for t in trees),
+            sum(t.stats.independent_tokens for t in trees),
+            self.engine.policy_version,
+        )
 
     # -- weights ---------------------------------------------------------------------------------
 
@@ -245,7 +314,9 @@ class Sampler:
 
     async def _weights_loop(self) -> None:
         while not self.stop.is_set():
-            raw = await self.streams.call(lambda: self.streams.client.get(self.streams.keys.weights), "GET weights")
+            raw = await self.streams.call(
+                lambda: self.streams.client.get(self.streams.keys.weights), "GET weights"
+            )
             if raw:
                 try:
                     ann = decode_as(raw, WeightAnnouncement)
@@ -253,10 +324,7 @@ class Sampler:
                     log.error("bad weight announcement ignored: %s", exc)
                 else:
                     await self._maybe_fetch(ann)
-            try:
-                await asyncio.wait_for(self.stop.wait(), self.settings.sampler.weights_poll_s)
-            except asyncio.TimeoutError:
-                pass
+            await wait_or_stop(self.stop, self.settings.sampler.weights_poll_s)
 
     async def _maybe_fetch(self, ann: WeightAnnouncement) -> None:
         self.latest_announced = max(self.latest_announced, ann.version)
@@ -266,14 +334,26 @@ class Sampler:
         started = time.perf_counter()
         try:
             _, directory = await download_version(
-                ann.url, ann.manifest_sha256, self.work_dir, reference=self.reference_specs,
+                ann.url,
+                ann.manifest_sha256,
+                self.work_dir,
+                reference=self.reference_specs,
                 token=token.get_secret_value() if token else None,
-                timeout_s=self.settings.weights.download_timeout_s)
+                timeout_s=self.settings.weights.download_timeout_s,
+            )
+        except WeightDownloadError as exc:
+            log.warning("weights v%d not fetched yet (%s); will retry", ann.version, exc)
+            return
         except WeightVerificationError as exc:
             self.rejected.add(ann.version)
             self.metrics.weight_rejected.inc()
-            log.error("refused weights v%d from %s: %s (keeping v%d)", ann.version, ann.url, exc,
-                      self.engine.policy_version)
+            log.error(
+                "refused weights v%d from %s: %s (keeping v%d)",
+                ann.version,
+                ann.url,
+                exc,
+                self.engine.policy_version,
+            )
             return
         self.metrics.weight_download_seconds.observe(time.perf_counter() - started)
         self.engine.stage_weights(ann.version, directory)
@@ -291,23 +371,33 @@ class Sampler:
 
     # -- heartbeat -------------------------------------------------------------------------------
 
-    async def _heartbeat(self, state: str, ttl: float) -> None:
-        hb = Heartbeat(self.worker_id, "sampler", socket.gethostname(), os.getpid(),
-                       self.engine.policy_version, time.time(), state)
+    async def _heartbeat(self, state: str, ttl: float, retry: bool = True) -> None:
+        hb = Heartbeat(
+            self.worker_id,
+            "sampler",
+            socket.gethostname(),
+            os.getpid(),
+            self.engine.policy_version,
+            time.time(),
+            state,
+        )
         key = self.streams.keys.heartbeat_prefix + self.worker_id
-        try:
-            await self.streams.call(lambda: self.streams.client.set(key, encode(hb), px=int(ttl * 1000)), "SET heartbeat")
-        except Exception as exc:  # the final heartbeat on shutdown is best-effort
-            log.warning("heartbeat failed: %s", exc)
+        payload = encode(hb)
+        if retry:
+            await self.streams.call(
+                lambda: self.streams.client.set(key, payload, px=int(ttl * 1000)), "SET heartbeat"
+            )
+            return
+        try:  # the last heartbeat on shutdown: one attempt, Redis may be stopping too
+            await asyncio.wait_for(self.streams.client.set(key, payload, px=int(ttl * 1000)), 1.0)
+        except Exception as exc:
+            log.info("final heartbeat not sent: %s", exc)
 
     async def _heartbeat_loop(self) -> None:
         ttl = self.settings.sampler.heartbeat_ttl_s
         while not self.stop.is_set():
             await self._heartbeat("running", ttl)
-            try:
-                await asyncio.wait_for(self.stop.wait(), ttl / 3)
-            except asyncio.TimeoutError:
-                pass
+            await wait_or_stop(self.stop, ttl / 3)
 
 
 # -- entry point ---------------------------------------------------------------------------------
@@ -316,9 +406,15 @@ class Sampler:
 def engine_options(settings: SamplerSettings, model: str) -> EngineOptions:
     o = settings.sampler
     return EngineOptions(
-        model=model, temperature=o.temperature, top_p=o.top_p, dtype=o.dtype,
-        gpu_memory_utilization=o.gpu_memory_utilization, enforce_eager=o.enforce_eager,
-        max_model_len=o.max_model_len or None, kv_cache_gib=o.kv_cache_gib, seed=settings.run.seed,
+        model=model,
+        temperature=o.temperature,
+        top_p=o.top_p,
+        dtype=o.dtype,
+        gpu_memory_utilization=o.gpu_memory_utilization,
+        enforce_eager=o.enforce_eager,
+        max_model_len=o.max_model_len or None,
+        kv_cache_gib=o.kv_cache_gib,
+        seed=settings.run.seed,
     )
 
 
@@ -337,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="treepo-sampler", description="TreePO sampler worker")
     parser.add_argument("--port", type=int, help="metrics port (default: $PORT or settings)")
     parser.add_argument("--model", help="model directory (default: TREEPO_SAMPLER__MODEL)")
-    parser.add_argument("--max-prompts", type=int, help="exit after this many prompts (bounded mode)")
+    parser.add_argument(
+        "--max-prompts", type=int, help="exit after this many prompts (bounded mode)"
+    )
     args = parser.parse_args(argv)
     setup_logging(os.environ.get("LOG_LEVEL", "INFO"))
     port = args.port if args.port is not None else os.environ.get("PORT")

