@@ -33,8 +33,8 @@ test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check pipeline workers learner tests bench
-	$(VENV)/bin/ruff format --check pipeline workers learner tests bench
+	$(VENV)/bin/ruff check pipeline workers learner tests
+	$(VENV)/bin/ruff format --check pipeline workers learner tests
 	$(VENV)/bin/mypy
 
 demo: setup

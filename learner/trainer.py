@@ -139,6 +139,7 @@ def train_on_batch(
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     totals: dict[str, float] = {}
     updates, seen_tokens = 0, 0.0
+    norms: list[float] = []
     for _ in range(opts.ppo_epochs):
         order = torch.randperm(batch.rows, generator=gen)
         for mb in _chunks(batch.rows, opts.mini_batches):
@@ -167,6 +168,8 @@ def train_on_batch(
                 # token mean over the whole mini-batch: DeepSpeed divides by gas itself
                 scale = stats["tokens"] / max(1.0, mb_tokens) * gas if part.numel() else 0.0
                 ds.backward(lp_loss * scale)
+                if engine.zero_stage == 0 and ds.is_gradient_accumulation_boundary():
+                    norms.append(_grad_norm(ds.module))
                 ds.step()
                 if part.numel():  # token-weighted averages over all micro-batches
                     weight = stats.pop("tokens")
@@ -179,9 +182,15 @@ def train_on_batch(
         tokens=float(batch.mask.sum().item()),
         updates=float(updates),
         lr=lr,
-        grad_norm=float(ds.get_global_grad_norm() or 0.0),
+        grad_norm=sum(norms) / len(norms) if norms else float(ds.get_global_grad_norm() or 0.0),
     )
     return out
+
+
+def _grad_norm(module: torch.nn.Module) -> float:
+    """L2 norm of the full gradient before clipping (ZeRO stage 0: gradients are not sharded)."""
+    total = sum(float(p.grad.detach().pow(2).sum()) for p in module.parameters() if p.grad is not None)
+    return total**0.5
 
 
 def full_state_dict(engine: Engine) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ Subcommands that need heavy libraries (torch for the toy model) import them only
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
@@ -24,7 +25,8 @@ from pipeline.config import (
     warn_unknown_env,
 )
 from pipeline.errors import ConfigError, MessageDecodeError
-from pipeline.messages import decode, to_jsonable
+from pipeline.messages import TreeRollout, decode, decode_as, to_jsonable
+from pipeline.streams import PAYLOAD_FIELD, Streams
 
 log = logging.getLogger("treepo")
 PROCESSES: dict[str, type[SamplerSettings] | type[LearnerSettings]] = {
@@ -131,6 +133,60 @@ def _cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- status and trees ---------------------------------------------------------------------------
+
+
+def _streams() -> Streams:
+    settings = load_settings(SamplerSettings)
+    return Streams(settings.redis, settings.run, settings.streams)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.status import default_urls, run_status
+
+    async def go() -> str:
+        streams = _streams()
+        try:
+            return await run_status(streams, args.metrics or default_urls(), args.interval, args.watch)
+        finally:
+            await streams.close()
+
+    print(asyncio.run(go()))
+    return 0
+
+
+def _cmd_tree_show(args: argparse.Namespace) -> int:
+    from pipeline.treeview import render_html
+
+    if args.file:
+        data = Path(args.file).read_bytes()
+    else:
+
+        async def newest() -> bytes | None:
+            streams = _streams()
+            try:
+                entries = await streams.client.xrevrange(streams.keys.trees, count=1)
+            finally:
+                await streams.close()
+            return entries[0][1][PAYLOAD_FIELD] if entries else None
+
+        found = asyncio.run(newest())
+        if found is None:
+            print("no tree on the stream yet", file=sys.stderr)
+            return 1
+        data = found
+    tree = decode_as(data, TreeRollout)
+    decode_text = None
+    if args.model:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(Path(args.model) / "tokenizer.json"))
+        decode_text = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    Path(args.out).write_text(render_html(tree, decode_text))
+    print(args.out)
+    return 0
+
+
 # -- toy model --------------------------------------------------------------------------------
 
 
@@ -172,6 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", required=True, help="model directory to create")
     build.add_argument("--seed", type=int, default=0)
     build.set_defaults(func=_cmd_toy_build)
+
+    status = sub.add_parser("status", help="live view of a running pipeline (Redis + /metrics)")
+    status.add_argument("--metrics", nargs="*", help="metrics URLs (default: the Procfile ports)")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes")
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.set_defaults(func=_cmd_status)
+
+    tree = sub.add_parser("tree", help="look at published trees").add_subparsers(
+        dest="tree_command", required=True, metavar="ACTION"
+    )
+    show = tree.add_parser("show", help="render one tree as HTML (nodes, text, leaf rewards)")
+    show.add_argument("file", nargs="?", help="a TreeRollout msgpack file (default: newest on the stream)")
+    show.add_argument("--model", help="model directory whose tokenizer.json decodes the tokens")
+    show.add_argument("--out", default="tree.html")
+    show.set_defaults(func=_cmd_tree_show)
 
     dec = sub.add_parser("decode", help="decode a msgpack message file and print it as JSON")
     dec.add_argument("file")

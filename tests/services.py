@@ -79,3 +79,42 @@ class RedisServer:
     def restart(self) -> None:
         self.kill()
         self.start()
+
+
+@dataclass
+class PrometheusServer:
+    """A real Prometheus scraping ``targets`` every second."""
+
+    data_dir: Path
+    port: int
+    targets: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> PrometheusServer:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise RuntimeError("prometheus is not installed; run `make setup`")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.data_dir / "prometheus.yml"
+        targets = ", ".join(f'"{t}"' for t in self.targets)
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            f"scrape_configs:\n  - job_name: treepo\n    static_configs:\n      - targets: [{targets}]\n"
+        )
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={self.data_dir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=subprocess.DEVNULL, stderr=(self.data_dir / "prometheus.log").open("wb"),
+        )
+        wait_port(self.port, timeout=30)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        self.proc = None

@@ -25,7 +25,7 @@ from pipeline.config import (
 from pipeline.messages import TreeRollout, decode
 from pipeline.sampling import TreeConfig
 from tests.conftest import make_streams, restore_base_weights
-from tests.services import RedisServer, free_port
+from tests.services import PrometheusServer, RedisServer, free_port
 from workers.engine import VLLMSegmentGenerator
 from workers.sampler import Sampler
 
@@ -103,6 +103,57 @@ def checkpoint_state(work: Path) -> dict | None:  # type: ignore[type-arg]
     return json.loads(state.read_text()) if state.is_file() else None
 
 
+async def check_observability(learner_port: int, sampler_port: int, tmp: Path) -> None:
+    """A real Prometheus scrapes the running learner and sampler: every dashboard expression
+    evaluates without error, the core panels have data, and promtool accepts both outputs."""
+    import aiohttp
+
+    from tests.test_ops import dashboard_exprs
+
+    targets = [f"127.0.0.1:{learner_port}", f"127.0.0.1:{sampler_port}"]
+    prom = PrometheusServer(tmp / "prometheus", free_port(), targets).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for target in targets:
+                async with http.get(f"http://{target}/metrics") as resp:
+                    text = await resp.read()
+                check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
+                assert check.returncode == 0, check.stdout + check.stderr
+            deadline = time.monotonic() + 60
+            missing: list[str] = []
+            while time.monotonic() < deadline:
+                missing = []
+                for title, expr, core in dashboard_exprs():
+                    async with http.get(f"{prom.url}/api/v1/query", params={"query": expr}) as resp:
+                        body = await resp.json()
+                    assert body["status"] == "success", (title, body)
+                    if core and not body["data"]["result"]:
+                        missing.append(title)
+                if not missing:
+                    break
+                await asyncio.sleep(1)
+            assert not missing, f"core panels without data: {missing}"
+    finally:
+        prom.stop()
+
+
+async def check_status(server: RedisServer, urls: list[str]) -> None:
+    """``treepo status`` sees the live sampler, the streams and the rates."""
+    from pipeline.status import render, snapshot
+
+    s = make_streams(server)
+    try:
+        snap = await snapshot(s, urls, interval=1.0)
+    finally:
+        await s.close()
+    assert len([h for h in snap.samplers if h.state == "running"]) == 1
+    assert snap.weights_version is not None and snap.weights_version >= 1
+    assert snap.streams["trees"]["length"] > 0
+    assert snap.metrics["treepo_sampler_trees_total"] > 0
+    text = render(snap)
+    assert "samplers alive: 1" in text and "savings:" in text
+
+
 def test_learner_trains_publishes_survives_a_kill(
     redis_server: RedisServer,
     tmp_path: Path,
@@ -142,6 +193,8 @@ def test_learner_trains_publishes_survives_a_kill(
                 await asyncio.sleep(0.2)
             else:
                 raise AssertionError("learner made no progress:\n" + log.read_text()[-3000:])
+            await check_observability(port, sampler.port, tmp_path)
+            await check_status(redis_server, [f"http://127.0.0.1:{p}/metrics" for p in (port, sampler.port)])
             proc.send_signal(signal.SIGKILL)  # a crash, right after some checkpoint
             proc.wait(10)
         finally:

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import time
@@ -310,6 +311,7 @@ class Sampler:
         if seconds is not None:
             self.metrics.weight_swap_seconds.observe(seconds)
             self.metrics.weight_swaps.inc()
+            self._prune_versions()
         self.metrics.policy_version.set(self.engine.policy_version)
 
     async def _weights_loop(self) -> None:
@@ -358,15 +360,13 @@ class Sampler:
         self.metrics.weight_download_seconds.observe(time.perf_counter() - started)
         self.engine.stage_weights(ann.version, directory)
         self.staged_version = ann.version
-        self._prune_versions(keep=directory)
 
-    def _prune_versions(self, keep: Path) -> None:
-        """Keep the staged version and the one the engine may still be reading."""
-        import shutil
-
-        current = f"v{self.engine.policy_version}"
+    def _prune_versions(self) -> None:
+        """Delete downloaded versions older than the one the engine runs (never the staged one,
+        nor one a swap may be reading)."""
+        current = self.engine.policy_version
         for d in self.work_dir.glob("v*"):
-            if d != keep and d.name != current:
+            if d.name[1:].isdigit() and int(d.name[1:]) < current:
                 shutil.rmtree(d, ignore_errors=True)
 
     # -- heartbeat -------------------------------------------------------------------------------

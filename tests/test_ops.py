@@ -1,0 +1,59 @@
+"""Ops files: the Grafana dashboard only uses declared metrics; Prometheus config is valid."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from learner.metrics import LearnerMetrics
+from workers.metrics import SamplerMetrics
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "treepo.json"
+
+
+def dashboard_exprs() -> list[tuple[str, str, bool]]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [(p["title"], t["expr"], p.get("description") == "core panel") for p in panels for t in p["targets"]]
+
+
+def declared_names() -> set[str]:
+    names = set()
+    for metrics in (SamplerMetrics(), LearnerMetrics()):
+        for family in metrics.registry.collect():
+            names.update(sample.name for sample in family.samples)
+            names.add(family.name)
+    return names
+
+
+def test_dashboard_uses_only_declared_metrics() -> None:
+    declared = declared_names()
+    used = {m for _, expr, _ in dashboard_exprs() for m in re.findall(r"treepo_[a-z_]+", expr)}
+    assert used, "the dashboard queries treepo metrics"
+    assert not used - declared, f"undeclared: {sorted(used - declared)}"
+
+
+def test_metric_names_follow_the_convention() -> None:
+    for metrics, process in ((SamplerMetrics(), "sampler"), (LearnerMetrics(), "learner")):
+        for family in metrics.registry.collect():
+            assert family.name.startswith(f"treepo_{process}_"), family.name
+            if family.type == "counter":
+                assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool comes with `make setup`")
+def test_promtool_accepts_config_and_metrics(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    out = subprocess.run(["promtool", "check", "config", str(ROOT / "ops" / "prometheus.yml")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for metrics in (SamplerMetrics(), LearnerMetrics()):
+        text = generate_latest(metrics.registry)
+        check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
+        assert check.returncode == 0, check.stdout + check.stderr
