@@ -395,7 +395,11 @@ class Learner:
         )
         self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
         entries, self.resolved_entries = self.resolved_entries, []
-        await self.streams.ack(self.streams.keys.trees, TREE_GROUP, entries)
+        keys = self.streams.keys
+        await self.streams.ack(keys.trees, TREE_GROUP, entries)
+        # the streams only keep what some group has yet to read or acknowledge
+        for stream in (keys.trees, keys.prompts):
+            await self.streams.trim_acknowledged(stream)
 
     async def _publish(self) -> None:
         started = time.perf_counter()

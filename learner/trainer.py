@@ -189,7 +189,9 @@ def train_on_batch(
 
 def _grad_norm(module: torch.nn.Module) -> float:
     """L2 norm of the full gradient before clipping (ZeRO stage 0: gradients are not sharded)."""
-    total = sum(float(p.grad.detach().pow(2).sum()) for p in module.parameters() if p.grad is not None)
+    total = sum(
+        float(p.grad.detach().pow(2).sum()) for p in module.parameters() if p.grad is not None
+    )
     return total**0.5
 
 

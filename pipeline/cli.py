@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -147,7 +148,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     async def go() -> str:
         streams = _streams()
         try:
-            return await run_status(streams, args.metrics or default_urls(), args.interval, args.watch)
+            return await run_status(
+                streams, args.metrics or default_urls(), args.interval, args.watch
+            )
         finally:
             await streams.close()
 
@@ -165,10 +168,10 @@ def _cmd_tree_show(args: argparse.Namespace) -> int:
         async def newest() -> bytes | None:
             streams = _streams()
             try:
-                entries = await streams.client.xrevrange(streams.keys.trees, count=1)
+                entries: Any = await streams.client.xrevrange(streams.keys.trees, count=1)
             finally:
                 await streams.close()
-            return entries[0][1][PAYLOAD_FIELD] if entries else None
+            return bytes(entries[0][1][PAYLOAD_FIELD]) if entries else None
 
         found = asyncio.run(newest())
         if found is None:
@@ -239,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="tree_command", required=True, metavar="ACTION"
     )
     show = tree.add_parser("show", help="render one tree as HTML (nodes, text, leaf rewards)")
-    show.add_argument("file", nargs="?", help="a TreeRollout msgpack file (default: newest on the stream)")
+    show.add_argument(
+        "file", nargs="?", help="a TreeRollout msgpack file (default: newest on the stream)"
+    )
     show.add_argument("--model", help="model directory whose tokenizer.json decodes the tokens")
     show.add_argument("--out", default="tree.html")
     show.set_defaults(func=_cmd_tree_show)

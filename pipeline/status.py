@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -46,17 +47,20 @@ async def snapshot(streams: Streams, urls: list[str], interval: float) -> Snapsh
     snap = Snapshot()
     client, keys = streams.client, streams.keys
     async for key in client.scan_iter(match=keys.heartbeat_prefix + "*"):
-        raw = await client.get(key)
+        raw: Any = await client.get(key)
         if raw:
             msg = decode(raw)
             if isinstance(msg, Heartbeat):
                 snap.samplers.append(msg)
-    raw = await client.get(keys.weights)
+    raw = await client.get(keys.weights)  # bytes: the client does not decode responses
     if raw:
         ann = decode(raw)
         if isinstance(ann, WeightAnnouncement):
             snap.weights_version = ann.version
-    for name, stream, group in (("prompts", keys.prompts, "samplers"), ("trees", keys.trees, "learner")):
+    for name, stream, group in (
+        ("prompts", keys.prompts, "samplers"),
+        ("trees", keys.trees, "learner"),
+    ):
         try:
             info = await streams.group_info(stream, group)
             snap.streams[name] = {"length": info.length, "lag": info.lag, "pending": info.pending}
@@ -68,8 +72,12 @@ async def snapshot(streams: Streams, urls: list[str], interval: float) -> Snapsh
     second = await scrape(urls)
     elapsed = time.monotonic() - started
     snap.metrics = second
-    for name in ("treepo_sampler_trees_total", "treepo_sampler_tokens_decoded_total",
-                 "treepo_learner_steps_total", "treepo_learner_tokens_trained_total"):
+    for name in (
+        "treepo_sampler_trees_total",
+        "treepo_sampler_tokens_decoded_total",
+        "treepo_learner_steps_total",
+        "treepo_learner_tokens_trained_total",
+    ):
         if name in first and name in second:
             snap.rates[name] = (second[name] - first[name]) / elapsed
     return snap
@@ -77,15 +85,24 @@ async def snapshot(streams: Streams, urls: list[str], interval: float) -> Snapsh
 
 def render(snap: Snapshot) -> str:
     m, r = snap.metrics, snap.rates
-    lines = [f"weights announced: v{snap.weights_version}" if snap.weights_version is not None
-             else "weights announced: none"]
-    lines.append(f"learner policy version: {m.get('treepo_learner_policy_version', float('nan')):.0f}")
+    lines = [
+        f"weights announced: v{snap.weights_version}"
+        if snap.weights_version is not None
+        else "weights announced: none"
+    ]
+    lines.append(
+        f"learner policy version: {m.get('treepo_learner_policy_version', float('nan')):.0f}"
+    )
     alive = [h for h in snap.samplers if h.role == "sampler" and h.state == "running"]
     lines.append(f"samplers alive: {len(alive)}")
     for h in sorted(snap.samplers, key=lambda h: h.worker_id):
-        lines.append(f"  {h.worker_id:<24} v{h.policy_version:<5} {h.state:<8} {h.host} pid {h.pid}")
+        lines.append(
+            f"  {h.worker_id:<24} v{h.policy_version:<5} {h.state:<8} {h.host} pid {h.pid}"
+        )
     for name, info in snap.streams.items():
-        lines.append(f"stream {name}: " + (", ".join(f"{k} {v}" for k, v in info.items()) or "absent"))
+        lines.append(
+            f"stream {name}: " + (", ".join(f"{k} {v}" for k, v in info.items()) or "absent")
+        )
     decoded = m.get("treepo_sampler_tokens_decoded_total", 0.0)
     independent = m.get("treepo_sampler_tokens_independent_total", 0.0)
     saving = 1 - decoded / independent if independent else 0.0
@@ -104,7 +121,9 @@ def render(snap: Snapshot) -> str:
 
 def default_urls() -> list[str]:
     """The Procfile's honcho ports: learner 5100, samplers 5200-5207."""
-    return ["http://127.0.0.1:5100/metrics"] + [f"http://127.0.0.1:{p}/metrics" for p in range(5200, 5208)]
+    return ["http://127.0.0.1:5100/metrics"] + [
+        f"http://127.0.0.1:{p}/metrics" for p in range(5200, 5208)
+    ]
 
 
 async def run_status(streams: Streams, urls: list[str], interval: float, watch: bool) -> str:

@@ -106,9 +106,14 @@ class PrometheusServer:
             f"scrape_configs:\n  - job_name: treepo\n    static_configs:\n      - targets: [{targets}]\n"
         )
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={self.data_dir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=(self.data_dir / "prometheus.log").open("wb"),
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={self.data_dir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=(self.data_dir / "prometheus.log").open("wb"),
         )
         wait_port(self.port, timeout=30)
         return self

@@ -117,7 +117,9 @@ async def check_observability(learner_port: int, sampler_port: int, tmp: Path) -
             for target in targets:
                 async with http.get(f"http://{target}/metrics") as resp:
                     text = await resp.read()
-                check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
+                check = subprocess.run(
+                    ["promtool", "check", "metrics"], input=text, capture_output=True
+                )
                 assert check.returncode == 0, check.stdout + check.stderr
             deadline = time.monotonic() + 60
             missing: list[str] = []
@@ -194,7 +196,9 @@ def test_learner_trains_publishes_survives_a_kill(
             else:
                 raise AssertionError("learner made no progress:\n" + log.read_text()[-3000:])
             await check_observability(port, sampler.port, tmp_path)
-            await check_status(redis_server, [f"http://127.0.0.1:{p}/metrics" for p in (port, sampler.port)])
+            await check_status(
+                redis_server, [f"http://127.0.0.1:{p}/metrics" for p in (port, sampler.port)]
+            )
             proc.send_signal(signal.SIGKILL)  # a crash, right after some checkpoint
             proc.wait(10)
         finally:

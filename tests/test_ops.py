@@ -19,7 +19,11 @@ DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "treepo.json"
 
 def dashboard_exprs() -> list[tuple[str, str, bool]]:
     panels = json.loads(DASHBOARD.read_text())["panels"]
-    return [(p["title"], t["expr"], p.get("description") == "core panel") for p in panels for t in p["targets"]]
+    return [
+        (p["title"], t["expr"], p.get("description") == "core panel")
+        for p in panels
+        for t in p["targets"]
+    ]
 
 
 def declared_names() -> set[str]:
@@ -50,8 +54,11 @@ def test_metric_names_follow_the_convention() -> None:
 def test_promtool_accepts_config_and_metrics(tmp_path: Path) -> None:
     from prometheus_client import generate_latest
 
-    out = subprocess.run(["promtool", "check", "config", str(ROOT / "ops" / "prometheus.yml")],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["promtool", "check", "config", str(ROOT / "ops" / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     for metrics in (SamplerMetrics(), LearnerMetrics()):
         text = generate_latest(metrics.registry)
