@@ -14,13 +14,11 @@ checkpoint records every trained tree id, so a crash neither loses nor double-tr
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,8 @@ from learner.metrics import LearnerMetrics
 from learner.trainer import Engine, build_engine, export_weights, train_on_batch
 from learner.weight_server import WeightStore, add_routes, announce
 from pipeline.advantage import has_signal
-from pipeline.config import LearnerSettings, load_settings
+from pipeline.config import LearnerSettings
+from pipeline.entry import process_parser, process_settings, serve
 from pipeline.errors import ConfigError
 from pipeline.httpserver import make_app, start
 from pipeline.messages import PromptTask, TreeRollout
@@ -432,37 +431,17 @@ def build_learner(settings: LearnerSettings) -> Learner:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import setup_logging
-
-    parser = argparse.ArgumentParser(prog="treepo-learner", description="TreePO learner")
-    parser.add_argument("--port", type=int, help="weight-server port (default: $PORT or settings)")
-    parser.add_argument("--model", help="model directory (default: TREEPO_LEARNER__MODEL)")
+    parser = process_parser("treepo-learner", "TreePO learner")
     parser.add_argument(
         "--max-steps", type=int, help="stop after this many more steps (bounded mode)"
     )
     args = parser.parse_args(argv)
-    setup_logging(os.environ.get("LOG_LEVEL", "INFO"))
-    port = args.port if args.port is not None else os.environ.get("PORT")
     try:
-        settings = load_settings(LearnerSettings)
-        updates: dict[str, Any] = {}
-        if port is not None:
-            updates["port"] = int(port)
-        if args.model:
-            updates["model"] = args.model
-        settings.learner = settings.learner.model_copy(update=updates)
-        learner = build_learner(settings)
+        learner = build_learner(process_settings(LearnerSettings, "learner", args))
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-
-    async def serve() -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, learner.request_stop)
-        return await learner.run(args.max_steps)
-
-    steps = asyncio.run(serve())
+    steps = serve(lambda: learner.run(args.max_steps), learner.request_stop)
     log.info("learner exits at step %d", steps)
     return 0
 

@@ -25,6 +25,7 @@ from pipeline.config import (
     load_settings,
     warn_unknown_env,
 )
+from pipeline.entry import setup_logging
 from pipeline.errors import ConfigError, MessageDecodeError
 from pipeline.messages import TreeRollout, decode, decode_as, to_jsonable
 from pipeline.streams import PAYLOAD_FIELD, Streams
@@ -34,16 +35,6 @@ PROCESSES: dict[str, type[SamplerSettings] | type[LearnerSettings]] = {
     "sampler": SamplerSettings,
     "learner": LearnerSettings,
 }
-
-
-def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
-    """Process-wide logging: one line per event (called by entry points, never at import)."""
-    fmt = (
-        '{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
-        if json_lines
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
 
 
 # -- config -----------------------------------------------------------------------------------

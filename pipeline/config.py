@@ -215,8 +215,8 @@ class LossSettings(_Section):
     """Instead of truncating, mask tokens whose weight lies outside [lo, hi] (e.g. [0.5, 2])."""
 
 
-class SamplerSettings(BaseSettings):
-    """Everything the sampler process reads."""
+class _ProcessSettings(BaseSettings):
+    """The sections every process reads (one .env serves the whole run)."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -231,34 +231,24 @@ class SamplerSettings(BaseSettings):
     """Run identity and staleness bound."""
     streams: StreamSettings = StreamSettings()
     """Stream consumption."""
-    tree: TreeConfig = TreeConfig()
-    """TreePO tree shape and budget."""
     weights: WeightSettings = WeightSettings()
     """Weight broadcast."""
+
+
+class SamplerSettings(_ProcessSettings):
+    """Everything the sampler process reads."""
+
+    tree: TreeConfig = TreeConfig()
+    """TreePO tree shape and budget."""
     sampler: SamplerOptions = SamplerOptions()
     """Sampler process options."""
 
 
-class LearnerSettings(BaseSettings):
+class LearnerSettings(_ProcessSettings):
     """Everything the learner process reads."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        extra="ignore",
-        use_attribute_docstrings=True,
-    )
-
-    redis: RedisSettings = RedisSettings()
-    """Redis connection."""
-    run: RunSettings = RunSettings()
-    """Run identity and staleness bound."""
-    streams: StreamSettings = StreamSettings()
-    """Stream consumption."""
     loss: LossSettings = LossSettings()
     """Loss and importance correction."""
-    weights: WeightSettings = WeightSettings()
-    """Weight broadcast."""
     learner: LearnerOptions = LearnerOptions()
     """Learner process options."""
 

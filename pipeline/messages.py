@@ -102,15 +102,22 @@ class RolloutLeaf:
 
 @dataclass
 class RolloutStats:
-    """Accounting counters for one tree (see TREEPO.md, accounting per tree)."""
+    """Accounting of one tree: what was decoded and what independent sampling of the same
+    leaves would have decoded (``pipeline.tree.TreeStats`` is this class)."""
 
     decoded_tokens: int = 0
+    """Tokens generated: the sum of segment lengths over all nodes."""
     independent_tokens: int = 0
+    """Tokens independent sampling needs for the same leaves: sum of full leaf responses."""
     prefill_tokens: int = 0
+    """Context tokens submitted to the engine over all requests."""
     engine_calls: int = 0
+    """Generation calls that carried at least one request of this tree."""
     fallbacks: int = 0
+    """Fallback forks (a leaf cut at a segment boundary, or a restart from the prompt)."""
     max_depth_reached: int = 0
     generation_seconds: float = 0.0
+    """This tree's share of the engine calls' wall time (by tokens decoded in each call)."""
 
 
 @dataclass

@@ -8,7 +8,7 @@ leaves have no children. This module holds data and conversions to and from the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pipeline.messages import RolloutLeaf, RolloutNode, RolloutStats, TreeRollout
 
@@ -39,24 +39,8 @@ class Leaf:
     reward: float | None = None
 
 
-@dataclass
-class TreeStats:
-    """Accounting of one tree (TREEPO.md): what was decoded and what independent sampling of the
-    same leaves would have decoded."""
-
-    decoded_tokens: int = 0
-    """Tokens generated: the sum of segment lengths over all nodes."""
-    independent_tokens: int = 0
-    """Tokens independent sampling needs for the same leaves: sum of full leaf responses."""
-    prefill_tokens: int = 0
-    """Context tokens submitted to the engine over all requests."""
-    engine_calls: int = 0
-    """Generation calls that carried at least one request of this tree."""
-    fallbacks: int = 0
-    """Fallback forks (a leaf cut at a segment boundary, or a restart from the prompt)."""
-    max_depth_reached: int = 0
-    generation_seconds: float = 0.0
-    """This tree's share of the engine calls' wall time (by tokens decoded in each call)."""
+TreeStats = RolloutStats
+"""A tree's accounting is exactly what its wire message carries (one definition)."""
 
 
 @dataclass
@@ -123,7 +107,6 @@ class Tree:
         missing = [i for i, leaf in enumerate(self.leaves) if leaf.reward is None]
         if missing:
             raise ValueError(f"leaves {missing} have no reward")
-        s = self.stats
         return TreeRollout(
             tree_id=tree_id,
             prompt_id=prompt_id,
@@ -139,15 +122,7 @@ class Tree:
                 RolloutLeaf(leaf.node_id, float(leaf.reward or 0.0), leaf.finish_reason)
                 for leaf in self.leaves
             ],
-            stats=RolloutStats(
-                s.decoded_tokens,
-                s.independent_tokens,
-                s.prefill_tokens,
-                s.engine_calls,
-                s.fallbacks,
-                s.max_depth_reached,
-                s.generation_seconds,
-            ),
+            stats=replace(self.stats),
             dataset_position=dataset_position,
             created_at=created_at,
         )
@@ -162,14 +137,5 @@ class Tree:
             )
         for rl in msg.leaves:
             tree.add_leaf(rl.node, rl.finish_reason).reward = rl.reward
-        s = msg.stats
-        tree.stats = TreeStats(
-            s.decoded_tokens,
-            s.independent_tokens,
-            s.prefill_tokens,
-            s.engine_calls,
-            s.fallbacks,
-            s.max_depth_reached,
-            s.generation_seconds,
-        )
+        tree.stats = replace(msg.stats)
         return tree

@@ -12,13 +12,11 @@ What the learner does with the trees is in ``learner/``; the algorithm is ``pipe
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
 import random
 import shutil
-import signal
 import socket
 import time
 from collections.abc import Callable
@@ -26,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.aio import wait_or_stop
-from pipeline.config import SamplerSettings, load_settings
+from pipeline.config import SamplerSettings
 from pipeline.costs import CostModel, Work, independent_work
+from pipeline.entry import process_parser, process_settings, serve
 from pipeline.errors import (
     ConfigError,
     MessageDecodeError,
@@ -428,38 +427,18 @@ def build_sampler(settings: SamplerSettings) -> Sampler:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.cli import setup_logging
-
-    parser = argparse.ArgumentParser(prog="treepo-sampler", description="TreePO sampler worker")
-    parser.add_argument("--port", type=int, help="metrics port (default: $PORT or settings)")
-    parser.add_argument("--model", help="model directory (default: TREEPO_SAMPLER__MODEL)")
+    parser = process_parser("treepo-sampler", "TreePO sampler worker")
     parser.add_argument(
         "--max-prompts", type=int, help="exit after this many prompts (bounded mode)"
     )
     args = parser.parse_args(argv)
-    setup_logging(os.environ.get("LOG_LEVEL", "INFO"))
-    port = args.port if args.port is not None else os.environ.get("PORT")
     try:
-        settings = load_settings(SamplerSettings)
-        updates: dict[str, Any] = {}
-        if port is not None:
-            updates["port"] = int(port)
-        if args.model:
-            updates["model"] = args.model
-        settings.sampler = settings.sampler.model_copy(update=updates)
-        sampler = build_sampler(settings)
+        sampler = build_sampler(process_settings(SamplerSettings, "sampler", args))
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-
-    async def serve() -> int:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, sampler.request_stop)
-        return await sampler.run(args.max_prompts)
-
     try:
-        done = asyncio.run(serve())
+        done = serve(lambda: sampler.run(args.max_prompts), sampler.request_stop)
     finally:
         sampler.engine.close()
     log.info("sampler %s exits after %d prompts", sampler.worker_id, done)
