@@ -33,6 +33,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.timeout(900)
 def test_two_deepspeed_ranks_train_and_agree(toy_model: Path, tmp_path: Path) -> None:
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which(
         "deepspeed"
@@ -156,6 +157,7 @@ async def check_status(server: RedisServer, urls: list[str]) -> None:
     assert "samplers alive: 1" in text and "savings:" in text
 
 
+@pytest.mark.timeout(900)
 def test_learner_trains_publishes_survives_a_kill(
     redis_server: RedisServer,
     tmp_path: Path,

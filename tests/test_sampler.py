@@ -265,6 +265,7 @@ def leaf_tokens(r: TreeRollout, leaf) -> list[int]:  # type: ignore[no-untyped-d
     return [t for n in r.leaf_path(leaf) for t in r.nodes[n].token_ids]
 
 
+@pytest.mark.timeout(900)
 def test_two_sampler_processes_split_work_and_stop_on_sigterm(
     redis_server: RedisServer,
     tmp_path: Path,
@@ -297,6 +298,8 @@ def test_two_sampler_processes_split_work_and_stop_on_sigterm(
         for p, log in zip(ports, logs)
     ]
     try:
+        for p in ports:  # both engines up (their HTTP servers start last) before any prompt
+            wait_port(p, timeout=300)
 
         async def main() -> list[TreeRollout]:
             s = make_streams(redis_server)
