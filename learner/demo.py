@@ -34,8 +34,8 @@ DEMO_SETTINGS = {
     "TREEPO_TREE__BRANCHING": "2",
     "TREEPO_TREE__INITIAL_DIVERGENCE": "4",
     "TREEPO_SAMPLER__BATCH_PROMPTS": "4",
-    "TREEPO_LEARNER__BATCH_PROMPTS": "16",
-    "TREEPO_LEARNER__LR": "1.5e-4",
+    "TREEPO_LEARNER__BATCH_PROMPTS": "8",
+    "TREEPO_LEARNER__LR": "1e-4",
     "TREEPO_LEARNER__MINI_BATCHES": "1",
     "TREEPO_LEARNER__CHECKPOINT_EVERY": "10",
     "TREEPO_STREAMS__BLOCK_MS": "200",
@@ -173,7 +173,7 @@ def plot(run: Path, steps: list[dict[str, Any]], summary: dict[str, Any]) -> Pat
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="treepo-demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=100, help="learner steps")
+    parser.add_argument("--steps", type=int, default=120, help="learner steps")
     parser.add_argument("--samplers", type=int, default=2)
     parser.add_argument("--heldout", type=int, default=400, help="held-out problems per evaluation")
     parser.add_argument(
