@@ -1,0 +1,93 @@
+"""The GPU-seconds cost model, weight manifests and safetensors header checks, the tree view."""
+
+from __future__ import annotations
+
+import json
+import random
+import struct
+from pathlib import Path
+
+import pytest
+
+from pipeline.costs import CostModel, Work, independent_work
+from pipeline.errors import WeightVerificationError
+from pipeline.messages import decode
+from pipeline.treeview import render_html
+from pipeline.weights import Manifest, check_compatible, safetensors_header, write_manifest
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_cost_model_recovers_known_coefficients() -> None:
+    a, b, c = 2e-5, 1e-3, 4e-3  # prefill per token, decode per token, per engine step
+    rng = random.Random(0)
+    model = CostModel()
+    for _ in range(200):
+        w = Work(rng.randint(0, 5000), rng.randint(1, 800), rng.randint(1, 64))
+        model.observe(w, a * w.prefill_tokens + b * w.decoded_tokens + c * w.steps)
+    assert model.coef == pytest.approx((a, b, c), rel=1e-6)
+    assert model.decode_tokens_per_second == pytest.approx(1 / b)
+    assert model.estimate(Work(1000, 100, 10)) == pytest.approx(a * 1000 + b * 100 + c * 10)
+
+
+def test_cost_model_never_goes_negative() -> None:
+    model = CostModel()
+    for n in range(1, 30):  # time depends on decode only, prefill anti-correlated noise
+        model.observe(Work(100 - n, 10 * n, 8), 0.01 * n)
+    assert all(x >= 0 for x in model.coef)
+    assert model.estimate(Work(50, 100, 8)) > 0
+
+
+def test_independent_work_of_a_batch() -> None:
+    w = independent_work([5, 7], [[10, 12], [3]])
+    assert (w.prefill_tokens, w.decoded_tokens, w.steps) == (12, 25, 12)
+
+
+def _safetensors(path: Path, tensors: dict[str, tuple[str, list[int], int]]) -> None:
+    header, offset = {}, 0
+    for name, (dtype, shape, nbytes) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * offset)
+
+
+def test_manifest_and_header_checks(tmp_path: Path) -> None:
+    _safetensors(tmp_path / "model.safetensors", {"w": ("F32", [2, 3], 24), "b": ("F32", [3], 12)})
+    manifest, data = write_manifest(tmp_path, 7)
+    assert (
+        Manifest.from_bytes(data) == manifest
+        and manifest.total_bytes == (tmp_path / "model.safetensors").stat().st_size
+    )
+    spec = safetensors_header(tmp_path / "model.safetensors")
+    assert spec == {"w": ("F32", (2, 3)), "b": ("F32", (3,))}
+    check_compatible(spec, dict(spec))
+    with pytest.raises(WeightVerificationError, match="tensor w"):
+        check_compatible({**spec, "w": ("F32", (3, 2))}, spec)
+    with pytest.raises(WeightVerificationError, match="missing"):
+        check_compatible({"w": spec["w"]}, spec)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", 10**9) + b"{}")
+    with pytest.raises(WeightVerificationError, match="impossible"):
+        safetensors_header(bad)
+    _safetensors(bad, {"w": ("F32", [2], 8)})
+    bad.write_bytes(bad.read_bytes()[:-4])  # data cut short
+    with pytest.raises(WeightVerificationError, match="outside the file"):
+        safetensors_header(bad)
+    for evil in ("../x.safetensors", "model.bin", ".hidden.safetensors"):
+        body = json.dumps(
+            {"version": 1, "files": [{"name": evil, "size": 1, "sha256": "0"}]}
+        ).encode()
+        with pytest.raises(WeightVerificationError, match="not a plain"):
+            Manifest.from_bytes(body)
+    with pytest.raises(WeightVerificationError, match="malformed"):
+        Manifest.from_bytes(b"not json")
+
+
+def test_tree_view_shows_segments_and_rewards() -> None:
+    tree = decode((DATA / "tree_rollout.msgpack").read_bytes())
+    page = render_html(tree, lambda ids: "".join(chr(96 + t) for t in ids))  # type: ignore[arg-type]
+    assert page.count('class="node"') == 4
+    assert "#c8f7c5" in page and "#f7c5c5" in page  # one rewarded leaf, one punished
+    assert "<code>ab</code>" in page  # node 0's tokens [1, 2] through the decoder
+    assert "22% saved" in page
