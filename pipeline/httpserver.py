@@ -40,7 +40,7 @@ async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunn
     bound port (useful with port 0)."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, shutdown_timeout=1.0)  # processes stop within 5 s
     await site.start()
     sockets = getattr(site._server, "sockets", None)
     bound = int(sockets[0].getsockname()[1]) if sockets else port

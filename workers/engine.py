@@ -163,7 +163,7 @@ class VLLMSegmentGenerator:
             return []
         return await asyncio.to_thread(self._generate_sync, requests)
 
-    def close(self, timeout_s: float = 1.5) -> None:
+    def close(self, timeout_s: float = 0.3) -> None:
         """Shut the engine's worker processes down (forcibly after ``timeout_s``: a stopping
         sampler must exit within 5 s)."""
         engine = getattr(self.llm, "llm_engine", None)
