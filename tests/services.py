@@ -105,16 +105,17 @@ class PrometheusServer:
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
             f"scrape_configs:\n  - job_name: treepo\n    static_configs:\n      - targets: [{targets}]\n"
         )
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={self.data_dir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=(self.data_dir / "prometheus.log").open("wb"),
-        )
+        with (self.data_dir / "prometheus.log").open("wb") as err:
+            self.proc = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={self.data_dir / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
         wait_port(self.port, timeout=30)
         return self
 

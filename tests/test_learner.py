@@ -87,13 +87,14 @@ def learner_env(
 
 
 def start_learner(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "learner.process"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("ab"),
-    )
+    with log.open("ab") as err:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "learner.process"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
 
 
 def checkpoint_state(work: Path) -> dict | None:  # type: ignore[type-arg]
