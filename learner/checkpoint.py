@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from pipeline.fsutil import staged_dir
 
 LATEST = "LATEST"
 
@@ -62,10 +63,8 @@ def save_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Write one checkpoint (rank 0 writes the model and state; every rank its optimizer)."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}-", dir=root))
-    try:
+    with staged_dir(final) as tmp:
         if rank == 0:
             save_model(module, str(tmp / "model.safetensors"))
             (tmp / "state.json").write_text(json.dumps(state))
@@ -76,12 +75,6 @@ def save_checkpoint(
         for f in tmp.iterdir():
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     if rank == 0:
         pointer = root / f".{LATEST}.tmp"
         pointer.write_text(final.name)

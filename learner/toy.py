@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.fsutil import staged_dir
 from pipeline.tasks import ArithTask
 
 log = logging.getLogger(__name__)
@@ -162,12 +160,8 @@ def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = N
             )
             if acc >= spec.target_accuracy or step >= spec.max_steps:
                 break
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".toy-", dir=out.parent))
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.pad_token_id = PAD_ID
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
     meta = {
         **want,
         "steps": step,
@@ -175,9 +169,9 @@ def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = N
         "seconds": round(time.monotonic() - started, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    (tmp / "toy_meta.json").write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with staged_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "toy_meta.json").write_text(json.dumps(meta, indent=2))
     log.info("toy model ready in %s (%s)", out, meta)
     return out

@@ -195,30 +195,26 @@ def _grad_norm(module: torch.nn.Module) -> float:
     return total**0.5
 
 
-def full_state_dict(engine: Engine) -> dict[str, torch.Tensor]:
-    """Full parameters on every rank (gathered when ZeRO-3 partitions them)."""
-    module = engine.module
-    if engine.zero_stage == 3:
-        import deepspeed
+def full_parameters(engine: Engine) -> Any:
+    """A context in which every rank holds the full parameters (ZeRO-3 partitions them)."""
+    if engine.zero_stage != 3:
+        return nullcontext()
+    import deepspeed
 
-        params = list(module.parameters())
-        ctx: Any = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-    else:
-        ctx = nullcontext()
-    with ctx:
-        return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+
+
+def full_state_dict(engine: Engine) -> dict[str, torch.Tensor]:
+    """Full parameters on every rank, as CPU copies."""
+    with full_parameters(engine):
+        return {k: v.detach().clone().cpu() for k, v in engine.module.state_dict().items()}
 
 
 def export_weights(engine: Engine, directory: Path) -> None:
     """Write the model's full weights as HF-layout safetensors into ``directory`` (tied weights
     stored once, as the original checkpoint has them)."""
     module: Any = engine.module
-    ctx: Any = nullcontext()
-    if engine.zero_stage == 3:
-        import deepspeed
-
-        ctx = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-    with ctx:
+    with full_parameters(engine):
         module.save_pretrained(str(directory), safe_serialization=True)
     for extra in directory.iterdir():  # the weight server serves weights only
         if not extra.name.endswith(".safetensors"):

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
+from pipeline.fsutil import staged_dir
 from pipeline.messages import WeightAnnouncement, encode
 from pipeline.streams import Streams
 from pipeline.weights import MANIFEST, Manifest, sha256_bytes, write_manifest
@@ -48,17 +47,9 @@ class WeightStore:
 
     def publish(self, version: int, write: Callable[[Path], None]) -> tuple[Manifest, bytes]:
         """Write one version (``write`` fills the directory with safetensors files)."""
-        tmp = Path(tempfile.mkdtemp(prefix=".publishing-", dir=self.root))
-        try:
+        with staged_dir(self.path(version)) as tmp:
             write(tmp)
             manifest, data = write_manifest(tmp, version)
-            final = self.path(version)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         for old in self.versions()[: -self.keep]:
             shutil.rmtree(self.path(old), ignore_errors=True)
         return manifest, data

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import struct
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import WeightDownloadError, WeightVerificationError
+from pipeline.fsutil import staged_dir
 
 MANIFEST = "manifest.json"
 _MAX_HEADER = 100 * 1024 * 1024
@@ -179,8 +177,6 @@ async def download_version(
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    dest_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".incoming-", dir=dest_root))
     try:
         async with aiohttp.ClientSession(timeout=timeout, headers=headers) as http:
             async with http.get(f"{url}/{MANIFEST}") as resp:
@@ -190,23 +186,18 @@ async def download_version(
             if sha256_bytes(data) != manifest_sha256:
                 raise WeightVerificationError("manifest sha256 does not match the announcement")
             manifest = Manifest.from_bytes(data)
-            for entry in manifest.files:
-                await _fetch_file(http, f"{url}/{entry.name}", tmp / entry.name, entry)
-        if reference is not None:
-            check_compatible(tensor_specs(tmp), reference)
-        (tmp / MANIFEST).write_bytes(data)
-        final = dest_root / f"v{manifest.version}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            final = dest_root / f"v{manifest.version}"
+            with staged_dir(final) as tmp:
+                for entry in manifest.files:
+                    await _fetch_file(http, f"{url}/{entry.name}", tmp / entry.name, entry)
+                if reference is not None:
+                    check_compatible(tensor_specs(tmp), reference)
+                (tmp / MANIFEST).write_bytes(data)
         return manifest, final
     except WeightVerificationError:
         raise
     except (OSError, aiohttp.ClientError, TimeoutError) as exc:
         raise WeightDownloadError(f"download from {url} failed: {exc}") from exc
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 async def _fetch_file(http: Any, url: str, path: Path, entry: FileEntry) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.costs import Work
 from pipeline.sampling import GeneratedSegment, SegmentRequest
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,10 @@ class CallStats:
     steps: int = 0
     """Engine forward passes the call needed: its longest output."""
     seconds: float = 0.0
+
+    def work(self) -> Work:
+        """The call in the cost model's units (prefill served by the prefix cache is free)."""
+        return Work(self.prefill_tokens - self.cached_tokens, self.decoded_tokens, self.steps)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.aio import wait_or_stop
 from pipeline.config import SamplerSettings
-from pipeline.costs import CostModel, Work, independent_work
+from pipeline.costs import CostModel, independent_work
 from pipeline.entry import process_parser, process_settings, serve
 from pipeline.errors import (
     ConfigError,
@@ -91,8 +91,7 @@ class Sampler:
 
     def _on_call(self, stats: CallStats) -> None:
         self.calls.append(stats)
-        work = Work(stats.prefill_tokens - stats.cached_tokens, stats.decoded_tokens, stats.steps)
-        self.cost.observe(work, stats.seconds)
+        self.cost.observe(stats.work(), stats.seconds)
         m = self.metrics
         m.engine_calls.inc()
         m.generation_seconds.inc(stats.seconds)
@@ -264,10 +263,7 @@ class Sampler:
 
     def _account(self, tasks: list[PromptTask], trees: list[Tree], seconds: float) -> None:
         m = self.metrics
-        used = sum(
-            self.cost.estimate(Work(c.prefill_tokens - c.cached_tokens, c.decoded_tokens, c.steps))
-            for c in self.calls
-        )
+        used = sum(self.cost.estimate(c.work()) for c in self.calls)
         independent = self.cost.estimate(
             independent_work(
                 [len(t.prompt_token_ids) for t in tasks],
