@@ -91,3 +91,18 @@ def test_tree_view_shows_segments_and_rewards() -> None:
     assert "#c8f7c5" in page and "#f7c5c5" in page  # one rewarded leaf, one punished
     assert "<code>ab</code>" in page  # node 0's tokens [1, 2] through the decoder
     assert "22% saved" in page
+
+
+def test_staged_dir_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
+    from pipeline.fsutil import staged_dir
+
+    final = tmp_path / "v1"
+    with staged_dir(final) as tmp:
+        (tmp / "a").write_text("new")
+        assert not final.exists()
+    assert (final / "a").read_text() == "new"
+    with pytest.raises(RuntimeError), staged_dir(final) as tmp:
+        (tmp / "a").write_text("half")
+        raise RuntimeError("crash while writing")
+    assert (final / "a").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["v1"]  # no temporary left behind
