@@ -19,6 +19,7 @@ import sys
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
@@ -234,8 +235,8 @@ def _encode_rollout(msg: TreeRollout) -> dict[str, Any]:
         "node_parent": _int32([n.parent for n in nodes]),
         "node_len": _int32([len(n.token_ids) for n in nodes]),
         "node_version": _int32([n.policy_version for n in nodes]),
-        "tokens": _int32([t for n in nodes for t in n.token_ids]),
-        "logprobs": _float32([lp for n in nodes for lp in n.logprobs]),
+        "tokens": _int32(list(chain.from_iterable(n.token_ids for n in nodes))),
+        "logprobs": _float32(list(chain.from_iterable(n.logprobs for n in nodes))),
         "leaf_node": _int32([leaf.node for leaf in msg.leaves]),
         "leaf_reward": _float64([leaf.reward for leaf in msg.leaves]),
         "leaf_finish": [leaf.finish_reason for leaf in msg.leaves],
@@ -379,18 +380,16 @@ class _Fields:
                 self.name(key), f"{len(values)} tokens > limit {self.limits.max_tokens}"
             )
         vocab = self.limits.vocab_size
-        for i, t in enumerate(values):
-            if not 0 <= t < vocab:
-                raise MessageDecodeError(
-                    f"{self.name(key)}[{i}]", f"token id {t} outside [0, {vocab})"
-                )
+        if values and (min(values) < 0 or max(values) >= vocab):  # C-speed check, then locate
+            i, t = next((i, t) for i, t in enumerate(values) if not 0 <= t < vocab)
+            raise MessageDecodeError(f"{self.name(key)}[{i}]", f"token id {t} outside [0, {vocab})")
         return values
 
     def finite_floats(self, key: str, code: str, count: int, hi: float = math.inf) -> list[float]:
         values: list[float] = self.numbers(key, code, count)
-        for i, v in enumerate(values):
-            if not math.isfinite(v) or v > hi:
-                raise MessageDecodeError(f"{self.name(key)}[{i}]", f"{v} is not finite or > {hi}")
+        if not all(map(math.isfinite, values)) or (values and max(values) > hi):
+            i, v = next((i, v) for i, v in enumerate(values) if not math.isfinite(v) or v > hi)
+            raise MessageDecodeError(f"{self.name(key)}[{i}]", f"{v} is not finite or > {hi}")
         return values
 
     def sub(self, key: str) -> _Fields:
