@@ -121,6 +121,10 @@ class SamplerOptions(_Section):
     """Engine context length; 0 = the model's own."""
     kv_cache_gib: int = Field(1, ge=1, le=1024)
     """KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE)."""
+    block_size: int = Field(32, ge=0, le=1024)
+    """KV-cache block size in tokens; 0 = the engine's default (128 on vLLM's CPU backend).
+    Prefix caching shares whole blocks only, so siblings share a parent's KV only up to its last
+    full block: keep this at or below the segment length. The CPU backend needs a multiple of 32."""
     heartbeat_ttl_s: float = Field(10.0, ge=1.0, le=3600.0)
     """Heartbeat key time-to-live; refreshed every third of it."""
     weights_poll_s: float = Field(0.5, gt=0.0, le=60.0)
@@ -166,6 +170,12 @@ class LearnerOptions(_Section):
     """Trees (prompts) per optimizer step."""
     total_steps: int = Field(100, ge=1, le=10_000_000)
     """The learner exits after this many optimizer steps."""
+    max_seconds: float = Field(0.0, ge=0, le=1e9)
+    """Also stop after this many seconds of training, counted from the first tree received
+    (engine start-up excluded; 0 = no limit); the final model is saved as at ``total_steps``."""
+    token_budget: int = Field(0, ge=0, le=10**15)
+    """Also stop once the trees received (trained or dropped) hold this many decoded tokens
+    (0 = no limit): runs compared at an equal sampling budget."""
     ppo_epochs: int = Field(1, ge=1, le=100)
     """Passes over each batch."""
     mini_batches: int = Field(1, ge=1, le=1024)

@@ -62,7 +62,11 @@ class EngineOptions:
     enforce_eager: bool = True
     max_model_len: int | None = None
     kv_cache_gib: int = 1
+    block_size: int = 32
+    """KV-cache block size; 0 = the engine's default. Prefix caching shares whole blocks."""
     seed: int = 0
+    ignore_eos: bool = False
+    """Decode every request to its token budget (benchmarks with forced lengths)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,6 +95,8 @@ class VLLMSegmentGenerator:
         }
         if options.max_model_len:
             kwargs["max_model_len"] = options.max_model_len
+        if options.block_size:
+            kwargs["block_size"] = options.block_size
         started = time.perf_counter()
         self.llm = LLM(**kwargs)
         log.info("vLLM engine on %s ready in %.1fs", options.model, time.perf_counter() - started)
@@ -138,6 +144,7 @@ class VLLMSegmentGenerator:
                 top_p=self.options.top_p,
                 max_tokens=r.max_tokens,
                 logprobs=0,
+                ignore_eos=self.options.ignore_eos,
             )
             for r in requests
         ]

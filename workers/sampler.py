@@ -65,6 +65,7 @@ class Sampler:
         self.metrics = metrics or SamplerMetrics()
         opts = settings.sampler
         self.worker_id = opts.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.started = time.monotonic()
         self.streams = Streams(settings.redis, settings.run, settings.streams)
         tree_cfg = settings.tree
         if tree_cfg.eos_token_id is None and engine.eos_token_id is not None:
@@ -116,6 +117,7 @@ class Sampler:
     async def run(self, max_prompts: int | None = None) -> int:
         """Serve until stopped (or ``max_prompts`` prompts are done); returns prompts done."""
         keys = self.streams.keys
+        self.started = time.monotonic()
         await self.streams.ensure_group(keys.prompts, PROMPT_GROUP)
         await self.streams.ensure_group(keys.trees, TREE_GROUP)
         runner, self.port = await start(
@@ -167,8 +169,11 @@ class Sampler:
                 "treepo_sampler_gpu_seconds_independent_total",
                 "treepo_sampler_weight_swaps_total",
                 "treepo_sampler_correct_leaves_total",
+                "treepo_sampler_idle_seconds_total",
+                "treepo_sampler_stale_waits_total",
             )
         }
+        values["wall_seconds"] = time.monotonic() - self.started
         values["cost_model"] = list(self.cost.coef)
         values["policy_version"] = self.engine.policy_version
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -409,6 +414,7 @@ def engine_options(settings: SamplerSettings, model: str) -> EngineOptions:
         enforce_eager=o.enforce_eager,
         max_model_len=o.max_model_len or None,
         kv_cache_gib=o.kv_cache_gib,
+        block_size=o.block_size,
         seed=settings.run.seed,
     )
 
