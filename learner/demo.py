@@ -61,7 +61,18 @@ def heldout_accuracy(model_dir: Path, n: int, seed: int) -> float:
     return greedy_accuracy(model, tokenizer, ArithTask().problems("heldout", n, seed=seed))
 
 
-def run_pipeline(run: Path, model: Path, steps: int, samplers: int, timeout_s: float) -> int:
+def run_pipeline(
+    run: Path,
+    model: Path,
+    steps: int,
+    samplers: int,
+    timeout_s: float,
+    extra: dict[str, str] | None = None,
+    procfile: Path | None = None,
+    quiet: bool = False,
+) -> int:
+    """Run the Procfile pipeline (``procfile``, default the repository's) with the demo settings
+    plus ``extra`` until the learner ends or ``timeout_s`` passes; returns honcho's exit code."""
     env_file = run / ".env"
     settings = {
         **DEMO_SETTINGS,
@@ -73,6 +84,7 @@ def run_pipeline(run: Path, model: Path, steps: int, samplers: int, timeout_s: f
         "TREEPO_LEARNER__TOTAL_STEPS": str(steps),
         "REDIS_PORT": "6390",
         "RUN_DIR": str(run),
+        **(extra or {}),
     }
     env_file.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     honcho = shutil.which("honcho") or str(Path(sys.executable).parent / "honcho")
@@ -80,7 +92,7 @@ def run_pipeline(run: Path, model: Path, steps: int, samplers: int, timeout_s: f
         honcho,
         "start",
         "-f",
-        str(ROOT / "Procfile"),
+        str(procfile or ROOT / "Procfile"),
         "-e",
         str(env_file),
         "-d",
@@ -103,7 +115,9 @@ def run_pipeline(run: Path, model: Path, steps: int, samplers: int, timeout_s: f
         for line in proc.stdout:
             log.write(line)
             log.flush()
-            if (" step " in line and "reward" in line) or "exits" in line or "Traceback" in line:
+            if quiet:
+                pass
+            elif (" step " in line and "reward" in line) or "exits" in line or "Traceback" in line:
                 print(line.rstrip()[-150:], flush=True)
             if time.monotonic() > deadline:
                 proc.terminate()

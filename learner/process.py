@@ -58,6 +58,8 @@ class LearnerState:
     dropped_stale: int = 0
     dropped_no_signal: int = 0
     python_rng: Any = None
+    tokens_received: int = 0
+    """Decoded tokens of every tree received (trained, dropped or duplicate)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -69,6 +71,7 @@ class LearnerState:
             "dropped_stale": self.dropped_stale,
             "dropped_no_signal": self.dropped_no_signal,
             "python_rng": self.python_rng,
+            "tokens_received": self.tokens_received,
         }
 
     @classmethod
@@ -81,6 +84,7 @@ class LearnerState:
             d["dropped_stale"],
             d["dropped_no_signal"],
             d.get("python_rng"),
+            d.get("tokens_received", 0),
         )
 
 
@@ -124,6 +128,10 @@ class Learner:
         self.port = opts.port
         self.base_url = settings.weights.public_url
         self.started = time.monotonic()
+        self.first_tree_at: float | None = None
+        """When the first tree arrived (the training clock of ``max_seconds`` starts here)."""
+        self.wait_seconds = 0.0
+        """Seconds spent waiting for trees after the first one arrived (idle time)."""
         self._resume()
 
     # -- state -----------------------------------------------------------------------------------
@@ -181,7 +189,7 @@ class Learner:
         try:
             await self._publish()
             after: str | None = "0"  # first this consumer's own pending entries, then new ones
-            while self.state.step < target and not self.stop.is_set():
+            while self.state.step < target and not self.stop.is_set() and not self.budget_spent():
                 await self._admit()
                 waited = time.monotonic()
                 batch = await self.streams.read(
@@ -189,12 +197,14 @@ class Learner:
                 )
                 if after is not None:
                     after = batch[-1].entry_id if batch else None
+                if self.first_tree_at is not None and self.first_tree_at < waited:
+                    self.wait_seconds += time.monotonic() - waited
                 self.metrics.wait_seconds.inc(time.monotonic() - waited)
                 self._take(batch)
                 await self._observe_streams()
                 if len(self.ready) >= opts.batch_prompts:
                     await self._step()
-            if self.state.step >= opts.total_steps:
+            if self.state.step >= opts.total_steps or self.budget_spent():
                 await asyncio.to_thread(self.save_final_model)
         finally:
             if self.resolved_entries and self.state.step > 0:
@@ -202,6 +212,17 @@ class Learner:
             await runner.cleanup()
             await self.streams.close()
         return self.state.step
+
+    def budget_spent(self) -> bool:
+        """True once the time or token budget (when set) is used up."""
+        opts = self.settings.learner
+        if (
+            opts.max_seconds
+            and self.first_tree_at is not None
+            and time.monotonic() - self.first_tree_at >= opts.max_seconds
+        ):
+            return True
+        return bool(opts.token_budget) and self.state.tokens_received >= opts.token_budget
 
     async def _observe_streams(self) -> None:
         info = await self.streams.group_info(self.streams.keys.trees, TREE_GROUP)
@@ -246,6 +267,9 @@ class Learner:
                 self.resolved_entries.append(d.entry_id)
                 continue
             self.metrics.trees_consumed.inc()
+            if self.first_tree_at is None:
+                self.first_tree_at = time.monotonic()
+            self.state.tokens_received += tree.stats.decoded_tokens
             if tree.tree_id in self.state.trained or any(
                 t.tree_id == tree.tree_id for _, t in self.ready
             ):
@@ -329,6 +353,9 @@ class Learner:
             "seconds": seconds,
             "tokens_per_second": stats["tokens"] / max(seconds, 1e-9),
             "wall": time.monotonic() - self.started,
+            "training_seconds": time.monotonic() - (self.first_tree_at or self.started),
+            "wait_seconds": self.wait_seconds,
+            "tokens_received": self.state.tokens_received,
             "dropped_stale": self.state.dropped_stale,
             "dropped_no_signal": self.state.dropped_no_signal,
             **{
@@ -347,7 +374,11 @@ class Learner:
             },
         }
         self._log_step(record)
-        if self.state.step % opts.checkpoint_every == 0 or self.state.step >= opts.total_steps:
+        if (
+            self.state.step % opts.checkpoint_every == 0
+            or self.state.step >= opts.total_steps
+            or self.budget_spent()
+        ):
             await self._checkpoint()
         if self.state.step % opts.publish_every == 0:
             await self._publish()

@@ -65,7 +65,7 @@ def build_tokenizer():  # type: ignore[no-untyped-def]
     )
 
 
-def _model(spec: ToySpec):  # type: ignore[no-untyped-def]
+def make_model(spec: ToySpec):  # type: ignore[no-untyped-def]
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
@@ -83,6 +83,17 @@ def _model(spec: ToySpec):  # type: ignore[no-untyped-def]
         torch_dtype="float32",
     )
     return Qwen2ForCausalLM(config)
+
+
+def save_model(model, tokenizer, out: Path, meta: dict) -> Path:  # type: ignore[no-untyped-def]
+    """Write ``model`` and ``tokenizer`` as a Hugging Face directory, whole or not at all."""
+    model.generation_config.eos_token_id = EOS_ID
+    model.generation_config.pad_token_id = PAD_ID
+    with staged_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "toy_meta.json").write_text(json.dumps(meta, indent=2))
+    return out
 
 
 def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 48) -> float:  # type: ignore[no-untyped-def]
@@ -141,7 +152,7 @@ def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = N
     torch.manual_seed(seed)
     task = ArithTask()
     tokenizer = build_tokenizer()
-    model = _model(spec)
+    model = make_model(spec)
     heldout = task.problems("heldout", spec.eval_problems, seed=seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     acc, step = 0.0, 0
@@ -160,8 +171,6 @@ def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = N
             )
             if acc >= spec.target_accuracy or step >= spec.max_steps:
                 break
-    model.generation_config.eos_token_id = EOS_ID
-    model.generation_config.pad_token_id = PAD_ID
     meta = {
         **want,
         "steps": step,
@@ -169,9 +178,6 @@ def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = N
         "seconds": round(time.monotonic() - started, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
-    with staged_dir(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "toy_meta.json").write_text(json.dumps(meta, indent=2))
+    save_model(model, tokenizer, out, meta)
     log.info("toy model ready in %s (%s)", out, meta)
     return out
