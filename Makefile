@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system test lint demo clean-demo
+.PHONY: setup system test lint demo clean-demo bench bench-quick
 
 setup: system $(STAMP)
 
@@ -33,12 +33,22 @@ test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check pipeline workers learner tests
-	$(VENV)/bin/ruff format --check pipeline workers learner tests
+	$(VENV)/bin/ruff check pipeline workers learner tests bench
+	$(VENV)/bin/ruff format --check pipeline workers learner tests bench
 	$(VENV)/bin/mypy
 
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m learner.demo
+
+# Full benchmarks (about an hour on 2 cores): results in bench/results/, tables in docs/benchmarks.md
+BENCHES := transport weight_sync tree_vs_independent async_vs_sync treepo_vs_grpo
+bench: setup
+	for b in $(BENCHES); do PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m bench.$$b || exit 1; done
+	$(PY) -m bench.report
+
+# Quick modes (what CI runs through tests/test_bench.py); results in runs/bench-quick/
+bench-quick: setup
+	for b in $(BENCHES); do PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m bench.$$b --quick || exit 1; done
 
 clean-demo:
 	rm -rf runs/demo-*

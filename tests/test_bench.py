@@ -1,0 +1,85 @@
+"""Every benchmark runs in its quick mode and writes a valid result file (no timing assertions:
+CI machines are noisy; the numbers come from full runs, see docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def load(out: Path, name: str) -> dict:  # type: ignore[type-arg]
+    data = json.loads((out / f"{name}.json").read_text())
+    assert data["benchmark"] == name and data["mode"] == "quick"
+    assert data["machine"]["cores"] >= 1 and data["machine"]["python"]
+    return data  # type: ignore[no-any-return]
+
+
+def test_transport_quick(tmp_path: Path) -> None:
+    from bench import transport
+
+    assert transport.main(["--quick", "--out", str(tmp_path)]) == 0
+    d = load(tmp_path, "transport")
+    assert d["trees"] == 10 and d["tree"]["leaves"] == 16
+    # 62 segments of 512 tokens: 2 + 4 + 8 + 16 + 16 + 16 nodes
+    assert d["tree"]["segments"] == 62 and d["tree"]["tokens"] == 62 * 512
+    assert d["pipeline_trees_per_second"] > 0 and d["raw_trees_per_second"] > 0
+    assert d["pipeline_vs_raw_ratio"] == pytest.approx(
+        d["pipeline_trees_per_second"] / d["raw_trees_per_second"]
+    )
+
+
+def test_tree_vs_independent_quick(tmp_path: Path) -> None:
+    from bench import tree_vs_independent
+
+    assert tree_vs_independent.main(["--quick", "--out", str(tmp_path)]) == 0
+    d = load(tmp_path, "tree_vs_independent")
+    assert d["budget_tokens"] == 16 and d["prompts"] == 2
+    base = d["compute_model"]["independent"]
+    (tree,) = d["compute_model"]["trees"]
+    # forced lengths: n=16 decodes 16 x 16 tokens a prompt; the tree (4-token segments, fan-out 2,
+    # branching 2, depth 4) decodes (2 + 4 + 8 + 16) x 4 tokens a prompt
+    assert base["decoded_tokens"] == 2 * 16 * 16
+    assert tree["decoded_tokens"] == 2 * (2 + 4 + 8 + 16) * 4
+    assert base["trajectories"] == tree["trajectories"] == 32
+    assert d["decoded_tokens_ratio"] == pytest.approx(120 / 256)
+    assert tree["engine_calls"] == 4 and d["trajectories_per_second_ratio"] > 0
+
+
+def test_weight_sync_quick(tmp_path: Path, toy_model: Path) -> None:
+    from bench import weight_sync
+
+    assert weight_sync.main(["--quick", "--out", str(tmp_path), "--model", str(toy_model)]) == 0
+    d = load(tmp_path, "weight_sync")
+    got = {(s["weights"], s["receivers"]): s for s in d["summary"]}
+    assert set(got) == {("synthetic", 1), ("synthetic", 2), ("toy", 1)}
+    assert got[("toy", 1)]["bytes"] == (toy_model / "model.safetensors").stat().st_size
+    assert abs(got[("synthetic", 1)]["bytes"] - 0.01e9) < 4096
+    assert all(s["sync_seconds"] > 0 and s["raw_copy_seconds"] > 0 for s in d["summary"])
+
+
+def test_async_vs_sync_quick(tmp_path: Path, toy_model: Path) -> None:
+    from bench import async_vs_sync
+
+    args = ["--quick", "--out", str(tmp_path), "--model", str(toy_model), "--heldout", "10"]
+    assert async_vs_sync.main(args) == 0
+    d = load(tmp_path, "async_vs_sync")
+    assert set(d["speedup_vs_sync"]) == {"0", "1"} and d["speedup_vs_sync"]["0"] == 1.0
+    for mode in d["modes"].values():
+        assert mode["trained_trees"] >= 4 and mode["training_seconds"] > 0
+        assert 0 <= mode["learner_idle_fraction"] <= 1 and 0 <= mode["sampler_idle_fraction"] <= 1
+        assert 0 <= mode["heldout_accuracy"] <= 1
+    assert d["modes"]["0"]["staleness_mean"] == 0
+
+
+def test_treepo_vs_grpo_quick(tmp_path: Path, toy_model: Path) -> None:
+    from bench import treepo_vs_grpo
+
+    args = ["--quick", "--out", str(tmp_path), "--model", str(toy_model), "--heldout", "10"]
+    assert treepo_vs_grpo.main(args) == 0
+    d = load(tmp_path, "treepo_vs_grpo")
+    for name in ("treepo", "grpo"):
+        m = d["methods"][name]
+        assert m["tokens_received"] >= d["token_budget"], "stopped on the token budget"
+        assert m["steps"] >= 1
