@@ -83,3 +83,14 @@ def test_treepo_vs_grpo_quick(tmp_path: Path, toy_model: Path) -> None:
         m = d["methods"][name]
         assert m["tokens_received"] >= d["token_budget"], "stopped on the token budget"
         assert m["steps"] >= 1
+
+
+def test_benchmark_tables_match_the_result_files() -> None:
+    """docs/benchmarks.md shows exactly what bench/results/ holds (`python -m bench.report`)."""
+    from bench import report
+
+    doc = report.DOC.read_text()
+    generated = doc.split(report.START, 1)[1].split(report.END, 1)[0]
+    assert generated.strip() == report.render().strip(), "run `python -m bench.report`"
+    for name, _, _ in report.SECTIONS:
+        assert (report.RESULTS / f"{name}.json").is_file(), f"no full result for {name}"
