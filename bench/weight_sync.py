@@ -374,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     counts = [1, 2] if args.quick else [1, 4]
     args.model = toy_model(args)
+    (ROOT / "runs").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / "runs") as tmp:
         work = Path(tmp)
         rows = asyncio.run(synthetic(work / "synthetic", gigabytes, counts, repeats))
