@@ -20,6 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from learner.toy import KIT_VERSION
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 QUICK_RESULTS = ROOT / "runs" / "bench-quick"
@@ -90,6 +92,7 @@ def machine_facts() -> dict[str, Any]:
         },
         "redis_server": _command(["redis-server", "--version"]),
         "git_commit": _command(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "toy_kit_version": KIT_VERSION,
     }
 
 

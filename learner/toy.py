@@ -2,10 +2,17 @@
 
 ``build_toy_model(out_dir, seed)`` builds, with no network, a symbol-level tokenizer
 (``tokenizers``), a small Qwen2 causal LM, and warm-starts it with supervised training on the
-task's train split until its greedy held-out accuracy first reaches ``target_accuracy`` (so the
-start is neither hopeless nor solved), then saves a normal Hugging Face model directory that
-vLLM and transformers both load. A finished directory is reused (``toy_meta.json`` records the
-seed and kit version), so a second call is instant.
+task's train split in two phases:
+
+1. worked solutions only (``12+34=46;46+7=53;\\boxed{53}``) until greedy held-out accuracy first
+   reaches ``target_accuracy``, so the model can add step by step, but not reliably;
+2. ``mix_steps`` more steps where a ``direct_fraction`` of the examples answer at once
+   (``\\boxed{53}``), a habit of guessing that is usually wrong for a model this small.
+
+The start is therefore neither hopeless nor solved, and reward has two things to teach: to
+prefer working the sum out over guessing, and to add more reliably. The kit saves a normal
+Hugging Face model directory that vLLM and transformers both load. A finished directory is
+reused (``toy_meta.json`` records the seed, spec and kit version), so a second call is instant.
 """
 
 from __future__ import annotations
@@ -17,11 +24,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.fsutil import staged_dir
-from pipeline.tasks import ArithTask
+from pipeline.tasks import BOX_OPEN, ArithTask
 
 log = logging.getLogger(__name__)
 
-KIT_VERSION = 1
+KIT_VERSION = 2
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 SYMBOLS = [*"0123456789+=;", "\\boxed{", "}"]
 PAD_ID, EOS_ID = 0, 1
@@ -41,7 +48,10 @@ class ToySpec:
     batch: int = 64
     lr: float = 2e-3
     target_accuracy: float = 0.25
-    """Warm-up stops once greedy held-out accuracy reaches this."""
+    """Phase 1 (worked solutions) ends once greedy held-out accuracy reaches this."""
+    mix_steps: int = 300
+    """Phase 2 steps, where ``direct_fraction`` of the examples answer without working."""
+    direct_fraction: float = 0.5
     eval_every: int = 50
     eval_problems: int = 200
     max_steps: int = 3000
@@ -96,8 +106,14 @@ def save_model(model, tokenizer, out: Path, meta: dict) -> Path:  # type: ignore
     return out
 
 
-def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 48) -> float:  # type: ignore[no-untyped-def]
-    """Fraction of ``problems`` whose greedy completion the task's checker accepts."""
+def shows_work(response: str) -> bool:
+    """Whether ``response`` writes at least one step (an ``=``) before its boxed answer."""
+    return "=" in response.split(BOX_OPEN, 1)[0]
+
+
+def greedy_eval(model, tokenizer, problems, max_new_tokens: int = 48) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Greedy completions of ``problems``: ``accuracy`` (the task's checker accepts the answer)
+    and ``worked_fraction`` (the response shows at least one step before its answer)."""
     import torch
 
     from pipeline.tasks import reward_fn
@@ -115,17 +131,30 @@ def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 48) -> flo
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     model.train()
     good = sum(reward_fn(p.task)(t, p.answer) > 0 for p, t in zip(problems, texts))
-    return good / len(problems)
+    worked = sum(shows_work(t) for t in texts)
+    return {"accuracy": good / len(problems), "worked_fraction": worked / len(problems)}
 
 
-def _batches(task: ArithTask, tokenizer, spec: ToySpec, seed: int):  # type: ignore[no-untyped-def]
+def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 48) -> float:  # type: ignore[no-untyped-def]
+    """Fraction of ``problems`` whose greedy completion the task's checker accepts."""
+    return greedy_eval(model, tokenizer, problems, max_new_tokens)["accuracy"]
+
+
+def _batches(task: ArithTask, tokenizer, spec: ToySpec, seed: int, direct_fraction: float):  # type: ignore[no-untyped-def]
+    import random
+
     import torch
 
     it = task.sample("train", seed)
+    rng = random.Random(f"toy-direct-{seed}")
     while True:
         ops = [next(it) for _ in range(spec.batch)]
         prompts = [tokenizer(task.problem(o).prompt)["input_ids"] for o in ops]
-        answers = [tokenizer(task.solution(o))["input_ids"] + [EOS_ID] for o in ops]
+        texts = [
+            f"{BOX_OPEN}{sum(o)}}}" if rng.random() < direct_fraction else task.solution(o)
+            for o in ops
+        ]
+        answers = [tokenizer(t)["input_ids"] + [EOS_ID] for t in texts]
         length = max(len(p) + len(a) for p, a in zip(prompts, answers))
         ids = torch.full((spec.batch, length), PAD_ID)
         labels = torch.full((spec.batch, length), -100)
@@ -155,29 +184,45 @@ def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = N
     model = make_model(spec)
     heldout = task.problems("heldout", spec.eval_problems, seed=seed + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
-    acc, step = 0.0, 0
-    for step, (ids, labels, mask) in enumerate(_batches(task, tokenizer, spec, seed), start=1):
+
+    def train_step(batch) -> float:  # type: ignore[no-untyped-def]
+        ids, labels, mask = batch
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
+        return float(loss.item())
+
+    acc, step = 0.0, 0
+    for step, batch in enumerate(_batches(task, tokenizer, spec, seed, 0.0), start=1):
+        loss = train_step(batch)
         if step % spec.eval_every == 0:
             acc = greedy_accuracy(model, tokenizer, heldout)
-            log.info(
-                "toy warm-up step %d loss %.3f held-out greedy accuracy %.3f",
-                step,
-                loss.item(),
-                acc,
-            )
+            log.info("toy warm-up step %d loss %.3f held-out greedy accuracy %.3f", step, loss, acc)
             if acc >= spec.target_accuracy or step >= spec.max_steps:
                 break
+    worked_steps = step
+    mixed = _batches(task, tokenizer, spec, seed + 1, spec.direct_fraction)
+    for _ in range(spec.mix_steps):
+        loss = train_step(next(mixed))
+        step += 1
+    if spec.mix_steps:
+        acc = greedy_accuracy(model, tokenizer, heldout)
+        log.info("toy warm-up mixed phase done: loss %.3f held-out greedy accuracy %.3f", loss, acc)
     meta = {
         **want,
         "steps": step,
+        "worked_solution_steps": worked_steps,
         "heldout_greedy_accuracy": acc,
         "seconds": round(time.monotonic() - started, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     save_model(model, tokenizer, out, meta)
-    log.info("toy model ready in %s (%s)", out, meta)
+    log.info(
+        "toy model ready in %s: %d warm-up steps, held-out greedy accuracy %.3f, %.0f s",
+        out,
+        step,
+        acc,
+        meta["seconds"],
+    )
     return out

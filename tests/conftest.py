@@ -40,8 +40,14 @@ def run(coro: object) -> object:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
-TOY_TEST_SPEC = {"max_steps": 300, "eval_every": 300, "target_accuracy": 1.1, "eval_problems": 50}
-"""A quick warm-up for tests: the model learns the answer format, not yet the arithmetic."""
+TOY_TEST_SPEC = {
+    "max_steps": 300,
+    "eval_every": 300,
+    "target_accuracy": 1.1,
+    "eval_problems": 50,
+    "mix_steps": 0,
+}
+"""A quick warm-up for tests: the model learns the worked-answer format, not yet the arithmetic."""
 
 
 @pytest.fixture(scope="session")

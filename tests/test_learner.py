@@ -234,6 +234,9 @@ def test_learner_trains_publishes_survives_a_kill(
     assert len(final["trained"]) == 3 * final["step"]
     steps = [json.loads(line) for line in (work / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in steps][-3:] == [final["step"] - 2, final["step"] - 1, final["step"]]
+    # the unfiltered view of sampled leaves: a fraction of leaves, present from the first step
+    assert steps[0]["sampled_accuracy"] is not None
+    assert all(0 <= r["sampled_accuracy"] <= 1 for r in steps if r["sampled_accuracy"] is not None)
     # the sampler picked up published weights: later trees carry newer policy versions
     trees: list[TreeRollout] = seen["trees"]  # type: ignore[assignment]
     versions = {n.policy_version for t in trees for n in t.nodes}

@@ -1,0 +1,47 @@
+"""The toy model kit's warm-up data: what the model is taught before reinforcement learning."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from learner.toy import EOS_ID, ToySpec, _batches, build_tokenizer, shows_work
+from pipeline.tasks import ArithTask, arith_reward
+
+
+def test_shows_work() -> None:
+    assert shows_work("12+34=46;46+7=53;\\boxed{53}")
+    assert shows_work("12+34=46;")  # steps without an answer still show work
+    assert not shows_work("\\boxed{53}")
+    assert not shows_work("\\boxed{53}=53")  # text after the answer does not count
+    assert not shows_work("")
+
+
+@pytest.mark.parametrize("direct_fraction", [0.0, 0.5, 1.0])
+def test_warm_up_batches_mix_direct_and_worked_answers(direct_fraction: float) -> None:
+    task, tokenizer = ArithTask(), build_tokenizer()
+    spec = ToySpec(batch=32)
+    batches = _batches(task, tokenizer, spec, seed=3, direct_fraction=direct_fraction)
+    direct = total = 0
+    for _ in range(8):
+        ids, labels, mask = next(batches)
+        assert ids.shape == labels.shape == mask.shape and ids.shape[0] == spec.batch
+        for row_ids, row_labels in zip(ids.tolist(), labels.tolist()):
+            answer_at = [i for i, x in enumerate(row_labels) if x != -100]
+            # labels cover exactly the response and its end token, right after the prompt
+            assert answer_at == list(range(answer_at[0], answer_at[-1] + 1))
+            assert row_labels[answer_at[-1]] == EOS_ID
+            prompt = tokenizer.decode(row_ids[: answer_at[0]], skip_special_tokens=True)
+            response = tokenizer.decode(row_labels[answer_at[0] : answer_at[-1]])
+            operands = tuple(int(x) for x in re.findall(r"\d+", prompt))
+            assert prompt == task.problem(operands).prompt
+            # every taught answer is right, by the task's own checker and by plain addition
+            assert arith_reward(response, str(sum(operands))) > 0
+            if shows_work(response):
+                assert response == task.solution(operands)
+            else:
+                assert response == f"\\boxed{{{sum(operands)}}}"
+                direct += 1
+            total += 1
+    assert abs(direct / total - direct_fraction) < 0.1
