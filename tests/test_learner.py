@@ -237,6 +237,9 @@ def test_learner_trains_publishes_survives_a_kill(
     # the unfiltered view of sampled leaves: a fraction of leaves, present from the first step
     assert steps[0]["sampled_accuracy"] is not None
     assert all(0 <= r["sampled_accuracy"] <= 1 for r in steps if r["sampled_accuracy"] is not None)
+    # every field of the step log is documented
+    ops_doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    assert not [k for k in steps[0] if f"`{k}`" not in ops_doc]
     # the sampler picked up published weights: later trees carry newer policy versions
     trees: list[TreeRollout] = seen["trees"]  # type: ignore[assignment]
     versions = {n.policy_version for t in trees for n in t.nodes}
