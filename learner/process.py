@@ -95,6 +95,11 @@ def load_problems(settings: LearnerSettings) -> list[Problem]:
     return load_dataset(opts.dataset, opts.prompt_field, opts.answer_field, opts.task)
 
 
+def leaf_summary(rewards: list[float]) -> tuple[float, float]:
+    """Mean reward and fraction of positive rewards (correct leaves) of non-empty ``rewards``."""
+    return sum(rewards) / len(rewards), sum(r > 0 for r in rewards) / len(rewards)
+
+
 class Learner:
     def __init__(
         self,
@@ -326,9 +331,11 @@ class Learner:
             self.state.trained.add(t.tree_id)
             self._resolve(d)
         rewards = batch.rewards
-        reward = sum(rewards) / len(rewards)
-        accuracy = sum(r > 0 for r in rewards) / len(rewards)
-        received, self.received_leaves = self.received_leaves, []
+        reward, accuracy = leaf_summary(rewards)
+        sampled_reward, sampled_accuracy = (
+            leaf_summary(self.received_leaves) if self.received_leaves else (None, None)
+        )
+        self.received_leaves = []
         m = self.metrics
         m.steps.inc()
         m.step_seconds.observe(seconds)
@@ -351,8 +358,8 @@ class Learner:
             "version": self.version,
             "reward": reward,
             "accuracy": accuracy,
-            "sampled_reward": sum(received) / len(received) if received else None,
-            "sampled_accuracy": sum(r > 0 for r in received) / len(received) if received else None,
+            "sampled_reward": sampled_reward,
+            "sampled_accuracy": sampled_accuracy,
             "trees": len(trees),
             "leaves": len(rewards),
             "staleness_mean": sum(staleness) / len(staleness),

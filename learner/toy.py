@@ -135,11 +135,6 @@ def greedy_eval(model, tokenizer, problems, max_new_tokens: int = 48) -> dict[st
     return {"accuracy": good / len(problems), "worked_fraction": worked / len(problems)}
 
 
-def greedy_accuracy(model, tokenizer, problems, max_new_tokens: int = 48) -> float:  # type: ignore[no-untyped-def]
-    """Fraction of ``problems`` whose greedy completion the task's checker accepts."""
-    return greedy_eval(model, tokenizer, problems, max_new_tokens)["accuracy"]
-
-
 def _batches(task: ArithTask, tokenizer, spec: ToySpec, seed: int, direct_fraction: float):  # type: ignore[no-untyped-def]
     import random
 
@@ -197,7 +192,7 @@ def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = N
     for step, batch in enumerate(_batches(task, tokenizer, spec, seed, 0.0), start=1):
         loss = train_step(batch)
         if step % spec.eval_every == 0:
-            acc = greedy_accuracy(model, tokenizer, heldout)
+            acc = greedy_eval(model, tokenizer, heldout)["accuracy"]
             log.info("toy warm-up step %d loss %.3f held-out greedy accuracy %.3f", step, loss, acc)
             if acc >= spec.target_accuracy or step >= spec.max_steps:
                 break
@@ -207,7 +202,7 @@ def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = N
         loss = train_step(next(mixed))
         step += 1
     if spec.mix_steps:
-        acc = greedy_accuracy(model, tokenizer, heldout)
+        acc = greedy_eval(model, tokenizer, heldout)["accuracy"]
         log.info("toy warm-up mixed phase done: loss %.3f held-out greedy accuracy %.3f", loss, acc)
     meta = {
         **want,
