@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
+from pathlib import Path
 
 import pytest
 
-from learner.toy import EOS_ID, ToySpec, _batches, build_tokenizer, shows_work
+from learner.toy import (
+    EOS_ID,
+    KIT_VERSION,
+    ToySpec,
+    _batches,
+    build_tokenizer,
+    build_toy_model,
+    shows_work,
+)
 from pipeline.tasks import ArithTask, arith_reward
 
 
@@ -45,3 +56,21 @@ def test_warm_up_batches_mix_direct_and_worked_answers(direct_fraction: float) -
                 direct += 1
             total += 1
     assert abs(direct / total - direct_fraction) < 0.1
+
+
+def test_build_runs_both_phases_and_reuses_a_finished_model(tmp_path: Path) -> None:
+    tiny = {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 64, "batch": 8}
+    spec = ToySpec(
+        **tiny, max_steps=3, eval_every=1, target_accuracy=1.1, eval_problems=4, mix_steps=2
+    )  # type: ignore[arg-type]
+    out = build_toy_model(tmp_path / "toy", seed=0, spec=spec)
+    meta = json.loads((out / "toy_meta.json").read_text())
+    # phase 1 stops at max_steps (the target is unreachable), then phase 2 adds mix_steps
+    assert (meta["worked_solution_steps"], meta["steps"]) == (3, 5)
+    assert meta["kit_version"] == KIT_VERSION and meta["spec"]["direct_fraction"] == 0.5
+    weights = out / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert build_toy_model(tmp_path / "toy", seed=0, spec=spec) == out
+    assert weights.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    build_toy_model(tmp_path / "toy", seed=0, spec=dataclasses.replace(spec, mix_steps=0))
+    assert json.loads((out / "toy_meta.json").read_text())["steps"] == 3  # a new spec rebuilds
