@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system test lint demo clean-demo bench bench-quick
+.PHONY: setup system test lint demo clean-demo bench bench-quick soak
 
 setup: system $(STAMP)
 
@@ -52,3 +52,8 @@ bench-quick: setup
 
 clean-demo:
 	rm -rf runs/demo-*
+
+# Soak: 20 minutes of the real pipeline under random SIGKILLs of samplers, learner and
+# redis-server, then a ledger check (0 lost, 0 trained twice); results in bench/results/soak.json
+soak: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m bench.soak $(SOAK_ARGS)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from pipeline.streams import DEADLETTER_REASONS
+
 
 @dataclass
 class LearnerMetrics:
@@ -85,6 +87,27 @@ class LearnerMetrics:
         self.prompts_admitted = Counter(
             p + "prompts_admitted", "Prompts admitted to the prompts stream.", registry=r
         )
+        self.prompts_readmitted = Counter(
+            p + "prompts_readmitted",
+            "Prompts admitted again: their tree was overdue (lost) or dropped as stale.",
+            ["why"],
+            registry=r,
+        )
+        for why in ("overdue", "stale"):
+            self.prompts_readmitted.labels(why)
+        self.prompts_abandoned = Counter(
+            p + "prompts_abandoned",
+            "Prompts given up after max_admissions admissions (or stale with readmission off).",
+            registry=r,
+        )
+        self.deadletter = Counter(
+            p + "deadletter",
+            "Tree entries sent to the dead-letter stream, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for reason in DEADLETTER_REASONS:
+            self.deadletter.labels(reason)
         self.prompts_in_flight = Gauge(
             p + "prompts_in_flight", "Prompts admitted but not yet trained on.", registry=r
         )

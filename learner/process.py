@@ -1,15 +1,19 @@
 """The learner process: admits prompts, consumes trees, trains, checkpoints, publishes weights.
 
-Loop: admit prompts while fewer than ``(max_staleness + 1) * batch_prompts`` are admitted but
-unresolved -> read trees (first this consumer's own pending entries, so a restart resumes them)
--> skip trees already trained (dedupe by tree id), drop trees older than ``max_staleness``
-versions and, with dynamic sampling, trees whose leaves share one reward (each counted) -> once
+Loop: admit prompts while fewer than ``(max_staleness + 1) * batch_prompts`` are outstanding in
+the ledger (``learner.ledger``) -> admit again the prompts whose tree is overdue and that no live
+sampler holds -> read trees (first this consumer's own pending entries, so a restart resumes
+them) -> dead-letter trees for prompts it never admitted, skip trees already resolved (dedupe by
+prompt and tree id), drop trees older than ``max_staleness`` versions (and admit their prompt
+again) and, with dynamic sampling, trees whose leaves share one reward (each counted) -> once
 ``batch_prompts`` trees are ready: one importance-corrected update (``learner.trainer``) ->
 policy version + 1 -> checkpoint -> XACK the trees it resolved -> every ``publish_every`` steps
 export, serve and announce the weights.
 
 Trees are acknowledged only after a checkpoint holds the update that used them, and the
-checkpoint records every trained tree id, so a crash neither loses nor double-trains a tree.
+checkpoint records every trained tree id and the ledger, so a crash neither loses nor
+double-trains a tree; the step log is cut back to the checkpoint on resume, so it lists exactly
+the trees each durable step trained.
 """
 
 from __future__ import annotations
@@ -26,15 +30,16 @@ from typing import Any
 
 from learner.batch import build_batch
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.ledger import Ledger, Outcome, prompt_id
 from learner.metrics import LearnerMetrics
 from learner.trainer import Engine, build_engine, export_weights, train_on_batch
 from learner.weight_server import WeightStore, add_routes, announce
 from pipeline.advantage import has_signal
 from pipeline.config import LearnerSettings
 from pipeline.entry import process_parser, process_settings, serve
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, Stopping, TransportError
 from pipeline.httpserver import make_app, start
-from pipeline.messages import PromptTask, TreeRollout
+from pipeline.messages import DecodeLimits, PromptTask, TreeRollout
 from pipeline.streams import Delivery, Streams
 from pipeline.tasks import ArithTask, Problem, load_dataset
 
@@ -52,26 +57,27 @@ class LearnerState:
     step: int = 0
     cursor: int = 0
     """Prompts admitted so far (the next dataset position)."""
-    resolved: int = 0
-    """Admitted prompts whose tree was trained, dropped or skipped."""
     trained: set[str] = field(default_factory=set)
     dropped_stale: int = 0
     dropped_no_signal: int = 0
     python_rng: Any = None
     tokens_received: int = 0
     """Decoded tokens of every tree received (trained, dropped or duplicate)."""
+    ledger: Ledger = field(default_factory=Ledger)
+    """Every admitted prompt until its tree is resolved."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "version": self.step,
             "cursor": self.cursor,
-            "resolved": self.resolved,
+            "resolved": len(self.ledger.finished),
             "trained": sorted(self.trained),
             "dropped_stale": self.dropped_stale,
             "dropped_no_signal": self.dropped_no_signal,
             "python_rng": self.python_rng,
             "tokens_received": self.tokens_received,
+            "ledger": self.ledger.to_json(),
         }
 
     @classmethod
@@ -79,13 +85,22 @@ class LearnerState:
         return cls(
             d["step"],
             d["cursor"],
-            d["resolved"],
             set(d["trained"]),
             d["dropped_stale"],
             d["dropped_no_signal"],
             d.get("python_rng"),
             d.get("tokens_received", 0),
+            Ledger.from_json(d.get("ledger", {})),
         )
+
+
+@dataclass
+class Resolved:
+    """Ids resolved since the last step record (they go into the step log)."""
+
+    no_signal: list[str] = field(default_factory=list)
+    abandoned: list[str] = field(default_factory=list)
+    readmitted: list[str] = field(default_factory=list)
 
 
 def load_problems(settings: LearnerSettings) -> list[Problem]:
@@ -124,12 +139,24 @@ class Learner:
         self.work = Path(opts.work_dir)
         self.ckpt_root = self.work / "checkpoints"
         self.store = WeightStore(self.work / "weights", keep=settings.weights.keep_versions)
-        self.streams = Streams(settings.redis, settings.run, settings.streams)
+        self.streams = Streams(
+            settings.redis,
+            settings.run,
+            settings.streams,
+            DecodeLimits(
+                max_bytes=settings.streams.max_message_bytes,
+                vocab_size=int(engine.module.config.vocab_size),
+            ),
+        )
         self.state = LearnerState()
+        self.since_step = Resolved()
         self.rng = random.Random(settings.run.seed)
         self.ready: list[tuple[Delivery, TreeRollout]] = []
         self.resolved_entries: list[str] = []
         self.stop = asyncio.Event()
+        self.streams.stop = self.stop
+        self.streams.on_deadletter = lambda reason: self.metrics.deadletter.labels(reason).inc()
+        self.last_overdue_check = 0.0
         self.port = opts.port
         self.base_url = settings.weights.public_url
         self.started = time.monotonic()
@@ -159,6 +186,7 @@ class Learner:
             )
         saved = load_checkpoint(path, self.engine.module, self.engine.optimizer)
         self.state = LearnerState.from_json(saved)
+        self._cut_step_log()
         if self.state.python_rng is not None:
             version, internal, gauss = self.state.python_rng
             self.rng.setstate((version, tuple(internal), gauss))
@@ -169,6 +197,22 @@ class Learner:
             self.state.cursor,
             len(self.state.trained),
         )
+
+    def _cut_step_log(self) -> None:
+        """Drop step records past the checkpoint: those updates were lost with the crash and are
+        done again, so the log lists exactly the durable steps."""
+        path = self.work / "steps.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines()
+        keep = [line for line in lines if json.loads(line)["step"] <= self.state.step]
+        if len(keep) < len(lines):
+            path.write_text("".join(line + "\n" for line in keep))
+            log.info(
+                "step log cut back to step %d (%d records dropped)",
+                self.state.step,
+                len(lines) - len(keep),
+            )
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -199,6 +243,7 @@ class Learner:
             after: str | None = "0"  # first this consumer's own pending entries, then new ones
             while self.state.step < target and not self.stop.is_set() and not self.budget_spent():
                 await self._admit()
+                await self._readmit_overdue()
                 waited = time.monotonic()
                 batch = await self.streams.read(
                     keys.trees, TREE_GROUP, CONSUMER, pending=after is not None, after=after or "0"
@@ -208,12 +253,14 @@ class Learner:
                 if self.first_tree_at is not None and self.first_tree_at < waited:
                     self.wait_seconds += time.monotonic() - waited
                 self.metrics.wait_seconds.inc(time.monotonic() - waited)
-                self._take(batch)
+                await self._take(batch)
                 await self._observe_streams()
                 if len(self.ready) >= opts.batch_prompts:
                     await self._step()
             if self.state.step >= opts.total_steps or self.budget_spent():
                 await asyncio.to_thread(self.save_final_model)
+        except Stopping as exc:
+            log.info("stopping: %s", exc)
         finally:
             if self.resolved_entries and self.state.step > 0:
                 await self._checkpoint()
@@ -238,25 +285,73 @@ class Learner:
         self.metrics.stream_pending.set(info.pending)
 
     async def _admit(self) -> None:
-        """Admit prompts up to the staleness bound (AReaL's rule)."""
+        """Admit prompts up to the staleness bound (AReaL's rule) on outstanding prompts."""
         opts = self.settings.learner
         limit = (self.settings.run.max_staleness + 1) * opts.batch_prompts
-        while self.state.cursor - self.state.resolved < limit:
+        ledger = self.state.ledger
+        while len(ledger.outstanding) < limit:
             pos = self.state.cursor
-            problem = self.problems[pos % len(self.problems)]
-            task = PromptTask(
-                f"q{pos}",
-                self.encode_prompt(problem.prompt),
-                problem.answer,
-                pos,
-                self.version,
-                problem.task,
-                time.time(),
-            )
-            await self.streams.publish(self.streams.keys.prompts, task)
+            entry_id = await self._publish_prompt(pos)
+            ledger.admit(prompt_id(pos), pos, entry_id, time.time())
             self.state.cursor += 1
             self.metrics.prompts_admitted.inc()
-        self.metrics.prompts_in_flight.set(self.state.cursor - self.state.resolved)
+        self.metrics.prompts_in_flight.set(len(ledger.outstanding))
+
+    async def _publish_prompt(self, pos: int) -> str:
+        problem = self.problems[pos % len(self.problems)]
+        task = PromptTask(
+            prompt_id(pos),
+            self.encode_prompt(problem.prompt),
+            problem.answer,
+            pos,
+            self.version,
+            problem.task,
+            time.time(),
+        )
+        return await self.streams.publish(self.streams.keys.prompts, task)
+
+    async def _readmit(self, pid: str, stale: bool) -> bool:
+        """Admit ``pid`` once more; False (and the prompt is abandoned) once it has been
+        admitted ``max_admissions`` times."""
+        ledger = self.state.ledger
+        a = ledger.outstanding[pid]
+        if a.attempts >= self.settings.learner.max_admissions:
+            self._abandon(pid, f"after {a.attempts} admissions")
+            return False
+        entry_id = await self._publish_prompt(a.position)
+        ledger.readmit(pid, entry_id, time.time(), stale)
+        self.since_step.readmitted.append(pid)
+        self.metrics.prompts_readmitted.labels("stale" if stale else "overdue").inc()
+        return True
+
+    async def _readmit_overdue(self) -> None:
+        """Admit again every prompt whose tree is overdue and that is neither queued on the
+        prompts stream nor held by a live sampler (checked every few seconds)."""
+        after = self.settings.learner.readmit_after_s
+        now = time.monotonic()
+        if now - self.last_overdue_check < min(10.0, after / 4):
+            return
+        self.last_overdue_check = now
+        overdue = self.state.ledger.overdue(time.time(), after)
+        if not overdue:
+            return
+        keys = self.streams.keys
+        if (await self.streams.group_info(keys.trees, TREE_GROUP)).lag > 0:
+            return  # trees not yet read may be the overdue ones
+        for a in overdue:
+            where, consumer = await self.streams.entry_state(keys.prompts, PROMPT_GROUP, a.entry_id)
+            if where == "queued":
+                continue
+            if where == "pending" and consumer and await self.streams.alive([consumer]):
+                continue
+            log.warning(
+                "prompt %s overdue (%.0fs, entry %s %s); admitting it again",
+                a.prompt_id,
+                time.time() - a.admitted_at,
+                a.entry_id,
+                where if consumer is None else f"held by dead {consumer}",
+            )
+            await self._readmit(a.prompt_id, stale=False)
 
     def encode_prompt(self, text: str) -> list[int]:
         if self.settings.learner.chat_template:
@@ -266,20 +361,24 @@ class Learner:
             return list(ids)
         return list(self.tokenizer(text)["input_ids"])
 
-    def _take(self, batch: list[Delivery]) -> None:
-        """Sort consumed trees into ready, duplicate or dropped (each counted)."""
+    async def _take(self, batch: list[Delivery]) -> None:
+        """Sort consumed trees into ready, duplicate, dropped (each counted) or dead-lettered."""
+        ledger = self.state.ledger
         for d in batch:
-            tree = d.message
-            if not isinstance(tree, TreeRollout):
-                log.error("unexpected %s on the trees stream; skipped", type(tree).__name__)
-                self.resolved_entries.append(d.entry_id)
-                continue
+            tree: TreeRollout = d.message  # type: ignore[assignment]  # the transport checked
             self.metrics.trees_consumed.inc()
             if self.first_tree_at is None:
                 self.first_tree_at = time.monotonic()
             self.state.tokens_received += tree.stats.decoded_tokens
-            if tree.tree_id in self.state.trained or any(
-                t.tree_id == tree.tree_id for _, t in self.ready
+            status = ledger.status(tree.prompt_id)
+            if status == "unknown":
+                detail = f"tree {tree.tree_id} for prompt {tree.prompt_id}, never admitted"
+                await self.streams.reject(d, TREE_GROUP, "unknown_prompt", detail)
+                continue
+            if (
+                status == "finished"
+                or tree.tree_id in self.state.trained
+                or any(t.prompt_id == tree.prompt_id for _, t in self.ready)
             ):
                 self.metrics.trees_duplicate.inc()
                 self.resolved_entries.append(d.entry_id)
@@ -288,20 +387,31 @@ class Learner:
             if self._staleness(tree) > self.settings.run.max_staleness:
                 self.state.dropped_stale += 1
                 self.metrics.trees_dropped_stale.inc()
-                self._resolve(d)
+                self.resolved_entries.append(d.entry_id)
+                if not self.settings.learner.readmit_stale:
+                    self._abandon(tree.prompt_id, "its tree was stale")
+                else:
+                    await self._readmit(tree.prompt_id, stale=True)
                 continue
             if self.settings.learner.dynamic_sampling and not has_signal(
                 [leaf.reward for leaf in tree.leaves]
             ):
                 self.state.dropped_no_signal += 1
                 self.metrics.trees_dropped_no_signal.inc()
-                self._resolve(d)
+                self.resolved_entries.append(d.entry_id)
+                self._finish(tree.prompt_id, "no_signal")
+                self.since_step.no_signal.append(tree.tree_id)
                 continue
             self.ready.append((d, tree))
 
-    def _resolve(self, d: Delivery) -> None:
-        self.state.resolved += 1
-        self.resolved_entries.append(d.entry_id)
+    def _finish(self, pid: str, outcome: Outcome) -> None:
+        self.state.ledger.finish(pid, outcome)
+
+    def _abandon(self, pid: str, why: str) -> None:
+        self._finish(pid, "abandoned")
+        self.since_step.abandoned.append(pid)
+        self.metrics.prompts_abandoned.inc()
+        log.warning("prompt %s abandoned: %s", pid, why)
 
     def _staleness(self, tree: TreeRollout) -> int:
         oldest = min((n.policy_version for n in tree.nodes), default=self.version)
@@ -329,7 +439,8 @@ class Learner:
         self.state.step += 1
         for d, t in taken:
             self.state.trained.add(t.tree_id)
-            self._resolve(d)
+            self._finish(t.prompt_id, "trained")
+            self.resolved_entries.append(d.entry_id)
         rewards = batch.rewards
         reward, accuracy = leaf_summary(rewards)
         sampled_reward, sampled_accuracy = (
@@ -372,6 +483,11 @@ class Learner:
             "tokens_received": self.state.tokens_received,
             "dropped_stale": self.state.dropped_stale,
             "dropped_no_signal": self.state.dropped_no_signal,
+            "tree_ids": [t.tree_id for t in trees],
+            "no_signal_ids": self.since_step.no_signal,
+            "abandoned_ids": self.since_step.abandoned,
+            "readmitted_ids": self.since_step.readmitted,
+            "outstanding": len(self.state.ledger.outstanding),
             **{
                 k: stats[k]
                 for k in (
@@ -387,6 +503,7 @@ class Learner:
                 if k in stats
             },
         }
+        self.since_step = Resolved()
         self._log_step(record)
         if (
             self.state.step % opts.checkpoint_every == 0
@@ -440,10 +557,17 @@ class Learner:
         self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
         entries, self.resolved_entries = self.resolved_entries, []
         keys = self.streams.keys
-        await self.streams.ack(keys.trees, TREE_GROUP, entries)
-        # the streams only keep what some group has yet to read or acknowledge
-        for stream in (keys.trees, keys.prompts):
-            await self.streams.trim_acknowledged(stream)
+        try:
+            await self.streams.ack(keys.trees, TREE_GROUP, entries)
+            # the streams only keep what some group has yet to read or acknowledge
+            for stream in (keys.trees, keys.prompts):
+                await self.streams.trim_acknowledged(stream)
+        except (TransportError, Stopping) as exc:
+            if not self.stop.is_set():
+                raise
+            # stopping with Redis away: the trees stay pending and come back to this consumer
+            # on restart, where the checkpoint marks them as already resolved
+            log.warning("stopping: %d trees not acknowledged (%s)", len(entries), exc)
 
     async def _publish(self) -> None:
         started = time.perf_counter()
@@ -454,7 +578,15 @@ class Learner:
             )
         data = self.store.manifest_bytes(version)
         total = sum(p.stat().st_size for p in self.store.path(version).glob("*.safetensors"))
-        await announce(self.streams, version, self.base_url, data, total)
+        token = self.settings.weights.token
+        await announce(
+            self.streams,
+            version,
+            self.base_url,
+            data,
+            total,
+            token.get_secret_value() if token else None,
+        )
         self.metrics.publish_seconds.observe(time.perf_counter() - started)
         self.metrics.publish_bytes.inc(total)
 

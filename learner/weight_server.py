@@ -22,7 +22,13 @@ from aiohttp import web
 from pipeline.fsutil import staged_dir
 from pipeline.messages import WeightAnnouncement, encode
 from pipeline.streams import Streams
-from pipeline.weights import MANIFEST, Manifest, sha256_bytes, write_manifest
+from pipeline.weights import (
+    MANIFEST,
+    Manifest,
+    announcement_signature,
+    sha256_bytes,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +94,15 @@ def add_routes(app: web.Application, store: WeightStore, token: str | None = Non
 
 
 async def announce(
-    streams: Streams, version: int, base_url: str, manifest_data: bytes, total_bytes: int
+    streams: Streams,
+    version: int,
+    base_url: str,
+    manifest_data: bytes,
+    total_bytes: int,
+    token: str | None = None,
 ) -> WeightAnnouncement:
-    """Tell samplers about a version: set the weights key and publish on its channel."""
+    """Tell samplers about a version: set the weights key and publish on its channel. With a
+    token the announcement is signed (HMAC), so samplers can tell it from a forged one."""
     ann = WeightAnnouncement(
         version,
         f"{base_url.rstrip('/')}/weights/{version}",
@@ -98,6 +110,8 @@ async def announce(
         total_bytes,
         time.time(),
     )
+    if token is not None:
+        ann.signature = announcement_signature(ann, token)
     payload = encode(ann)
     key = streams.keys.weights
     await streams.call(lambda: streams.client.set(key, payload), "SET weights")

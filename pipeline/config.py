@@ -39,14 +39,17 @@ class RedisSettings(_Section):
 
     url: str = "redis://127.0.0.1:6379/0"
     """Redis URL. Use ``rediss://`` for TLS; a password may be given here or below."""
+    username: str | None = None
+    """ACL user (overrides one in the URL); ops/redis.conf defines ``learner`` and ``sampler``."""
     password: SecretStr | None = None
     """Password (overrides one in the URL). Never logged."""
     tls_ca_file: str | None = None
     """CA bundle to verify the server's TLS certificate (``rediss://`` only)."""
     connect_timeout_s: float = Field(5.0, gt=0, le=120)
     """Seconds to wait for a connection or a reply before retrying."""
-    retry_attempts: int = Field(10, ge=1, le=1000)
-    """How many times a failed Redis call is retried (with exponential backoff) before giving up."""
+    retry_attempts: int = Field(30, ge=1, le=1000)
+    """How many times a failed Redis call is retried (with exponential backoff) before giving up;
+    the default rides out about two minutes of Redis being away."""
     retry_max_delay_s: float = Field(5.0, gt=0, le=300)
     """Upper bound of the backoff between retries."""
 
@@ -125,10 +128,18 @@ class SamplerOptions(_Section):
     """KV-cache block size in tokens; 0 = the engine's default (128 on vLLM's CPU backend).
     Prefix caching shares whole blocks only, so siblings share a parent's KV only up to its last
     full block: keep this at or below the segment length. The CPU backend needs a multiple of 32."""
+    cpu_bind: str = "nobind"
+    """CPU backend: cores the engine's threads are bound to (``VLLM_CPU_OMP_THREADS_BIND``):
+    ``nobind`` lets the OS schedule them, so several samplers share a machine; ``auto`` is vLLM's
+    own binding (one engine per machine); or a core list such as ``0-3``."""
     heartbeat_ttl_s: float = Field(10.0, ge=1.0, le=3600.0)
     """Heartbeat key time-to-live; refreshed every third of it."""
     weights_poll_s: float = Field(0.5, gt=0.0, le=60.0)
     """How often the weight announcement key is checked."""
+    unhealthy_after_s: float = Field(120.0, gt=0.0, le=86_400.0)
+    """``/healthz`` answers 503 once the sampler has been unable to take the newest announced
+    weights (more than ``max_staleness`` versions behind) for this long, or its loop has made no
+    progress for this long."""
 
 
 class WeightSettings(_Section):
@@ -204,6 +215,15 @@ class LearnerOptions(_Section):
     """Checkpoints kept on disk."""
     dynamic_sampling: bool = True
     """Drop trees whose leaves all have the same reward (no signal)."""
+    readmit_after_s: float = Field(300.0, gt=0, le=86_400)
+    """A prompt whose tree has not arrived this long after its admission, and that is neither
+    queued nor held by a live sampler, is admitted again (lost to a Redis crash, a lost XADD, a
+    sampler that died after acking)."""
+    readmit_stale: bool = True
+    """Admit a prompt again when its tree is dropped as stale, so no prompt silently leaves the
+    epoch; after ``max_admissions`` it is abandoned (counted)."""
+    max_admissions: int = Field(4, ge=1, le=1000)
+    """How often one prompt may be admitted (first admission included) before it is abandoned."""
 
 
 class LossSettings(_Section):

@@ -11,11 +11,14 @@ class TreepoError(Exception):
 
 
 class MessageDecodeError(TreepoError, ValueError):
-    """Bytes from the wire are not a valid message. ``field`` names the offending field."""
+    """Bytes from the wire are not a valid message. ``field`` names the offending field;
+    ``kind`` is the dead-letter reason (``decode``, or ``bad_token`` for a token id outside the
+    vocabulary)."""
 
-    def __init__(self, field: str, reason: str) -> None:
+    def __init__(self, field: str, reason: str, kind: str = "decode") -> None:
         self.field = field
         self.reason = reason
+        self.kind = kind
         super().__init__(f"{field}: {reason}")
 
 
@@ -38,3 +41,7 @@ class WeightDownloadError(TreepoError):
 
 class TransportError(TreepoError):
     """Redis could not be reached after the bounded retries."""
+
+
+class Stopping(TreepoError):
+    """The process was asked to stop while waiting on Redis; raised instead of waiting on."""

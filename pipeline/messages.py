@@ -26,7 +26,7 @@ import msgpack
 
 from pipeline.errors import MessageDecodeError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Version of every message type defined here. Bump it on any change of fields or meaning."""
 
 FINISH_REASONS = frozenset({"eos", "stop", "length", "depth", "repetition"})
@@ -161,6 +161,9 @@ class WeightAnnouncement:
     """sha256 (hex) of the manifest bytes, so a sampler can verify what it fetched."""
     total_bytes: int
     created_at: float = 0.0
+    signature: str = ""
+    """HMAC-SHA256 (hex) of the other fields under the run's weight token
+    (``pipeline.weights.announcement_signature``); empty when no token is configured."""
 
 
 @dataclass
@@ -259,6 +262,7 @@ def _encode_announcement(msg: WeightAnnouncement) -> dict[str, Any]:
         "manifest_sha256": msg.manifest_sha256,
         "total_bytes": msg.total_bytes,
         "created_at": float(msg.created_at),
+        "signature": msg.signature,
     }
 
 
@@ -382,7 +386,9 @@ class _Fields:
         vocab = self.limits.vocab_size
         if values and (min(values) < 0 or max(values) >= vocab):  # C-speed check, then locate
             i, t = next((i, t) for i, t in enumerate(values) if not 0 <= t < vocab)
-            raise MessageDecodeError(f"{self.name(key)}[{i}]", f"token id {t} outside [0, {vocab})")
+            raise MessageDecodeError(
+                f"{self.name(key)}[{i}]", f"token id {t} outside [0, {vocab})", "bad_token"
+            )
         return values
 
     def finite_floats(self, key: str, code: str, count: int, hi: float = math.inf) -> list[float]:
@@ -510,6 +516,7 @@ def _decode_announcement(f: _Fields) -> WeightAnnouncement:
         manifest_sha256=digest,
         total_bytes=f.integer("total_bytes"),
         created_at=f.real("created_at"),
+        signature=f.text("signature", 64),
     )
 
 

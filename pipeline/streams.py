@@ -8,8 +8,14 @@ the reason and are acked, so one bad message never blocks a group. Trimming remo
 that every consumer group has acknowledged.
 
 Every Redis call is retried with bounded exponential backoff when Redis is unreachable
-(``TransportError`` after the last attempt). This module knows messages only as bytes in and
-message objects out; what a process does with them lives in ``workers/`` and ``learner/``.
+(``TransportError`` after the last attempt). A process hands its stop event to ``Streams``: once it
+is set, a call in flight or in backoff ends at once with ``Stopping``, and later calls (the
+shutdown's release, ack and checkpoint bookkeeping) get one short attempt each, so a process stops
+within seconds even while Redis is down. Every reply is read defensively: an empty pending
+summary, an XAUTOCLAIM of deleted entries, a stream or group that a Redis restart lost.
+
+This module knows messages only as bytes in and message objects out; what a process does with
+them lives in ``workers/`` and ``learner/``.
 """
 
 from __future__ import annotations
@@ -25,9 +31,19 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
+from pipeline.aio import unless_stopped, wait_or_stop
 from pipeline.config import RedisSettings, RunSettings, StreamSettings, stream_key
-from pipeline.errors import MessageDecodeError, TransportError
-from pipeline.messages import DecodeLimits, Message, decode, encode
+from pipeline.errors import MessageDecodeError, Stopping, TransportError
+from pipeline.messages import (
+    DecodeLimits,
+    Heartbeat,
+    Message,
+    PromptTask,
+    TreeRollout,
+    decode,
+    decode_as,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +89,25 @@ class Delivery:
     stream: str
     entry_id: str
     message: Message
+    payload: bytes = b""
+    """The entry's bytes as read (kept for the dead-letter record if the consumer rejects it)."""
+
+
+DEADLETTER_REASONS = (
+    "decode",
+    "wrong_type",
+    "too_long",
+    "bad_token",
+    "unknown_task",
+    "unknown_prompt",
+    "engine_error",
+    "deleted",
+)
+"""Why an entry was dead-lettered (the ``reason`` label of the processes' dead-letter counters):
+undecodable bytes; a valid message of another stream's type; a prompt longer than the engine's
+context; a token id outside the model's vocabulary; a reward function nobody knows; a tree for a
+prompt the learner never admitted (or already resolved); an engine error on this one prompt; an
+entry trimmed while pending."""
 
 
 @dataclass
@@ -99,6 +134,7 @@ class TransportCounters:
     deadlettered: int = 0
     retries: int = 0
     deadletter_reasons: dict[str, int] = field(default_factory=dict)
+    """Dead-lettered entries by reason kind (the text before the first ``:`` of the reason)."""
 
 
 def make_client(settings: RedisSettings, read_timeout_s: float = 0.0) -> aioredis.Redis:
@@ -109,7 +145,9 @@ def make_client(settings: RedisSettings, read_timeout_s: float = 0.0) -> aioredi
         "socket_timeout": settings.connect_timeout_s + read_timeout_s,
         "decode_responses": False,
     }
-    if settings.password is not None:
+    if settings.username:  # empty = none (the Procfile maps an unset password to "")
+        kwargs["username"] = settings.username
+    if settings.password is not None and settings.password.get_secret_value():
         kwargs["password"] = settings.password.get_secret_value()
     if settings.tls_ca_file and settings.url.startswith("rediss://"):
         kwargs["ssl_ca_certs"] = settings.tls_ca_file
@@ -143,6 +181,17 @@ class Streams:
         self.limits = limits or DecodeLimits(max_bytes=streams.max_message_bytes)
         self.client = make_client(redis, read_timeout_s=streams.block_ms / 1000)
         self.counters = TransportCounters()
+        self.expect: dict[str, type] = {
+            self.keys.prompts: PromptTask,
+            self.keys.trees: TreeRollout,
+        }
+        """The one message type each stream carries; anything else is dead-lettered."""
+        self.on_deadletter: Callable[[str], None] | None = None
+        """Called with the reason of every dead-lettered entry (the process counts them)."""
+        self.stop: asyncio.Event | None = None
+        """The owning process's stop event (see ``call``); None: calls are never interrupted."""
+        self.stopping_timeout_s = 1.0
+        """Time limit of each call made after ``stop`` was set (one attempt, no retry)."""
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -150,15 +199,23 @@ class Streams:
     # -- retries -------------------------------------------------------------------------------
 
     async def call(self, fn: Callable[[], Awaitable[R]], what: str) -> R:
-        """Run one Redis call, retrying with bounded exponential backoff while Redis is away."""
+        """Run one Redis call, retrying with bounded exponential backoff while Redis is away.
+
+        With a stop event: a call in flight or in backoff when it is set raises ``Stopping``;
+        a call started after it is set gets one attempt of ``stopping_timeout_s``."""
         attempts = self.settings.retry_attempts
         for attempt in range(attempts):
+            stopping = self.stop is not None and self.stop.is_set()
             try:
-                return await fn()
+                if stopping:
+                    return await asyncio.wait_for(fn(), self.stopping_timeout_s)
+                if self.stop is None:
+                    return await fn()
+                return await unless_stopped(self.stop, fn(), f"redis {what}")
             except _RETRYABLE as exc:
-                if attempt == attempts - 1:
+                if stopping or attempt == attempts - 1:
                     raise TransportError(
-                        f"redis {what} failed after {attempts} attempts: {exc}"
+                        f"redis {what} failed after {attempt + 1} attempts: {exc}"
                     ) from exc
                 delay = min(self.settings.retry_max_delay_s, 0.05 * 2**attempt)
                 delay *= 0.5 + random.random() / 2
@@ -171,7 +228,10 @@ class Streams:
                     attempts - 1,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                if self.stop is None:
+                    await asyncio.sleep(delay)
+                elif await wait_or_stop(self.stop, delay):
+                    raise Stopping(f"stopped while retrying redis {what}") from exc
         raise AssertionError("unreachable")
 
     # -- groups and publishing -----------------------------------------------------------------
@@ -217,7 +277,9 @@ class Streams:
         block = (
             None if pending else (self.stream_settings.block_ms if block_ms is None else block_ms)
         )
-        reply: Any = await self.call(
+        reply: Any = await self._group_call(
+            stream,
+            group,
             lambda: self.client.xreadgroup(
                 group, consumer, {stream: start}, count=count, block=block
             ),
@@ -243,11 +305,15 @@ class Streams:
         """Take over entries that other (dead) consumers left pending for ``min_idle_ms``."""
         idle = self.stream_settings.claim_idle_ms if min_idle_ms is None else min_idle_ms
         count = count or self.stream_settings.batch
-        reply: Any = await self.call(
+        reply: Any = await self._group_call(
+            stream,
+            group,
             lambda: self.client.xautoclaim(stream, group, consumer, idle, "0-0", count=count),
             f"XAUTOCLAIM {stream}",
         )
-        entries = list(reply[1]) if reply else []
+        # [next id, entries, deleted ids]; an entry trimmed while pending comes back as nil
+        # (Redis 6.2) or only among the deleted ids (Redis 7)
+        entries = [e for e in (reply[1] if reply and len(reply) > 1 else []) if e]
         deliveries = await self._deliveries(stream, group, entries)
         self.counters.reclaimed += len(deliveries)
         if deliveries:
@@ -260,11 +326,26 @@ class Streams:
             )
         return deliveries
 
+    async def _group_call(
+        self, stream: str, group: str, fn: Callable[[], Awaitable[R]], what: str
+    ) -> R:
+        """A call on ``group``; if Redis lost the group (a restart without its data), the group
+        is created again and the call repeated once."""
+        try:
+            return await self.call(fn, what)
+        except rexc.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("%s: group %s of %s is missing; creating it again", what, group, stream)
+            await self.ensure_group(stream, group)
+            return await self.call(fn, what)
+
     async def _deliveries(
         self, stream: str, group: str, entries: list[tuple[Any, Any]]
     ) -> list[Delivery]:
         good: list[Delivery] = []
         bad: list[str] = []
+        expected = self.expect.get(stream)
         for raw_id, fields in entries:
             entry_id = _s(raw_id)
             if not fields:  # deleted (trimmed) while pending: nothing to deliver
@@ -274,29 +355,48 @@ class Streams:
             try:
                 if payload is None:
                     raise MessageDecodeError("entry", f"no {PAYLOAD_FIELD!r} field")
-                good.append(Delivery(stream, entry_id, decode(payload, self.limits)))
+                msg = decode(payload, self.limits)
             except MessageDecodeError as exc:
-                await self.dead_letter(stream, entry_id, payload or b"", str(exc))
+                await self.dead_letter(stream, entry_id, payload or b"", exc.kind, str(exc))
                 bad.append(entry_id)
+                continue
+            if expected is not None and not isinstance(msg, expected):
+                detail = f"a {msg.TYPE} on a stream of {expected.TYPE}"  # type: ignore[attr-defined]
+                await self.dead_letter(stream, entry_id, payload, "wrong_type", detail)
+                bad.append(entry_id)
+                continue
+            good.append(Delivery(stream, entry_id, msg, payload))
         if bad:
             await self.ack(stream, group, bad)
         self.counters.delivered += len(good)
         return good
 
-    async def dead_letter(self, stream: str, entry_id: str, payload: bytes, reason: str) -> None:
-        """Park a bad entry, with its reason, on the run's dead-letter stream."""
+    async def reject(self, d: Delivery, group: str, reason: str, detail: str) -> None:
+        """Dead-letter a delivered entry that its consumer cannot use, and ack it, so that it
+        never comes back to this or any other consumer."""
+        await self.dead_letter(d.stream, d.entry_id, d.payload, reason, detail)
+        await self.ack(d.stream, group, [d.entry_id])
+
+    async def dead_letter(
+        self, stream: str, entry_id: str, payload: bytes, reason: str, detail: str = ""
+    ) -> None:
+        """Park a bad entry, with its reason (one of ``DEADLETTER_REASONS``) and a detail for
+        people, on the run's dead-letter stream."""
         record: dict[Any, Any] = {
             b"source": stream.encode(),
             b"entry_id": entry_id.encode(),
-            b"reason": reason.encode(),
+            b"reason": f"{reason}: {detail}".encode(),
             b"payload": payload,
             b"at": repr(time.time()).encode(),
         }
         await self.call(lambda: self.client.xadd(self.keys.deadletter, record), "XADD deadletter")
         self.counters.deadlettered += 1
-        kind = reason.split(":", 1)[0]
-        self.counters.deadletter_reasons[kind] = self.counters.deadletter_reasons.get(kind, 0) + 1
-        log.warning("dead-lettered %s %s: %s", stream, entry_id, reason)
+        self.counters.deadletter_reasons[reason] = (
+            self.counters.deadletter_reasons.get(reason, 0) + 1
+        )
+        if self.on_deadletter is not None:
+            self.on_deadletter(reason)
+        log.warning("dead-lettered %s %s (%s): %s", stream, entry_id, reason, detail)
 
     async def ack(self, stream: str, group: str, entry_ids: list[str]) -> int:
         """XACK entries whose work is durable."""
@@ -368,11 +468,23 @@ class Streams:
 
     # -- introspection and trimming ------------------------------------------------------------
 
+    async def groups(self, stream: str) -> list[dict[Any, Any]]:
+        """XINFO GROUPS of ``stream``; empty when the stream does not exist (yet, or any more)."""
+        try:
+            reply: Any = await self.call(
+                lambda: self.client.xinfo_groups(stream), f"XINFO GROUPS {stream}"
+            )
+        except rexc.ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return []
+            raise
+        return list(reply or [])
+
     async def group_info(self, stream: str, group: str) -> GroupInfo:
-        """Length, lag and pending count of ``group`` on ``stream`` (for metrics)."""
+        """Length, lag and pending count of ``group`` on ``stream`` (for metrics); all zero when
+        the stream or the group is missing."""
         length = int(await self.call(lambda: self.client.xlen(stream), f"XLEN {stream}"))
-        groups = await self.call(lambda: self.client.xinfo_groups(stream), f"XINFO GROUPS {stream}")
-        for g in groups:
+        for g in await self.groups(stream):
             if _s(g["name"]) == group:
                 lag = g.get("lag")
                 return GroupInfo(
@@ -381,27 +493,67 @@ class Streams:
                     pending=int(g["pending"]),
                     consumers=int(g["consumers"]),
                 )
-        raise TransportError(f"no consumer group {group!r} on {stream}")
+        return GroupInfo(length=length, lag=length, pending=0, consumers=0)
+
+    async def entry_state(self, stream: str, group: str, entry_id: str) -> tuple[str, str | None]:
+        """Where one entry stands for ``group``: ``("pending", consumer)``; ``("queued", None)``
+        when it is in the stream but not yet delivered; ``("gone", None)`` when it was
+        acknowledged or is no longer in the stream (trimmed, or lost in a Redis crash)."""
+        pending: Any = await self._group_call(
+            stream,
+            group,
+            lambda: self.client.xpending_range(stream, group, entry_id, entry_id, 1),
+            f"XPENDING {stream}",
+        )
+        if pending:
+            return "pending", _s(pending[0]["consumer"])
+        present = await self.call(
+            lambda: self.client.xrange(stream, entry_id, entry_id, count=1), f"XRANGE {stream}"
+        )
+        if not present:
+            return "gone", None
+        for g in await self.groups(stream):
+            if _s(g["name"]) == group and _id_key(entry_id) > _id_key(_s(g["last-delivered-id"])):
+                return "queued", None
+        return "gone", None
+
+    async def alive(self, worker_ids: list[str]) -> set[str]:
+        """The workers among ``worker_ids`` whose heartbeat key says they are running."""
+        if not worker_ids:
+            return set()
+        keys = [self.keys.heartbeat_prefix + w for w in worker_ids]
+        values: Any = await self.call(lambda: self.client.mget(keys), "MGET heartbeats")
+        out = set()
+        for worker, raw in zip(worker_ids, values or []):
+            try:
+                if raw and decode_as(raw, Heartbeat).state == "running":
+                    out.add(worker)
+            except MessageDecodeError:
+                continue
+        return out
 
     async def trim_acknowledged(self, stream: str) -> int:
         """Delete entries that every consumer group has acknowledged; never an entry a group has
         yet to read or ack. Returns the number of entries removed."""
-        groups = await self.call(lambda: self.client.xinfo_groups(stream), f"XINFO GROUPS {stream}")
+        groups = await self.groups(stream)
         if not groups:
             return 0
         floor: tuple[int, int] | None = None
         for g in groups:
+            bound = _id_key(_s(g["last-delivered-id"]))
             if int(g["pending"]) > 0:
 
                 async def pending_summary(name: Any = g["name"]) -> Any:
                     return await self.client.xpending(stream, name)
 
                 summary = await self.call(pending_summary, f"XPENDING {stream}")
-                bound = _id_key(_s(summary["min"]))
-            else:
-                bound = _id_key(_s(g["last-delivered-id"]))
+                # the summary can be empty even though XINFO counted pending entries: they were
+                # acknowledged in between (then last-delivered-id is the bound)
+                if summary and summary.get("min") is not None:
+                    bound = min(bound, _id_key(_s(summary["min"])))
             floor = bound if floor is None else min(floor, bound)
-        assert floor is not None
+        if floor is None or floor == (0, 0):
+            return 0
         minid = f"{floor[0]}-{floor[1]}"
         removed = await self.call(
             lambda: self.client.xtrim(stream, minid=minid, approximate=False), f"XTRIM {stream}"

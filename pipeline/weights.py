@@ -16,6 +16,7 @@ nothing behind. No pickle: safetensors and JSON only.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import struct
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ from typing import Any
 
 from pipeline.errors import WeightDownloadError, WeightVerificationError
 from pipeline.fsutil import staged_dir
+from pipeline.messages import WeightAnnouncement
 
 MANIFEST = "manifest.json"
 _MAX_HEADER = 100 * 1024 * 1024
@@ -89,6 +91,32 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def announcement_signature(ann: WeightAnnouncement, token: str) -> str:
+    """HMAC-SHA256 (hex) under ``token`` of every field of ``ann`` but the signature."""
+    body = json.dumps(
+        [ann.version, ann.url, ann.manifest_sha256, ann.total_bytes, repr(float(ann.created_at))]
+    ).encode()
+    return hmac.new(token.encode(), body, hashlib.sha256).hexdigest()
+
+
+def check_announcement(ann: WeightAnnouncement, token: str | None, trusted_url: str) -> None:
+    """Refuse an announcement before anything is downloaded: with a token, its signature must
+    verify (so a forged one never triggers a download, nor receives the token); with a trusted
+    base URL, the version must be served under it."""
+    if token is not None and not hmac.compare_digest(
+        ann.signature, announcement_signature(ann, token)
+    ):
+        raise WeightVerificationError(
+            f"announcement of v{ann.version} is not signed with the run's weight token"
+        )
+    base = trusted_url.rstrip("/")
+    if base and not ann.url.startswith(base + "/"):
+        raise WeightVerificationError(
+            f"announcement of v{ann.version} points at {ann.url}, outside the configured "
+            f"learner URL {base}"
+        )
 
 
 def write_manifest(directory: Path, version: int) -> tuple[Manifest, bytes]:

@@ -106,3 +106,31 @@ def test_staged_dir_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
         raise RuntimeError("crash while writing")
     assert (final / "a").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["v1"]  # no temporary left behind
+
+
+def test_announcements_are_signed_and_checked_before_any_download() -> None:
+    from pipeline.errors import WeightVerificationError
+    from pipeline.messages import WeightAnnouncement
+    from pipeline.weights import announcement_signature, check_announcement
+
+    ann = WeightAnnouncement(7, "http://learner:5100/weights/7", "ab" * 32, 123, 1.5)
+    ann.signature = announcement_signature(ann, "tok")
+    check_announcement(ann, "tok", "http://learner:5100")
+    check_announcement(ann, None, "")  # no token, no trusted URL: nothing to check
+    for changed in (
+        {"version": 8},
+        {"url": "http://evil:80/weights/7"},
+        {"manifest_sha256": "cd" * 32},
+        {"total_bytes": 124},
+        {"created_at": 1.6},
+        {"signature": ""},
+    ):
+        forged = WeightAnnouncement(**{**ann.__dict__, **changed})
+        with pytest.raises(WeightVerificationError, match="not signed"):
+            check_announcement(forged, "tok", "")
+    with pytest.raises(WeightVerificationError, match="not signed"):
+        check_announcement(ann, "other-token", "")
+    with pytest.raises(WeightVerificationError, match="outside the configured learner URL"):
+        check_announcement(ann, "tok", "http://learner:5101")
+    with pytest.raises(WeightVerificationError, match="outside"):
+        check_announcement(ann, None, "http://learner:51")  # a prefix is not the same host

@@ -95,7 +95,7 @@ def test_golden_bytes_decode_and_encode_identically(name: str) -> None:
 def test_golden_rollout_is_readable_with_plain_msgpack_and_struct() -> None:
     """What docs/wire-format.md promises: a reader needs only msgpack and little-endian arrays."""
     m = msgpack.unpackb((DATA / "tree_rollout.msgpack").read_bytes(), raw=False)
-    assert m["type"] == "tree_rollout" and m["schema_version"] == 1
+    assert m["type"] == "tree_rollout" and m["schema_version"] == 2
     parents = struct.unpack(f"<{len(m['node_parent']) // 4}i", m["node_parent"])
     lengths = struct.unpack(f"<{len(m['node_len']) // 4}i", m["node_len"])
     tokens = struct.unpack(f"<{len(m['tokens']) // 4}i", m["tokens"])
@@ -210,7 +210,7 @@ def _mutated(name: str, **changes: object) -> bytes:
 @pytest.mark.parametrize(
     ("name", "changes", "field"),
     [
-        ("prompt_task", {"schema_version": 2}, "schema_version"),
+        ("prompt_task", {"schema_version": 3}, "schema_version"),
         ("prompt_task", {"schema_version": "1"}, "schema_version"),
         ("prompt_task", {"type": "nope"}, "type"),
         ("prompt_task", {"prompt_id": 5}, "prompt_id"),

@@ -54,11 +54,18 @@ def settings_for(server: RedisServer, tmp: Path, **sampler: object) -> SamplerSe
 
 
 def make_sampler(
-    server: RedisServer, tmp: Path, engine: VLLMSegmentGenerator, tokenizer
-) -> Sampler:  # type: ignore[no-untyped-def]
+    server: RedisServer,
+    tmp: Path,
+    engine: VLLMSegmentGenerator,
+    tokenizer,  # type: ignore[no-untyped-def]
+    token: str | None = None,
+    **sampler: object,
+) -> Sampler:
     engine.stop.clear()
+    settings = settings_for(server, tmp, **sampler)
+    settings.weights.token = SecretStr(token) if token else None
     return Sampler(
-        settings_for(server, tmp),
+        settings,
         engine,
         lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
     )
@@ -192,8 +199,7 @@ def test_weight_swap_changes_outputs_and_corrupt_weights_are_refused(
         add_routes(app, store, token="sekret")
         runner, port = await start(app, "127.0.0.1", 0)
         url = f"http://127.0.0.1:{port}"
-        sampler = make_sampler(redis_server, tmp_path, engine, tokenizer)
-        sampler.settings.weights.token = SecretStr("sekret")
+        sampler = make_sampler(redis_server, tmp_path, engine, tokenizer, token="sekret")
         v1 = start_version + 1
 
         def write_scrambled(d: Path) -> None:  # a different policy: permuted embedding rows
@@ -203,9 +209,10 @@ def test_weight_swap_changes_outputs_and_corrupt_weights_are_refused(
             save_file(w, str(d / "model.safetensors"))
 
         manifest, data = store.publish(v1, write_scrambled)
-        await sampler._maybe_fetch(await announce(s, v1, url, data, manifest.total_bytes))
+        await announce(s, v1, url, data, manifest.total_bytes, token="sekret")
         prompts = tasks(tokenizer, 2)
         await push(s, prompts)
+        # the sampler takes the announced weights before its first prompt
         assert await sampler.run(max_prompts=2) == 2
         trees = await read_trees(s, 2)
         assert all(n.policy_version == v1 for r in trees for n in r.nodes)
@@ -218,8 +225,29 @@ def test_weight_swap_changes_outputs_and_corrupt_weights_are_refused(
         ]
         assert not all(ANSWER_FORMAT.match(t) for t in texts)
 
-        sampler = make_sampler(redis_server, tmp_path, engine, tokenizer)
-        sampler.settings.weights.token = SecretStr("sekret")
+        sampler = make_sampler(
+            redis_server, tmp_path, engine, tokenizer, token="sekret", unhealthy_after_s=0.2
+        )
+        # a forged announcement (no valid signature) of a far newer version, pointing elsewhere:
+        # refused before any request, so the token never leaves; the sampler's view is unchanged
+        trap_hits: list[str] = []
+        trap = web.Application()
+
+        async def record(request: web.Request) -> web.Response:
+            trap_hits.append(request.headers.get("Authorization", ""))
+            return web.Response(status=404)
+
+        trap.router.add_get("/{tail:.*}", record)
+        trap_runner, trap_port = await start(trap, "127.0.0.1", 0)
+        forged = f"http://127.0.0.1:{trap_port}"
+        await announce(s, v1 + 100, forged, data, manifest.total_bytes, token="wrong")
+        await sampler.follower.poll()
+        await announce(s, v1 + 101, forged, data, manifest.total_bytes)  # unsigned
+        await sampler.follower.poll()
+        assert trap_hits == []
+        assert sampler.follower.announced == v1 and sampler.health()["ok"]
+        assert sampler.metrics.weight_failures.labels("announcement")._value.get() == 2
+        await trap_runner.cleanup()
         # v2: the file is corrupted after the manifest was written -> sha256 mismatch, refused
         v2 = v1 + 1
         manifest, data = store.publish(
@@ -228,18 +256,27 @@ def test_weight_swap_changes_outputs_and_corrupt_weights_are_refused(
         with (store.path(v2) / "model.safetensors").open("r+b") as f:
             f.seek(200)
             f.write(b"\x00\xff" * 8)
-        await sampler._maybe_fetch(await announce(s, v2, url, data, manifest.total_bytes))
+        await announce(s, v2, url, data, manifest.total_bytes, token="sekret")
+        await sampler.follower.poll()
+        assert sampler.metrics.weight_rejected._value.get() == 1
+        await sampler.follower.poll()  # within the backoff: not fetched again
         assert sampler.metrics.weight_rejected._value.get() == 1
         # v3: a tensor missing -> refused by the header check before the engine sees it
         v3 = v2 + 1
         manifest, data = store.publish(
             v3, lambda d: save_file(dict(list(base.items())[1:]), str(d / "model.safetensors"))
         )
-        await sampler._maybe_fetch(await announce(s, v3, url, data, manifest.total_bytes))
+        await announce(s, v3, url, data, manifest.total_bytes, token="sekret")
+        await sampler.follower.poll()
         assert sampler.metrics.weight_rejected._value.get() == 2
-        # sampling goes on with the old weights
+        # two versions ahead of the engine (bound 1) for longer than unhealthy_after_s: not ok
+        assert sampler.health()["ok"]  # the clock starts now
+        await asyncio.sleep(0.3)
+        health = sampler.health()
+        assert not health["ok"] and f"v{v3}" in health["problem"], health
+        assert "verification" in health["problem"]
+        # sampling goes on with the newest verified weights: the failures do not stall it
         await push(s, tasks(tokenizer, 2, start=10))
-        sampler.settings.run.max_staleness = 5
         assert await sampler.run(max_prompts=2) == 2
         trees = await read_trees(s, 2)
         assert all(n.policy_version == v1 for r in trees for n in r.nodes), "kept the old weights"

@@ -7,7 +7,10 @@ import multiprocessing
 import os
 import signal
 
-from pipeline.messages import PromptTask, encode
+import pytest
+
+from pipeline.errors import Stopping, TransportError
+from pipeline.messages import DecodeLimits, Heartbeat, PromptTask, encode
 from pipeline.streams import PAYLOAD_FIELD, Delivery, Streams
 from tests.conftest import make_streams
 from tests.services import RedisServer
@@ -165,7 +168,7 @@ def test_malformed_entries_go_to_dead_letter_and_consumer_goes_on(
         await s.publish(s.keys.prompts, prompt(1))
         await s.client.xadd(s.keys.prompts, {PAYLOAD_FIELD: b"\x93garbage"})
         await s.client.xadd(s.keys.prompts, {b"other": b"x"})
-        bad_version = encode(prompt(9)).replace(b"schema_version\x01", b"schema_version\x07")
+        bad_version = encode(prompt(9)).replace(b"schema_version\x02", b"schema_version\x07")
         await s.client.xadd(s.keys.prompts, {PAYLOAD_FIELD: bad_version})
         await s.publish(s.keys.prompts, prompt(2))
         got = await s.read(s.keys.prompts, GROUP, "c", count=10)
@@ -173,9 +176,10 @@ def test_malformed_entries_go_to_dead_letter_and_consumer_goes_on(
         assert s.counters.deadlettered == 3
         dead = await s.client.xrange(s.keys.deadletter)
         reasons = [f[b"reason"].decode() for _, f in dead]
-        assert reasons[0].startswith("message: not valid msgpack")
-        assert reasons[1].startswith("entry: no")
-        assert reasons[2].startswith("schema_version: unknown version 7")
+        assert reasons[0].startswith("decode: message: not valid msgpack")
+        assert reasons[1].startswith("decode: entry: no")
+        assert reasons[2].startswith("decode: schema_version: unknown version 7")
+        assert s.counters.deadletter_reasons == {"decode": 3}
         assert dead[2][1][b"payload"] == bad_version
         assert dead[0][1][b"source"] == s.keys.prompts.encode()
         # bad entries are acked, good ones still pending for the consumer
@@ -188,6 +192,7 @@ def test_malformed_entries_go_to_dead_letter_and_consumer_goes_on(
 def test_trim_never_drops_unacknowledged_entries(redis_server: RedisServer) -> None:
     async def main() -> None:
         s = make_streams(redis_server)
+        s.expect.clear()  # prompt messages stand in for trees: this test is about trimming
         await s.ensure_group(s.keys.trees, "learner")
         await s.ensure_group(s.keys.trees, "auditor")
         await publish_n_to(s, s.keys.trees, 10)
@@ -241,6 +246,134 @@ def test_redis_restart_loses_no_accepted_entry(redis_server: RedisServer) -> Non
         ids = ids_of(got)
         assert set(accepted) <= set(ids)
         assert len(accepted) == 60
+        await s.close()
+
+    asyncio.run(main())
+
+
+def test_poison_entries_of_the_wrong_type_or_vocabulary_are_dead_lettered(
+    redis_server: RedisServer,
+) -> None:
+    """A valid message of another stream's type, and token ids outside the vocabulary, are
+    dead-lettered with their reason and acked; the good entries around them are delivered."""
+
+    async def main() -> None:
+        s = make_streams(redis_server)
+        s.limits = DecodeLimits(vocab_size=100)
+        seen: list[str] = []
+        s.on_deadletter = seen.append
+        await s.ensure_group(s.keys.prompts, GROUP)
+        await s.publish(s.keys.prompts, prompt(1))
+        await s.publish(s.keys.prompts, Heartbeat("w", "sampler", "h", 1, 0, 0.0))
+        await s.publish(s.keys.prompts, PromptTask("p-big", [5, 100], "1", 0, 0))
+        await s.publish(s.keys.prompts, prompt(2))
+        got = await s.read(s.keys.prompts, GROUP, "c", count=10)
+        assert ids_of(got) == ["p1", "p2"]
+        assert seen == ["wrong_type", "bad_token"]
+        dead = await s.client.xrange(s.keys.deadletter)
+        assert dead[0][1][b"reason"].startswith(b"wrong_type: a heartbeat on a stream of prompt")
+        assert b"token id 100 outside [0, 100)" in dead[1][1][b"reason"]
+        assert (await s.group_info(s.keys.prompts, GROUP)).pending == 2
+        # a consumer's own rejection: dead-lettered with the entry's bytes, acked
+        await s.reject(got[0], GROUP, "too_long", "prompt p1 does not fit")
+        dead = await s.client.xrange(s.keys.deadletter)
+        assert dead[-1][1][b"payload"] == got[0].payload == encode(prompt(1))
+        assert (await s.group_info(s.keys.prompts, GROUP)).pending == 1
+        await s.close()
+
+    asyncio.run(main())
+
+
+def test_trim_survives_acks_racing_the_pending_summary(redis_server: RedisServer) -> None:
+    """XINFO counts pending entries, then an ack empties the pending list before XPENDING runs
+    (the summary has no minimum): trimming goes on with the last delivered id."""
+
+    async def main() -> None:
+        s = make_streams(redis_server)
+        await s.ensure_group(s.keys.prompts, GROUP)
+        await publish_n(s, 4)
+        got = await s.read(s.keys.prompts, GROUP, "c", count=4)
+        real_xinfo = s.client.xinfo_groups
+
+        async def stale_xinfo(stream: str) -> object:
+            groups = await real_xinfo(stream)
+            await s.ack(s.keys.prompts, GROUP, [d.entry_id for d in got])  # the race
+            return groups
+
+        s.client.xinfo_groups = stale_xinfo  # type: ignore[method-assign]
+        assert (await real_xinfo(s.keys.prompts))[0]["pending"] == 4
+        removed = await s.trim_acknowledged(s.keys.prompts)
+        assert removed == 3  # everything below the last delivered id
+        s.client.xinfo_groups = real_xinfo  # type: ignore[method-assign]
+        await s.close()
+
+    asyncio.run(main())
+
+
+def test_replies_after_redis_lost_streams_and_groups(redis_server: RedisServer) -> None:
+    """After a Redis restart without the data: XINFO on a missing stream, XREADGROUP and
+    XAUTOCLAIM on a missing group, XAUTOCLAIM of entries trimmed while pending."""
+
+    async def main() -> None:
+        s = make_streams(redis_server)
+        assert await s.trim_acknowledged(s.keys.trees) == 0  # no such stream
+        info = await s.group_info(s.keys.trees, "learner")
+        assert (info.length, info.pending, info.consumers) == (0, 0, 0)
+        # the group vanished: read and reclaim create it again instead of crashing
+        await publish_n(s, 2)
+        got = await s.read(s.keys.prompts, GROUP, "c", count=10)
+        assert ids_of(got) == ["p0", "p1"]  # a group made again reads from the stream's start
+        await s.client.delete(s.keys.prompts)
+        assert await s.reclaim(s.keys.prompts, GROUP, "c", min_idle_ms=0) == []
+        await publish_n(s, 3)
+        got = await s.read(s.keys.prompts, GROUP, "c", count=10)
+        assert len(got) == 3
+        # entries trimmed while pending: XAUTOCLAIM reports them deleted, nothing is delivered
+        await s.client.xtrim(s.keys.prompts, maxlen=0)
+        assert await s.reclaim(s.keys.prompts, GROUP, "d", min_idle_ms=0) == []
+        await s.close()
+
+    asyncio.run(main())
+
+
+def test_stop_interrupts_retries_while_redis_is_down(redis_server: RedisServer) -> None:
+    """With Redis gone, a call retrying with backoff ends with ``Stopping`` as soon as the stop
+    event is set, and later calls make one short attempt."""
+
+    async def main() -> None:
+        s = make_streams(redis_server)
+        s.stop = asyncio.Event()
+        await s.ensure_group(s.keys.prompts, GROUP)
+        redis_server.kill()
+        started = asyncio.get_running_loop().time()
+        asyncio.get_running_loop().call_later(0.5, s.stop.set)
+        with pytest.raises(Stopping):
+            await s.publish(s.keys.prompts, prompt(1))
+        assert asyncio.get_running_loop().time() - started < 2.0
+        with pytest.raises(TransportError):
+            await s.ack(s.keys.prompts, GROUP, ["1-0"])
+        assert asyncio.get_running_loop().time() - started < 4.0
+        await s.close()
+
+    asyncio.run(main())
+
+
+def test_entry_state_and_liveness(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        s = make_streams(redis_server)
+        await s.ensure_group(s.keys.prompts, GROUP)
+        a, b, c = await publish_n(s, 3)
+        got = await s.read(s.keys.prompts, GROUP, "w1", count=2)
+        await s.ack(s.keys.prompts, GROUP, [got[0].entry_id])
+        assert await s.entry_state(s.keys.prompts, GROUP, a) == ("gone", None)
+        assert await s.entry_state(s.keys.prompts, GROUP, b) == ("pending", "w1")
+        assert await s.entry_state(s.keys.prompts, GROUP, c) == ("queued", None)
+        await s.client.xdel(s.keys.prompts, c)
+        assert await s.entry_state(s.keys.prompts, GROUP, c) == ("gone", None)
+        hb = Heartbeat("w1", "sampler", "h", 1, 0, 0.0, "running")
+        await s.client.set(s.keys.heartbeat_prefix + "w1", encode(hb))
+        await s.client.set(s.keys.heartbeat_prefix + "w2", b"garbage")
+        assert await s.alive(["w1", "w2", "w3"]) == {"w1"}
         await s.close()
 
     asyncio.run(main())

@@ -64,6 +64,8 @@ class EngineOptions:
     kv_cache_gib: int = 1
     block_size: int = 32
     """KV-cache block size; 0 = the engine's default. Prefix caching shares whole blocks."""
+    cpu_bind: str = "nobind"
+    """CPU backend: ``VLLM_CPU_OMP_THREADS_BIND`` (``nobind``, ``auto`` or core lists)."""
     seed: int = 0
     ignore_eos: bool = False
     """Decode every request to its token budget (benchmarks with forced lengths)."""
@@ -75,6 +77,7 @@ class VLLMSegmentGenerator:
 
     def __init__(self, options: EngineOptions, policy_version: int = 0) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.kv_cache_gib))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", options.cpu_bind)
         from vllm import LLM
 
         self.options = options
@@ -106,6 +109,15 @@ class VLLMSegmentGenerator:
         tok = self.llm.get_tokenizer()
         eos = getattr(tok, "eos_token_id", None)
         return int(eos) if eos is not None else None
+
+    @property
+    def max_model_len(self) -> int:
+        """The engine's context length in tokens (prompt + response)."""
+        return int(self.llm.model_config.max_model_len)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.llm.model_config.get_vocab_size())
 
     def stage_weights(self, version: int, directory: Path) -> None:
         """Queue verified weights; they are loaded before the next segment step."""

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from pipeline.streams import DEADLETTER_REASONS
+
 
 @dataclass
 class SamplerMetrics:
@@ -104,13 +106,26 @@ class SamplerMetrics:
             registry=r,
         )
         self.deadletter = Counter(
-            p + "deadletter", "Prompt entries sent to the dead-letter stream.", registry=r
-        )
-        self.stale_waits = Counter(
-            p + "stale_waits",
-            "Times the sampler paused claiming because it was too stale.",
+            p + "deadletter",
+            "Prompt entries sent to the dead-letter stream, by reason.",
+            ["reason"],
             registry=r,
         )
+        for reason in DEADLETTER_REASONS:
+            self.deadletter.labels(reason)
+        self.weight_announced_version = Gauge(
+            p + "weight_announced_version",
+            "Newest weight version announced with a valid signature (verified or not).",
+            registry=r,
+        )
+        self.weight_failures = Counter(
+            p + "weight_failures",
+            "Failed attempts to fetch or verify an announced weight version, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        for kind in ("announcement", "download", "verification"):
+            self.weight_failures.labels(kind)
         self.idle_seconds = Counter(
             p + "idle_seconds", "Seconds spent waiting for prompts or fresh weights.", registry=r
         )

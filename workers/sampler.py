@@ -1,11 +1,13 @@
 """The sampler process: claims prompts, grows TreePO trees with vLLM, publishes them.
 
-Loop: swap in staged weights -> if more than ``max_staleness`` versions behind the latest
-announcement, wait -> claim up to ``batch_prompts`` PromptTasks (reclaiming dead samplers'
-entries first) -> grow one tree per prompt (one engine call per segment step) -> score leaves ->
-XADD one TreeRollout per prompt -> XACK the prompts. Background tasks keep a heartbeat key alive
-and watch the weight announcement key, downloading and verifying new versions. SIGTERM stops the
-loop at the next segment step, hands the unfinished prompts back (``Streams.release``) and exits.
+Loop: swap in staged weights -> claim up to ``batch_prompts`` PromptTasks (reclaiming dead
+samplers' entries first) -> dead-letter the ones it cannot use (too long for the engine, unknown
+reward function, token ids outside the vocabulary) -> grow one tree per prompt (one engine call
+per segment step) -> score leaves -> XADD one TreeRollout per prompt -> XACK the prompts.
+Background tasks keep a heartbeat key alive and follow the weight announcements
+(``workers.follow``); before its first prompt the sampler takes the newest verified weights.
+SIGTERM stops at once, also in the middle of an engine call or while Redis is down: the
+unfinished prompts are handed back (``Streams.release``) and the process exits.
 
 What the learner does with the trees is in ``learner/``; the algorithm is ``pipeline.sampling``.
 """
@@ -23,24 +25,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.aio import wait_or_stop
+from pipeline.aio import unless_stopped, wait_or_stop
 from pipeline.config import SamplerSettings
 from pipeline.costs import CostModel, independent_work
 from pipeline.entry import process_parser, process_settings, serve
-from pipeline.errors import (
-    ConfigError,
-    MessageDecodeError,
-    WeightDownloadError,
-    WeightVerificationError,
-)
+from pipeline.errors import ConfigError, Stopping, TransportError
 from pipeline.httpserver import make_app, start
-from pipeline.messages import Heartbeat, PromptTask, WeightAnnouncement, decode_as, encode
+from pipeline.messages import DecodeLimits, Heartbeat, PromptTask, encode
 from pipeline.sampling import TreeSampler
 from pipeline.streams import Delivery, Streams
-from pipeline.tasks import reward_fn
+from pipeline.tasks import REWARDS, reward_fn
 from pipeline.tree import Tree
-from pipeline.weights import download_version, tensor_specs
+from pipeline.weights import tensor_specs
 from workers.engine import CallStats, EngineOptions, GenerationStopped, VLLMSegmentGenerator
+from workers.follow import WeightFollower
 from workers.metrics import SamplerMetrics
 
 log = logging.getLogger(__name__)
@@ -66,7 +64,14 @@ class Sampler:
         opts = settings.sampler
         self.worker_id = opts.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.started = time.monotonic()
-        self.streams = Streams(settings.redis, settings.run, settings.streams)
+        self.streams = Streams(
+            settings.redis,
+            settings.run,
+            settings.streams,
+            DecodeLimits(
+                max_bytes=settings.streams.max_message_bytes, vocab_size=engine.vocab_size
+            ),
+        )
         tree_cfg = settings.tree
         if tree_cfg.eos_token_id is None and engine.eos_token_id is not None:
             tree_cfg = tree_cfg.model_copy(update={"eos_token_id": engine.eos_token_id})
@@ -77,15 +82,27 @@ class Sampler:
         self.calls: list[CallStats] = []
         engine.on_call = self._on_call  # type: ignore[method-assign]
         self.stop = asyncio.Event()
-        self.latest_announced = 0
-        self.staged_version = engine.policy_version
-        self.rejected: set[int] = set()
-        self.reference_specs = tensor_specs(Path(engine.options.model))
+        self.streams.stop = self.stop
+        self.streams.on_deadletter = lambda reason: self.metrics.deadletter.labels(reason).inc()
         self.work_dir = Path(opts.work_dir) / self.worker_id
+        token = settings.weights.token
+        self.follower = WeightFollower(
+            self.streams,
+            engine,
+            self.metrics,
+            self.work_dir,
+            tensor_specs(Path(engine.options.model)),
+            token=token.get_secret_value() if token else None,
+            trusted_url=settings.weights.public_url,
+            download_timeout_s=settings.weights.download_timeout_s,
+            max_staleness=settings.run.max_staleness,
+            unhealthy_after_s=opts.unhealthy_after_s,
+        )
         self.prompts_done = 0
         self.port = opts.port
         self.failed: BaseException | None = None
-        self._deadletters_seen = 0
+        self.progress_at = time.monotonic()
+        """When the loop last finished an iteration (health: a stuck loop is not ok)."""
         self.metrics.policy_version.set(engine.policy_version)
 
     # -- engine hooks ----------------------------------------------------------------------------
@@ -107,10 +124,17 @@ class Sampler:
         self.engine.stop.set()
 
     def health(self) -> dict[str, Any]:
+        problem = "stopping" if self.stop.is_set() else self.follower.trouble()
+        stuck = time.monotonic() - self.progress_at
+        if problem is None and stuck > self.settings.sampler.unhealthy_after_s:
+            problem = f"no progress for {stuck:.0f}s"
         return {
-            "ok": not self.stop.is_set(),
+            "ok": problem is None,
+            "problem": problem,
             "worker_id": self.worker_id,
             "policy_version": self.engine.policy_version,
+            "verified_version": self.follower.verified,
+            "announced_version": self.follower.announced,
             "prompts_done": self.prompts_done,
         }
 
@@ -131,21 +155,25 @@ class Sampler:
             self.settings.sampler.host,
             self.port,
         )
-        background = [
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-            asyncio.create_task(self._weights_loop(), name="weights"),
-        ]
-        for task in background:
-            task.add_done_callback(self._supervise)
+        background: list[asyncio.Task[None]] = []
         try:
+            await self.follower.poll()  # the newest verified weights before the first prompt
+            background = [
+                asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+                asyncio.create_task(self._weights_loop(), name="weights"),
+            ]
+            for task in background:
+                task.add_done_callback(self._supervise)
             await self._loop(max_prompts)
+        except Stopping as exc:
+            log.info("stopping: %s", exc)
         finally:
             self.stop.set()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             self.write_summary()
-            await self._heartbeat("stopped", ttl=self.settings.sampler.heartbeat_ttl_s, retry=False)
+            await self._heartbeat("stopped", ttl=self.settings.sampler.heartbeat_ttl_s)
             await runner.cleanup()
             await self.streams.close()
         return self.prompts_done
@@ -170,7 +198,6 @@ class Sampler:
                 "treepo_sampler_weight_swaps_total",
                 "treepo_sampler_correct_leaves_total",
                 "treepo_sampler_idle_seconds_total",
-                "treepo_sampler_stale_waits_total",
             )
         }
         values["wall_seconds"] = time.monotonic() - self.started
@@ -182,7 +209,9 @@ class Sampler:
         return path
 
     def _supervise(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
+        if task.cancelled() or isinstance(task.exception(), Stopping):
+            return
+        if task.exception() is not None:
             log.error("background task %s died: %r; stopping", task.get_name(), task.exception())
             self.request_stop()
             self.failed = task.exception()
@@ -191,13 +220,10 @@ class Sampler:
         keys, opts = self.streams.keys, self.settings.sampler
         last_reclaim = 0.0
         while not self.stop.is_set():
+            self.progress_at = time.monotonic()
             if max_prompts is not None and self.prompts_done >= max_prompts:
                 return
             await self._apply_staged()
-            if self._too_stale():
-                self.metrics.stale_waits.inc()
-                await self._idle(opts.weights_poll_s)
-                continue
             count = opts.batch_prompts
             if max_prompts is not None:
                 count = min(count, max_prompts - self.prompts_done)
@@ -210,25 +236,54 @@ class Sampler:
                 )
             if not batch:
                 batch = await self.streams.read(keys.prompts, PROMPT_GROUP, self.worker_id, count)
-            self._count_deadletters()
+            batch = await self._usable(batch)
             if not batch:
                 self.metrics.idle_seconds.inc(time.monotonic() - waited)
                 continue
             await self._serve(batch)
 
-    def _count_deadletters(self) -> None:
-        total = self.streams.counters.deadlettered
-        self.metrics.deadletter.inc(total - self._deadletters_seen)
-        self._deadletters_seen = total
+    async def _usable(self, batch: list[Delivery]) -> list[Delivery]:
+        """The deliveries this sampler can grow trees for; the rest are dead-lettered."""
+        good = []
+        for d in batch:
+            problem = self._check_prompt(d.message)  # type: ignore[arg-type]
+            if problem is None:
+                good.append(d)
+            else:
+                await self.streams.reject(d, PROMPT_GROUP, *problem)
+        return good
 
-    async def _idle(self, seconds: float) -> None:
-        started = time.monotonic()
-        await wait_or_stop(self.stop, seconds)
-        self.metrics.idle_seconds.inc(time.monotonic() - started)
+    def _check_prompt(self, task: PromptTask) -> tuple[str, str] | None:
+        """(reason, detail) when ``task`` cannot be served by this engine, else None."""
+        name = task.task or self.settings.sampler.default_task
+        if name not in REWARDS:
+            return "unknown_task", f"task {name!r} is not one of {sorted(REWARDS)}"
+        context = self.engine.max_model_len
+        need = len(task.prompt_token_ids) + self.tree_sampler.config.response_cap
+        if not task.prompt_token_ids or need > context:
+            return "too_long", (
+                f"prompt {task.prompt_id} of {len(task.prompt_token_ids)} tokens + response cap "
+                f"{self.tree_sampler.config.response_cap} does not fit the engine's context of "
+                f"{context} tokens"
+            )
+        return None
 
-    def _too_stale(self) -> bool:
-        behind = self.latest_announced - self.engine.policy_version
-        return behind > self.settings.run.max_staleness
+    async def _grow(self, tasks: list[PromptTask]) -> list[Tree | str]:
+        """One tree per prompt, or the engine's refusal of that prompt (a ValueError/TypeError
+        from request validation). Raises ``Stopping`` when the process is asked to stop."""
+        work = self.tree_sampler.expand([t.prompt_token_ids for t in tasks])
+        try:
+            return list(await unless_stopped(self.stop, work, "an engine call"))
+        except GenerationStopped as exc:
+            raise Stopping(str(exc)) from exc
+        except (ValueError, TypeError) as exc:
+            if len(tasks) == 1:
+                log.error("engine refused prompt %s: %s", tasks[0].prompt_id, exc)
+                return [f"{type(exc).__name__}: {exc}"]
+        out: list[Tree | str] = []
+        for t in tasks:  # grow them one by one to find the one(s) at fault
+            out.extend(await self._grow([t]))
+        return out
 
     async def _serve(self, batch: list[Delivery]) -> None:
         keys = self.streams.keys
@@ -240,14 +295,17 @@ class Sampler:
         started = time.perf_counter()
         self.calls = []
         try:
-            trees = await self.tree_sampler.expand([t.prompt_token_ids for t in tasks])
-        except GenerationStopped:
-            await self.streams.release(
-                keys.prompts, PROMPT_GROUP, self.worker_id, [d.entry_id for d in batch]
-            )
-            log.info("stopping: released %d unfinished prompts", len(batch))
-            return
-        for task, tree in zip(tasks, trees):
+            grown = await self._grow(tasks)
+        except Stopping:
+            await self._release(batch)
+            raise
+        done: list[str] = []
+        served: list[PromptTask] = []
+        trees: list[Tree] = []
+        for d, task, tree in zip(batch, tasks, grown):
+            if isinstance(tree, str):
+                await self.streams.reject(d, PROMPT_GROUP, "engine_error", tree)
+                continue
             self._score(task, tree)
             rollout = tree.to_rollout(
                 f"t-{task.prompt_id}",
@@ -257,9 +315,22 @@ class Sampler:
                 time.time(),
             )
             await self.streams.publish(keys.trees, rollout)
-        await self.streams.ack(keys.prompts, PROMPT_GROUP, [d.entry_id for d in batch])
-        self.prompts_done += len(batch)
-        self._account(tasks, trees, time.perf_counter() - started)
+            done.append(d.entry_id)
+            served.append(task)
+            trees.append(tree)
+        await self.streams.ack(keys.prompts, PROMPT_GROUP, done)
+        self.prompts_done += len(done)
+        self._account(served, trees, time.perf_counter() - started)
+
+    async def _release(self, batch: list[Delivery]) -> None:
+        """Hand unfinished prompts back to the group (best effort: Redis may be down too; then
+        they are reclaimed after ``claim_idle_ms``)."""
+        ids = [d.entry_id for d in batch]
+        try:
+            await self.streams.release(self.streams.keys.prompts, PROMPT_GROUP, self.worker_id, ids)
+            log.info("stopping: released %d unfinished prompts", len(ids))
+        except (TransportError, Stopping) as exc:
+            log.warning("stopping: %d prompts not released (%s); reclaimed later", len(ids), exc)
 
     def _score(self, task: PromptTask, tree: Tree) -> None:
         check = reward_fn(task.task or self.settings.sampler.default_task)
@@ -316,50 +387,8 @@ class Sampler:
 
     async def _weights_loop(self) -> None:
         while not self.stop.is_set():
-            raw = await self.streams.call(
-                lambda: self.streams.client.get(self.streams.keys.weights), "GET weights"
-            )
-            if raw:
-                try:
-                    ann = decode_as(raw, WeightAnnouncement)
-                except MessageDecodeError as exc:
-                    log.error("bad weight announcement ignored: %s", exc)
-                else:
-                    await self._maybe_fetch(ann)
+            await self.follower.poll()
             await wait_or_stop(self.stop, self.settings.sampler.weights_poll_s)
-
-    async def _maybe_fetch(self, ann: WeightAnnouncement) -> None:
-        self.latest_announced = max(self.latest_announced, ann.version)
-        if ann.version <= self.staged_version or ann.version in self.rejected:
-            return
-        token = self.settings.weights.token
-        started = time.perf_counter()
-        try:
-            _, directory = await download_version(
-                ann.url,
-                ann.manifest_sha256,
-                self.work_dir,
-                reference=self.reference_specs,
-                token=token.get_secret_value() if token else None,
-                timeout_s=self.settings.weights.download_timeout_s,
-            )
-        except WeightDownloadError as exc:
-            log.warning("weights v%d not fetched yet (%s); will retry", ann.version, exc)
-            return
-        except WeightVerificationError as exc:
-            self.rejected.add(ann.version)
-            self.metrics.weight_rejected.inc()
-            log.error(
-                "refused weights v%d from %s: %s (keeping v%d)",
-                ann.version,
-                ann.url,
-                exc,
-                self.engine.policy_version,
-            )
-            return
-        self.metrics.weight_download_seconds.observe(time.perf_counter() - started)
-        self.engine.stage_weights(ann.version, directory)
-        self.staged_version = ann.version
 
     def _prune_versions(self) -> None:
         """Delete downloaded versions older than the one the engine runs (never the staged one,
@@ -371,7 +400,8 @@ class Sampler:
 
     # -- heartbeat -------------------------------------------------------------------------------
 
-    async def _heartbeat(self, state: str, ttl: float, retry: bool = True) -> None:
+    async def _heartbeat(self, state: str, ttl: float) -> None:
+        """Set this sampler's heartbeat key (after a stop: one short attempt, Redis may be gone)."""
         hb = Heartbeat(
             self.worker_id,
             "sampler",
@@ -383,14 +413,13 @@ class Sampler:
         )
         key = self.streams.keys.heartbeat_prefix + self.worker_id
         payload = encode(hb)
-        if retry:
+        try:
             await self.streams.call(
                 lambda: self.streams.client.set(key, payload, px=int(ttl * 1000)), "SET heartbeat"
             )
-            return
-        try:  # the last heartbeat on shutdown: one attempt, Redis may be stopping too
-            await asyncio.wait_for(self.streams.client.set(key, payload, px=int(ttl * 1000)), 1.0)
-        except Exception as exc:
+        except (TransportError, Stopping) as exc:
+            if not self.stop.is_set():
+                raise
             log.info("final heartbeat not sent: %s", exc)
 
     async def _heartbeat_loop(self) -> None:
@@ -415,6 +444,7 @@ def engine_options(settings: SamplerSettings, model: str) -> EngineOptions:
         max_model_len=o.max_model_len or None,
         kv_cache_gib=o.kv_cache_gib,
         block_size=o.block_size,
+        cpu_bind=o.cpu_bind,
         seed=settings.run.seed,
     )
 
