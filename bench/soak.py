@@ -34,6 +34,7 @@ SETTINGS = {
     "TREEPO_LEARNER__TOTAL_STEPS": "1000000",
     "TREEPO_LEARNER__LR": "1e-5",
     "TREEPO_LEARNER__READMIT_AFTER_S": "60",
+    "TREEPO_LEARNER__DYNAMIC_SAMPLING": "false",  # the test toy is mostly wrong: few mixed trees
     "TREEPO_STREAMS__BLOCK_MS": "200",
     "TREEPO_STREAMS__CLAIM_IDLE_MS": "10000",
 }

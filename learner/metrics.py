@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from pipeline.streams import DEADLETTER_REASONS
+from pipeline.httpserver import deadletter_counter
 
 
 @dataclass
@@ -100,14 +100,7 @@ class LearnerMetrics:
             "Prompts given up after max_admissions admissions (or stale with readmission off).",
             registry=r,
         )
-        self.deadletter = Counter(
-            p + "deadletter",
-            "Tree entries sent to the dead-letter stream, by reason.",
-            ["reason"],
-            registry=r,
-        )
-        for reason in DEADLETTER_REASONS:
-            self.deadletter.labels(reason)
+        self.deadletter = deadletter_counter(p, "Tree entries", r)
         self.prompts_in_flight = Gauge(
             p + "prompts_in_flight", "Prompts admitted but not yet trained on.", registry=r
         )

@@ -371,6 +371,12 @@ class Learner:
                 self.first_tree_at = time.monotonic()
             self.state.tokens_received += tree.stats.decoded_tokens
             status = ledger.status(tree.prompt_id)
+            if status == "unknown" and self._admitted_before_restart(tree):
+                # the position will be admitted (and sampled) again: this tree is not needed
+                log.info("tree %s is for a prompt admitted before a restart", tree.tree_id)
+                self.metrics.trees_duplicate.inc()
+                self.resolved_entries.append(d.entry_id)
+                continue
             if status == "unknown":
                 detail = f"tree {tree.tree_id} for prompt {tree.prompt_id}, never admitted"
                 await self.streams.reject(d, TREE_GROUP, "unknown_prompt", detail)
@@ -403,6 +409,12 @@ class Learner:
                 self.since_step.no_signal.append(tree.tree_id)
                 continue
             self.ready.append((d, tree))
+
+    def _admitted_before_restart(self, tree: TreeRollout) -> bool:
+        """A tree for a dataset position past the cursor: a learner that crashed after admitting
+        it, before checkpointing, issued it; the restarted one admits that position again."""
+        pos = tree.dataset_position
+        return pos >= self.state.cursor and tree.prompt_id == prompt_id(pos)
 
     def _finish(self, pid: str, outcome: Outcome) -> None:
         self.state.ledger.finish(pid, outcome)

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+
+from pipeline.streams import DEADLETTER_REASONS
 
 
 def make_app(registry: CollectorRegistry, health: Callable[[], dict[str, Any]]) -> web.Application:
@@ -45,3 +47,17 @@ async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunn
     sockets = getattr(site._server, "sockets", None)
     bound = int(sockets[0].getsockname()[1]) if sockets else port
     return runner, bound
+
+
+def deadletter_counter(prefix: str, what: str, registry: CollectorRegistry) -> Counter:
+    """``<prefix>deadletter_total{reason}``: entries of ``what`` this process dead-lettered, one
+    series per reason of ``pipeline.streams.DEADLETTER_REASONS`` (all present from the start)."""
+    counter = Counter(
+        prefix + "deadletter",
+        f"{what} sent to the dead-letter stream, by reason.",
+        ["reason"],
+        registry=registry,
+    )
+    for reason in DEADLETTER_REASONS:
+        counter.labels(reason)
+    return counter

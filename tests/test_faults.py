@@ -8,11 +8,13 @@ every stop within 5 s."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 from pydantic import SecretStr
 
@@ -156,8 +158,12 @@ def test_pipeline_survives_poison_and_kills_and_loses_nothing(
         for entry_id, reason in expected.items():
             assert got[entry_id].split(":", 1)[0] == reason, (entry_id, got[entry_id])
         assert all(cluster.running(n) for n in ("sampler-0", "sampler-1", "learner"))
-        # a sampler killed mid-work, replaced
+        # a sampler killed mid-work, replaced; its engine processes do not outlive it
+        engine_procs = psutil.Process(cluster.procs["sampler-0"].pid).children(recursive=True)
+        assert len(engine_procs) >= 2  # the engine core (and its worker) and the reaper
         cluster.restart("sampler-0")
+        _, alive = psutil.wait_procs(engine_procs, timeout=15)
+        assert alive == [], alive
         step = cluster.step()
         wait_for("steps after a sampler kill", lambda: cluster.step() >= step + 2, cluster)
         # the learner killed, restarted on the same work dir
@@ -189,6 +195,9 @@ def test_pipeline_survives_poison_and_kills_and_loses_nothing(
         )
     finally:
         cluster.stop()
+    # the replacement sampler, started beside a busy one, became ready and took work
+    summary = json.loads((cluster.root / "samplers" / "sampler-0" / "summary.json").read_text())
+    assert summary["treepo_sampler_trees_total"] > 0
     result = audit(cluster.work)
     assert result.lost == [] and result.trained_twice == [], result
     assert result.trained == 3 * total

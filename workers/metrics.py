@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from pipeline.streams import DEADLETTER_REASONS
+from pipeline.httpserver import deadletter_counter
 
 
 @dataclass
@@ -105,14 +105,7 @@ class SamplerMetrics:
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
             registry=r,
         )
-        self.deadletter = Counter(
-            p + "deadletter",
-            "Prompt entries sent to the dead-letter stream, by reason.",
-            ["reason"],
-            registry=r,
-        )
-        for reason in DEADLETTER_REASONS:
-            self.deadletter.labels(reason)
+        self.deadletter = deadletter_counter(p, "Prompt entries", r)
         self.weight_announced_version = Gauge(
             p + "weight_announced_version",
             "Newest weight version announced with a valid signature (verified or not).",
