@@ -212,12 +212,62 @@ def weight_sync(d: dict[str, Any]) -> str:
     )
 
 
+def durability(d: dict[str, Any]) -> str:
+    rows = [
+        [
+            f"{kind} ({d['tree_bytes'] / 1e3:.0f} KB)" if kind == "trees" else kind,
+            f"{d[f'{kind}_per_second_everysec']:.0f}",
+            f"{d[f'{kind}_per_second_always']:.0f}",
+            f"**{d[f'{kind}_always_vs_everysec']:.2f}**",
+        ]
+        for kind in ("trees", "prompts")
+    ]
+    return _table(["messages", "everysec /s", "always /s", "always / everysec"], rows) + (
+        f"\n\nThe pipeline's publisher (one XADD awaited at a time); best of "
+        f"{len(d['repeats']) // 2} alternating repeats."
+    )
+
+
+def soak(d: dict[str, Any]) -> str:
+    a = d["audit"]
+    kills = ", ".join(f"{v} {n}" for v, n in d["kills_by_victim"].items())
+    rows = [
+        [
+            f"{d['minutes']:.0f}",
+            f"{d['kills']} ({kills})",
+            str(d["learner_crashes"]),
+            str(d["steps"]),
+            str(a["admitted"]),
+            f"{a['trained']} / {a['no_signal']} / {a['abandoned']} / {a['outstanding']}",
+            f"{d['readmitted_lost']} / {d['readmitted_stale']}",
+            f"**{len(a['lost'])}**",
+            f"**{len(a['trained_twice'])}**",
+        ]
+    ]
+    return _table(
+        [
+            "minutes",
+            "SIGKILLs",
+            "learner crashes",
+            "steps",
+            "admitted",
+            "trained / no signal / abandoned / outstanding",
+            "re-admitted overdue / stale",
+            "lost",
+            "trained twice",
+        ],
+        rows,
+    )
+
+
 SECTIONS = [
     ("tree_vs_independent", "Tree vs independent sampling", tree_vs_independent),
     ("async_vs_sync", "Async vs sync pipeline", async_vs_sync),
     ("treepo_vs_grpo", "TreePO vs GRPO-style training at an equal token budget", treepo_vs_grpo),
     ("transport", "Transport", transport),
     ("weight_sync", "Weight sync", weight_sync),
+    ("durability", "Redis durability: appendfsync always vs everysec", durability),
+    ("soak", "Soak: random SIGKILLs of samplers, learner and redis-server", soak),
 ]
 
 

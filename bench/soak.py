@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.cluster import ROOT, Cluster
+from bench.common import write_result
 from learner.ledger import audit
 
 SETTINGS = {
@@ -117,14 +118,13 @@ def main() -> None:
     parser.add_argument("--max-gap", type=float, default=50.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="3 minutes, results in runs/")
+    parser.add_argument("--out", type=Path, default=None, help="result folder (default by mode)")
     args = parser.parse_args()
     if args.quick:
         args.minutes, args.min_gap, args.max_gap = 3.0, 20.0, 35.0
-    out_dir = ROOT / ("runs/bench-quick" if args.quick else "bench/results")
-    out_dir.mkdir(parents=True, exist_ok=True)
     root = ROOT / "runs" / f"soak-{time.strftime('%Y%m%d-%H%M%S')}"
     result = soak(root, args.minutes, (args.min_gap, args.max_gap), args.seed)
-    (out_dir / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result("soak", args, result)
     audit_ = result["audit"]
     print(json.dumps({k: v for k, v in result.items() if k != "kill_log"}, indent=2))
     print(

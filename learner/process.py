@@ -325,8 +325,8 @@ class Learner:
         return True
 
     async def _readmit_overdue(self) -> None:
-        """Admit again every prompt whose tree is overdue and that is neither queued on the
-        prompts stream nor held by a live sampler (checked every few seconds)."""
+        """Admit again every prompt whose tree is overdue: not waiting here for a batch, not
+        queued on the prompts stream, not held by a live sampler (checked every few seconds)."""
         after = self.settings.learner.readmit_after_s
         now = time.monotonic()
         if now - self.last_overdue_check < min(10.0, after / 4):
@@ -338,7 +338,10 @@ class Learner:
         keys = self.streams.keys
         if (await self.streams.group_info(keys.trees, TREE_GROUP)).lag > 0:
             return  # trees not yet read may be the overdue ones
+        waiting = {t.prompt_id for _, t in self.ready}  # arrived, waiting for a full batch
         for a in overdue:
+            if a.prompt_id in waiting:
+                continue
             where, consumer = await self.streams.entry_state(keys.prompts, PROMPT_GROUP, a.entry_id)
             if where == "queued":
                 continue

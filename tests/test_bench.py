@@ -30,6 +30,19 @@ def test_transport_quick(tmp_path: Path) -> None:
     )
 
 
+def test_durability_quick(tmp_path: Path) -> None:
+    from bench import durability
+
+    assert durability.main(["--quick", "--out", str(tmp_path)]) == 0
+    d = load(tmp_path, "durability")
+    assert [r["appendfsync"] for r in d["repeats"]] == ["everysec", "always"]
+    for kind in ("trees", "prompts"):
+        assert d[f"{kind}_per_second_everysec"] > 0 and d[f"{kind}_per_second_always"] > 0
+        assert d[f"{kind}_always_vs_everysec"] == pytest.approx(
+            d[f"{kind}_per_second_always"] / d[f"{kind}_per_second_everysec"]
+        )
+
+
 def test_tree_vs_independent_quick(tmp_path: Path) -> None:
     from bench import tree_vs_independent
 

@@ -19,7 +19,7 @@ import pytest
 from pydantic import SecretStr
 
 from bench.cluster import PASSWORDS, Cluster
-from learner.ledger import audit
+from learner.ledger import Ledger, audit
 from pipeline.config import RedisSettings, RunSettings, StreamSettings
 from pipeline.messages import (
     Heartbeat,
@@ -27,6 +27,7 @@ from pipeline.messages import (
     RolloutLeaf,
     RolloutNode,
     TreeRollout,
+    decode,
     encode,
 )
 from pipeline.streams import PAYLOAD_FIELD, Streams
@@ -83,6 +84,21 @@ def tiny_tree(prompt_id: str) -> TreeRollout:
         [RolloutNode(-1, [3, 4], [-0.1, -0.2], 0)],
         [RolloutLeaf(0, 1.0, "eos")],
     )
+
+
+async def lose_first_prompt(cluster: Cluster) -> str:
+    """Delete the first prompt entry the learner admits, before the samplers are up."""
+    s = streams_as(cluster, "learner")
+    try:
+        for _ in range(600):
+            entries = await s.client.xrange(s.keys.prompts, count=1)
+            if entries:
+                await s.client.xdel(s.keys.prompts, entries[0][0])
+                return str(decode(entries[0][1][PAYLOAD_FIELD]).prompt_id)  # type: ignore[union-attr]
+            await asyncio.sleep(0.1)
+        raise AssertionError("the learner admitted no prompt:\n" + cluster.log_tail("learner"))
+    finally:
+        await s.close()
 
 
 async def inject_poison(cluster: Cluster) -> dict[str, str]:
@@ -145,6 +161,9 @@ def test_pipeline_survives_poison_and_kills_and_loses_nothing(
     cluster = Cluster(tmp_path / "run", toy_model, dict(SETTINGS))
     cluster.start(samplers=2)
     try:
+        # a prompt lost before any sampler saw it (as an XADD lost in a Redis crash would be):
+        # the ledger admits it again once it is overdue
+        lost = asyncio.run(lose_first_prompt(cluster))
         wait_for("the first steps", lambda: cluster.step() >= 2, cluster, timeout=400)
         # poison on both streams: dead-lettered with its reason, nobody dies
         expected = asyncio.run(inject_poison(cluster))
@@ -204,3 +223,5 @@ def test_pipeline_survives_poison_and_kills_and_loses_nothing(
     assert result.admitted == result.trained + result.no_signal + result.abandoned + (
         result.outstanding
     )
+    ledger = Ledger.from_json(cluster.state()["ledger"])  # type: ignore[index]
+    assert ledger.finished[lost] == "trained" and ledger.readmitted_lost >= 1
