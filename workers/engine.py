@@ -25,7 +25,7 @@ from typing import Any
 
 from pipeline.costs import Work
 from pipeline.sampling import GeneratedSegment, SegmentRequest
-from workers.reaper import watch_engine
+from workers.reaper import watch_children
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ class VLLMSegmentGenerator:
         if options.block_size:
             kwargs["block_size"] = options.block_size
         started = time.perf_counter()
+        self.reaper = watch_children()  # engine processes end with this one, even on SIGKILL
         self.llm = LLM(**kwargs)
-        self.reaper = watch_engine()  # the engine processes end with this one, even on SIGKILL
         log.info("vLLM engine on %s ready in %.1fs", options.model, time.perf_counter() - started)
 
     @property

@@ -1,32 +1,31 @@
 """Ends a sampler's engine processes when the sampler dies without stopping them.
 
 vLLM's engine core runs in child processes that outlive a SIGKILLed parent (OOM killer, a
-crash, `kill -9`), keeping their memory, cores or GPU. ``watch_engine`` starts this module as a
-small process holding the read end of a pipe whose write end only the sampler holds: when the
-sampler ends, by any means, the read returns end-of-file and the engine processes it was given
-(checked by creation time, so a reused pid is never hit) are killed.
+crash, `kill -9`), keeping their memory, cores or GPU. ``watch_children`` starts this module as a
+small process, before the engine, holding the read end of a pipe whose write end only the
+sampler holds. The reaper keeps a fresh list of the sampler's descendants (every 0.2 s); when
+the sampler ends, by any means, the read returns end-of-file and the reaper kills the processes
+of its last list (checked by creation time, so a reused pid is never hit). Engines that are
+still starting are covered too.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
 
+POLL_S = 0.2
+_KEEP: list[int] = []
 
-def watch_engine() -> subprocess.Popen[bytes] | None:
-    """Start the reaper for every current descendant of this process (call once the engine
-    is up); None when there is none."""
-    import psutil
 
-    children = psutil.Process().children(recursive=True)
-    if not children:
-        return None
+def watch_children() -> subprocess.Popen[bytes]:
+    """Start the reaper for this process's descendants (call before starting the engine)."""
     read_end, write_end = os.pipe()
-    args = [f"{c.pid}:{c.create_time()!r}" for c in children]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workers.reaper", str(read_end), *args],
+        [sys.executable, "-m", "workers.reaper", str(os.getpid()), str(read_end)],
         pass_fds=(read_end,),
         stdin=subprocess.DEVNULL,
         start_new_session=True,  # a signal to the sampler's process group does not reach it
@@ -36,19 +35,21 @@ def watch_engine() -> subprocess.Popen[bytes] | None:
     return proc
 
 
-_KEEP: list[int] = []
-
-
 def main(argv: list[str]) -> int:
-    fd = int(argv[0])
-    os.read(fd, 1)  # blocks until the sampler is gone (end of file)
     import psutil
 
-    for spec in argv[1:]:
-        pid, created = spec.split(":", 1)
+    parent, fd = psutil.Process(int(argv[0])), int(argv[1])
+    me = os.getpid()
+    known: dict[int, float] = {}
+    while not select.select([fd], [], [], POLL_S)[0]:  # readable only at end of file
         try:
-            p = psutil.Process(int(pid))
-            if repr(p.create_time()) == created:
+            known = {p.pid: p.create_time() for p in parent.children(recursive=True) if p.pid != me}
+        except psutil.Error:
+            break
+    for pid, created in known.items():
+        try:
+            p = psutil.Process(pid)
+            if p.create_time() == created:
                 p.send_signal(signal.SIGKILL)
         except psutil.Error:
             continue
