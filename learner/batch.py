@@ -38,9 +38,23 @@ class TrainBatch:
     def rows(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """This batch with every tensor on ``device`` (the model's)."""
+        return TrainBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.mask.to(device),
+            self.behavior_logprobs.to(device),
+            self.segment_ids.to(device),
+            self.advantages.to(device),
+            self.rewards,
+            self.raw_advantages,
+        )
+
     def select(self, index: torch.Tensor) -> TrainBatch:
         """Rows ``index`` of this batch (for mini-batches)."""
         idx = index.tolist()
+        index = index.to(self.input_ids.device)
         return TrainBatch(
             self.input_ids[index],
             self.attention_mask[index],
@@ -81,19 +95,20 @@ def build_batch(
     adv = whiten(raw, counts)
     length = max(len(ids) for ids, _, _, _ in rows)
     r = len(rows)
-    input_ids = torch.full((r, length), pad_id, dtype=torch.long)
-    attention = torch.zeros((r, length), dtype=torch.long)
-    mask = torch.zeros((r, length - 1))
-    mu = torch.zeros((r, length - 1))
-    seg = torch.zeros((r, length - 1), dtype=torch.long)
-    advantages = torch.zeros((r, length - 1))
+    cpu = torch.device("cpu")  # built here, moved to the model's device by the trainer
+    input_ids = torch.full((r, length), pad_id, dtype=torch.long, device=cpu)
+    attention = torch.zeros((r, length), dtype=torch.long, device=cpu)
+    mask = torch.zeros((r, length - 1), device=cpu)
+    mu = torch.zeros((r, length - 1), device=cpu)
+    seg = torch.zeros((r, length - 1), dtype=torch.long, device=cpu)
+    advantages = torch.zeros((r, length - 1), device=cpu)
     for i, (ids, p, mus, segs) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
+        input_ids[i, : len(ids)] = torch.tensor(ids, device=cpu)
         attention[i, : len(ids)] = 1
         lo, hi = p - 1, p - 1 + len(mus)  # targets of the response tokens
         mask[i, lo:hi] = 1
-        mu[i, lo:hi] = torch.tensor(mus)
-        seg[i, lo:hi] = torch.tensor(segs)
+        mu[i, lo:hi] = torch.tensor(mus, device=cpu)
+        seg[i, lo:hi] = torch.tensor(segs, device=cpu)
         advantages[i, lo:hi] = adv[i]
     return TrainBatch(input_ids, attention, mask, mu, seg, advantages, rewards, raw)
 

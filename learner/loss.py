@@ -40,12 +40,13 @@ def behavior_log_weights(
     if level != "segment":
         raise ValueError(f"unknown importance level {level!r}")
     # mean over (row, segment) groups: one-hot scatter over segment ids
-    n_seg = int(segment_ids.max().item()) + 1 if segment_ids.numel() else 1
+    # a row has at most one segment per position: no host sync to find the true count
+    n_seg = max(1, segment_ids.shape[-1])
     seg = segment_ids.clamp(min=0).long()
-    sums = torch.zeros(log_w.shape[0], n_seg, dtype=log_w.dtype).scatter_add_(1, seg, log_w)
-    counts = torch.zeros(log_w.shape[0], n_seg, dtype=log_w.dtype).scatter_add_(
-        1, seg, mask.to(log_w.dtype)
-    )
+    shape = (log_w.shape[0], n_seg)
+    sums = torch.zeros(shape, dtype=log_w.dtype, device=log_w.device).scatter_add_(1, seg, log_w)
+    counts = torch.zeros(shape, dtype=log_w.dtype, device=log_w.device)
+    counts.scatter_add_(1, seg, mask.to(log_w.dtype))
     means = sums / counts.clamp(min=1)
     return means.gather(1, seg)
 

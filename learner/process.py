@@ -255,6 +255,7 @@ class Learner:
                 self.metrics.wait_seconds.inc(time.monotonic() - waited)
                 await self._take(batch)
                 await self._observe_streams()
+                await self._drop_now_stale()
                 if len(self.ready) >= opts.batch_prompts:
                     await self._step()
             if self.state.step >= opts.total_steps or self.budget_spent():
@@ -394,13 +395,7 @@ class Learner:
                 continue
             self.received_leaves.extend(leaf.reward for leaf in tree.leaves)
             if self._staleness(tree) > self.settings.run.max_staleness:
-                self.state.dropped_stale += 1
-                self.metrics.trees_dropped_stale.inc()
-                self.resolved_entries.append(d.entry_id)
-                if not self.settings.learner.readmit_stale:
-                    self._abandon(tree.prompt_id, "its tree was stale")
-                else:
-                    await self._readmit(tree.prompt_id, stale=True)
+                await self._drop_stale(d, tree)
                 continue
             if self.settings.learner.dynamic_sampling and not has_signal(
                 [leaf.reward for leaf in tree.leaves]
@@ -412,6 +407,26 @@ class Learner:
                 self.since_step.no_signal.append(tree.tree_id)
                 continue
             self.ready.append((d, tree))
+
+    async def _drop_stale(self, d: Delivery, tree: TreeRollout) -> None:
+        self.state.dropped_stale += 1
+        self.metrics.trees_dropped_stale.inc()
+        self.resolved_entries.append(d.entry_id)
+        if not self.settings.learner.readmit_stale:
+            self._abandon(tree.prompt_id, "its tree was stale")
+        else:
+            await self._readmit(tree.prompt_id, stale=True)
+
+    async def _drop_now_stale(self) -> None:
+        """Trees wait in ``ready`` while steps go on: drop those that became older than
+        ``max_staleness`` versions, so no trained tree is (docs/algorithm.md)."""
+        fresh = []
+        for d, tree in self.ready:
+            if self._staleness(tree) > self.settings.run.max_staleness:
+                await self._drop_stale(d, tree)
+            else:
+                fresh.append((d, tree))
+        self.ready = fresh
 
     def _admitted_before_restart(self, tree: TreeRollout) -> bool:
         """A tree for a dataset position past the cursor: a learner that crashed after admitting

@@ -151,12 +151,12 @@ def _batches(task: ArithTask, tokenizer, spec: ToySpec, seed: int, direct_fracti
         ]
         answers = [tokenizer(t)["input_ids"] + [EOS_ID] for t in texts]
         length = max(len(p) + len(a) for p, a in zip(prompts, answers))
-        ids = torch.full((spec.batch, length), PAD_ID)
-        labels = torch.full((spec.batch, length), -100)
+        ids = torch.full((spec.batch, length), PAD_ID, device="cpu")
+        labels = torch.full((spec.batch, length), -100, device="cpu")
         for i, (p, a) in enumerate(zip(prompts, answers)):
             seq = p + a
-            ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, len(p) : len(seq)] = torch.tensor(a)
+            ids[i, : len(seq)] = torch.tensor(seq, device="cpu")
+            labels[i, len(p) : len(seq)] = torch.tensor(a, device="cpu")
         yield ids, labels, (ids != PAD_ID).long()
 
 

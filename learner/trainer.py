@@ -116,7 +116,7 @@ def build_engine(model_dir: str | Path, opts: LearnerOptions) -> Engine:
 
 def _chunks(n: int, parts: int) -> list[torch.Tensor]:
     parts = max(1, min(parts, n))
-    return [c for c in torch.arange(n).chunk(parts) if c.numel()]
+    return [c for c in torch.arange(n, device="cpu").chunk(parts) if c.numel()]
 
 
 def train_on_batch(
@@ -130,18 +130,19 @@ def train_on_batch(
     """One learner step: recompute pi_prox, then ppo_epochs x mini_batches optimizer steps.
     Returns statistics averaged over the updates."""
     ds = engine.ds
+    batch = batch.to(next(ds.module.parameters()).device)
     gas = opts.gradient_accumulation_steps
     lr = engine.set_lr(step)
     ds.eval()
     with torch.no_grad():
         proximal = token_logprobs(ds.module, batch.input_ids, batch.attention_mask)
     ds.train()
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
     totals: dict[str, float] = {}
     updates, seen_tokens = 0, 0.0
     norms: list[float] = []
     for _ in range(opts.ppo_epochs):
-        order = torch.randperm(batch.rows, generator=gen)
+        order = torch.randperm(batch.rows, generator=gen, device="cpu")
         for mb in _chunks(batch.rows, opts.mini_batches):
             rows = order[mb]
             mb_tokens = float(batch.mask[rows].sum().item())
@@ -153,7 +154,7 @@ def train_on_batch(
                 logprobs = token_logprobs(ds.module, sub.input_ids, sub.attention_mask)
                 lp_loss, stats = policy_loss(
                     logprobs,
-                    proximal[rows[part]] if part.numel() else proximal[rows[:1]],
+                    proximal[sub_rows(rows, part, proximal.device)],
                     sub.behavior_logprobs,
                     sub.advantages,
                     sub.mask,
@@ -185,6 +186,11 @@ def train_on_batch(
         grad_norm=sum(norms) / len(norms) if norms else float(ds.get_global_grad_norm() or 0.0),
     )
     return out
+
+
+def sub_rows(rows: torch.Tensor, part: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The rows of one micro-batch (the first row stands in for an empty one), on ``device``."""
+    return (rows[part] if part.numel() else rows[:1]).to(device)
 
 
 def _grad_norm(module: torch.nn.Module) -> float:

@@ -71,8 +71,10 @@ def whiten(
     advantages: Sequence[float], token_counts: Sequence[int], eps: float = 1e-8
 ) -> list[float]:
     """Whiten per-sequence advantages over tokens: each advantage stands for ``token_counts[i]``
-    identical token values; returns ``(A - mean) / sqrt(var + eps)`` with mean and (population)
-    variance over all those tokens. Sequences with zero tokens keep a value but do not count."""
+    identical token values; returns ``(A - mean) / sqrt(var + eps)`` with mean and variance over
+    all those tokens. The variance is Bessel-corrected (divided by tokens - 1), as the official
+    TreePO code (verl's ``masked_whiten``, unbiased) does; a single token has variance 0. Sequences
+    with zero tokens keep a value but do not count."""
     if len(advantages) != len(token_counts):
         raise ValueError(f"{len(advantages)} advantages but {len(token_counts)} token counts")
     if any(c < 0 for c in token_counts):
@@ -81,7 +83,7 @@ def whiten(
     if total == 0:
         return [0.0 for _ in advantages]
     mean = sum(a * c for a, c in zip(advantages, token_counts)) / total
-    var = sum(c * (a - mean) ** 2 for a, c in zip(advantages, token_counts)) / total
+    var = sum(c * (a - mean) ** 2 for a, c in zip(advantages, token_counts)) / max(1, total - 1)
     scale = 1.0 / math.sqrt(var + eps)
     return [(a - mean) * scale for a in advantages]
 
@@ -98,29 +100,3 @@ def filter_informative(
     """Keep the items (trees) whose rewards differ; returns (kept, number dropped)."""
     kept = [item for item, r in zip(items, rewards) if has_signal(r)]
     return kept, len(items) - len(kept)
-
-
-def segment_advantages(
-    parents: Sequence[int | None], leaf_nodes: Sequence[int], rewards: Sequence[float]
-) -> dict[int, float]:
-    """Optional per-segment variant (research use, off by default).
-
-    Node value V(leaf) = its reward; V(node) = mean of its children's values; V(prompt) = mean
-    of the depth-1 nodes' values. Segment advantage of node x = V(x) - V(parent(x)).
-    ``parents[k]`` is node k's parent (None under the prompt); parents precede children.
-    """
-    if len(leaf_nodes) != len(rewards):
-        raise ValueError(f"{len(leaf_nodes)} leaves but {len(rewards)} rewards")
-    children: dict[int | None, list[int]] = defaultdict(list)
-    for k, p in enumerate(parents):
-        children[p].append(k)
-    value: dict[int, float] = dict(zip(leaf_nodes, rewards))
-    for k in reversed(range(len(parents))):
-        if k not in value:
-            kids = children.get(k)
-            if not kids:
-                raise ValueError(f"node {k} has no children and is not a leaf")
-            value[k] = sum(value[c] for c in kids) / len(kids)
-    top = children.get(None, [])
-    root_value = sum(value[c] for c in top) / len(top) if top else 0.0
-    return {k: value[k] - (root_value if p is None else value[p]) for k, p in enumerate(parents)}

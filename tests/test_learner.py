@@ -245,3 +245,59 @@ def test_learner_trains_publishes_survives_a_kill(
     versions = {n.policy_version for t in trees for n in t.nodes}
     assert max(versions) >= 2, versions
     assert "resumed from" in log.read_text()
+
+
+def test_no_trained_tree_is_older_than_the_bound(
+    redis_server: RedisServer, toy_model: Path, tmp_path: Path
+) -> None:
+    """Trees of staleness 0..3 against max_staleness 1: the learner keeps only 0 and 1 on
+    arrival, drops (and admits again) the rest, and drops a kept tree that crossed the bound
+    while it waited for a batch."""
+    from transformers import AutoTokenizer
+
+    from learner.process import Learner
+    from learner.trainer import build_engine
+    from pipeline.config import LearnerOptions, LearnerSettings
+    from pipeline.messages import RolloutLeaf, RolloutNode
+    from pipeline.streams import Delivery
+    from pipeline.tasks import ArithTask
+
+    opts = LearnerOptions(model=str(toy_model), work_dir=str(tmp_path / "work"), batch_prompts=8)
+    settings = LearnerSettings(
+        redis=RedisSettings(url=redis_server.url),
+        run=RunSettings(name="test", max_staleness=1),
+        learner=opts,
+    )
+    learner = Learner(
+        settings,
+        build_engine(toy_model, opts),
+        AutoTokenizer.from_pretrained(str(toy_model)),
+        ArithTask().problems("train", 50, seed=0),
+    )
+    learner.state.step = 5
+
+    def tree(pos: int, versions: list[int]) -> Delivery:
+        first, later = versions
+        nodes = [RolloutNode(p, [5, 6], [-0.1, -0.2], v) for p, v in ((-1, first), (0, later))]
+        nodes.append(RolloutNode(0, [7], [-0.3], later))
+        leaves = [RolloutLeaf(1, 1.0, "eos"), RolloutLeaf(2, -1.0, "eos")]
+        t = TreeRollout(f"t-q{pos}", f"q{pos}", "s", [1, 2], nodes, leaves)
+        return Delivery("trees", f"{pos}-0", t, b"")
+
+    async def main() -> None:
+        for pos in range(4):
+            learner.state.ledger.admit(f"q{pos}", pos, f"{pos}-9", time.time())
+        learner.state.cursor = 4
+        # staleness = version 5 - the oldest segment's version: 0, 1, 2, 3
+        await learner._take([tree(0, [5, 5]), tree(1, [4, 5]), tree(2, [3, 5]), tree(3, [2, 2])])
+        assert [t.prompt_id for _, t in learner.ready] == ["q0", "q1"]
+        assert learner.state.dropped_stale == 2
+        assert learner.state.ledger.outstanding["q2"].attempts == 2  # admitted again
+        learner.state.step = 6  # a step went by while they waited
+        await learner._drop_now_stale()
+        assert [t.prompt_id for _, t in learner.ready] == ["q0"]
+        assert all(learner._staleness(t) <= 1 for _, t in learner.ready)
+        assert learner.state.ledger.readmitted_stale == 3
+        await learner.streams.close()
+
+    asyncio.run(main())
