@@ -13,6 +13,7 @@ The last line printed is the run folder's path.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -111,24 +113,56 @@ def run_pipeline(
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"  # honcho and the processes write through a pipe: line by line
     log_path = run / "pipeline.log"
-    with (
-        log_path.open("w") as log,
-        subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        ) as proc,
-    ):
-        deadline = time.monotonic() + timeout_s
-        assert proc.stdout is not None
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    copier = threading.Thread(target=_copy_log, args=(proc, log_path, quiet), daemon=True)
+    copier.start()
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        logging.getLogger("treepo.demo").warning("pipeline still running after %.0f s", timeout_s)
+        return _stop(proc)
+    finally:
+        # also on an exception here (a test's timeout, Ctrl-C): never leave the pipeline running
+        # and never wait for it without a bound
+        if proc.poll() is None:
+            _stop(proc)
+        copier.join(timeout=5)
+
+
+def _copy_log(proc: subprocess.Popen[str], log_path: Path, quiet: bool) -> None:
+    """Copy honcho's output to ``log_path`` (and the interesting lines to stdout)."""
+    assert proc.stdout is not None
+    with log_path.open("w") as log:
         for line in proc.stdout:
             log.write(line)
             log.flush()
             if quiet:
-                pass
-            elif (" step " in line and "reward" in line) or "exits" in line or "Traceback" in line:
+                continue
+            if (" step " in line and "reward" in line) or "exits" in line or "Traceback" in line:
                 print(line.rstrip()[-150:], flush=True)
-            if time.monotonic() > deadline:
-                proc.terminate()
-        return proc.wait()
+
+
+def _stop(proc: subprocess.Popen[str], grace_s: float = 30.0) -> int:
+    """SIGTERM honcho (which stops its processes), then SIGKILL whatever is left of the tree."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    proc.terminate()
+    try:
+        code = proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    _, alive = psutil.wait_procs(family, timeout=10)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    return code
 
 
 def savings(run: Path) -> dict[str, float]:

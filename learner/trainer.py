@@ -9,6 +9,7 @@ writes full weights (gathered under ZeRO-3) as safetensors in HF layout.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -45,6 +46,15 @@ def init_distributed() -> None:
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
+
+    # (``import deepspeed.comm.torch as m`` would bind torch itself: deepspeed.comm has ``torch``)
+    ds_comm = importlib.import_module("deepspeed.comm.torch")
+    # DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce op (used only by its
+    # inference all-reduce) at every init, holding torch's extension lock file meanwhile, even
+    # when the op is already built. A learner SIGKILLed in that moment leaves the lock behind and
+    # every later learner on the machine waits on it forever. Training all-reduces go through
+    # gloo (or NCCL): never build it.
+    ds_comm.build_shm_op = lambda: None  # type: ignore[attr-defined]
 
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")

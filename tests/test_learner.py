@@ -33,6 +33,21 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def test_a_stale_extension_lock_does_not_block_the_learner_start(tmp_path: Path) -> None:
+    """A learner SIGKILLed while torch's JIT-extension lock is held leaves the lock file behind;
+    the next learner must still start (DeepSpeed's CPU backend would wait on it forever)."""
+    ext = tmp_path / "torch_extensions"
+    for sub in ("deepspeed_shm_comm", "py311_cpu/deepspeed_shm_comm"):
+        (ext / sub).mkdir(parents=True)
+        (ext / sub / "lock").touch()
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "MASTER_PORT": str(free_port())}
+    code = "from learner.trainer import init_distributed; init_distributed(); print('up')"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("up"), proc.stderr[-2000:]
+
+
 @pytest.mark.timeout(900)
 def test_two_deepspeed_ranks_train_and_agree(toy_model: Path, tmp_path: Path) -> None:
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which(
