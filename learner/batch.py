@@ -33,6 +33,8 @@ class TrainBatch:
     """[rows, L-1] whitened tree advantage of the row's leaf."""
     rewards: list[float]
     raw_advantages: list[float]
+    temperatures: torch.Tensor
+    """[rows] sampling temperature of the row's tree (the learner's logits are divided by it)."""
 
     @property
     def rows(self) -> int:
@@ -49,6 +51,7 @@ class TrainBatch:
             self.advantages.to(device),
             self.rewards,
             self.raw_advantages,
+            self.temperatures.to(device),
         )
 
     def select(self, index: torch.Tensor) -> TrainBatch:
@@ -64,6 +67,7 @@ class TrainBatch:
             self.advantages[index],
             [self.rewards[i] for i in idx],
             [self.raw_advantages[i] for i in idx],
+            self.temperatures[index],
         )
 
 
@@ -74,8 +78,12 @@ def build_batch(
     rows: list[tuple[list[int], int, list[float], list[int]]] = []
     raw: list[float] = []
     rewards: list[float] = []
+    temps: list[float] = []
     for tree in trees:
+        if tree.top_p != 1.0:
+            raise ValueError(f"tree {tree.tree_id}: sampled with top_p {tree.top_p} < 1")
         paths = [tree.leaf_path(leaf) for leaf in tree.leaves]
+        temps += [tree.temperature] * len(paths)
         leaf_rewards = [leaf.reward for leaf in tree.leaves]
         raw.extend(tree_advantages(paths, leaf_rewards, mode))
         rewards.extend(leaf_rewards)
@@ -110,13 +118,21 @@ def build_batch(
         mu[i, lo:hi] = torch.tensor(mus, device=cpu)
         seg[i, lo:hi] = torch.tensor(segs, device=cpu)
         advantages[i, lo:hi] = adv[i]
-    return TrainBatch(input_ids, attention, mask, mu, seg, advantages, rewards, raw)
+    temperatures = torch.tensor(temps, dtype=torch.float32, device=cpu)
+    return TrainBatch(input_ids, attention, mask, mu, seg, advantages, rewards, raw, temperatures)
 
 
 def token_logprobs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperatures: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """log p(token j+1 | tokens <= j) for every position: [rows, L-1]."""
+    """log p_T(token j+1 | tokens <= j) for every position: [rows, L-1], where p_T is the
+    model's distribution at the row's sampling temperature (softmax of logits / T, as vLLM
+    samples; ``None`` = temperature 1)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    if temperatures is not None:
+        logits = logits / temperatures.to(logits.device, logits.dtype).view(-1, 1, 1)
     targets = input_ids[:, 1:]
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)

@@ -385,6 +385,11 @@ class Learner:
                 detail = f"tree {tree.tree_id} for prompt {tree.prompt_id}, never admitted"
                 await self.streams.reject(d, TREE_GROUP, "unknown_prompt", detail)
                 continue
+            if tree.top_p != 1.0:  # a sampler of another build or setting: not trainable
+                detail = f"tree {tree.tree_id} sampled with top_p {tree.top_p} < 1"
+                await self.streams.reject(d, TREE_GROUP, "sampling", detail)
+                self._abandon(tree.prompt_id, "its tree was sampled with top_p < 1")
+                continue
             if (
                 status == "finished"
                 or tree.tree_id in self.state.trained

@@ -145,7 +145,9 @@ def train_on_batch(
     lr = engine.set_lr(step)
     ds.eval()
     with torch.no_grad():
-        proximal = token_logprobs(ds.module, batch.input_ids, batch.attention_mask)
+        proximal = token_logprobs(
+            ds.module, batch.input_ids, batch.attention_mask, batch.temperatures
+        )
     ds.train()
     gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
     totals: dict[str, float] = {}
@@ -161,7 +163,9 @@ def train_on_batch(
                 micro.append(micro[-1][:0])
             for part in micro:
                 sub = batch.select(rows[part]) if part.numel() else batch.select(rows[:1])
-                logprobs = token_logprobs(ds.module, sub.input_ids, sub.attention_mask)
+                logprobs = token_logprobs(
+                    ds.module, sub.input_ids, sub.attention_mask, sub.temperatures
+                )
                 lp_loss, stats = policy_loss(
                     logprobs,
                     proximal[sub_rows(rows, part, proximal.device)],

@@ -110,10 +110,24 @@ class SamplerOptions(_Section):
     """Prompts grown together in one tree-sampling batch."""
     default_task: Literal["arith", "math"] = "arith"
     """Reward function for prompts that do not name one."""
-    temperature: float = Field(1.0, ge=0.0, le=10.0)
-    """Sampling temperature (the behavior policy is the tempered distribution)."""
+    temperature: float = Field(1.0, ge=0.01, le=10.0)
+    """Sampling temperature. The behavior policy is the tempered distribution; each tree carries
+    it and the learner divides its logits by it, so importance weights measure policy lag only.
+    Greedy decoding (0) has no usable log-probs and is refused."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    """Nucleus sampling threshold."""
+    """Nucleus sampling threshold; must be 1.0 for training (the learner cannot rebuild the
+    sampler's nucleus under newer weights, so it would train on wrong log-probs)."""
+
+    @field_validator("top_p")
+    @classmethod
+    def _full_support(cls, value: float) -> float:
+        if value != 1.0:
+            raise ValueError(
+                f"top_p {value} < 1 is not supported: the learner would compare the truncated "
+                "behavior log-probs with full-vocabulary ones; use temperature instead"
+            )
+        return value
+
     dtype: str = "float32"
     """Engine dtype (``float32`` on CPU; ``bfloat16`` on GPUs)."""
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)

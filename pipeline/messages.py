@@ -26,7 +26,7 @@ import msgpack
 
 from pipeline.errors import MessageDecodeError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of every message type defined here. Bump it on any change of fields or meaning."""
 
 FINISH_REASONS = frozenset({"eos", "stop", "length", "depth", "repetition"})
@@ -136,6 +136,10 @@ class TreeRollout:
     stats: RolloutStats = field(default_factory=RolloutStats)
     dataset_position: int = 0
     created_at: float = 0.0
+    temperature: float = 1.0
+    """Sampling temperature of the behavior policy: the learner divides its logits by it."""
+    top_p: float = 1.0
+    """Nucleus threshold of the behavior policy (the learner trains only on 1.0)."""
 
     def leaf_path(self, leaf: RolloutLeaf) -> list[int]:
         """Node indices from the depth-1 node down to ``leaf.node``."""
@@ -243,6 +247,7 @@ def _encode_rollout(msg: TreeRollout) -> dict[str, Any]:
         "leaf_node": _int32([leaf.node for leaf in msg.leaves]),
         "leaf_reward": _float64([leaf.reward for leaf in msg.leaves]),
         "leaf_finish": [leaf.finish_reason for leaf in msg.leaves],
+        "sampling": {"temperature": float(msg.temperature), "top_p": float(msg.top_p)},
         "stats": {
             "decoded_tokens": s.decoded_tokens,
             "independent_tokens": s.independent_tokens,
@@ -472,6 +477,10 @@ def _decode_rollout(f: _Fields) -> TreeRollout:
         seen.add(node)
     if len(seen) != has_child.count(False):
         raise MessageDecodeError("leaf_node", "every childless node must be a leaf")
+    sampling = f.sub("sampling")
+    temperature = sampling.real("temperature", 1e-3, 100.0)
+    top_p = sampling.real("top_p", 1e-6, 1.0)
+    sampling.no_extra()
     s = f.sub("stats")
     stats = RolloutStats(
         decoded_tokens=s.integer("decoded_tokens"),
@@ -500,6 +509,8 @@ def _decode_rollout(f: _Fields) -> TreeRollout:
         stats=stats,
         dataset_position=dataset_position,
         created_at=created_at,
+        temperature=temperature,
+        top_p=top_p,
     )
 
 

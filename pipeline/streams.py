@@ -101,13 +101,15 @@ DEADLETTER_REASONS = (
     "unknown_task",
     "unknown_prompt",
     "engine_error",
+    "sampling",
     "deleted",
 )
 """Why an entry was dead-lettered (the ``reason`` label of the processes' dead-letter counters):
 undecodable bytes; a valid message of another stream's type; a prompt longer than the engine's
 context; a token id outside the model's vocabulary; a reward function nobody knows; a tree for a
-prompt the learner never admitted (or already resolved); an engine error on this one prompt; an
-entry trimmed while pending."""
+prompt the learner never admitted (or already resolved); an engine error on this one prompt; a
+tree sampled with settings the learner cannot train on (top_p < 1); an entry trimmed while
+pending."""
 
 
 @dataclass

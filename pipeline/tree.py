@@ -102,8 +102,11 @@ class Tree:
         sampler_id: str,
         dataset_position: int = 0,
         created_at: float = 0.0,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
     ) -> TreeRollout:
-        """The wire message for this tree; every leaf must have its reward set."""
+        """The wire message for this tree (sampled at ``temperature``/``top_p``); every leaf must
+        have its reward set."""
         missing = [i for i, leaf in enumerate(self.leaves) if leaf.reward is None]
         if missing:
             raise ValueError(f"leaves {missing} have no reward")
@@ -125,6 +128,8 @@ class Tree:
             stats=replace(self.stats),
             dataset_position=dataset_position,
             created_at=created_at,
+            temperature=temperature,
+            top_p=top_p,
         )
 
     @classmethod

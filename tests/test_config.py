@@ -44,6 +44,8 @@ def test_nested_env_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         ("TREEPO_REDIS__URL", "http://x", "TREEPO_REDIS__URL"),
         ("TREEPO_RUN__MAX_STALENESS", "-1", "TREEPO_RUN__MAX_STALENESS"),
         ("TREEPO_TREE__FALLBACK_WINDOW", "7", "TREEPO_TREE"),
+        ("TREEPO_SAMPLER__TOP_P", "0.9", "TREEPO_SAMPLER__TOP_P.*not supported"),
+        ("TREEPO_SAMPLER__TEMPERATURE", "0", "TREEPO_SAMPLER__TEMPERATURE"),
     ],
 )
 def test_bad_values_name_the_variable(

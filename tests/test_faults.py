@@ -12,6 +12,7 @@ import json
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -115,9 +116,15 @@ async def inject_poison(cluster: Cluster) -> dict[str, str]:
         expected[await learner.publish(k.prompts, msg)] = reason
     garbage = await learner.client.xadd(k.prompts, {PAYLOAD_FIELD: b"\xc1garbage"})
     expected[garbage.decode()] = "decode"
+    admitted = await learner.client.xrevrange(k.prompts, count=1)
+    nucleus = replace(
+        tiny_tree(decode(admitted[0][1][PAYLOAD_FIELD]).prompt_id),  # type: ignore[union-attr]
+        top_p=0.9,
+    )
     for msg, reason in (
         (PromptTask("p", [1], "1", 0, 0), "wrong_type"),
         (tiny_tree("never-admitted"), "unknown_prompt"),
+        (nucleus, "sampling"),
     ):
         expected[await sampler.publish(k.trees, msg)] = reason
     garbage = await sampler.client.xadd(k.trees, {PAYLOAD_FIELD: encode(tiny_tree("x"))[:-9]})

@@ -59,6 +59,7 @@ def golden_rollout() -> TreeRollout:
         RolloutStats(7, 9, 26, 3, 0, 3, 0.25),
         42,
         1_700_000_001.0,
+        0.75,
     )
 
 
@@ -95,7 +96,8 @@ def test_golden_bytes_decode_and_encode_identically(name: str) -> None:
 def test_golden_rollout_is_readable_with_plain_msgpack_and_struct() -> None:
     """What docs/wire-format.md promises: a reader needs only msgpack and little-endian arrays."""
     m = msgpack.unpackb((DATA / "tree_rollout.msgpack").read_bytes(), raw=False)
-    assert m["type"] == "tree_rollout" and m["schema_version"] == 2
+    assert m["type"] == "tree_rollout" and m["schema_version"] == 3
+    assert m["sampling"] == {"temperature": 0.75, "top_p": 1.0}
     parents = struct.unpack(f"<{len(m['node_parent']) // 4}i", m["node_parent"])
     lengths = struct.unpack(f"<{len(m['node_len']) // 4}i", m["node_len"])
     tokens = struct.unpack(f"<{len(m['tokens']) // 4}i", m["tokens"])
@@ -210,7 +212,7 @@ def _mutated(name: str, **changes: object) -> bytes:
 @pytest.mark.parametrize(
     ("name", "changes", "field"),
     [
-        ("prompt_task", {"schema_version": 3}, "schema_version"),
+        ("prompt_task", {"schema_version": 2}, "schema_version"),
         ("prompt_task", {"schema_version": "1"}, "schema_version"),
         ("prompt_task", {"type": "nope"}, "type"),
         ("prompt_task", {"prompt_id": 5}, "prompt_id"),
@@ -243,6 +245,10 @@ def _mutated(name: str, **changes: object) -> bytes:
         ("tree_rollout", {"leaf_finish": ["eos", "bogus"]}, "leaf_finish[1]"),
         ("tree_rollout", {"stats": {"decoded_tokens": 1}}, "stats.independent_tokens"),
         ("tree_rollout", {"stats": [1, 2]}, "stats"),
+        ("tree_rollout", {"sampling": {"temperature": 0.0, "top_p": 1.0}}, "sampling.temperature"),
+        ("tree_rollout", {"sampling": {"temperature": 1.0, "top_p": 1.5}}, "sampling.top_p"),
+        ("tree_rollout", {"sampling": {"temperature": 1.0}}, "sampling.top_p"),
+        ("tree_rollout", {"sampling": ...}, "sampling"),
         ("weight_announcement", {"url": "ftp://x"}, "url"),
         ("weight_announcement", {"manifest_sha256": "XYZ"}, "manifest_sha256"),
         ("weight_announcement", {"version": 2**40}, "version"),

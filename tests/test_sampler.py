@@ -372,3 +372,50 @@ def test_two_sampler_processes_split_work_and_stop_on_sigterm(
                 proc.wait()
         for log in logs:
             log.close()
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_on_policy_importance_weights_are_one_at_any_temperature(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    engine: VLLMSegmentGenerator,
+    tokenizer,  # type: ignore[no-untyped-def]
+    temperature: float,
+) -> None:
+    """Trees sampled by the real engine at temperature T carry T; the learner's log-probs at T of
+    the same weights match vLLM's to 1e-3 at every importance level, and plain log-softmax (T
+    ignored) does not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from learner.batch import build_batch, token_logprobs
+    from learner.loss import behavior_log_weights
+    from pipeline.messages import decode, encode
+
+    async def sample() -> list[TreeRollout]:
+        s = make_streams(redis_server)
+        await push(s, tasks(tokenizer, 3))
+        sampler = make_sampler(redis_server, tmp_path, engine, tokenizer, temperature=temperature)
+        assert await sampler.run(max_prompts=3) == 3
+        trees = await read_trees(s, 3)
+        await s.close()
+        return trees
+
+    engine.options.temperature = temperature
+    try:
+        trees = asyncio.run(sample())
+    finally:
+        engine.options.temperature = 1.0
+    assert [decode(encode(t)).temperature for t in trees] == [temperature] * 3  # type: ignore[union-attr]
+    model = AutoModelForCausalLM.from_pretrained(engine.options.model, dtype=torch.float32)
+    batch = build_batch(trees, pad_id=0)
+    with torch.no_grad():
+        at_t = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.temperatures)
+        plain = token_logprobs(model, batch.input_ids, batch.attention_mask)
+    for level in ("token", "segment", "sequence"):
+        for lp, close in ((at_t, True), (plain, False)):
+            log_w = behavior_log_weights(
+                lp, batch.behavior_logprobs, batch.mask, batch.segment_ids, level
+            )
+            err = (log_w.exp() - 1).abs()[batch.mask.bool()].max().item()
+            assert (err < 1e-3) is close, (level, close, err)

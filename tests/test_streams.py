@@ -168,7 +168,7 @@ def test_malformed_entries_go_to_dead_letter_and_consumer_goes_on(
         await s.publish(s.keys.prompts, prompt(1))
         await s.client.xadd(s.keys.prompts, {PAYLOAD_FIELD: b"\x93garbage"})
         await s.client.xadd(s.keys.prompts, {b"other": b"x"})
-        bad_version = encode(prompt(9)).replace(b"schema_version\x02", b"schema_version\x07")
+        bad_version = encode(prompt(9)).replace(b"schema_version\x03", b"schema_version\x07")
         await s.client.xadd(s.keys.prompts, {PAYLOAD_FIELD: bad_version})
         await s.publish(s.keys.prompts, prompt(2))
         got = await s.read(s.keys.prompts, GROUP, "c", count=10)

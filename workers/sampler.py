@@ -313,6 +313,8 @@ class Sampler:
                 self.worker_id,
                 task.dataset_position,
                 time.time(),
+                self.settings.sampler.temperature,
+                self.settings.sampler.top_p,
             )
             await self.streams.publish(keys.trees, rollout)
             done.append(d.entry_id)
