@@ -56,6 +56,7 @@ def tree_vs_independent(d: dict[str, Any]) -> str:
                 f"{base['prefill_tokens']:.0f}",
                 f"{base['prefix_cache_hit_rate']:.0%}",
                 f"{base['engine_calls']:.0f}",
+                "-",
                 f"{base['reward_mean']:.3f}",
             ]
         ]
@@ -72,6 +73,7 @@ def tree_vs_independent(d: dict[str, Any]) -> str:
                     f"{c['prefill_tokens']:.0f}",
                     f"{c['prefix_cache_hit_rate']:.0%}",
                     f"{c['engine_calls']:.0f}",
+                    f"{c['fallbacks_per_tree']:.2f}" if "fallbacks_per_tree" in c else "-",
                     f"{c['reward_mean']:.3f}",
                 ]
             )
@@ -90,6 +92,7 @@ def tree_vs_independent(d: dict[str, Any]) -> str:
                     "prefill",
                     "cache hit",
                     "engine calls",
+                    "fallbacks/tree",
                     "leaf reward",
                 ],
                 rows,

@@ -42,7 +42,7 @@ class TreeShape:
     depth: int
     divergence: int | tuple[int, int]
 
-    def config(self, eos: int | None, budget: int) -> TreeConfig:
+    def config(self, eos: int | None, budget: int, answer_stop: bool = True) -> TreeConfig:
         rng = self.divergence if isinstance(self.divergence, tuple) else None
         return TreeConfig(
             width=WIDTH,
@@ -54,6 +54,7 @@ class TreeShape:
             max_response_tokens=budget,
             eos_token_id=eos,
             repetition_ngram=0,
+            answer_stop="boxed" if answer_stop else "none",
         )
 
 
@@ -121,6 +122,7 @@ def row(
     decoded: int,
     calls: int,
     rewards: list[float],
+    fallbacks: float = 0.0,
 ) -> dict[str, Any]:
     return {
         "method": kind,
@@ -134,6 +136,7 @@ def row(
         "prefix_cache_hit_rate": ratio(cached, prefill),
         "processed_tokens_per_second": (prefill - cached + decoded) / seconds,
         "engine_calls": calls,
+        "fallbacks_per_tree": fallbacks,
         "reward_mean": statistics.fmean(rewards) if rewards else 0.0,
     }
 
@@ -149,7 +152,9 @@ def run_tree(
     seed: int,
 ) -> dict[str, Any]:
     counting = Counting(gen)
-    sampler = TreeSampler(counting, shape.config(eos, budget), rng=seed)
+    # forced lengths (ignore_eos) leave nothing to stop on: same lengths as the baseline
+    cfg = shape.config(eos, budget, answer_stop=not gen.options.ignore_eos)
+    sampler = TreeSampler(counting, cfg, rng=seed, decode=decode)
     gen.llm.reset_prefix_cache()
     started = time.perf_counter()
     trees = asyncio.run(sampler.expand(prompts))
@@ -170,6 +175,7 @@ def run_tree(
         counting.decoded,
         counting.calls,
         rewards,
+        sum(t.stats.fallbacks for t in trees) / len(trees),
     )
 
 

@@ -29,9 +29,9 @@ from pipeline.errors import MessageDecodeError
 SCHEMA_VERSION = 3
 """Version of every message type defined here. Bump it on any change of fields or meaning."""
 
-FINISH_REASONS = frozenset({"eos", "stop", "length", "depth", "repetition"})
-"""Why a leaf's path ended: EOS token, engine stop condition, response-length cap, depth cap,
-repetition detector."""
+FINISH_REASONS = frozenset({"answer", "eos", "stop", "length", "depth", "repetition"})
+"""Why a leaf's path ended: a closed boxed answer, EOS token, engine stop condition,
+response-length cap, depth cap, repetition detector."""
 
 ROLES = frozenset({"sampler", "learner"})
 

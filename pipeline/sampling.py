@@ -7,14 +7,18 @@ prefix cache hits). Per prompt, with w = width, b = branching (TREEPO.md section
 * step 0 forks the prompt into its initial divergence d0 (fixed, or drawn from a range);
 * after a step each new segment either ends the path (EOS, engine stop, response-length cap,
   depth cap, repetition) and becomes a leaf, or stays active;
-* next step's request count is ``n = min(w - leaves, b * active)``; the invariant
-  ``leaves + active <= w`` makes ``n >= active``, so every active path continues. The n - active
-  extra requests are spread uniformly (default) or by softmax(+/- score / temperature) of the last
-  segment's mean log-prob or entropy;
-* fallback: a prompt with no active path and fewer than w leaves cuts finished leaves (those that
-  ended with EOS or an engine stop first) at a random segment boundary and forks b new paths from
-  the cut; with no cut possible it restarts from the prompt. Contexts are always rebuilt as
-  prompt + the path's own tokens, so a fork can never splice onto a foreign prefix.
+* next step's request count is ``n = min(w - leaves, b * (active + ended))``, where ``ended``
+  counts the paths that ended in the step just done: their b branches go to the survivors
+  (the paper's budget transfer, section 2.2). ``leaves + active <= w`` makes ``n >= active``, so
+  every active path continues. The n - active extra requests are spread uniformly (default) or by
+  softmax(+/- score / temperature) of the last segment's mean log-prob or entropy;
+* with ``answer_stop = "boxed"`` a segment that closes a ``\\boxed{...}`` answer ends its path
+  (finish reason ``answer``);
+* fallback: a prompt with no active path and fewer than w leaves forks b new paths from leaves
+  that ended with an answer (``answer``, ``eos`` or an engine stop; never from depth-, length- or
+  repetition-stopped leaves), each cut at a random segment boundary, the prompt itself included;
+  with no such leaf it restarts from the prompt. Contexts are always rebuilt as prompt + the
+  path's own tokens, so a fork can never splice onto a foreign prefix.
 
 The engine side (vLLM) is in ``workers/``; this module never imports it.
 """
@@ -24,16 +28,18 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline.tree import Leaf, Tree
+from pipeline.rewards import last_boxed
+from pipeline.tree import Tree
 
 Allocation = Literal["uniform", "logprob_high", "logprob_low", "entropy_high", "entropy_low"]
-ANSWER_REASONS = ("eos", "stop")
-"""Finish reasons of paths that ended on their own; fallback prefers cutting these."""
+ANSWER_REASONS = ("answer", "eos", "stop")
+"""Finish reasons of paths that ended on their own: the only leaves fallback forks from."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,9 @@ class TreeConfig(BaseModel):
     ``repetition_repeats`` times in a row. 0 disables the detector."""
     repetition_repeats: int = Field(8, ge=2, le=10_000)
     """Consecutive repeats of one n-gram that count as degenerate repetition."""
+    answer_stop: Literal["boxed", "none"] = "boxed"
+    """``boxed``: a path ends at the segment that closes a ``\\boxed{...}`` answer (finish reason
+    ``answer``), as in the paper; ``none``: only EOS, the engine's stops and the caps end it."""
 
     @field_validator("fallback_window", mode="before")
     @classmethod
@@ -161,6 +170,8 @@ class _PromptState:
     """Allocation score of each active node (mean log-prob or entropy of its segment)."""
     lengths: dict[int, int] = field(default_factory=dict)
     """Response length (tokens) up to and including each node."""
+    ended: int = 0
+    """Paths that ended in the step just done (their branches go to the survivors)."""
 
 
 class TreeSampler:
@@ -171,10 +182,15 @@ class TreeSampler:
         generator: SegmentGenerator,
         config: TreeConfig,
         rng: random.Random | int | None = None,
+        decode: Callable[[list[int]], str] | None = None,
     ) -> None:
+        """``decode`` turns response tokens into text; ``answer_stop = "boxed"`` needs it."""
+        if config.answer_stop != "none" and decode is None:
+            raise ValueError(f"answer_stop {config.answer_stop!r} needs a decode function")
         self.generator = generator
         self.config = config
         self.rng = rng if isinstance(rng, random.Random) else random.Random(rng)
+        self.decode = decode
 
     async def expand(self, prompts: list[list[int]]) -> list[Tree]:
         """Grow one tree per prompt (same order), one engine call per segment step."""
@@ -195,7 +211,7 @@ class TreeSampler:
                 )
             self._account(batch, requests, outputs, elapsed)
             for st in states:
-                st.active = []
+                st.active, st.ended = [], 0
             for (st, parent), req, out in zip(batch, requests, outputs):
                 self._grow(st, parent, req, out)
             for st in states:
@@ -257,6 +273,8 @@ class TreeSampler:
         node = st.tree.add_node(parent, tokens, logprobs, out.policy_version)
         length = (0 if parent is None else st.lengths[parent]) + len(tokens)
         st.lengths[node.id] = length
+        if reason is None and self._closes_answer(st.tree, node.id, tokens):
+            reason = "answer"
         if reason is None:
             if node.depth >= cfg.max_depth:
                 reason = "depth"
@@ -268,9 +286,19 @@ class TreeSampler:
                 reason = "repetition"
         if reason is not None:
             st.tree.add_leaf(node.id, reason)
+            st.ended += 1
         else:
             st.active.append(node.id)
             st.score[node.id] = self._score(out, len(tokens))
+
+    def _closes_answer(self, tree: Tree, node: int, segment: list[int]) -> bool:
+        """The segment closes a boxed answer: it holds a ``}`` and the response now ends a
+        ``\\boxed{...}`` (the opening may be in an earlier segment)."""
+        if self.config.answer_stop != "boxed" or self.decode is None:
+            return False
+        if "}" not in self.decode(segment):
+            return False
+        return last_boxed(self.decode(tree.response_tokens(node))) is not None
 
     def _score(self, out: GeneratedSegment, n: int) -> float:
         if n == 0:
@@ -287,7 +315,7 @@ class TreeSampler:
         cfg = self.config
         room = cfg.width - len(st.tree.leaves)
         if st.active:
-            n = min(room, cfg.branching * len(st.active))
+            n = max(len(st.active), min(room, cfg.branching * (len(st.active) + st.ended)))
             return self._allocate(st, n)
         if room > 0 and cfg.fallback:
             return self._fallback(st, room)
@@ -314,27 +342,24 @@ class TreeSampler:
         return [(a, c) for a, c in zip(active, counts)]
 
     def _fallback(self, st: _PromptState, room: int) -> list[tuple[int | None, int]]:
+        """Fork b paths at a time from answered leaves, each cut at a random boundary on the
+        window grid (depth 0 = the prompt), until ``room`` is covered; restart from the prompt
+        when no leaf ended with an answer."""
         tree, cfg = st.tree, self.config
         m = cfg.window_segments
-        preferred: list[tuple[Leaf, list[int]]] = []
-        others: list[tuple[Leaf, list[int]]] = []
-        for leaf in tree.leaves:
-            cuts = [c for c in range(m, len(leaf.path), m)]  # depths 1..k-1 on the window grid
-            if cuts:
-                (preferred if leaf.finish_reason in ANSWER_REASONS else others).append((leaf, cuts))
-        self.rng.shuffle(preferred)
-        self.rng.shuffle(others)
-        candidates = preferred + others
-        forks: dict[int | None, int] = {}
-        if not candidates:
+        sources = [leaf for leaf in tree.leaves if leaf.finish_reason in ANSWER_REASONS]
+        if not sources:
             tree.stats.fallbacks += 1
             return [(None, room)]
+        self.rng.shuffle(sources)
+        forks: dict[int | None, int] = {}
         i = 0
         while room > 0:
-            leaf, cuts = candidates[i % len(candidates)]
-            cut_node = leaf.path[self.rng.choice(cuts) - 1]
+            leaf = sources[i % len(sources)]
+            depth = self.rng.choice(range(0, len(leaf.path), m))  # segments kept above the cut
+            cut: int | None = leaf.path[depth - 1] if depth else None
             k = min(cfg.branching, room)
-            forks[cut_node] = forks.get(cut_node, 0) + k
+            forks[cut] = forks.get(cut, 0) + k
             room -= k
             tree.stats.fallbacks += 1
             i += 1

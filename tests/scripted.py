@@ -14,6 +14,13 @@ from pipeline.sampling import GeneratedSegment, SegmentRequest
 
 EOS = 0
 VOCAB = 1_000_003
+BOX_OPEN, BOX_CLOSE = VOCAB, VOCAB + 1
+"""Tokens that decode to ``\\boxed{`` and ``}`` (outside the fingerprint range)."""
+
+
+def decode(ids: list[int]) -> str:
+    """Text of scripted tokens: the answer tokens spell a boxed answer, the rest is ``x``."""
+    return "".join({BOX_OPEN: "\\boxed{", BOX_CLOSE: "}"}.get(t, "x") for t in ids)
 
 
 def fingerprint(context: list[int]) -> int:
@@ -32,6 +39,8 @@ class ScriptedGenerator:
     stop_p: float = 0.0
     eos_p: float = 0.0
     short_p: float = 0.0
+    answer_p: float = 0.0
+    """Probability that a segment spells a closed boxed answer (the engine does not stop)."""
     filler: int | None = None
     """Fixed token for the non-fingerprint positions (None: random)."""
     calls: list[list[SegmentRequest]] = field(default_factory=list)
@@ -60,5 +69,8 @@ class ScriptedGenerator:
             finished = True
         elif roll < self.stop_p + self.eos_p + self.short_p and n > 1:
             toks = toks[: self.rng.randint(1, n - 1)]
+        elif roll < self.stop_p + self.eos_p + self.short_p + self.answer_p and n >= 3:
+            pos = self.rng.randrange(1, n - 1)
+            toks[pos : pos + 2] = [BOX_OPEN, BOX_CLOSE]
         lps = [-self.rng.uniform(0.01, 3.0) for _ in toks]
         return GeneratedSegment(toks, lps, finished)

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from pipeline.rewards import last_boxed
 from pipeline.sampling import (
     GeneratedSegment,
     SegmentGenerator,
@@ -19,13 +20,13 @@ from pipeline.sampling import (
     repeats_tail,
 )
 from pipeline.tree import Tree
-from tests.scripted import EOS, ScriptedGenerator, fingerprint
+from tests.scripted import BOX_CLOSE, BOX_OPEN, EOS, ScriptedGenerator, decode, fingerprint
 
 
 def grow(
     gen: ScriptedGenerator, cfg: TreeConfig, prompts: list[list[int]], seed: int = 0
 ) -> list[Tree]:
-    return asyncio.run(TreeSampler(gen, cfg, rng=seed).expand(prompts))
+    return asyncio.run(TreeSampler(gen, cfg, rng=seed, decode=decode).expand(prompts))
 
 
 def check_tree(tree: Tree, cfg: TreeConfig) -> None:
@@ -59,7 +60,9 @@ def check_tree(tree: Tree, cfg: TreeConfig) -> None:
         assert leaf.response_token_ids == tree.response_tokens(leaf.node_id)
         assert len(leaf.logprobs) == len(leaf.response_token_ids)
         assert len(leaf.response_token_ids) <= cfg.response_cap
-        assert leaf.finish_reason in {"eos", "stop", "length", "depth", "repetition"}
+        assert leaf.finish_reason in {"answer", "eos", "stop", "length", "depth", "repetition"}
+        if leaf.finish_reason == "answer":
+            assert last_boxed(decode(leaf.response_token_ids)) is not None
         if leaf.finish_reason == "eos":
             assert leaf.response_token_ids[-1] == EOS
         if leaf.finish_reason == "depth":
@@ -165,7 +168,7 @@ def test_eos_only_segment_ends_the_path_and_tokens_after_eos_are_dropped() -> No
         eos_token_id=EOS,
         fallback=False,
     )
-    (tree,) = asyncio.run(TreeSampler(gen, cfg).expand([[1, 2]]))
+    (tree,) = asyncio.run(TreeSampler(gen, cfg, decode=decode).expand([[1, 2]]))
     assert gen.calls == 1
     assert [leaf.response_token_ids for leaf in tree.leaves] == [[EOS], [5, EOS]]
     assert [leaf.finish_reason for leaf in tree.leaves] == ["eos", "eos"]
@@ -208,7 +211,14 @@ def test_fallback_refills_to_width_cutting_at_segment_boundaries() -> None:
 
 
 def test_without_fallback_trees_may_stay_below_width() -> None:
-    cfg = TreeConfig(width=8, segment_tokens=3, max_depth=6, fallback=False, eos_token_id=EOS)
+    cfg = TreeConfig(
+        width=8,
+        segment_tokens=3,
+        max_depth=6,
+        initial_divergence=1,
+        fallback=False,
+        eos_token_id=EOS,
+    )
     gen = ScriptedGenerator(seed=3, eos_p=0.6)
     trees = grow(gen, cfg, [[1], [2], [3], [4]])
     assert any(len(t.leaves) < 8 for t in trees)
@@ -324,7 +334,7 @@ def test_weighted_allocation_follows_the_score(allocation: str, favoured: bool) 
         allocation_temperature=0.05,
         repetition_ngram=0,
     )  # type: ignore[arg-type]
-    (tree,) = asyncio.run(TreeSampler(_ScoredGenerator(), cfg, rng=0).expand([[1]]))
+    (tree,) = asyncio.run(TreeSampler(_ScoredGenerator(), cfg, rng=0, decode=decode).expand([[1]]))
     good, bad = tree.children(None)
     assert tree.nodes[good].token_ids[0] == 100
     n_good, n_bad = len(tree.children(good)), len(tree.children(bad))
@@ -353,9 +363,9 @@ def test_generator_contract_violations_are_errors() -> None:
     cfg = TreeConfig(width=2, segment_tokens=2, max_depth=2)
     assert isinstance(ScriptedGenerator(), SegmentGenerator)
     with pytest.raises(ValueError, match="0 outputs for 2 requests"):
-        asyncio.run(TreeSampler(Short(), cfg).expand([[1]]))
+        asyncio.run(TreeSampler(Short(), cfg, decode=decode).expand([[1]]))
     with pytest.raises(ValueError, match="exceeds max_tokens"):
-        asyncio.run(TreeSampler(TooLong(), cfg).expand([[1]]))
+        asyncio.run(TreeSampler(TooLong(), cfg, decode=decode).expand([[1]]))
 
 
 @given(
@@ -370,6 +380,8 @@ def test_generator_contract_violations_are_errors() -> None:
     stop_p=st.floats(0, 0.5),
     eos_p=st.floats(0, 0.5),
     short_p=st.floats(0, 0.3),
+    answer_p=st.floats(0, 0.3),
+    answer_stop=st.sampled_from(["boxed", "none"]),
     seed=st.integers(0, 10**6),
     n_prompts=st.integers(1, 4),
 )
@@ -386,6 +398,8 @@ def test_invariants_hold_for_random_generators(
     stop_p: float,
     eos_p: float,
     short_p: float,
+    answer_p: float,
+    answer_stop: str,
     seed: int,
     n_prompts: int,
 ) -> None:
@@ -399,8 +413,11 @@ def test_invariants_hold_for_random_generators(
         fallback=fallback,
         allocation=allocation,
         eos_token_id=EOS,
+        answer_stop=answer_stop,
     )  # type: ignore[arg-type]
-    gen = ScriptedGenerator(seed=seed, stop_p=stop_p, eos_p=eos_p, short_p=short_p)
+    gen = ScriptedGenerator(
+        seed=seed, stop_p=stop_p, eos_p=eos_p, short_p=short_p, answer_p=answer_p
+    )
     prompts = [[1000 + i, i] for i in range(n_prompts)]
     trees = grow(gen, cfg, prompts, seed=seed)
     assert [t.prompt_token_ids for t in trees] == prompts
@@ -411,3 +428,165 @@ def test_invariants_hold_for_random_generators(
     for call in gen.calls:
         per_prompt = Counter(tuple(r.token_ids[:2]) for r in call)
         assert max(per_prompt.values()) <= width
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's budget rules, pinned with scripted engines
+# ---------------------------------------------------------------------------------------------
+
+
+class EndsFirstPathOnce:
+    """Full segments, except that request 0 of the first call ends at once with EOS."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[SegmentRequest]] = []
+
+    async def generate(self, requests: list[SegmentRequest]) -> list[GeneratedSegment]:
+        first = not self.calls
+        self.calls.append(list(requests))
+        out = []
+        for i, r in enumerate(requests):
+            toks = [EOS] if first and i == 0 else [fingerprint(r.token_ids)] * r.max_tokens
+            out.append(GeneratedSegment(toks, [-0.5] * len(toks), finished=False))
+        return out
+
+
+def test_ended_paths_hand_their_branches_to_the_survivors() -> None:
+    """w = 16, b = 2: one of the two root paths ends at step 0. Its 2 branches go to the
+    survivor: 2, 4, 8, 15, 15, 15 requests per step (``min(w - leaves, b * active)`` alone, the
+    rule this replaced, gives 2, 2, 4, 8, 15, 15)."""
+    cfg = TreeConfig(
+        width=16, segment_tokens=2, max_depth=6, branching=2, initial_divergence=2,
+        eos_token_id=EOS, answer_stop="none",
+    )  # fmt: skip
+    gen = EndsFirstPathOnce()
+    (tree,) = asyncio.run(TreeSampler(gen, cfg, rng=0).expand([[3, 4]]))
+    assert [len(c) for c in gen.calls] == [2, 4, 8, 15, 15, 15]
+    assert len(tree.leaves) == 16 and tree.stats.fallbacks == 0
+    check_tree(tree, cfg)
+
+
+def test_fallback_forks_only_from_answered_leaves_and_may_cut_at_the_prompt() -> None:
+    """w = 8, b = 2, depth cap 2. Step 1 ends leaf A1 with EOS and A2, B1, B2 at the depth cap:
+    the 4 fallback requests hang under the prompt or under A (A1's boundaries), never under B
+    (whose leaves only hit the cap); over seeds both cut points occur."""
+
+    class Script:
+        def __init__(self) -> None:
+            self.calls: list[list[SegmentRequest]] = []
+
+        async def generate(self, requests: list[SegmentRequest]) -> list[GeneratedSegment]:
+            step = len(self.calls)
+            self.calls.append(list(requests))
+            out = []
+            for i, r in enumerate(requests):
+                toks = [fingerprint(r.token_ids)] + [100 + 10 * step + i] * (r.max_tokens - 1)
+                if step == 1 and i == 0:
+                    toks[-1] = EOS
+                out.append(GeneratedSegment(toks, [-0.5] * len(toks), finished=False))
+            return out
+
+    cfg = TreeConfig(
+        width=8, segment_tokens=2, max_depth=2, branching=2, initial_divergence=2,
+        eos_token_id=EOS, answer_stop="none",
+    )  # fmt: skip
+    cuts_seen: set[str] = set()
+    for seed in range(12):
+        gen = Script()
+        (tree,) = asyncio.run(TreeSampler(gen, cfg, rng=seed).expand([[9]]))
+        check_tree(tree, cfg)
+        a, b = [n for n in tree.nodes if n.depth == 1][:2]
+        assert [leaf.finish_reason for leaf in tree.leaves[:4]] == [
+            "eos",
+            "depth",
+            "depth",
+            "depth",
+        ]
+        names = {(9,): "prompt", tuple([9, *a.token_ids]): "A", tuple([9, *b.token_ids]): "B"}
+        fallback_call = gen.calls[2]
+        assert len(fallback_call) == 4
+        got = {names.get(tuple(r.token_ids), "other") for r in fallback_call}
+        assert got <= {"prompt", "A"}, got
+        cuts_seen |= got
+        assert tree.stats.fallbacks == 2  # two cuts of b = 2 paths each cover the 4 missing
+    assert cuts_seen == {"prompt", "A"}
+
+
+def test_with_no_answered_leaf_fallback_restarts_from_the_prompt() -> None:
+    """Every path hits the depth cap before w leaves exist: nothing to fork from but the prompt."""
+    cfg = TreeConfig(
+        width=6, segment_tokens=2, max_depth=1, branching=2, initial_divergence=2,
+        eos_token_id=EOS, answer_stop="none",
+    )  # fmt: skip
+    gen = ScriptedGenerator(seed=1)
+    (tree,) = grow(gen, cfg, [[5]])
+    assert [len(c) for c in gen.calls] == [2, 4]
+    assert all(r.token_ids == [5] for r in gen.calls[1])
+    assert tree.stats.fallbacks == 1 and len(tree.leaves) == 6
+
+
+def test_budget_transfer_needs_fewer_fallbacks_and_engine_calls() -> None:
+    """Half the segments end their path (EOS). Against the rule without transfer
+    (``min(w - leaves, b * active)``, run here as the reference), handing ended paths' branches
+    to the survivors keeps trees growing: fewer prompts run out of paths (fallback rounds at most
+    half) and trees finish in fewer engine calls."""
+
+    class WithoutTransfer(TreeSampler):
+        def _plan(self, st):  # type: ignore[no-untyped-def]
+            if not st.active:
+                return super()._plan(st)
+            n = min(self.config.width - len(st.tree.leaves), self.config.branching * len(st.active))
+            return self._allocate(st, n)
+
+    cfg = TreeConfig(
+        width=16, segment_tokens=4, max_depth=6, branching=2, initial_divergence=2,
+        eos_token_id=EOS, answer_stop="none",
+    )  # fmt: skip
+    prompts = [[i, i] for i in range(64)]
+    got = {}
+    for name, cls in (("transfer", TreeSampler), ("without", WithoutTransfer)):
+        rounds = []
+        sampler = cls(ScriptedGenerator(seed=7, eos_p=0.5), cfg, rng=7, decode=decode)
+        fallback = sampler._fallback
+
+        def counted(st, room, fallback=fallback, rounds=rounds):  # type: ignore[no-untyped-def]
+            rounds.append(room)
+            return fallback(st, room)
+
+        sampler._fallback = counted  # type: ignore[method-assign]
+        trees = asyncio.run(sampler.expand(prompts))
+        for t in trees:
+            check_tree(t, cfg)
+        got[name] = (len(rounds) / len(trees), len(sampler.generator.calls))  # type: ignore[attr-defined]
+    (rounds_t, calls_t), (rounds_w, calls_w) = got["transfer"], got["without"]
+    assert rounds_t <= 0.5 * rounds_w and calls_t < calls_w, got
+
+
+def test_a_closed_boxed_answer_ends_the_path() -> None:
+    """``answer_stop = boxed``: the segment that closes ``\\boxed{...}`` ends the path (also when
+    the box opened in an earlier segment); with ``none`` the path goes on."""
+
+    class Boxes:
+        async def generate(self, requests: list[SegmentRequest]) -> list[GeneratedSegment]:
+            out = []
+            for r in requests:
+                depth = (len(r.token_ids) - 1) // 3
+                toks = [fingerprint(r.token_ids), 1, 1]
+                if depth == 0:
+                    toks[2] = BOX_OPEN  # opened at the end of segment 1 ...
+                if depth == 1:
+                    toks[1] = BOX_CLOSE  # ... closed in segment 2
+                out.append(GeneratedSegment(toks, [-0.5] * 3, finished=False))
+            return out
+
+    base = dict(width=2, segment_tokens=3, max_depth=4, initial_divergence=2, eos_token_id=EOS)
+    (tree,) = asyncio.run(
+        TreeSampler(Boxes(), TreeConfig(**base), decode=decode).expand([[7]])  # type: ignore[arg-type]
+    )
+    assert [leaf.finish_reason for leaf in tree.leaves] == ["answer", "answer"]
+    assert {len(leaf.response_token_ids) for leaf in tree.leaves} == {6}
+    cfg = TreeConfig(**base, answer_stop="none")  # type: ignore[arg-type]
+    (tree,) = asyncio.run(TreeSampler(Boxes(), cfg, decode=decode).expand([[7]]))
+    assert {leaf.finish_reason for leaf in tree.leaves} == {"depth"}
+    with pytest.raises(ValueError, match="needs a decode function"):
+        TreeSampler(Boxes(), TreeConfig(**base))  # type: ignore[arg-type]

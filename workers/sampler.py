@@ -76,7 +76,10 @@ class Sampler:
         if tree_cfg.eos_token_id is None and engine.eos_token_id is not None:
             tree_cfg = tree_cfg.model_copy(update={"eos_token_id": engine.eos_token_id})
         self.tree_sampler = TreeSampler(
-            engine, tree_cfg, rng=random.Random(f"{settings.run.seed}-{self.worker_id}")
+            engine,
+            tree_cfg,
+            rng=random.Random(f"{settings.run.seed}-{self.worker_id}"),
+            decode=decode_text,
         )
         self.cost = CostModel()
         self.calls: list[CallStats] = []
