@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, parser, ratio, write_result
-from pipeline.sampling import TreeConfig, TreeSampler
+from pipeline.config import TreeConfig
+from pipeline.sampling import TreeSampler
 from pipeline.tasks import ArithTask, arith_reward
 
 WIDTH = 16
@@ -75,7 +76,7 @@ def shapes(budget: int, quick: bool) -> list[TreeShape]:
 
 def build_compute_model(out: Path, quick: bool) -> Path:
     """A random-weight Qwen2 model with the toy tokenizer (no training: speed only)."""
-    from learner.toy import ToySpec, build_tokenizer, make_model, save_model
+    from toy.kit import ToySpec, build_tokenizer, make_model, save_model
 
     spec = (
         ToySpec(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, max_positions=256)
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     if not args.quick:
-        from learner.toy import build_toy_model
+        from toy.kit import build_toy_model
 
         toy = build_toy_model(ROOT / "runs" / "toy-model", seed=0)
         result["toy_model"] = {
