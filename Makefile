@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system test lint demo clean-demo bench bench-quick soak
+.PHONY: setup system test test-fast lint demo clean-demo bench bench-quick soak
 
 setup: system $(STAMP)
 
@@ -32,13 +32,17 @@ $(STAMP): pyproject.toml
 test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest
 
+# The fast tier: no pipelines, engines or training (about 40 s here)
+test-fast: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -m "not slow"
+
 lint: setup
-	$(VENV)/bin/ruff check pipeline workers learner tests bench
-	$(VENV)/bin/ruff format --check pipeline workers learner tests bench
+	$(VENV)/bin/ruff check pipeline workers learner toy tests bench
+	$(VENV)/bin/ruff format --check pipeline workers learner toy tests bench
 	$(VENV)/bin/mypy
 
 demo: setup
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m learner.demo
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m toy.demo
 
 # Full benchmarks (about an hour on 2 cores): results in bench/results/, tables in docs/benchmarks.md
 BENCHES := transport durability weight_sync tree_vs_independent async_vs_sync treepo_vs_grpo

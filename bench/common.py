@@ -20,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from learner.toy import KIT_VERSION
+from toy.kit import KIT_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -42,7 +42,7 @@ def toy_model(args: argparse.Namespace) -> Path:
     """``--model``, or the toy model kit's model (built on first use, then cached)."""
     if args.model is not None:
         return Path(args.model)
-    from learner.toy import build_toy_model
+    from toy.kit import build_toy_model
 
     return build_toy_model(ROOT / "runs" / "toy-model", seed=0)
 

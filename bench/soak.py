@@ -43,8 +43,8 @@ VICTIMS = ("sampler-0", "sampler-1", "learner", "redis")
 
 
 def toy_model() -> Path:
-    from learner.toy import ToySpec, build_toy_model
-    from tests.conftest import TOY_TEST_SPEC
+    from tests.helpers import TOY_TEST_SPEC
+    from toy.kit import ToySpec, build_toy_model
 
     spec = ToySpec(**TOY_TEST_SPEC)  # type: ignore[arg-type]
     return build_toy_model(ROOT / ".cache" / "toy-test", seed=0, spec=spec)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, ratio
-from learner.demo import ci95, heldout_accuracy, run_pipeline
+from toy.demo import ci95, heldout_accuracy, run_pipeline
 
 
 def pinned_procfile(run: Path) -> Path:

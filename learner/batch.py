@@ -120,19 +120,3 @@ def build_batch(
         advantages[i, lo:hi] = adv[i]
     temperatures = torch.tensor(temps, dtype=torch.float32, device=cpu)
     return TrainBatch(input_ids, attention, mask, mu, seg, advantages, rewards, raw, temperatures)
-
-
-def token_logprobs(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    temperatures: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """log p_T(token j+1 | tokens <= j) for every position: [rows, L-1], where p_T is the
-    model's distribution at the row's sampling temperature (softmax of logits / T, as vLLM
-    samples; ``None`` = temperature 1)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    if temperatures is not None:
-        logits = logits / temperatures.to(logits.device, logits.dtype).view(-1, 1, 1)
-    targets = input_ids[:, 1:]
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)

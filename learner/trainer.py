@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from learner.batch import TrainBatch, token_logprobs
+from learner.batch import TrainBatch
 from learner.loss import policy_loss
 from pipeline.config import LearnerOptions, LossSettings
 
@@ -200,6 +200,22 @@ def train_on_batch(
         grad_norm=sum(norms) / len(norms) if norms else float(ds.get_global_grad_norm() or 0.0),
     )
     return out
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperatures: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """log p_T(token j+1 | tokens <= j) for every position: [rows, L-1], where p_T is the
+    model's distribution at the row's sampling temperature (softmax of logits / T, as vLLM
+    samples; ``None`` = temperature 1)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    if temperatures is not None:
+        logits = logits / temperatures.to(logits.device, logits.dtype).view(-1, 1, 1)
+    targets = input_ids[:, 1:]
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def sub_rows(rows: torch.Tensor, part: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""The ``treepo`` command: small tools around a run (config, messages, toy model, status, trees).
-
-Subcommands that need heavy libraries (torch for the toy model) import them only when run.
+"""The ``treepo`` command: small tools around a run (config, messages, status, trees), plus
+subcommands that installed packages add through the ``treepo.commands`` entry points (the toy
+kit's ``treepo toy build``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ from pipeline.messages import TreeRollout, decode, decode_as, to_jsonable
 from pipeline.streams import PAYLOAD_FIELD, Streams
 
 log = logging.getLogger("treepo")
+COMMAND_PLUGINS = "treepo.commands"
+"""Entry-point group of extra subcommands: each entry is a function that takes the subparsers
+object and adds its commands (with ``set_defaults(func=...)``); the toy kit adds ``toy``."""
 PROCESSES: dict[str, type[SamplerSettings] | type[LearnerSettings]] = {
     "sampler": SamplerSettings,
     "learner": LearnerSettings,
@@ -181,16 +185,6 @@ def _cmd_tree_show(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- toy model --------------------------------------------------------------------------------
-
-
-def _cmd_toy_build(args: argparse.Namespace) -> int:
-    from learner.toy import build_toy_model  # torch/transformers: imported only here
-
-    print(build_toy_model(args.out, seed=args.seed))
-    return 0
-
-
 # -- wiring -----------------------------------------------------------------------------------
 
 
@@ -215,13 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     docs.add_argument("--out", help="file to write (default: stdout)")
     docs.set_defaults(func=_cmd_config_docs)
 
-    toy = sub.add_parser("toy", help="the toy model kit").add_subparsers(
-        dest="toy_command", required=True, metavar="ACTION"
-    )
-    build = toy.add_parser("build", help="build (or reuse) the toy model; prints its directory")
-    build.add_argument("--out", required=True, help="model directory to create")
-    build.add_argument("--seed", type=int, default=0)
-    build.set_defaults(func=_cmd_toy_build)
+    for plugin in entry_points(group=COMMAND_PLUGINS):  # e.g. ``toy`` from the toy kit
+        plugin.load()(sub)
 
     status = sub.add_parser("status", help="live view of a running pipeline (Redis + /metrics)")
     status.add_argument("--metrics", nargs="*", help="metrics URLs (default: the Procfile ports)")

@@ -17,16 +17,96 @@ import re
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.errors import ConfigError
-from pipeline.sampling import TreeConfig
 
 log = logging.getLogger(__name__)
 
 ENV_PREFIX = "TREEPO_"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+Allocation = Literal["uniform", "logprob_high", "logprob_low", "entropy_high", "entropy_low"]
+
+
+class TreeConfig(BaseModel):
+    """Shape and budget of the trees (TREEPO.md section 1)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", use_attribute_docstrings=True)
+
+    width: int = Field(16, ge=1, le=4096)
+    """w: leaves per prompt (the group size)."""
+    segment_tokens: int = Field(512, ge=1, le=1_000_000)
+    """l: tokens per segment; every non-final segment is exactly this long."""
+    max_depth: int = Field(14, ge=1, le=10_000)
+    """d: most segments on one path."""
+    branching: int = Field(2, ge=1, le=4096)
+    """b: children per active path per step when budget allows."""
+    initial_divergence: int = Field(2, ge=1, le=4096)
+    """Root fan-out: paths started from the prompt (clamped to width)."""
+    initial_divergence_range: tuple[int, int] | None = None
+    """When set, each prompt's root fan-out is drawn uniformly from [lo, hi] (e.g. [2, 8])."""
+    max_response_tokens: int | None = Field(None, ge=1)
+    """Response length cap in tokens; unset = segment_tokens * max_depth."""
+    fallback: bool = True
+    """Refill prompts that ran out of active paths by forking from cut leaves."""
+    fallback_window: int | None = None
+    """Granularity of fallback cuts in tokens: a multiple of segment_tokens. Unset or -1 =
+    segment_tokens (cut at any segment boundary)."""
+    allocation: Allocation = "uniform"
+    """How the extra branches of a step are spread over active paths."""
+    allocation_temperature: float = Field(1.0, gt=0, le=1e6)
+    """Softmax temperature of the non-uniform allocations."""
+    eos_token_id: int | None = Field(None, ge=0)
+    """End-of-sequence token; unset = only the engine's own stop ends a path (the sampler fills
+    it from the tokenizer)."""
+    repetition_ngram: int = Field(16, ge=0, le=4096)
+    """A path ends when its response ends with an n-gram (n <= this) repeated
+    ``repetition_repeats`` times in a row. 0 disables the detector."""
+    repetition_repeats: int = Field(8, ge=2, le=10_000)
+    """Consecutive repeats of one n-gram that count as degenerate repetition."""
+    answer_stop: Literal["boxed", "none"] = "boxed"
+    """``boxed``: a path ends at the segment that closes a ``\\boxed{...}`` answer (finish reason
+    ``answer``), as in the paper; ``none``: only EOS, the engine's stops and the caps end it."""
+
+    @field_validator("fallback_window", mode="before")
+    @classmethod
+    def _unset_window(cls, v: object) -> object:
+        return None if v in (-1, "-1", "", None) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> TreeConfig:
+        rng = self.initial_divergence_range
+        if rng is not None and not 1 <= rng[0] <= rng[1]:
+            raise ValueError(f"initial_divergence_range {rng}: need 1 <= lo <= hi")
+        w = self.fallback_window
+        if w is not None and (w <= 0 or w % self.segment_tokens):
+            raise ValueError(
+                f"fallback_window {w} must be a positive multiple of segment_tokens "
+                f"({self.segment_tokens}), or -1/unset for one segment"
+            )
+        return self
+
+    @property
+    def response_cap(self) -> int:
+        if self.max_response_tokens is not None:
+            return self.max_response_tokens
+        return self.segment_tokens * self.max_depth
+
+    @property
+    def window_segments(self) -> int:
+        """Fallback cut granularity in segments."""
+        return (self.fallback_window or self.segment_tokens) // self.segment_tokens
 
 
 class _Section(BaseModel):

@@ -13,9 +13,9 @@ def main() -> None:
     model_dir, out, stage = args[0], Path(args[1]), int(args[2])
     import torch
 
-    from learner.batch import build_batch, token_logprobs
+    from learner.batch import build_batch
     from learner.loss import policy_loss
-    from learner.trainer import build_engine, full_state_dict, rank, train_on_batch
+    from learner.trainer import build_engine, full_state_dict, rank, token_logprobs, train_on_batch
     from pipeline.config import LearnerOptions, LossSettings
     from pipeline.messages import RolloutLeaf, RolloutNode, TreeRollout
 

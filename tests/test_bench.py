@@ -16,6 +16,7 @@ def load(out: Path, name: str) -> dict:  # type: ignore[type-arg]
     return data  # type: ignore[no-any-return]
 
 
+@pytest.mark.slow
 def test_transport_quick(tmp_path: Path) -> None:
     from bench import transport
 
@@ -30,6 +31,7 @@ def test_transport_quick(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.slow
 def test_durability_quick(tmp_path: Path) -> None:
     from bench import durability
 
@@ -43,6 +45,7 @@ def test_durability_quick(tmp_path: Path) -> None:
         )
 
 
+@pytest.mark.slow
 def test_tree_vs_independent_quick(tmp_path: Path) -> None:
     from bench import tree_vs_independent
 
@@ -60,6 +63,7 @@ def test_tree_vs_independent_quick(tmp_path: Path) -> None:
     assert tree["engine_calls"] == 4 and d["trajectories_per_second_ratio"] > 0
 
 
+@pytest.mark.slow
 def test_weight_sync_quick(tmp_path: Path, toy_model: Path) -> None:
     from bench import weight_sync
 
@@ -72,6 +76,7 @@ def test_weight_sync_quick(tmp_path: Path, toy_model: Path) -> None:
     assert all(s["sync_seconds"] > 0 and s["raw_copy_seconds"] > 0 for s in d["summary"])
 
 
+@pytest.mark.slow
 def test_async_vs_sync_quick(tmp_path: Path, toy_model: Path) -> None:
     from bench import async_vs_sync
 
@@ -86,6 +91,7 @@ def test_async_vs_sync_quick(tmp_path: Path, toy_model: Path) -> None:
     assert d["modes"]["0"]["staleness_mean"] == 0
 
 
+@pytest.mark.slow
 def test_treepo_vs_grpo_quick(tmp_path: Path, toy_model: Path) -> None:
     from bench import treepo_vs_grpo
 

@@ -21,10 +21,10 @@ from pipeline.config import (
     SamplerOptions,
     SamplerSettings,
     StreamSettings,
+    TreeConfig,
 )
 from pipeline.messages import TreeRollout, decode
-from pipeline.sampling import TreeConfig
-from tests.conftest import make_streams, restore_base_weights
+from tests.helpers import make_streams, restore_base_weights
 from tests.services import PrometheusServer, RedisServer, free_port
 from workers.engine import VLLMSegmentGenerator
 from workers.sampler import Sampler
@@ -125,7 +125,7 @@ async def check_observability(learner_port: int, sampler_port: int, tmp: Path) -
     evaluates without error, the core panels have data, and promtool accepts both outputs."""
     import aiohttp
 
-    from tests.test_ops import dashboard_exprs
+    from tests.helpers import dashboard_exprs
 
     targets = [f"127.0.0.1:{learner_port}", f"127.0.0.1:{sampler_port}"]
     prom = PrometheusServer(tmp / "prometheus", free_port(), targets).start()

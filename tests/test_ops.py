@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -11,19 +10,10 @@ from pathlib import Path
 import pytest
 
 from learner.metrics import LearnerMetrics
+from tests.helpers import dashboard_exprs
 from workers.metrics import SamplerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
-DASHBOARD = ROOT / "ops" / "grafana" / "dashboards" / "treepo.json"
-
-
-def dashboard_exprs() -> list[tuple[str, str, bool]]:
-    panels = json.loads(DASHBOARD.read_text())["panels"]
-    return [
-        (p["title"], t["expr"], p.get("description") == "core panel")
-        for p in panels
-        for t in p["targets"]
-    ]
 
 
 def declared_names() -> set[str]:

@@ -24,14 +24,14 @@ from pipeline.config import (
     SamplerOptions,
     SamplerSettings,
     StreamSettings,
+    TreeConfig,
 )
 from pipeline.httpserver import start
 from pipeline.messages import PromptTask, TreeRollout
-from pipeline.sampling import TreeConfig
 from pipeline.streams import Streams
 from pipeline.tasks import ArithTask
 from pipeline.tree import Tree
-from tests.conftest import make_streams, restore_base_weights
+from tests.helpers import make_streams, restore_base_weights
 from tests.services import RedisServer, free_port, wait_port
 from workers.engine import VLLMSegmentGenerator
 from workers.sampler import Sampler
@@ -388,8 +388,9 @@ def test_on_policy_importance_weights_are_one_at_any_temperature(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from learner.batch import build_batch, token_logprobs
+    from learner.batch import build_batch
     from learner.loss import behavior_log_weights
+    from learner.trainer import token_logprobs
     from pipeline.messages import decode, encode
 
     async def sample() -> list[TreeRollout]:

@@ -10,12 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from pipeline.config import TreeConfig
 from pipeline.rewards import last_boxed
 from pipeline.sampling import (
     GeneratedSegment,
     SegmentGenerator,
     SegmentRequest,
-    TreeConfig,
     TreeSampler,
     repeats_tail,
 )

@@ -12,7 +12,7 @@ import pytest
 from pipeline.errors import Stopping, TransportError
 from pipeline.messages import DecodeLimits, Heartbeat, PromptTask, encode
 from pipeline.streams import PAYLOAD_FIELD, Delivery, Streams
-from tests.conftest import make_streams
+from tests.helpers import make_streams
 from tests.services import RedisServer
 
 GROUP = "samplers"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from learner.toy import (
+from pipeline.tasks import ArithTask, arith_reward
+from toy.kit import (
     EOS_ID,
     KIT_VERSION,
     ToySpec,
@@ -18,7 +19,6 @@ from learner.toy import (
     build_toy_model,
     shows_work,
 )
-from pipeline.tasks import ArithTask, arith_reward
 
 
 def test_shows_work() -> None:
@@ -58,6 +58,7 @@ def test_warm_up_batches_mix_direct_and_worked_answers(direct_fraction: float) -
     assert abs(direct / total - direct_fraction) < 0.1
 
 
+@pytest.mark.slow
 def test_build_runs_both_phases_and_reuses_a_finished_model(tmp_path: Path) -> None:
     tiny = {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 64, "batch": 8}
     spec = ToySpec(

@@ -56,8 +56,8 @@ def heldout_eval(model_dir: Path, n: int, seed: int) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from learner.toy import greedy_eval
     from pipeline.tasks import ArithTask
+    from toy.kit import greedy_eval
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, default=1800, help="seconds before the run is stopped"
     )
     args = parser.parse_args(argv)
-    from learner.toy import build_toy_model
+    from toy.kit import build_toy_model
 
     started = time.time()
     run = ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[demo] toy model (built once, then cached in runs/toy-model) ...", flush=True)
     progress = logging.StreamHandler(sys.stdout)
     progress.setFormatter(logging.Formatter("[demo] %(message)s"))
-    toy_log = logging.getLogger("learner.toy")
+    toy_log = logging.getLogger("toy.kit")
     toy_log.addHandler(progress)
     toy_log.setLevel(logging.INFO)
     model = build_toy_model(ROOT / "runs" / "toy-model", seed=0)
