@@ -40,13 +40,11 @@ from pipeline.entry import process_parser, process_settings, serve
 from pipeline.errors import ConfigError, Stopping, TransportError
 from pipeline.httpserver import make_app, start
 from pipeline.messages import DecodeLimits, PromptTask, TreeRollout
-from pipeline.streams import Delivery, Streams
+from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Delivery, Streams
 from pipeline.tasks import ArithTask, Problem, load_dataset
 
 log = logging.getLogger(__name__)
 
-PROMPT_GROUP = "samplers"
-TREE_GROUP = "learner"
 CONSUMER = "learner-0"
 
 

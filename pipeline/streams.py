@@ -93,6 +93,11 @@ class Delivery:
     """The entry's bytes as read (kept for the dead-letter record if the consumer rejects it)."""
 
 
+PROMPT_GROUP = "samplers"
+"""Consumer group of the samplers on the prompts stream."""
+TREE_GROUP = "learner"
+"""Consumer group of the learner on the trees stream."""
+
 DEADLETTER_REASONS = (
     "decode",
     "wrong_type",

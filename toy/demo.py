@@ -42,6 +42,9 @@ DEMO_SETTINGS = {
     "TREEPO_LEARNER__MINI_BATCHES": "1",
     "TREEPO_LEARNER__CHECKPOINT_EVERY": "10",
     "TREEPO_STREAMS__BLOCK_MS": "200",
+    # three busy processes on a small machine: one compute thread each (two vLLM engines with
+    # unbound OpenMP threads on every core, plus the learner's, spin against each other)
+    "OMP_NUM_THREADS": "1",
 }
 
 

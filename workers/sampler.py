@@ -33,7 +33,7 @@ from pipeline.errors import ConfigError, Stopping, TransportError
 from pipeline.httpserver import make_app, start
 from pipeline.messages import DecodeLimits, Heartbeat, PromptTask, encode
 from pipeline.sampling import TreeSampler
-from pipeline.streams import Delivery, Streams
+from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Delivery, Streams
 from pipeline.tasks import REWARDS, reward_fn
 from pipeline.tree import Tree
 from pipeline.weights import tensor_specs
@@ -42,9 +42,6 @@ from workers.follow import WeightFollower
 from workers.metrics import SamplerMetrics
 
 log = logging.getLogger(__name__)
-
-PROMPT_GROUP = "samplers"
-TREE_GROUP = "learner"
 
 
 class Sampler:
