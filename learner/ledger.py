@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 Outcome = Literal["trained", "no_signal", "abandoned"]
+Status = Literal["outstanding", "finished", "unknown"]
 
 
 def prompt_id(position: int) -> str:
@@ -59,7 +60,7 @@ class Ledger:
         else:
             self.readmitted_lost += 1
 
-    def status(self, prompt_id: str) -> Literal["outstanding", "finished", "unknown"]:
+    def status(self, prompt_id: str) -> Status:
         if prompt_id in self.outstanding:
             return "outstanding"
         return "finished" if prompt_id in self.finished else "unknown"

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pipeline.httpserver import deadletter_counter
+
+if TYPE_CHECKING:
+    from learner.steplog import StepRecord
 
 
 @dataclass
@@ -117,3 +121,22 @@ class LearnerMetrics:
             buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
             registry=r,
         )
+
+    def observe_step(self, r: StepRecord, lags: list[int], tokens: float) -> None:
+        """One learner step: its record, each trained tree's staleness, tokens trained."""
+        self.steps.inc()
+        self.step_seconds.observe(r.seconds)
+        self.tokens_trained.inc(tokens)
+        self.tokens_per_second.set(r.tokens_per_second)
+        self.trees_trained.inc(r.trees)
+        for lag in lags:
+            self.staleness.observe(lag)
+        self.is_weight_mean.set(r.is_weight_mean)
+        self.is_truncated_fraction.set(r.is_truncated_fraction)
+        self.is_ess.set(r.is_ess)
+        self.clip_fraction.set(r.clip_fraction)
+        self.reward_mean.set(r.reward)
+        self.accuracy.set(r.accuracy)
+        self.loss.set(r.loss)
+        self.grad_norm.set(r.grad_norm)
+        self.policy_version.set(r.version)

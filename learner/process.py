@@ -32,11 +32,12 @@ from learner.batch import build_batch
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from learner.ledger import Ledger, Outcome, prompt_id
 from learner.metrics import LearnerMetrics
-from learner.trainer import Engine, build_engine, export_weights, train_on_batch
+from learner.rules import Verdict, staleness, triage
+from learner.steplog import StepRecord, write_step
+from learner.trainer import Engine, StepStats, build_engine, export_weights, train_on_batch
 from learner.weight_server import WeightStore, add_routes, announce
-from pipeline.advantage import has_signal
 from pipeline.config import LearnerSettings
-from pipeline.entry import process_parser, process_settings, serve
+from pipeline.entry import ProcessSpec, exit_now, process_main
 from pipeline.errors import ConfigError, Stopping, TransportError
 from pipeline.httpserver import make_app, start
 from pipeline.messages import DecodeLimits, PromptTask, TreeRollout
@@ -215,6 +216,12 @@ class Learner:
     def request_stop(self) -> None:
         self.stop.set()
 
+    def close(self) -> None:
+        """Nothing outlives ``run``: it checkpoints and acknowledges before returning."""
+
+    def exit_code(self) -> int:
+        return 0
+
     def health(self) -> dict[str, Any]:
         return {"ok": True, "step": self.state.step, "policy_version": self.version}
 
@@ -364,52 +371,51 @@ class Learner:
         return list(self.tokenizer(text)["input_ids"])
 
     async def _take(self, batch: list[Delivery]) -> None:
-        """Sort consumed trees into ready, duplicate, dropped (each counted) or dead-lettered."""
-        ledger = self.state.ledger
+        """Sort consumed trees into ready, duplicate, dropped (each counted) or dead-lettered
+        (the verdicts of ``learner.rules.triage``)."""
         for d in batch:
             tree: TreeRollout = d.message  # type: ignore[assignment]  # the transport checked
             self.metrics.trees_consumed.inc()
             if self.first_tree_at is None:
                 self.first_tree_at = time.monotonic()
             self.state.tokens_received += tree.stats.decoded_tokens
-            status = ledger.status(tree.prompt_id)
-            if status == "unknown" and self._admitted_before_restart(tree):
-                # the position will be admitted (and sampled) again: this tree is not needed
-                log.info("tree %s is for a prompt admitted before a restart", tree.tree_id)
-                self.metrics.trees_duplicate.inc()
-                self.resolved_entries.append(d.entry_id)
-                continue
-            if status == "unknown":
-                detail = f"tree {tree.tree_id} for prompt {tree.prompt_id}, never admitted"
-                await self.streams.reject(d, TREE_GROUP, "unknown_prompt", detail)
-                continue
-            if tree.top_p != 1.0:  # a sampler of another build or setting: not trainable
-                detail = f"tree {tree.tree_id} sampled with top_p {tree.top_p} < 1"
-                await self.streams.reject(d, TREE_GROUP, "sampling", detail)
-                self._abandon(tree.prompt_id, "its tree was sampled with top_p < 1")
-                continue
-            if (
-                status == "finished"
-                or tree.tree_id in self.state.trained
-                or any(t.prompt_id == tree.prompt_id for _, t in self.ready)
-            ):
-                self.metrics.trees_duplicate.inc()
-                self.resolved_entries.append(d.entry_id)
-                continue
-            self.received_leaves.extend(leaf.reward for leaf in tree.leaves)
-            if self._staleness(tree) > self.settings.run.max_staleness:
-                await self._drop_stale(d, tree)
-                continue
-            if self.settings.learner.dynamic_sampling and not has_signal(
-                [leaf.reward for leaf in tree.leaves]
-            ):
-                self.state.dropped_no_signal += 1
-                self.metrics.trees_dropped_no_signal.inc()
-                self.resolved_entries.append(d.entry_id)
-                self._finish(tree.prompt_id, "no_signal")
-                self.since_step.no_signal.append(tree.tree_id)
-                continue
+            waiting = {t.prompt_id for _, t in self.ready}
+            verdict = triage(
+                tree,
+                self.state.ledger.status(tree.prompt_id),
+                self.state.cursor,
+                self.state.trained | waiting,
+                self.version,
+                self.settings.run.max_staleness,
+                self.settings.learner.dynamic_sampling,
+            )
+            if verdict in ("stale", "no_signal", "ready"):
+                self.received_leaves.extend(leaf.reward for leaf in tree.leaves)
+            await self._apply(verdict, d, tree)
+
+    async def _apply(self, verdict: Verdict, d: Delivery, tree: TreeRollout) -> None:
+        if verdict == "ready":
             self.ready.append((d, tree))
+        elif verdict in ("duplicate", "before_restart"):
+            if verdict == "before_restart":  # its position will be admitted and sampled again
+                log.info("tree %s is for a prompt admitted before a restart", tree.tree_id)
+            self.metrics.trees_duplicate.inc()
+            self.resolved_entries.append(d.entry_id)
+        elif verdict == "unknown":
+            detail = f"tree {tree.tree_id} for prompt {tree.prompt_id}, never admitted"
+            await self.streams.reject(d, TREE_GROUP, "unknown_prompt", detail)
+        elif verdict == "sampling":  # a sampler of another build or setting: not trainable
+            detail = f"tree {tree.tree_id} sampled with top_p {tree.top_p} < 1"
+            await self.streams.reject(d, TREE_GROUP, "sampling", detail)
+            self._abandon(tree.prompt_id, "its tree was sampled with top_p < 1")
+        elif verdict == "stale":
+            await self._drop_stale(d, tree)
+        else:  # no_signal
+            self.state.dropped_no_signal += 1
+            self.metrics.trees_dropped_no_signal.inc()
+            self.resolved_entries.append(d.entry_id)
+            self._finish(tree.prompt_id, "no_signal")
+            self.since_step.no_signal.append(tree.tree_id)
 
     async def _drop_stale(self, d: Delivery, tree: TreeRollout) -> None:
         self.state.dropped_stale += 1
@@ -425,17 +431,11 @@ class Learner:
         ``max_staleness`` versions, so no trained tree is (docs/algorithm.md)."""
         fresh = []
         for d, tree in self.ready:
-            if self._staleness(tree) > self.settings.run.max_staleness:
+            if staleness(tree, self.version) > self.settings.run.max_staleness:
                 await self._drop_stale(d, tree)
             else:
                 fresh.append((d, tree))
         self.ready = fresh
-
-    def _admitted_before_restart(self, tree: TreeRollout) -> bool:
-        """A tree for a dataset position past the cursor: a learner that crashed after admitting
-        it, before checkpointing, issued it; the restarted one admits that position again."""
-        pos = tree.dataset_position
-        return pos >= self.state.cursor and tree.prompt_id == prompt_id(pos)
 
     def _finish(self, pid: str, outcome: Outcome) -> None:
         self.state.ledger.finish(pid, outcome)
@@ -446,15 +446,11 @@ class Learner:
         self.metrics.prompts_abandoned.inc()
         log.warning("prompt %s abandoned: %s", pid, why)
 
-    def _staleness(self, tree: TreeRollout) -> int:
-        oldest = min((n.policy_version for n in tree.nodes), default=self.version)
-        return self.version - oldest
-
     async def _step(self) -> None:
         opts = self.settings.learner
         taken, self.ready = self.ready[: opts.batch_prompts], self.ready[opts.batch_prompts :]
         trees = [t for _, t in taken]
-        staleness = [self._staleness(t) for t in trees]
+        lags = [staleness(t, self.version) for t in trees]
         batch = build_batch(
             trees, self.settings.loss.advantage, pad_id=self.tokenizer.pad_token_id or 0
         )
@@ -474,70 +470,10 @@ class Learner:
             self.state.trained.add(t.tree_id)
             self._finish(t.prompt_id, "trained")
             self.resolved_entries.append(d.entry_id)
-        rewards = batch.rewards
-        reward, accuracy = leaf_summary(rewards)
-        sampled_reward, sampled_accuracy = (
-            leaf_summary(self.received_leaves) if self.received_leaves else (None, None)
-        )
-        self.received_leaves = []
-        m = self.metrics
-        m.steps.inc()
-        m.step_seconds.observe(seconds)
-        m.tokens_trained.inc(stats["tokens"])
-        m.tokens_per_second.set(stats["tokens"] / max(seconds, 1e-9))
-        m.trees_trained.inc(len(trees))
-        for s in staleness:
-            m.staleness.observe(s)
-        m.is_weight_mean.set(stats.get("is_weight_mean", 1.0))
-        m.is_truncated_fraction.set(stats.get("is_truncated_fraction", 0.0))
-        m.is_ess.set(stats.get("is_ess", 1.0))
-        m.clip_fraction.set(stats.get("clip_fraction", 0.0))
-        m.reward_mean.set(reward)
-        m.accuracy.set(accuracy)
-        m.loss.set(stats.get("loss", 0.0))
-        m.grad_norm.set(stats.get("grad_norm", 0.0))
-        m.policy_version.set(self.version)
-        record = {
-            "step": self.state.step,
-            "version": self.version,
-            "reward": reward,
-            "accuracy": accuracy,
-            "sampled_reward": sampled_reward,
-            "sampled_accuracy": sampled_accuracy,
-            "trees": len(trees),
-            "leaves": len(rewards),
-            "staleness_mean": sum(staleness) / len(staleness),
-            "staleness_max": max(staleness),
-            "seconds": seconds,
-            "tokens_per_second": stats["tokens"] / max(seconds, 1e-9),
-            "wall": time.monotonic() - self.started,
-            "training_seconds": time.monotonic() - (self.first_tree_at or self.started),
-            "wait_seconds": self.wait_seconds,
-            "tokens_received": self.state.tokens_received,
-            "dropped_stale": self.state.dropped_stale,
-            "dropped_no_signal": self.state.dropped_no_signal,
-            "tree_ids": [t.tree_id for t in trees],
-            "no_signal_ids": self.since_step.no_signal,
-            "abandoned_ids": self.since_step.abandoned,
-            "readmitted_ids": self.since_step.readmitted,
-            "outstanding": len(self.state.ledger.outstanding),
-            **{
-                k: stats[k]
-                for k in (
-                    "loss",
-                    "is_weight_mean",
-                    "is_truncated_fraction",
-                    "is_ess",
-                    "clip_fraction",
-                    "approx_kl",
-                    "grad_norm",
-                    "lr",
-                )
-                if k in stats
-            },
-        }
+        record = self._record(trees, lags, batch.rewards, stats, seconds)
+        self.metrics.observe_step(record, lags, stats.tokens)
         self.since_step = Resolved()
-        self._log_step(record)
+        write_step(self.work, record)
         if (
             self.state.step % opts.checkpoint_every == 0
             or self.state.step >= opts.total_steps
@@ -547,23 +483,47 @@ class Learner:
         if self.state.step % opts.publish_every == 0:
             await self._publish()
 
-    def _log_step(self, r: dict[str, Any]) -> None:
-        self.work.mkdir(parents=True, exist_ok=True)
-        with (self.work / "steps.jsonl").open("a") as f:
-            f.write(json.dumps(r) + "\n")
-        log.info(
-            "step %d reward %+.3f acc %.2f loss %+.4f staleness %.1f (max %d) is_w %.3f ess %.2f "
-            "%.0f tok/s",
-            r["step"],
-            r["reward"],
-            r["accuracy"],
-            r.get("loss", 0.0),
-            r["staleness_mean"],
-            r["staleness_max"],
-            r.get("is_weight_mean", 1.0),
-            r.get("is_ess", 1.0),
-            r["tokens_per_second"],
+    def _record(
+        self,
+        trees: list[TreeRollout],
+        lags: list[int],
+        rewards: list[float],
+        stats: StepStats,
+        seconds: float,
+    ) -> StepRecord:
+        """The step log record of the step just taken (and the reset of the leaves received)."""
+        reward, accuracy = leaf_summary(rewards)
+        sampled_reward, sampled_accuracy = (
+            leaf_summary(self.received_leaves) if self.received_leaves else (None, None)
         )
+        self.received_leaves = []
+        record = StepRecord(
+            step=self.state.step,
+            version=self.version,
+            reward=reward,
+            accuracy=accuracy,
+            sampled_reward=sampled_reward,
+            sampled_accuracy=sampled_accuracy,
+            trees=len(trees),
+            leaves=len(rewards),
+            staleness_mean=sum(lags) / len(lags),
+            staleness_max=max(lags),
+            seconds=seconds,
+            tokens_per_second=stats.tokens / max(seconds, 1e-9),
+            wall=time.monotonic() - self.started,
+            training_seconds=time.monotonic() - (self.first_tree_at or self.started),
+            wait_seconds=self.wait_seconds,
+            tokens_received=self.state.tokens_received,
+            dropped_stale=self.state.dropped_stale,
+            dropped_no_signal=self.state.dropped_no_signal,
+            tree_ids=[t.tree_id for t in trees],
+            no_signal_ids=self.since_step.no_signal,
+            abandoned_ids=self.since_step.abandoned,
+            readmitted_ids=self.since_step.readmitted,
+            outstanding=len(self.state.ledger.outstanding),
+            **StepRecord.loss_fields(stats),
+        )
+        return record
 
     def save_final_model(self) -> Path:
         """The trained policy as a normal Hugging Face model directory (``<work>/model``)."""
@@ -642,29 +602,25 @@ def build_learner(settings: LearnerSettings) -> Learner:
     return Learner(settings, engine, tokenizer, load_problems(settings))
 
 
+SPEC = ProcessSpec(
+    prog="treepo-learner",
+    description="TreePO learner",
+    settings=LearnerSettings,
+    section="learner",
+    build=build_learner,
+    bound_flag="--max-steps",
+    bound_help="stop after this many more steps (bounded mode)",
+    done="learner exits at step %d",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = process_parser("treepo-learner", "TreePO learner")
-    parser.add_argument(
-        "--max-steps", type=int, help="stop after this many more steps (bounded mode)"
-    )
-    args = parser.parse_args(argv)
-    try:
-        learner = build_learner(process_settings(LearnerSettings, "learner", args))
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
-    steps = serve(lambda: learner.run(args.max_steps), learner.request_stop)
-    log.info("learner exits at step %d", steps)
-    return 0
+    return process_main(SPEC, argv)
 
 
 def run() -> None:
-    """Console-script entry: ``main()``, then exit at once. Everything was shut down in order
-    (checkpoint written, trees acknowledged); skipping the interpreter's slow teardown of
-    torch/DeepSpeed keeps SIGTERM-to-exit under 5 s."""
-    code = main()
-    logging.shutdown()
-    os._exit(code)
+    """Console-script entry (``treepo-learner``)."""
+    exit_now(main)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,25 @@ class Engine:
         return lr
 
 
+@dataclass
+class StepStats:
+    """What one learner step measured: token-weighted means over its updates (see
+    ``learner.loss.policy_loss``), tokens trained, optimizer updates, learning rate and the mean
+    gradient norm before clipping."""
+
+    tokens: float
+    updates: float
+    lr: float
+    grad_norm: float
+    loss: float = 0.0
+    is_weight_mean: float = 1.0
+    is_truncated_fraction: float = 0.0
+    is_ess: float = 1.0
+    clip_fraction: float = 0.0
+    ratio_mean: float = 1.0
+    approx_kl: float = 0.0
+
+
 def ds_config(opts: LearnerOptions) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": 1,
@@ -136,9 +155,8 @@ def train_on_batch(
     loss: LossSettings,
     step: int,
     seed: int = 0,
-) -> dict[str, float]:
-    """One learner step: recompute pi_prox, then ppo_epochs x mini_batches optimizer steps.
-    Returns statistics averaged over the updates."""
+) -> StepStats:
+    """One learner step: recompute pi_prox, then ppo_epochs x mini_batches optimizer steps."""
     ds = engine.ds
     batch = batch.to(next(ds.module.parameters()).device)
     gas = opts.gradient_accumulation_steps
@@ -192,14 +210,13 @@ def train_on_batch(
                     for k, v in stats.items():
                         totals[k] = totals.get(k, 0.0) + v * weight
             updates += 1
-    out = {k: v / max(1.0, seen_tokens) for k, v in totals.items()}
-    out.update(
+    return StepStats(
         tokens=float(batch.mask.sum().item()),
         updates=float(updates),
         lr=lr,
         grad_norm=sum(norms) / len(norms) if norms else float(ds.get_global_grad_norm() or 0.0),
+        **{k: v / max(1.0, seen_tokens) for k, v in totals.items()},
     )
-    return out
 
 
 def token_logprobs(

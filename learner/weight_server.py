@@ -112,9 +112,6 @@ async def announce(
     )
     if token is not None:
         ann.signature = announcement_signature(ann, token)
-    payload = encode(ann)
-    key = streams.keys.weights
-    await streams.call(lambda: streams.client.set(key, payload), "SET weights")
-    await streams.call(lambda: streams.client.publish(key, payload), "PUBLISH weights")
+    await streams.announce_weights(encode(ann))
     log.info("announced weights v%d at %s (%d bytes)", version, ann.url, total_bytes)
     return ann

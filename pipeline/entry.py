@@ -1,5 +1,6 @@
 """What the process entry points (``treepo-sampler``, ``treepo-learner``) share: the command
-line, settings with ``--port``/``$PORT`` and ``--model`` overrides, and signal handling."""
+line, settings with ``--port``/``$PORT`` and ``--model`` overrides, signal handling, and the
+runner both ``main()`` functions are (``ProcessSpec``, ``process_main``, ``exit_now``)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, NoReturn, Protocol, TypeVar
 
 from pydantic_settings import BaseSettings
 
 from pipeline.config import load_settings
+from pipeline.errors import ConfigError
 
 S = TypeVar("S", bound=BaseSettings)
+log = logging.getLogger(__name__)
 
 
 def setup_logging(level: str = "INFO", json_lines: bool = False) -> None:
@@ -61,3 +65,64 @@ def serve(run: Callable[[], Awaitable[int]], request_stop: Callable[[], None]) -
         return await run()
 
     return asyncio.run(main())
+
+
+class Process(Protocol):
+    """A built sampler or learner, as the runner drives it."""
+
+    async def run(self, bound: int | None) -> int:
+        """Work until stopped (or ``bound`` units of work); returns the units done."""
+        ...
+
+    def request_stop(self) -> None: ...
+
+    def close(self) -> None:
+        """Release what outlives ``run`` (the sampler's engine processes)."""
+        ...
+
+    def exit_code(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ProcessSpec(Generic[S]):
+    """One process's command line and how to build it from its settings."""
+
+    prog: str
+    description: str
+    settings: type[S]
+    section: str
+    """The process's own settings section (``--port`` and ``--model`` apply to it)."""
+    build: Callable[[S], Process]
+    """Raises ``ConfigError`` on settings it cannot start with."""
+    bound_flag: str
+    bound_help: str
+    done: str
+    """Log line at exit, ``%d`` = the units done."""
+
+
+def process_main(spec: ProcessSpec[S], argv: list[str] | None = None) -> int:
+    """Parse the command line, build the process (exit code 2 on a configuration error), run it
+    until done or SIGTERM/SIGINT, close it; returns its exit code."""
+    parser = process_parser(spec.prog, spec.description)
+    bound = parser.add_argument(spec.bound_flag, type=int, help=spec.bound_help).dest
+    args = parser.parse_args(argv)
+    try:
+        process = spec.build(process_settings(spec.settings, spec.section, args))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        done = serve(lambda: process.run(getattr(args, bound)), process.request_stop)
+    finally:
+        process.close()
+    log.info(spec.done, done)
+    return process.exit_code()
+
+
+def exit_now(main: Callable[[], int]) -> NoReturn:
+    """Console-script entry: ``main()``, then exit at once. The process shut down in order
+    (checkpoint written, trees acknowledged, prompts handed back); skipping the interpreter's
+    slow teardown of torch/vLLM/DeepSpeed keeps SIGTERM-to-exit under 5 s."""
+    code = main()
+    logging.shutdown()
+    os._exit(code)

@@ -524,6 +524,26 @@ class Streams:
                 return "queued", None
         return "gone", None
 
+    async def heartbeat(self, hb: Heartbeat, ttl_s: float) -> None:
+        """Set ``hb.worker_id``'s heartbeat key, expiring after ``ttl_s``."""
+        key, payload = self.keys.heartbeat_prefix + hb.worker_id, encode(hb)
+        await self.call(
+            lambda: self.client.set(key, payload, px=int(ttl_s * 1000)), "SET heartbeat"
+        )
+
+    async def announce_weights(self, payload: bytes) -> None:
+        """Set the run's latest weight announcement (an encoded ``WeightAnnouncement``) and
+        publish it on the weights channel."""
+        key = self.keys.weights
+        await self.call(lambda: self.client.set(key, payload), "SET weights")
+        await self.call(lambda: self.client.publish(key, payload), "PUBLISH weights")
+
+    async def latest_weights(self) -> bytes | None:
+        """The raw latest weight announcement, or None before the first one."""
+        key = self.keys.weights
+        raw: Any = await self.call(lambda: self.client.get(key), "GET weights")
+        return bytes(raw) if raw else None
+
     async def alive(self, worker_ids: list[str]) -> set[str]:
         """The workers among ``worker_ids`` whose heartbeat key says they are running."""
         if not worker_ids:

@@ -90,4 +90,4 @@ def test_learner_step_on_cuda(toy_model: Path, tmp_path: Path) -> None:
     engine = build_engine(toy_model, opts)
     assert next(engine.module.parameters()).device.type == "cuda"
     stats = train_on_batch(engine, build_batch([tree()]), opts, LossSettings(), step=0)
-    assert stats["tokens"] == 3 and abs(stats["is_weight_mean"]) < 100
+    assert stats.tokens == 3 and abs(stats.is_weight_mean) < 100

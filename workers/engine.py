@@ -19,10 +19,12 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import SamplerSettings
 from pipeline.costs import Work
 from pipeline.sampling import GeneratedSegment, SegmentRequest
 from workers.reaper import watch_children
@@ -72,6 +74,24 @@ class EngineOptions:
     """Decode every request to its token budget (benchmarks with forced lengths)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_settings(cls, settings: SamplerSettings, model: str) -> EngineOptions:
+        """The engine arguments of a sampler's settings."""
+        o = settings.sampler
+        return cls(
+            model=model,
+            temperature=o.temperature,
+            top_p=o.top_p,
+            dtype=o.dtype,
+            gpu_memory_utilization=o.gpu_memory_utilization,
+            enforce_eager=o.enforce_eager,
+            max_model_len=o.max_model_len or None,
+            kv_cache_gib=o.kv_cache_gib,
+            block_size=o.block_size,
+            cpu_bind=o.cpu_bind,
+            seed=settings.run.seed,
+        )
+
 
 class VLLMSegmentGenerator:
     """A ``SegmentGenerator`` on one vLLM engine."""
@@ -85,6 +105,8 @@ class VLLMSegmentGenerator:
         self.policy_version = policy_version
         self.stop = threading.Event()
         self.last_call = CallStats()
+        self.call_listeners: list[Callable[[CallStats], None]] = []
+        """Called with each call's statistics (the sampler's accounting)."""
         self._staged: tuple[int, Path] | None = None
         self._lock = threading.Lock()
         kwargs: dict[str, Any] = {
@@ -178,11 +200,9 @@ class VLLMSegmentGenerator:
             stats.decoded_tokens += len(tokens)
             stats.steps = max(stats.steps, len(tokens))
         self.last_call = stats
-        self.on_call(stats)
+        for listener in self.call_listeners:
+            listener(stats)
         return result
-
-    def on_call(self, stats: CallStats) -> None:
-        """Hook for metrics; replaced by the sampler process."""
 
     async def generate(self, requests: list[SegmentRequest]) -> list[GeneratedSegment]:
         if not requests:

@@ -15,11 +15,14 @@ The engine swap itself happens in the sampler loop between segment steps
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.aio import wait_or_stop
 from pipeline.errors import (
     MessageDecodeError,
     WeightDownloadError,
@@ -83,8 +86,7 @@ class WeightFollower:
 
     async def poll(self) -> None:
         """Read the announcement key once and act on it."""
-        keys = self.streams.keys
-        raw = await self.streams.call(lambda: self.streams.client.get(keys.weights), "GET weights")
+        raw = await self.streams.latest_weights()
         if not raw:
             return
         try:
@@ -174,3 +176,28 @@ class WeightFollower:
             f"weights v{self.announced} announced {waited:.0f}s ago but the engine runs "
             f"v{self.engine.policy_version} ({why})"
         )
+
+    # -- on the sampler's loop -------------------------------------------------------------------
+
+    async def follow(self, stop: asyncio.Event, poll_s: float) -> None:
+        """Poll the announcement every ``poll_s`` until ``stop``."""
+        while not stop.is_set():
+            await self.poll()
+            await wait_or_stop(stop, poll_s)
+
+    async def apply_staged(self) -> None:
+        """Swap staged weights into the engine (between engine calls) and delete older versions."""
+        seconds = await asyncio.to_thread(self.engine.swap_now)
+        if seconds is not None:
+            self.metrics.weight_swap_seconds.observe(seconds)
+            self.metrics.weight_swaps.inc()
+            self._prune_versions()
+        self.metrics.policy_version.set(self.engine.policy_version)
+
+    def _prune_versions(self) -> None:
+        """Delete downloaded versions older than the one the engine runs (never the staged one,
+        nor one a swap may be reading)."""
+        current = self.engine.policy_version
+        for d in self.work_dir.glob("v*"):
+            if d.name[1:].isdigit() and int(d.name[1:]) < current:
+                shutil.rmtree(d, ignore_errors=True)

@@ -18,7 +18,6 @@ import asyncio
 import logging
 import os
 import random
-import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -27,17 +26,17 @@ from typing import Any
 
 from pipeline.aio import unless_stopped, wait_or_stop
 from pipeline.config import SamplerSettings
-from pipeline.costs import CostModel, independent_work
-from pipeline.entry import process_parser, process_settings, serve
+from pipeline.entry import ProcessSpec, exit_now, process_main
 from pipeline.errors import ConfigError, Stopping, TransportError
 from pipeline.httpserver import make_app, start
-from pipeline.messages import DecodeLimits, Heartbeat, PromptTask, encode
+from pipeline.messages import DecodeLimits, Heartbeat, PromptTask
 from pipeline.sampling import TreeSampler
 from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Delivery, Streams
 from pipeline.tasks import REWARDS, reward_fn
 from pipeline.tree import Tree
 from pipeline.weights import tensor_specs
-from workers.engine import CallStats, EngineOptions, GenerationStopped, VLLMSegmentGenerator
+from workers.accounting import Accounting
+from workers.engine import EngineOptions, GenerationStopped, VLLMSegmentGenerator
 from workers.follow import WeightFollower
 from workers.metrics import SamplerMetrics
 
@@ -78,13 +77,12 @@ class Sampler:
             rng=random.Random(f"{settings.run.seed}-{self.worker_id}"),
             decode=decode_text,
         )
-        self.cost = CostModel()
-        self.calls: list[CallStats] = []
-        engine.on_call = self._on_call  # type: ignore[method-assign]
         self.stop = asyncio.Event()
         self.streams.stop = self.stop
         self.streams.on_deadletter = lambda reason: self.metrics.deadletter.labels(reason).inc()
         self.work_dir = Path(opts.work_dir) / self.worker_id
+        self.accounting = Accounting(self.metrics, self.work_dir / "summary.json")
+        engine.call_listeners.append(self.accounting.on_call)
         token = settings.weights.token
         self.follower = WeightFollower(
             self.streams,
@@ -105,23 +103,19 @@ class Sampler:
         """When the loop last finished an iteration (health: a stuck loop is not ok)."""
         self.metrics.policy_version.set(engine.policy_version)
 
-    # -- engine hooks ----------------------------------------------------------------------------
-
-    def _on_call(self, stats: CallStats) -> None:
-        self.calls.append(stats)
-        self.cost.observe(stats.work(), stats.seconds)
-        m = self.metrics
-        m.engine_calls.inc()
-        m.generation_seconds.inc(stats.seconds)
-        m.prefill_tokens.inc(stats.prefill_tokens)
-        m.prefill_cached_tokens.inc(stats.cached_tokens)
-
     # -- main loop -------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
         """Stop at the next segment step (signal-safe)."""
         self.stop.set()
         self.engine.stop.set()
+
+    def close(self) -> None:
+        """End the engine's processes (after ``run``)."""
+        self.engine.close()
+
+    def exit_code(self) -> int:
+        return 1 if self.failed is not None else 0
 
     def health(self) -> dict[str, Any]:
         problem = "stopping" if self.stop.is_set() else self.follower.trouble()
@@ -141,7 +135,7 @@ class Sampler:
     async def run(self, max_prompts: int | None = None) -> int:
         """Serve until stopped (or ``max_prompts`` prompts are done); returns prompts done."""
         keys = self.streams.keys
-        self.started = time.monotonic()
+        self.started = self.accounting.started = time.monotonic()
         await self.streams.ensure_group(keys.prompts, PROMPT_GROUP)
         await self.streams.ensure_group(keys.trees, TREE_GROUP)
         runner, self.port = await start(
@@ -160,7 +154,10 @@ class Sampler:
             await self.follower.poll()  # the newest verified weights before the first prompt
             background = [
                 asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-                asyncio.create_task(self._weights_loop(), name="weights"),
+                asyncio.create_task(
+                    self.follower.follow(self.stop, self.settings.sampler.weights_poll_s),
+                    name="weights",
+                ),
             ]
             for task in background:
                 task.add_done_callback(self._supervise)
@@ -180,33 +177,7 @@ class Sampler:
 
     def write_summary(self) -> Path:
         """Final counters of this sampler as JSON (``<work_dir>/<worker>/summary.json``)."""
-        import json
-
-        m = self.metrics
-        values = {
-            name: m.registry.get_sample_value(name) or 0.0
-            for name in (
-                "treepo_sampler_trees_total",
-                "treepo_sampler_leaves_total",
-                "treepo_sampler_tokens_decoded_total",
-                "treepo_sampler_tokens_independent_total",
-                "treepo_sampler_prefill_tokens_total",
-                "treepo_sampler_engine_calls_total",
-                "treepo_sampler_generation_seconds_total",
-                "treepo_sampler_gpu_seconds_used_total",
-                "treepo_sampler_gpu_seconds_independent_total",
-                "treepo_sampler_weight_swaps_total",
-                "treepo_sampler_correct_leaves_total",
-                "treepo_sampler_idle_seconds_total",
-            )
-        }
-        values["wall_seconds"] = time.monotonic() - self.started
-        values["cost_model"] = list(self.cost.coef)
-        values["policy_version"] = self.engine.policy_version
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        path = self.work_dir / "summary.json"
-        path.write_text(json.dumps(values, indent=2))
-        return path
+        return self.accounting.write_summary(self.engine.policy_version)
 
     def _supervise(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or isinstance(task.exception(), Stopping):
@@ -223,7 +194,7 @@ class Sampler:
             self.progress_at = time.monotonic()
             if max_prompts is not None and self.prompts_done >= max_prompts:
                 return
-            await self._apply_staged()
+            await self.follower.apply_staged()
             count = opts.batch_prompts
             if max_prompts is not None:
                 count = min(count, max_prompts - self.prompts_done)
@@ -293,7 +264,7 @@ class Sampler:
             if t.created_at > 0:
                 self.metrics.prompt_wait_seconds.observe(max(0.0, now - t.created_at))
         started = time.perf_counter()
-        self.calls = []
+        self.accounting.begin_batch()
         try:
             grown = await self._grow(tasks)
         except Stopping:
@@ -322,7 +293,8 @@ class Sampler:
             trees.append(tree)
         await self.streams.ack(keys.prompts, PROMPT_GROUP, done)
         self.prompts_done += len(done)
-        self._account(served, trees, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.accounting.end_batch(served, trees, seconds, self.engine.policy_version)
 
     async def _release(self, batch: list[Delivery]) -> None:
         """Hand unfinished prompts back to the group (best effort: Redis may be down too; then
@@ -339,67 +311,6 @@ class Sampler:
         for leaf in tree.leaves:
             leaf.reward = check(self.decode_text(leaf.response_token_ids), task.answer)
 
-    def _account(self, tasks: list[PromptTask], trees: list[Tree], seconds: float) -> None:
-        m = self.metrics
-        used = sum(self.cost.estimate(c.work()) for c in self.calls)
-        independent = self.cost.estimate(
-            independent_work(
-                [len(t.prompt_token_ids) for t in tasks],
-                [[len(leaf.response_token_ids) for leaf in tree.leaves] for tree in trees],
-            )
-        )
-        m.gpu_seconds_used.inc(used)
-        m.gpu_seconds_independent.inc(independent)
-        m.gpu_seconds_saved.inc(independent - used)
-        m.decode_tokens_per_second.set(self.cost.decode_tokens_per_second)
-        m.prefill_tokens_per_second.set(self.cost.prefill_tokens_per_second)
-        for tree in trees:
-            s = tree.stats
-            m.trees.inc()
-            m.tokens_decoded.inc(s.decoded_tokens)
-            m.tokens_independent.inc(s.independent_tokens)
-            m.segments.inc(len(tree.nodes))
-            m.leaves.inc(len(tree.leaves))
-            m.fallbacks.inc(s.fallbacks)
-            m.correct_leaves.inc(sum(1 for leaf in tree.leaves if (leaf.reward or 0.0) > 0))
-        rewards = [leaf.reward or 0.0 for tree in trees for leaf in tree.leaves]
-        m.reward_mean.set(sum(rewards) / max(1, len(rewards)))
-        m.batch_seconds.observe(seconds)
-        self.write_summary()
-        log.info(
-            "published %d trees in %.2fs: %d leaves, decoded %d vs independent %d tokens, "
-            "policy v%d",
-            len(trees),
-            seconds,
-            sum(len(t.leaves) for t in trees),
-            sum(t.stats.decoded_tokens for t in trees),
-            sum(t.stats.independent_tokens for t in trees),
-            self.engine.policy_version,
-        )
-
-    # -- weights ---------------------------------------------------------------------------------
-
-    async def _apply_staged(self) -> None:
-        seconds = await asyncio.to_thread(self.engine.swap_now)
-        if seconds is not None:
-            self.metrics.weight_swap_seconds.observe(seconds)
-            self.metrics.weight_swaps.inc()
-            self._prune_versions()
-        self.metrics.policy_version.set(self.engine.policy_version)
-
-    async def _weights_loop(self) -> None:
-        while not self.stop.is_set():
-            await self.follower.poll()
-            await wait_or_stop(self.stop, self.settings.sampler.weights_poll_s)
-
-    def _prune_versions(self) -> None:
-        """Delete downloaded versions older than the one the engine runs (never the staged one,
-        nor one a swap may be reading)."""
-        current = self.engine.policy_version
-        for d in self.work_dir.glob("v*"):
-            if d.name[1:].isdigit() and int(d.name[1:]) < current:
-                shutil.rmtree(d, ignore_errors=True)
-
     # -- heartbeat -------------------------------------------------------------------------------
 
     async def _heartbeat(self, state: str, ttl: float) -> None:
@@ -413,12 +324,8 @@ class Sampler:
             time.time(),
             state,
         )
-        key = self.streams.keys.heartbeat_prefix + self.worker_id
-        payload = encode(hb)
         try:
-            await self.streams.call(
-                lambda: self.streams.client.set(key, payload, px=int(ttl * 1000)), "SET heartbeat"
-            )
+            await self.streams.heartbeat(hb, ttl)
         except (TransportError, Stopping) as exc:
             if not self.stop.is_set():
                 raise
@@ -434,57 +341,34 @@ class Sampler:
 # -- entry point ---------------------------------------------------------------------------------
 
 
-def engine_options(settings: SamplerSettings, model: str) -> EngineOptions:
-    o = settings.sampler
-    return EngineOptions(
-        model=model,
-        temperature=o.temperature,
-        top_p=o.top_p,
-        dtype=o.dtype,
-        gpu_memory_utilization=o.gpu_memory_utilization,
-        enforce_eager=o.enforce_eager,
-        max_model_len=o.max_model_len or None,
-        kv_cache_gib=o.kv_cache_gib,
-        block_size=o.block_size,
-        cpu_bind=o.cpu_bind,
-        seed=settings.run.seed,
-    )
-
-
 def build_sampler(settings: SamplerSettings) -> Sampler:
     model = settings.sampler.model
     if not model or not Path(model).is_dir():
         raise ConfigError(f"TREEPO_SAMPLER__MODEL: {model!r} is not a model directory")
-    engine = VLLMSegmentGenerator(engine_options(settings, model))
+    engine = VLLMSegmentGenerator(EngineOptions.from_settings(settings, model))
     tokenizer = engine.llm.get_tokenizer()
     return Sampler(settings, engine, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
 
 
+SPEC = ProcessSpec(
+    prog="treepo-sampler",
+    description="TreePO sampler worker",
+    settings=SamplerSettings,
+    section="sampler",
+    build=build_sampler,
+    bound_flag="--max-prompts",
+    bound_help="exit after this many prompts (bounded mode)",
+    done="sampler exits after %d prompts",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = process_parser("treepo-sampler", "TreePO sampler worker")
-    parser.add_argument(
-        "--max-prompts", type=int, help="exit after this many prompts (bounded mode)"
-    )
-    args = parser.parse_args(argv)
-    try:
-        sampler = build_sampler(process_settings(SamplerSettings, "sampler", args))
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
-    try:
-        done = serve(lambda: sampler.run(args.max_prompts), sampler.request_stop)
-    finally:
-        sampler.engine.close()
-    log.info("sampler %s exits after %d prompts", sampler.worker_id, done)
-    return 1 if sampler.failed is not None else 0
+    return process_main(SPEC, argv)
 
 
 def run() -> None:
-    """Console-script entry: ``main()``, then exit at once. Everything was shut down in order;
-    skipping the interpreter's slow teardown of vLLM/torch keeps SIGTERM-to-exit under 5 s."""
-    code = main()
-    logging.shutdown()
-    os._exit(code)
+    """Console-script entry (``treepo-sampler``)."""
+    exit_now(main)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,82 @@
+"""The learner's step log: one typed record per optimizer step, appended as a JSON line to
+``<work_dir>/steps.jsonl`` and logged in one line (fields documented in docs/operations.md)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from learner.trainer import StepStats
+
+log = logging.getLogger("learner.process")
+
+
+@dataclass
+class StepRecord:
+    step: int
+    version: int
+    reward: float
+    accuracy: float
+    sampled_reward: float | None
+    sampled_accuracy: float | None
+    trees: int
+    leaves: int
+    staleness_mean: float
+    staleness_max: int
+    seconds: float
+    tokens_per_second: float
+    wall: float
+    training_seconds: float
+    wait_seconds: float
+    tokens_received: int
+    dropped_stale: int
+    dropped_no_signal: int
+    tree_ids: list[str]
+    no_signal_ids: list[str]
+    abandoned_ids: list[str]
+    readmitted_ids: list[str]
+    outstanding: int
+    loss: float
+    is_weight_mean: float
+    is_truncated_fraction: float
+    is_ess: float
+    clip_fraction: float
+    approx_kl: float
+    grad_norm: float
+    lr: float
+
+    @staticmethod
+    def loss_fields(stats: StepStats) -> dict[str, float]:
+        """The step's loss statistics, as the record names them."""
+        return {
+            "loss": stats.loss,
+            "is_weight_mean": stats.is_weight_mean,
+            "is_truncated_fraction": stats.is_truncated_fraction,
+            "is_ess": stats.is_ess,
+            "clip_fraction": stats.clip_fraction,
+            "approx_kl": stats.approx_kl,
+            "grad_norm": stats.grad_norm,
+            "lr": stats.lr,
+        }
+
+
+def write_step(work: Path, r: StepRecord) -> None:
+    """Append ``r`` to the step log and log its headline."""
+    work.mkdir(parents=True, exist_ok=True)
+    with (work / "steps.jsonl").open("a") as f:
+        f.write(json.dumps(asdict(r)) + "\n")
+    log.info(
+        "step %d reward %+.3f acc %.2f loss %+.4f staleness %.1f (max %d) is_w %.3f ess %.2f "
+        "%.0f tok/s",
+        r.step,
+        r.reward,
+        r.accuracy,
+        r.loss,
+        r.staleness_mean,
+        r.staleness_max,
+        r.is_weight_mean,
+        r.is_ess,
+        r.tokens_per_second,
+    )
