@@ -181,23 +181,8 @@ def train_on_batch(
                 micro.append(micro[-1][:0])
             for part in micro:
                 sub = batch.select(rows[part]) if part.numel() else batch.select(rows[:1])
-                logprobs = token_logprobs(
-                    ds.module, sub.input_ids, sub.attention_mask, sub.temperatures
-                )
-                lp_loss, stats = policy_loss(
-                    logprobs,
-                    proximal[sub_rows(rows, part, proximal.device)],
-                    sub.behavior_logprobs,
-                    sub.advantages,
-                    sub.mask,
-                    sub.segment_ids,
-                    level=loss.is_level,
-                    clip_low=loss.clip_low,
-                    clip_high=loss.clip_high,
-                    dual_clip=loss.dual_clip,
-                    is_cap=loss.is_cap,
-                    is_band=loss.is_band,
-                )
+                prox = proximal[sub_rows(rows, part, proximal.device)]
+                lp_loss, stats = _micro_loss(ds.module, sub, prox, loss)
                 # token mean over the whole mini-batch: DeepSpeed divides by gas itself
                 scale = stats["tokens"] / max(1.0, mb_tokens) * gas if part.numel() else 0.0
                 ds.backward(lp_loss * scale)
@@ -216,6 +201,27 @@ def train_on_batch(
         lr=lr,
         grad_norm=sum(norms) / len(norms) if norms else float(ds.get_global_grad_norm() or 0.0),
         **{k: v / max(1.0, seen_tokens) for k, v in totals.items()},
+    )
+
+
+def _micro_loss(
+    module: torch.nn.Module, sub: TrainBatch, proximal: torch.Tensor, loss: LossSettings
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The TreePO loss of one micro-batch under the current weights."""
+    logprobs = token_logprobs(module, sub.input_ids, sub.attention_mask, sub.temperatures)
+    return policy_loss(
+        logprobs,
+        proximal,
+        sub.behavior_logprobs,
+        sub.advantages,
+        sub.mask,
+        sub.segment_ids,
+        level=loss.is_level,
+        clip_low=loss.clip_low,
+        clip_high=loss.clip_high,
+        dual_clip=loss.dual_clip,
+        is_cap=loss.is_cap,
+        is_band=loss.is_band,
     )
 
 

@@ -426,13 +426,7 @@ def _decode_prompt(f: _Fields) -> PromptTask:
 _LOGPROB_MAX = 1e-3  # log-probs are <= 0; allow float rounding noise above zero
 
 
-def _decode_rollout(f: _Fields) -> TreeRollout:
-    tree_id = f.text("tree_id", 256)
-    prompt_id = f.text("prompt_id", 256)
-    sampler_id = f.text("sampler_id", 256)
-    dataset_position = f.integer("dataset_position")
-    created_at = f.real("created_at")
-    prompt = f.token_ids("prompt")
+def _decode_nodes(f: _Fields) -> list[RolloutNode]:
     parents: list[int] = f.numbers("node_parent", "i")
     n = len(parents)
     if n > f.limits.max_nodes:
@@ -453,6 +447,17 @@ def _decode_rollout(f: _Fields) -> TreeRollout:
         raise MessageDecodeError("node_len", f"{total} tokens > limit {f.limits.max_tokens}")
     tokens = f.token_ids("tokens", total)
     logprobs = f.finite_floats("logprobs", "f", total, hi=_LOGPROB_MAX)
+    nodes = []
+    offset = 0
+    for i in range(n):
+        end = offset + lengths[i]
+        nodes.append(RolloutNode(parents[i], tokens[offset:end], logprobs[offset:end], versions[i]))
+        offset = end
+    return nodes
+
+
+def _decode_leaves(f: _Fields, nodes: list[RolloutNode]) -> list[RolloutLeaf]:
+    n = len(nodes)
     leaf_nodes: list[int] = f.numbers("leaf_node", "i")
     m = len(leaf_nodes)
     rewards = f.finite_floats("leaf_reward", "d", m)
@@ -465,23 +470,22 @@ def _decode_rollout(f: _Fields) -> TreeRollout:
                 f"leaf_finish[{i}]", f"{reason!r} not in {sorted(FINISH_REASONS)}"
             )
     has_child = [False] * n
-    for p in parents:
-        if p >= 0:
-            has_child[p] = True
+    for node in nodes:
+        if node.parent >= 0:
+            has_child[node.parent] = True
     seen: set[int] = set()
-    for i, node in enumerate(leaf_nodes):
-        if not 0 <= node < n:
-            raise MessageDecodeError(f"leaf_node[{i}]", f"{node} is not a node index below {n}")
-        if node in seen or has_child[node]:
-            raise MessageDecodeError(f"leaf_node[{i}]", f"node {node} is repeated or has children")
-        seen.add(node)
+    for i, leaf in enumerate(leaf_nodes):
+        if not 0 <= leaf < n:
+            raise MessageDecodeError(f"leaf_node[{i}]", f"{leaf} is not a node index below {n}")
+        if leaf in seen or has_child[leaf]:
+            raise MessageDecodeError(f"leaf_node[{i}]", f"node {leaf} is repeated or has children")
+        seen.add(leaf)
     if len(seen) != has_child.count(False):
         raise MessageDecodeError("leaf_node", "every childless node must be a leaf")
-    sampling = f.sub("sampling")
-    temperature = sampling.real("temperature", 1e-3, 100.0)
-    top_p = sampling.real("top_p", 1e-6, 1.0)
-    sampling.no_extra()
-    s = f.sub("stats")
+    return [RolloutLeaf(leaf_nodes[i], rewards[i], finishes[i]) for i in range(m)]
+
+
+def _decode_stats(s: _Fields) -> RolloutStats:
     stats = RolloutStats(
         decoded_tokens=s.integer("decoded_tokens"),
         independent_tokens=s.integer("independent_tokens"),
@@ -492,13 +496,22 @@ def _decode_rollout(f: _Fields) -> TreeRollout:
         generation_seconds=s.real("generation_seconds", 0.0),
     )
     s.no_extra()
-    nodes = []
-    offset = 0
-    for i in range(n):
-        end = offset + lengths[i]
-        nodes.append(RolloutNode(parents[i], tokens[offset:end], logprobs[offset:end], versions[i]))
-        offset = end
-    leaves = [RolloutLeaf(leaf_nodes[i], rewards[i], finishes[i]) for i in range(m)]
+    return stats
+
+
+def _decode_rollout(f: _Fields) -> TreeRollout:
+    tree_id = f.text("tree_id", 256)
+    prompt_id = f.text("prompt_id", 256)
+    sampler_id = f.text("sampler_id", 256)
+    dataset_position = f.integer("dataset_position")
+    created_at = f.real("created_at")
+    prompt = f.token_ids("prompt")
+    nodes = _decode_nodes(f)
+    leaves = _decode_leaves(f, nodes)
+    sampling = f.sub("sampling")
+    temperature = sampling.real("temperature", 1e-3, 100.0)
+    top_p = sampling.real("top_p", 1e-6, 1.0)
+    sampling.no_extra()
     return TreeRollout(
         tree_id=tree_id,
         prompt_id=prompt_id,
@@ -506,7 +519,7 @@ def _decode_rollout(f: _Fields) -> TreeRollout:
         prompt_token_ids=prompt,
         nodes=nodes,
         leaves=leaves,
-        stats=stats,
+        stats=_decode_stats(f.sub("stats")),
         dataset_position=dataset_position,
         created_at=created_at,
         temperature=temperature,
