@@ -106,6 +106,13 @@ async def inject_poison(cluster: Cluster) -> dict[str, str]:
     """One poison entry of each kind on each stream; returns entry id -> expected reason."""
     learner, sampler = streams_as(cluster, "learner"), streams_as(cluster, "sampler")
     k = learner.keys
+    # a tree for an admitted prompt (the newest, before any poison lands on the stream), but
+    # sampled with top-p < 1
+    admitted = await learner.client.xrevrange(k.prompts, count=1)
+    nucleus = replace(
+        tiny_tree(decode(admitted[0][1][PAYLOAD_FIELD]).prompt_id),  # type: ignore[union-attr]
+        top_p=0.9,
+    )
     expected = {}
     for msg, reason in (
         (Heartbeat("x", "sampler", "h", 1, 0, 0.0), "wrong_type"),
@@ -116,11 +123,6 @@ async def inject_poison(cluster: Cluster) -> dict[str, str]:
         expected[await learner.publish(k.prompts, msg)] = reason
     garbage = await learner.client.xadd(k.prompts, {PAYLOAD_FIELD: b"\xc1garbage"})
     expected[garbage.decode()] = "decode"
-    admitted = await learner.client.xrevrange(k.prompts, count=1)
-    nucleus = replace(
-        tiny_tree(decode(admitted[0][1][PAYLOAD_FIELD]).prompt_id),  # type: ignore[union-attr]
-        top_p=0.9,
-    )
     for msg, reason in (
         (PromptTask("p", [1], "1", 0, 0), "wrong_type"),
         (tiny_tree("never-admitted"), "unknown_prompt"),
