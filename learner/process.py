@@ -406,8 +406,9 @@ class Learner:
             await self.streams.reject(d, TREE_GROUP, "unknown_prompt", detail)
         elif verdict == "sampling":  # a sampler of another build or setting: not trainable
             detail = f"tree {tree.tree_id} sampled with top_p {tree.top_p} < 1"
+            # the prompt stays outstanding: once overdue it is admitted again (and abandoned
+            # after max_admissions), so a correctly configured sampler can still serve it
             await self.streams.reject(d, TREE_GROUP, "sampling", detail)
-            self._abandon(tree.prompt_id, "its tree was sampled with top_p < 1")
         elif verdict == "stale":
             await self._drop_stale(d, tree)
         else:  # no_signal

@@ -16,7 +16,7 @@ Verdict = Literal[
 """``ready``: train on it; ``before_restart``: its prompt's position will be admitted (and
 sampled) again after a learner crash, drop it as a duplicate; ``unknown``: never admitted,
 dead-letter; ``sampling``: sampled with settings the learner cannot train on (top-p < 1),
-dead-letter and abandon the prompt; ``duplicate``: its prompt is resolved or already has a tree;
+dead-letter (the prompt stays outstanding); ``duplicate``: its prompt is resolved or already has a tree;
 ``stale``: older than ``max_staleness``; ``no_signal``: every leaf has the same reward (dropped
 under dynamic sampling)."""
 
