@@ -19,21 +19,20 @@ the trees each durable step trained.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from learner.batch import build_batch
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from learner.ledger import Ledger, Outcome, prompt_id
+from learner.ledger import Outcome, prompt_id
 from learner.metrics import LearnerMetrics
-from learner.rules import Verdict, staleness, triage
-from learner.steplog import StepRecord, write_step
+from learner.rules import Verdict, leaf_summary, staleness, triage
+from learner.state import LearnerState, Resolved
+from learner.steplog import StepRecord, cut_step_log, write_step
 from learner.trainer import Engine, StepStats, build_engine, export_weights, train_on_batch
 from learner.weight_server import WeightStore, add_routes, announce
 from pipeline.config import LearnerSettings
@@ -49,69 +48,11 @@ log = logging.getLogger(__name__)
 CONSUMER = "learner-0"
 
 
-@dataclass
-class LearnerState:
-    """What a checkpoint restores besides weights and optimizer."""
-
-    step: int = 0
-    cursor: int = 0
-    """Prompts admitted so far (the next dataset position)."""
-    trained: set[str] = field(default_factory=set)
-    dropped_stale: int = 0
-    dropped_no_signal: int = 0
-    python_rng: Any = None
-    tokens_received: int = 0
-    """Decoded tokens of every tree received (trained, dropped or duplicate)."""
-    ledger: Ledger = field(default_factory=Ledger)
-    """Every admitted prompt until its tree is resolved."""
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "version": self.step,
-            "cursor": self.cursor,
-            "resolved": len(self.ledger.finished),
-            "trained": sorted(self.trained),
-            "dropped_stale": self.dropped_stale,
-            "dropped_no_signal": self.dropped_no_signal,
-            "python_rng": self.python_rng,
-            "tokens_received": self.tokens_received,
-            "ledger": self.ledger.to_json(),
-        }
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> LearnerState:
-        return cls(
-            d["step"],
-            d["cursor"],
-            set(d["trained"]),
-            d["dropped_stale"],
-            d["dropped_no_signal"],
-            d.get("python_rng"),
-            d.get("tokens_received", 0),
-            Ledger.from_json(d.get("ledger", {})),
-        )
-
-
-@dataclass
-class Resolved:
-    """Ids resolved since the last step record (they go into the step log)."""
-
-    no_signal: list[str] = field(default_factory=list)
-    abandoned: list[str] = field(default_factory=list)
-    readmitted: list[str] = field(default_factory=list)
-
-
 def load_problems(settings: LearnerSettings) -> list[Problem]:
     opts = settings.learner
     if opts.dataset == "arith":
         return ArithTask().problems("train", 100_000, seed=settings.run.seed)
     return load_dataset(opts.dataset, opts.prompt_field, opts.answer_field, opts.task)
-
-
-def leaf_summary(rewards: list[float]) -> tuple[float, float]:
-    """Mean reward and fraction of positive rewards (correct leaves) of non-empty ``rewards``."""
-    return sum(rewards) / len(rewards), sum(r > 0 for r in rewards) / len(rewards)
 
 
 class Learner:
@@ -185,7 +126,7 @@ class Learner:
             )
         saved = load_checkpoint(path, self.engine.module, self.engine.optimizer)
         self.state = LearnerState.from_json(saved)
-        self._cut_step_log()
+        cut_step_log(self.work, self.state.step)
         if self.state.python_rng is not None:
             version, internal, gauss = self.state.python_rng
             self.rng.setstate((version, tuple(internal), gauss))
@@ -196,22 +137,6 @@ class Learner:
             self.state.cursor,
             len(self.state.trained),
         )
-
-    def _cut_step_log(self) -> None:
-        """Drop step records past the checkpoint: those updates were lost with the crash and are
-        done again, so the log lists exactly the durable steps."""
-        path = self.work / "steps.jsonl"
-        if not path.exists():
-            return
-        lines = path.read_text().splitlines()
-        keep = [line for line in lines if json.loads(line)["step"] <= self.state.step]
-        if len(keep) < len(lines):
-            path.write_text("".join(line + "\n" for line in keep))
-            log.info(
-                "step log cut back to step %d (%d records dropped)",
-                self.state.step,
-                len(lines) - len(keep),
-            )
 
     def request_stop(self) -> None:
         self.stop.set()

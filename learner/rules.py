@@ -52,3 +52,8 @@ def triage(
     if dynamic_sampling and not has_signal([leaf.reward for leaf in tree.leaves]):
         return "no_signal"
     return "ready"
+
+
+def leaf_summary(rewards: list[float]) -> tuple[float, float]:
+    """Mean reward and fraction of positive rewards (correct leaves) of non-empty ``rewards``."""
+    return sum(rewards) / len(rewards), sum(r > 0 for r in rewards) / len(rewards)

@@ -80,3 +80,17 @@ def write_step(work: Path, r: StepRecord) -> None:
         r.is_ess,
         r.tokens_per_second,
     )
+
+
+def cut_step_log(work: Path, step: int) -> None:
+    """Drop step records past ``step`` (the checkpoint a restarted learner resumed from): those
+    updates were lost with the crash and are done again, so the log lists exactly the durable
+    steps."""
+    path = work / "steps.jsonl"
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(keep) < len(lines):
+        path.write_text("".join(line + "\n" for line in keep))
+        log.info("step log cut back to step %d (%d records dropped)", step, len(lines) - len(keep))
