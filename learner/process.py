@@ -170,16 +170,13 @@ class Learner:
         log.info("learner serving weights and /metrics at %s", self.base_url)
         try:
             await self._publish()
-            after: str | None = "0"  # first this consumer's own pending entries, then new ones
+            # first this consumer's own pending entries (a restart resumes them), then new ones
+            trees = self.streams.consumer(keys.trees, TREE_GROUP, CONSUMER, stop=self.stop)
             while self.state.step < target and not self.stop.is_set() and not self.budget_spent():
                 await self._admit()
                 await self._readmit_overdue()
                 waited = time.monotonic()
-                batch = await self.streams.read(
-                    keys.trees, TREE_GROUP, CONSUMER, pending=after is not None, after=after or "0"
-                )
-                if after is not None:
-                    after = batch[-1].entry_id if batch else None
+                batch = await anext(trees, [])
                 if self.first_tree_at is not None and self.first_tree_at < waited:
                     self.wait_seconds += time.monotonic() - waited
                 self.metrics.wait_seconds.inc(time.monotonic() - waited)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -426,6 +427,25 @@ class Streams:
             f"XCLAIM {stream}",
         )
 
+    @property
+    def default_reclaim_s(self) -> float:
+        """How often a consumer looks for entries idle at dead consumers: every half of
+        ``claim_idle_ms``."""
+        return self.stream_settings.claim_idle_ms / 2000
+
+    def consumer(
+        self,
+        stream: str,
+        group: str,
+        consumer: str,
+        *,
+        count: int | Callable[[], int] | None = None,
+        stop: asyncio.Event | None = None,
+        reclaim_every_s: float | None = None,
+    ) -> Consumer:
+        """``consumer``'s batches of ``stream`` (see ``Consumer``)."""
+        return Consumer(self, stream, group, consumer, count, stop, reclaim_every_s)
+
     async def consume(
         self,
         stream: str,
@@ -437,36 +457,20 @@ class Streams:
         stop: asyncio.Event | None = None,
         reclaim_every_s: float | None = None,
     ) -> int:
-        """Read -> handle -> ack until ``stop`` is set or ``max_messages`` were handled.
-
-        First re-reads this consumer's own pending entries (a restart resumes them), then new
-        entries, reclaiming dead consumers' entries every ``reclaim_every_s`` seconds. ``handler``
-        must return only once the work is durable; entries are acked after it returns. Returns the
-        number of entries handled.
-        """
+        """Read -> handle -> ack until ``stop`` is set or ``max_messages`` were handled (the
+        ``Consumer`` loop with acknowledgement after ``handler``, which must return only once
+        the work is durable). Returns the number of entries handled."""
         await self.ensure_group(stream, group)
-        every = (
-            reclaim_every_s
-            if reclaim_every_s is not None
-            else self.stream_settings.claim_idle_ms / 2000
-        )
-        handled, own_pending, last_reclaim = 0, True, 0.0
-        while not (stop is not None and stop.is_set()):
-            if max_messages is not None and handled >= max_messages:
-                break
-            count = self.stream_settings.batch
-            if max_messages is not None:
-                count = min(count, max_messages - handled)
-            if own_pending:
-                batch = await self.read(stream, group, consumer, count, pending=True)
-                own_pending = bool(batch)
-            else:
-                batch = []
-                if time.monotonic() - last_reclaim >= every:
-                    last_reclaim = time.monotonic()
-                    batch = await self.reclaim(stream, group, consumer, count=count)
-                if not batch:
-                    batch = await self.read(stream, group, consumer, count)
+        handled = 0
+
+        def count() -> int:
+            batch = self.stream_settings.batch
+            return batch if max_messages is None else min(batch, max_messages - handled)
+
+        every = self.default_reclaim_s if reclaim_every_s is None else reclaim_every_s
+        async for batch in self.consumer(
+            stream, group, consumer, count=count, stop=stop, reclaim_every_s=every
+        ):
             if batch:
                 await handler(batch)
                 await self.ack(stream, group, [d.entry_id for d in batch])
@@ -586,3 +590,60 @@ class Streams:
             lambda: self.client.xtrim(stream, minid=minid, approximate=False), f"XTRIM {stream}"
         )
         return int(removed)
+
+
+class Consumer:
+    """The one consumer loop of the processes, as an async iterator of batches.
+
+    First this consumer's own pending entries, paged (a restarted process resumes what it had
+    read but not acknowledged), then new entries, blocking up to ``block_ms``; with
+    ``reclaim_every_s`` it first takes, at most that often, entries idle at other (dead)
+    consumers. A read that timed out yields an empty batch, so the caller can do its periodic
+    work. Acknowledging is the caller's, once its work is durable. The iteration ends when
+    ``stop`` is set or ``count`` (entries wanted per batch; a callable is asked before each read)
+    is 0: a bounded mode for tests and ``--max-*`` runs.
+    """
+
+    def __init__(
+        self,
+        streams: Streams,
+        stream: str,
+        group: str,
+        consumer: str,
+        count: int | Callable[[], int] | None,
+        stop: asyncio.Event | None,
+        reclaim_every_s: float | None,
+    ) -> None:
+        self.streams, self.stream, self.group, self.name = streams, stream, group, consumer
+        self.count = count
+        self.stop = stop
+        self.reclaim_every_s = reclaim_every_s
+        self.after: str | None = "0"
+        """Last own pending entry read; None once they are all read."""
+        self.last_reclaim = -math.inf
+
+    def __aiter__(self) -> Consumer:
+        return self
+
+    async def __anext__(self) -> list[Delivery]:
+        want = self.count() if callable(self.count) else self.count
+        if want is None:
+            want = self.streams.stream_settings.batch
+        if want <= 0 or (self.stop is not None and self.stop.is_set()):
+            raise StopAsyncIteration
+        s = self.streams
+        if self.after is not None:
+            batch = await s.read(
+                self.stream, self.group, self.name, want, pending=True, after=self.after
+            )
+            if batch:
+                self.after = batch[-1].entry_id
+                return batch
+            self.after = None
+        every = self.reclaim_every_s
+        if every is not None and time.monotonic() - self.last_reclaim >= every:
+            self.last_reclaim = time.monotonic()
+            batch = await s.reclaim(self.stream, self.group, self.name, count=want)
+            if batch:
+                return batch
+        return await s.read(self.stream, self.group, self.name, want)

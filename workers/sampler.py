@@ -188,30 +188,31 @@ class Sampler:
             self.failed = task.exception()
 
     async def _loop(self, max_prompts: int | None) -> None:
-        keys, opts = self.streams.keys, self.settings.sampler
-        last_reclaim = 0.0
-        while not self.stop.is_set():
+        opts = self.settings.sampler
+
+        def wanted() -> int:  # asked before each read
             self.progress_at = time.monotonic()
-            if max_prompts is not None and self.prompts_done >= max_prompts:
-                return
-            await self.follower.apply_staged()
-            count = opts.batch_prompts
-            if max_prompts is not None:
-                count = min(count, max_prompts - self.prompts_done)
-            waited = time.monotonic()
-            batch: list[Delivery] = []
-            if time.monotonic() - last_reclaim > self.settings.streams.claim_idle_ms / 2000:
-                last_reclaim = time.monotonic()
-                batch = await self.streams.reclaim(
-                    keys.prompts, PROMPT_GROUP, self.worker_id, count=count
-                )
-            if not batch:
-                batch = await self.streams.read(keys.prompts, PROMPT_GROUP, self.worker_id, count)
-            batch = await self._usable(batch)
-            if not batch:
+            left = opts.batch_prompts if max_prompts is None else max_prompts - self.prompts_done
+            return min(opts.batch_prompts, left)
+
+        prompts = self.streams.consumer(
+            self.streams.keys.prompts,
+            PROMPT_GROUP,
+            self.worker_id,
+            count=wanted,
+            stop=self.stop,
+            reclaim_every_s=self.streams.default_reclaim_s,
+        )
+        await self.follower.apply_staged()
+        waited = time.monotonic()
+        async for batch in prompts:
+            usable = await self._usable(batch)
+            if usable:
+                await self._serve(usable)
+            else:
                 self.metrics.idle_seconds.inc(time.monotonic() - waited)
-                continue
-            await self._serve(batch)
+            await self.follower.apply_staged()
+            waited = time.monotonic()
 
     async def _usable(self, batch: list[Delivery]) -> list[Delivery]:
         """The deliveries this sampler can grow trees for; the rest are dead-lettered."""
