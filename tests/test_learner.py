@@ -271,6 +271,7 @@ def test_no_trained_tree_is_older_than_the_bound(
     from transformers import AutoTokenizer
 
     from learner.process import Learner
+    from learner.rules import staleness
     from learner.trainer import build_engine
     from pipeline.config import LearnerOptions, LearnerSettings
     from pipeline.messages import RolloutLeaf, RolloutNode
@@ -311,7 +312,7 @@ def test_no_trained_tree_is_older_than_the_bound(
         learner.state.step = 6  # a step went by while they waited
         await learner._drop_now_stale()
         assert [t.prompt_id for _, t in learner.ready] == ["q0"]
-        assert all(learner._staleness(t) <= 1 for _, t in learner.ready)
+        assert all(staleness(t, learner.version) <= 1 for _, t in learner.ready)
         assert learner.state.ledger.readmitted_stale == 3
         await learner.streams.close()
 
