@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from pipeline.entry import child_env
 from tests.services import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +42,7 @@ class Cluster:
         return self.root / "learner"
 
     def env(self, role: str) -> dict[str, str]:
-        base = {k: v for k, v in os.environ.items() if not k.startswith("TREEPO_")}
+        base = child_env()
         # several busy processes on a small machine: one compute thread each, or the engines'
         # unbound OpenMP threads spin against each other (3-4x slower on 2 cores)
         base.setdefault("OMP_NUM_THREADS", "1")

@@ -20,6 +20,20 @@ from pipeline.config import load_settings
 from pipeline.errors import ConfigError
 
 S = TypeVar("S", bound=BaseSettings)
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+"""torch.distributed variables a launcher sets for its ranks: a process that starts a pipeline
+must not hand its own to the pipeline's learner (its port may be taken)."""
+
+
+def child_env(environ: dict[str, str] | os._Environ[str] | None = None) -> dict[str, str]:
+    """The environment for a pipeline's processes started from this one: without ``TREEPO_*``
+    settings (they come from the run's own files) and without a launcher's rank variables."""
+    source = os.environ if environ is None else environ
+    return {
+        k: v for k, v in source.items() if not k.startswith("TREEPO_") and k not in LAUNCHER_ENV
+    }
+
+
 log = logging.getLogger(__name__)
 
 

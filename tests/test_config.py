@@ -141,3 +141,12 @@ def test_pipeline_imports_no_heavy_libraries() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "", f"pipeline pulled in: {out.stdout.strip()}"
+
+
+def test_pipeline_processes_get_no_settings_or_launcher_ranks_from_their_starter() -> None:
+    """A learner started by a process that itself holds a torch.distributed group (a test, a
+    notebook) must pick its own rendezvous port, and settings come from the run's own files."""
+    from pipeline.entry import child_env
+
+    env = child_env({"PATH": "/bin", "TREEPO_RUN__NAME": "x", "MASTER_PORT": "60379", "RANK": "0"})
+    assert env == {"PATH": "/bin"}

@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from pipeline.entry import child_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,7 +113,7 @@ def run_pipeline(
         "-c",
         f"redis=1,learner=1,sampler={samplers},prometheus=0",
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TREEPO_")}
+    env = child_env()
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env["PYTHONUNBUFFERED"] = "1"  # honcho and the processes write through a pipe: line by line
     log_path = run / "pipeline.log"
