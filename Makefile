@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest
 
-# The fast tier: no pipelines, engines or training (about 40 s here)
+# The fast tier: no pipelines, engines or training (about 25 s here)
 test-fast: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -m "not slow"
 
