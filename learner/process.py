@@ -301,12 +301,12 @@ class Learner:
             if self.first_tree_at is None:
                 self.first_tree_at = time.monotonic()
             self.state.tokens_received += tree.stats.decoded_tokens
-            waiting = {t.prompt_id for _, t in self.ready}
             verdict = triage(
                 tree,
                 self.state.ledger.status(tree.prompt_id),
                 self.state.cursor,
-                self.state.trained | waiting,
+                self.state.trained,
+                {t.prompt_id for _, t in self.ready},
                 self.version,
                 self.settings.run.max_staleness,
                 self.settings.learner.dynamic_sampling,

@@ -31,21 +31,22 @@ def triage(
     tree: TreeRollout,
     status: Status,
     cursor: int,
-    taken: Container[str],
+    trained: Container[str],
+    waiting: Container[str],
     version: int,
     max_staleness: int,
     dynamic_sampling: bool,
 ) -> Verdict:
     """The verdict on one received tree. ``status`` is its prompt's status in the ledger,
-    ``cursor`` the next dataset position to admit, ``taken`` the trees already trained and the
-    prompts that already have a tree waiting."""
+    ``cursor`` the next dataset position to admit, ``trained`` the ids of the trees already
+    trained, ``waiting`` the prompts that already have a tree waiting for a batch."""
     if status == "unknown":
         pos = tree.dataset_position
         restarted = pos >= cursor and tree.prompt_id == prompt_id(pos)
         return "before_restart" if restarted else "unknown"
     if tree.top_p != 1.0:
         return "sampling"
-    if status == "finished" or tree.tree_id in taken or tree.prompt_id in taken:
+    if status == "finished" or tree.tree_id in trained or tree.prompt_id in waiting:
         return "duplicate"
     if staleness(tree, version) > max_staleness:
         return "stale"

@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, Protocol, TypeVar
 
@@ -25,7 +25,7 @@ LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"
 must not hand its own to the pipeline's learner (its port may be taken)."""
 
 
-def child_env(environ: dict[str, str] | os._Environ[str] | None = None) -> dict[str, str]:
+def child_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a pipeline's processes started from this one: without ``TREEPO_*``
     settings (they come from the run's own files) and without a launcher's rank variables."""
     source = os.environ if environ is None else environ

@@ -21,7 +21,7 @@ def tree(position: int = 3, versions: tuple[int, ...] = (5, 6), rewards=(1.0, -1
 
 def verdict(t: TreeRollout, status: str = "outstanding", **kw: object) -> str:
     args: dict[str, object] = dict(
-        cursor=10, taken=set(), version=6, max_staleness=1, dynamic_sampling=True
+        cursor=10, trained=set(), waiting=set(), version=6, max_staleness=1, dynamic_sampling=True
     )
     args.update(kw)
     return triage(t, status, **args)  # type: ignore[arg-type]
@@ -37,8 +37,8 @@ def test_staleness_is_measured_from_the_oldest_segment() -> None:
     [
         (tree(), "outstanding", {}, "ready"),
         (tree(), "finished", {}, "duplicate"),
-        (tree(), "outstanding", {"taken": {"t-" + prompt_id(3)}}, "duplicate"),
-        (tree(), "outstanding", {"taken": {prompt_id(3)}}, "duplicate"),
+        (tree(), "outstanding", {"trained": {"t-" + prompt_id(3)}}, "duplicate"),
+        (tree(), "outstanding", {"waiting": {prompt_id(3)}}, "duplicate"),
         (tree(versions=(4, 6)), "outstanding", {}, "stale"),
         (tree(versions=(5, 6)), "outstanding", {}, "ready"),  # exactly at the bound
         (tree(versions=(5, 6)), "outstanding", {"max_staleness": 0}, "stale"),

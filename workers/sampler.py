@@ -59,7 +59,6 @@ class Sampler:
         self.metrics = metrics or SamplerMetrics()
         opts = settings.sampler
         self.worker_id = opts.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.started = time.monotonic()
         self.streams = Streams(
             settings.redis,
             settings.run,
@@ -135,7 +134,7 @@ class Sampler:
     async def run(self, max_prompts: int | None = None) -> int:
         """Serve until stopped (or ``max_prompts`` prompts are done); returns prompts done."""
         keys = self.streams.keys
-        self.started = self.accounting.started = time.monotonic()
+        self.accounting.started = time.monotonic()
         await self.streams.ensure_group(keys.prompts, PROMPT_GROUP)
         await self.streams.ensure_group(keys.trees, TREE_GROUP)
         runner, self.port = await start(
@@ -285,8 +284,8 @@ class Sampler:
                 self.worker_id,
                 task.dataset_position,
                 time.time(),
-                self.settings.sampler.temperature,
-                self.settings.sampler.top_p,
+                self.engine.options.temperature,  # what the engine sampled with
+                self.engine.options.top_p,
             )
             await self.streams.publish(keys.trees, rollout)
             done.append(d.entry_id)
