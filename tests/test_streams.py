@@ -377,3 +377,34 @@ def test_entry_state_and_liveness(redis_server: RedisServer) -> None:
         await s.close()
 
     asyncio.run(main())
+
+
+def test_consumer_resumes_own_pending_first_then_new_and_ends_on_count_or_stop(
+    redis_server: RedisServer,
+) -> None:
+    """The processes' one loop: a consumer restarted under its name first gets back what it had
+    read but not acked (paged), then new entries; an empty batch when a read times out; it ends
+    when the wanted count reaches 0 or the stop event is set."""
+
+    async def main() -> None:
+        s = make_streams(redis_server)
+        await s.ensure_group(s.keys.prompts, GROUP)
+        await publish_n(s, 5)
+        first = await s.read(s.keys.prompts, GROUP, "w", count=5)  # read, never acked: a crash
+        assert len(first) == 5
+        await publish_n(s, 2, start=5)
+        batches = []
+        async for batch in s.consumer(s.keys.prompts, GROUP, "w", count=2):
+            batches.append(ids_of(batch))
+            if len(batches) == 5:
+                break
+        assert batches == [["p0", "p1"], ["p2", "p3"], ["p4"], ["p5", "p6"], []]
+        left = iter([3, 0])
+        got = [b async for b in s.consumer(s.keys.prompts, GROUP, "x", count=lambda: next(left))]
+        assert got == [[]]  # one read (nothing new), then the count reached 0
+        stop = asyncio.Event()
+        stop.set()
+        assert [b async for b in s.consumer(s.keys.prompts, GROUP, "x", stop=stop)] == []
+        await s.close()
+
+    asyncio.run(main())
