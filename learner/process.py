@@ -497,14 +497,22 @@ class Learner:
         data = self.store.manifest_bytes(version)
         total = sum(p.stat().st_size for p in self.store.path(version).glob("*.safetensors"))
         token = self.settings.weights.token
-        await announce(
-            self.streams,
-            version,
-            self.base_url,
-            data,
-            total,
-            token.get_secret_value() if token else None,
-        )
+        try:
+            await announce(
+                self.streams,
+                version,
+                self.base_url,
+                data,
+                total,
+                token.get_secret_value() if token else None,
+            )
+        except (TransportError, Stopping) as exc:
+            if not self.stop.is_set():
+                raise
+            # stopping with Redis away: the version is in the checkpoint and the weight store,
+            # and a restarted learner announces it first thing
+            log.warning("stopping: weights v%d not announced (%s)", version, exc)
+            return
         self.metrics.publish_seconds.observe(time.perf_counter() - started)
         self.metrics.publish_bytes.inc(total)
 
