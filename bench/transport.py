@@ -27,34 +27,33 @@ from bench.common import ROOT, parser, ratio, write_result
 from pipeline.config import RedisSettings, RunSettings, StreamSettings
 from pipeline.messages import TreeRollout, encode
 from pipeline.streams import Streams
-from pipeline.tree import Tree
 from tests.services import free_port, wait_port
 
 
 def synthetic_tree(seed: int, segment: int = 512, depth: int = 6, leaves: int = 16) -> TreeRollout:
     """A binary segment tree with ``leaves`` paths of ``depth`` segments, random tokens."""
     rng = random.Random(seed)
-    tree = Tree([rng.randrange(32_000) for _ in range(128)])
+    tree = TreeRollout([rng.randrange(32_000) for _ in range(128)], tree_id=f"t-{seed}")
+    tree.prompt_id, tree.sampler_id = f"q{seed}", "bench"
 
     def seg() -> tuple[list[int], list[float]]:
         return [rng.randrange(32_000) for _ in range(segment)], [
             -rng.random() * 3 for _ in range(segment)
         ]
 
-    frontier: list[int | None] = [None]
+    frontier = [-1]
     for _ in range(depth):
-        nxt: list[int | None] = []
+        nxt: list[int] = []
         for parent in frontier:
             fan = 2 if len(frontier) * 2 <= leaves else 1
             for _ in range(fan):
                 tokens, lps = seg()
-                nxt.append(tree.add_node(parent, tokens, lps, 0).id)
+                nxt.append(tree.add_node(parent, tokens, lps, 0))
         frontier = nxt
     for node in frontier:
-        assert node is not None
         tree.add_leaf(node, "eos").reward = float(rng.random() < 0.5)
     tree.recount()
-    return tree.to_rollout(f"t-{seed}", f"q{seed}", "bench")
+    return tree
 
 
 async def pipeline_path(url: str, trees: list[TreeRollout]) -> dict[str, float]:

@@ -161,7 +161,7 @@ def run_tree(
     trees = asyncio.run(sampler.expand(prompts))
     seconds = time.perf_counter() - started
     rewards = [
-        arith_reward(decode(leaf.response_token_ids), ans)
+        arith_reward(decode(tree.response_tokens(leaf.node).tolist()), ans)
         for tree, ans in zip(trees, answers)
         for leaf in tree.leaves
     ]

@@ -10,7 +10,9 @@ whitened over all response tokens of the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.advantage import AdvantageMode, tree_advantages, whiten
@@ -71,52 +73,57 @@ class TrainBatch:
         )
 
 
+def _leaf_rows(tree: TreeRollout, paths: list[list[int]]) -> list[tuple[Any, Any, Any]]:
+    """(tokens, behavior log-probs, segment index) arrays of each leaf's response."""
+    rows = []
+    for path in paths:
+        nodes = [tree.nodes[n] for n in path]
+        lengths = [len(n.token_ids) for n in nodes]
+        tokens = np.concatenate([n.token_ids for n in nodes]) if nodes else np.zeros(0, np.int32)
+        mus = np.concatenate([n.logprobs for n in nodes]) if nodes else np.zeros(0, np.float32)
+        rows.append((tokens, mus, np.repeat(np.arange(len(nodes)), lengths)))
+    return rows
+
+
 def build_batch(
     trees: list[TreeRollout], mode: AdvantageMode = "average", pad_id: int = 0
 ) -> TrainBatch:
     """One row per leaf of every tree (the trees' order, then leaf order)."""
-    rows: list[tuple[list[int], int, list[float], list[int]]] = []
+    rows: list[tuple[Any, tuple[Any, Any, Any]]] = []
     raw: list[float] = []
     rewards: list[float] = []
     temps: list[float] = []
     for tree in trees:
         if tree.top_p != 1.0:
             raise ValueError(f"tree {tree.tree_id}: sampled with top_p {tree.top_p} < 1")
-        paths = [tree.leaf_path(leaf) for leaf in tree.leaves]
+        paths = [tree.path(leaf.node) for leaf in tree.leaves]
         temps += [tree.temperature] * len(paths)
         leaf_rewards = [leaf.reward for leaf in tree.leaves]
         raw.extend(tree_advantages(paths, leaf_rewards, mode))
         rewards.extend(leaf_rewards)
-        for path in paths:
-            tokens: list[int] = []
-            mus: list[float] = []
-            segs: list[int] = []
-            for depth, node in enumerate(path):
-                n = tree.nodes[node]
-                tokens += n.token_ids
-                mus += n.logprobs
-                segs += [depth] * len(n.token_ids)
-            rows.append((tree.prompt_token_ids + tokens, len(tree.prompt_token_ids), mus, segs))
+        rows += [(tree.prompt_token_ids, row) for row in _leaf_rows(tree, paths)]
     if not rows:
         raise ValueError("no leaves to train on")
-    counts = [len(m) for _, _, m, _ in rows]
+    counts = [len(tokens) for _, (tokens, _, _) in rows]
     adv = whiten(raw, counts)
-    length = max(len(ids) for ids, _, _, _ in rows)
+    length = max(len(prompt) + len(tokens) for prompt, (tokens, _, _) in rows)
     r = len(rows)
-    cpu = torch.device("cpu")  # built here, moved to the model's device by the trainer
-    input_ids = torch.full((r, length), pad_id, dtype=torch.long, device=cpu)
-    attention = torch.zeros((r, length), dtype=torch.long, device=cpu)
-    mask = torch.zeros((r, length - 1), device=cpu)
-    mu = torch.zeros((r, length - 1), device=cpu)
-    seg = torch.zeros((r, length - 1), dtype=torch.long, device=cpu)
-    advantages = torch.zeros((r, length - 1), device=cpu)
-    for i, (ids, p, mus, segs) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids, device=cpu)
-        attention[i, : len(ids)] = 1
-        lo, hi = p - 1, p - 1 + len(mus)  # targets of the response tokens
+    input_ids = np.full((r, length), pad_id, dtype=np.int64)
+    attention = np.zeros((r, length), dtype=np.int64)
+    mask = np.zeros((r, length - 1), dtype=np.float32)
+    mu = np.zeros((r, length - 1), dtype=np.float32)
+    seg = np.zeros((r, length - 1), dtype=np.int64)
+    advantages = np.zeros((r, length - 1), dtype=np.float32)
+    for i, (prompt, (tokens, mus, segs)) in enumerate(rows):
+        p, n = len(prompt), len(tokens)
+        input_ids[i, :p] = prompt
+        input_ids[i, p : p + n] = tokens
+        attention[i, : p + n] = 1
+        lo, hi = p - 1, p - 1 + n  # targets of the response tokens
         mask[i, lo:hi] = 1
-        mu[i, lo:hi] = torch.tensor(mus, device=cpu)
-        seg[i, lo:hi] = torch.tensor(segs, device=cpu)
+        mu[i, lo:hi] = mus
+        seg[i, lo:hi] = segs
         advantages[i, lo:hi] = adv[i]
-    temperatures = torch.tensor(temps, dtype=torch.float32, device=cpu)
-    return TrainBatch(input_ids, attention, mask, mu, seg, advantages, rewards, raw, temperatures)
+    temperatures = torch.tensor(temps, dtype=torch.float32, device="cpu")
+    tensors = [torch.from_numpy(a) for a in (input_ids, attention, mask, mu, seg, advantages)]
+    return TrainBatch(*tensors, rewards, raw, temperatures)  # on the CPU; the trainer moves it

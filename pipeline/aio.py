@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from pipeline.errors import Stopping
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:
@@ -33,3 +35,30 @@ async def unless_stopped(stop: asyncio.Event, work: Awaitable[T], what: str) -> 
         task.cancel()
         raise Stopping(f"stopped during {what}")
     return task.result()
+
+
+class Background:
+    """Tasks that run beside a process's main loop. One that dies of an error (not of a stop)
+    calls ``on_failure`` with it, once; ``close`` cancels them all and waits for them."""
+
+    def __init__(self, on_failure: Callable[[BaseException], None]) -> None:
+        self.on_failure = on_failure
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    def start(self, name: str, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(self._check)
+        self.tasks.append(task)
+
+    def _check(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or isinstance(task.exception(), Stopping):
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("background task %s died: %r; stopping", task.get_name(), error)
+            self.on_failure(error)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)

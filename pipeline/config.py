@@ -339,7 +339,7 @@ class LossSettings(_Section):
     """Instead of truncating, mask tokens whose weight lies outside [lo, hi] (e.g. [0.5, 2])."""
 
 
-class _ProcessSettings(BaseSettings):
+class ProcessSettings(BaseSettings):
     """The sections every process reads (one .env serves the whole run)."""
 
     model_config = SettingsConfigDict(
@@ -359,7 +359,7 @@ class _ProcessSettings(BaseSettings):
     """Weight broadcast."""
 
 
-class SamplerSettings(_ProcessSettings):
+class SamplerSettings(ProcessSettings):
     """Everything the sampler process reads."""
 
     tree: TreeConfig = TreeConfig()
@@ -368,7 +368,7 @@ class SamplerSettings(_ProcessSettings):
     """Sampler process options."""
 
 
-class LearnerSettings(_ProcessSettings):
+class LearnerSettings(ProcessSettings):
     """Everything the learner process reads."""
 
     loss: LossSettings = LossSettings()

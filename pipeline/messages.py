@@ -15,18 +15,17 @@ This module does not know about Redis or engines; ``pipeline.streams`` moves the
 from __future__ import annotations
 
 import math
-import sys
-from array import array
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from itertools import chain
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
+import numpy as np
+from numpy.typing import NDArray
 
 from pipeline.errors import MessageDecodeError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """Version of every message type defined here. Bump it on any change of fields or meaning."""
 
 FINISH_REASONS = frozenset({"answer", "eos", "stop", "length", "depth", "repetition"})
@@ -35,8 +34,11 @@ response-length cap, depth cap, repetition detector."""
 
 ROLES = frozenset({"sampler", "learner"})
 
-_LITTLE = sys.byteorder == "little"
-assert array("i").itemsize == 4 and array("f").itemsize == 4 and array("d").itemsize == 8
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+_I64_MAX = 2**63 - 1
+_WIRE: dict[str, np.dtype[Any]] = {"i": np.dtype("<i4"), "f": np.dtype("<f4"), "d": np.dtype("<f8")}
+"""Wire dtypes of number arrays: little-endian int32, float32, float64."""
+_INT32, _FLOAT32 = np.dtype(np.int32), np.dtype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -78,18 +80,49 @@ class PromptTask:
     created_at: float = 0.0
 
 
-@dataclass
+def _int32_array(values: Any) -> NDArray[np.int32]:
+    """``values`` as a 1-D int32 array; ValueError outside int32."""
+    arr = np.asarray(values, dtype=np.int64).reshape(-1)
+    if arr.size and (arr.min() < _I32_MIN or arr.max() > _I32_MAX):
+        raise ValueError("token id out of range for int32")
+    return arr.astype(np.int32)
+
+
+def _float32_array(values: Any) -> NDArray[np.float32]:
+    """``values`` as a 1-D float32 array."""
+    return np.asarray(values, dtype=np.float32).reshape(-1)
+
+
+@dataclass(init=False, eq=False, slots=True)
 class RolloutNode:
     """One segment of a tree: the tokens one request produced under its parent's context."""
 
     parent: int
     """Index of the parent node in ``TreeRollout.nodes``, or -1 when the parent is the prompt.
     Parents always come before their children."""
-    token_ids: list[int]
-    logprobs: list[float]
-    """Behavior log-prob of each token under the sampling policy (same length as token_ids)."""
+    token_ids: NDArray[np.int32]
+    """The segment's token ids (1-D int32; any sequence given is converted)."""
+    logprobs: NDArray[np.float32]
+    """Behavior log-prob of each token under the sampling policy (1-D float32, same length)."""
     policy_version: int
     """Policy version of the weights that generated this segment."""
+
+    def __init__(self, parent: int, token_ids: Any, logprobs: Any, policy_version: int) -> None:
+        self.parent = parent
+        # arrays of the right type (decode's views) are kept as they are; the rest is converted
+        ok = type(token_ids) is np.ndarray and token_ids.dtype is _INT32
+        self.token_ids = token_ids if ok else _int32_array(token_ids)
+        ok = type(logprobs) is np.ndarray and logprobs.dtype is _FLOAT32
+        self.logprobs = logprobs if ok else _float32_array(logprobs)
+        self.policy_version = policy_version
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, RolloutNode)
+            and (self.parent, self.policy_version) == (other.parent, other.policy_version)
+            and np.array_equal(self.token_ids, other.token_ids)
+            and np.array_equal(self.logprobs, other.logprobs)
+        )
 
 
 @dataclass
@@ -97,14 +130,15 @@ class RolloutLeaf:
     """A finished path: the node it ends at, its reward and why it ended."""
 
     node: int
-    reward: float
-    finish_reason: str
+    reward: float = math.nan
+    """NaN until the sampler scores the leaf; a tree is encoded only when every leaf has one."""
+    finish_reason: str = "eos"
 
 
 @dataclass
 class RolloutStats:
     """Accounting of one tree: what was decoded and what independent sampling of the same
-    leaves would have decoded (``pipeline.tree.TreeStats`` is this class)."""
+    leaves would have decoded."""
 
     decoded_tokens: int = 0
     """Tokens generated: the sum of segment lengths over all nodes."""
@@ -121,19 +155,25 @@ class RolloutStats:
     """This tree's share of the engine calls' wall time (by tokens decoded in each call)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class TreeRollout:
-    """The whole tree of one prompt. sampler -> learner, stream ``<prefix>:trees``."""
+    """The segment tree of one prompt, the one tree type from the engine to the loss.
+
+    The sampler grows it (``add_node``, ``add_leaf``), scores its leaves, stamps its ids and
+    publishes it: sampler -> learner, stream ``<prefix>:trees``. Token ids and log-probs are
+    numpy arrays throughout (``decode`` hands out read-only views of the message's bytes).
+    """
 
     TYPE: ClassVar[str] = "tree_rollout"
 
-    tree_id: str
-    prompt_id: str
-    sampler_id: str
-    prompt_token_ids: list[int]
-    nodes: list[RolloutNode]
-    leaves: list[RolloutLeaf]
+    prompt_token_ids: NDArray[np.int32]
+    """The prompt's token ids (1-D int32; any sequence given is converted)."""
+    nodes: list[RolloutNode] = field(default_factory=list)
+    leaves: list[RolloutLeaf] = field(default_factory=list)
     stats: RolloutStats = field(default_factory=RolloutStats)
+    tree_id: str = ""
+    prompt_id: str = ""
+    sampler_id: str = ""
     dataset_position: int = 0
     created_at: float = 0.0
     temperature: float = 1.0
@@ -141,14 +181,83 @@ class TreeRollout:
     top_p: float = 1.0
     """Nucleus threshold of the behavior policy (the learner trains only on 1.0)."""
 
-    def leaf_path(self, leaf: RolloutLeaf) -> list[int]:
-        """Node indices from the depth-1 node down to ``leaf.node``."""
+    def __post_init__(self) -> None:
+        p = self.prompt_token_ids
+        if not (type(p) is np.ndarray and p.dtype is _INT32):
+            self.prompt_token_ids = _int32_array(p)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TreeRollout):
+            return False
+        return np.array_equal(self.prompt_token_ids, other.prompt_token_ids) and all(
+            getattr(self, k) == getattr(other, k) for k in _PLAIN_FIELDS
+        )
+
+    def add_node(
+        self, parent: int, token_ids: Sequence[int], logprobs: Sequence[float], version: int = 0
+    ) -> int:
+        """Append a segment under ``parent`` (-1: the prompt); returns its index."""
+        self.nodes.append(RolloutNode(parent, token_ids, logprobs, version))
+        return len(self.nodes) - 1
+
+    def add_leaf(self, node: int, finish_reason: str) -> RolloutLeaf:
+        """Mark ``node`` as the end of a finished path (reward NaN until scored)."""
+        leaf = RolloutLeaf(node, math.nan, finish_reason)
+        self.leaves.append(leaf)
+        return leaf
+
+    def path(self, node: int) -> list[int]:
+        """Node indices from the depth-1 node down to ``node`` (empty for the prompt, -1)."""
         path = []
-        node = leaf.node
         while node != -1:
             path.append(node)
             node = self.nodes[node].parent
         return path[::-1]
+
+    def depth(self, node: int) -> int:
+        """Segments on the path to ``node`` (1 for nodes directly under the prompt)."""
+        return len(self.path(node))
+
+    def children(self, node: int) -> list[int]:
+        """Indices of the nodes whose parent is ``node`` (-1: the prompt)."""
+        return [i for i, n in enumerate(self.nodes) if n.parent == node]
+
+    def response_tokens(self, node: int) -> NDArray[np.int32]:
+        """Token ids of the path ending at ``node``, without the prompt."""
+        tokens: NDArray[np.int32] = _concat(
+            [self.nodes[n].token_ids for n in self.path(node)], np.int32
+        )
+        return tokens
+
+    def response_logprobs(self, node: int) -> NDArray[np.float32]:
+        """Behavior log-probs of the path ending at ``node``."""
+        mus: NDArray[np.float32] = _concat(
+            [self.nodes[n].logprobs for n in self.path(node)], np.float32
+        )
+        return mus
+
+    def response_length(self, node: int) -> int:
+        return sum(len(self.nodes[n].token_ids) for n in self.path(node))
+
+    def recount(self) -> None:
+        """Recompute the token counters and depth from nodes and leaves."""
+        self.stats.decoded_tokens = sum(len(n.token_ids) for n in self.nodes)
+        self.stats.independent_tokens = sum(self.response_length(x.node) for x in self.leaves)
+        depths: list[int] = []
+        for n in self.nodes:  # parents come before their children
+            depths.append(1 if n.parent == -1 else depths[n.parent] + 1)
+        self.stats.max_depth_reached = max(depths, default=0)
+
+
+_PLAIN_FIELDS = (
+    *("nodes", "leaves", "stats", "tree_id", "prompt_id", "sampler_id"),
+    *("dataset_position", "created_at", "temperature", "top_p"),
+)
+"""TreeRollout fields compared with ``==`` (the prompt array is compared by value)."""
+
+
+def _concat(parts: list[Any], dtype: type) -> NDArray[Any]:
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
 @dataclass
@@ -194,23 +303,21 @@ M = TypeVar("M", PromptTask, TreeRollout, WeightAnnouncement, Heartbeat)
 # --------------------------------------------------------------------------------------------
 
 
-def _pack_array(code: str, values: Sequence[int] | Sequence[float]) -> bytes:
-    arr = array(code, values)
-    if not _LITTLE:
-        arr.byteswap()
-    return arr.tobytes()
+def _wire_bytes(values: Any, code: str) -> bytes:
+    data: bytes = np.asarray(values, dtype=_WIRE[code]).tobytes()
+    return data
 
 
-def _int32(values: Sequence[int]) -> bytes:
-    return _pack_array("i", values)
+def _int32(values: Any) -> bytes:
+    return _wire_bytes(values, "i")
 
 
-def _float32(values: Sequence[float]) -> bytes:
-    return _pack_array("f", values)
+def _float32(values: Any) -> bytes:
+    return _wire_bytes(values, "f")
 
 
-def _float64(values: Sequence[float]) -> bytes:
-    return _pack_array("d", values)
+def _float64(values: Any) -> bytes:
+    return _wire_bytes(values, "d")
 
 
 def _header(msg: Message) -> dict[str, Any]:
@@ -232,6 +339,10 @@ def _encode_prompt(msg: PromptTask) -> dict[str, Any]:
 def _encode_rollout(msg: TreeRollout) -> dict[str, Any]:
     nodes = msg.nodes
     s = msg.stats
+    rewards = [leaf.reward for leaf in msg.leaves]
+    unscored = [i for i, r in enumerate(rewards) if not math.isfinite(r)]
+    if unscored:
+        raise ValueError(f"tree {msg.tree_id!r}: leaves {unscored} have no finite reward")
     return {
         "tree_id": msg.tree_id,
         "prompt_id": msg.prompt_id,
@@ -242,10 +353,10 @@ def _encode_rollout(msg: TreeRollout) -> dict[str, Any]:
         "node_parent": _int32([n.parent for n in nodes]),
         "node_len": _int32([len(n.token_ids) for n in nodes]),
         "node_version": _int32([n.policy_version for n in nodes]),
-        "tokens": _int32(list(chain.from_iterable(n.token_ids for n in nodes))),
-        "logprobs": _float32(list(chain.from_iterable(n.logprobs for n in nodes))),
+        "tokens": _int32(_concat([n.token_ids for n in nodes], np.int32)),
+        "logprobs": _float32(_concat([n.logprobs for n in nodes], np.float32)),
         "leaf_node": _int32([leaf.node for leaf in msg.leaves]),
-        "leaf_reward": _float64([leaf.reward for leaf in msg.leaves]),
+        "leaf_reward": _float64(rewards),
         "leaf_finish": [leaf.finish_reason for leaf in msg.leaves],
         "sampling": {"temperature": float(msg.temperature), "top_p": float(msg.top_p)},
         "stats": {
@@ -306,9 +417,6 @@ def encode(msg: Message) -> bytes:
 # Decoding
 # --------------------------------------------------------------------------------------------
 
-_I32_MAX = 2**31 - 1
-_I64_MAX = 2**63 - 1
-
 
 class _Fields:
     """Typed, bounded access to one decoded msgpack map; every failure names the field."""
@@ -364,43 +472,50 @@ class _Fields:
             )
         return value
 
-    def numbers(self, key: str, code: str, count: int | None = None) -> list[Any]:
+    def array(self, key: str, code: str, count: int | None = None) -> NDArray[Any]:
+        """A read-only 1-D native-order view of the little-endian bin field ``key``."""
         raw = self.get(key)
         if not isinstance(raw, bytes):
             raise MessageDecodeError(self.name(key), f"expected bin bytes, got {_kind(raw)}")
-        width = array(code).itemsize
-        if len(raw) % width:
+        dtype = _WIRE[code]
+        if len(raw) % dtype.itemsize:
             raise MessageDecodeError(
-                self.name(key), f"{len(raw)} bytes is not a multiple of {width}"
+                self.name(key), f"{len(raw)} bytes is not a multiple of {dtype.itemsize}"
             )
-        n = len(raw) // width
+        n = len(raw) // dtype.itemsize
         if count is not None and n != count:
             raise MessageDecodeError(self.name(key), f"has {n} values, expected {count}")
-        arr = array(code)
-        arr.frombytes(raw)
-        if not _LITTLE:
-            arr.byteswap()
-        return arr.tolist()
+        arr: NDArray[Any] = np.frombuffer(raw, dtype=dtype)
+        return arr if dtype.isnative else arr.astype(dtype.newbyteorder("="))
 
-    def token_ids(self, key: str, count: int | None = None) -> list[int]:
-        values: list[int] = self.numbers(key, "i", count)
+    def token_array(self, key: str, count: int | None = None) -> NDArray[np.int32]:
+        values = self.array(key, "i", count)
         if len(values) > self.limits.max_tokens:
             raise MessageDecodeError(
                 self.name(key), f"{len(values)} tokens > limit {self.limits.max_tokens}"
             )
         vocab = self.limits.vocab_size
-        if values and (min(values) < 0 or max(values) >= vocab):  # C-speed check, then locate
-            i, t = next((i, t) for i, t in enumerate(values) if not 0 <= t < vocab)
+        if values.size and (values.min() < 0 or values.max() >= vocab):  # fast path, then locate
+            bad = int(np.argmax((values < 0) | (values >= vocab)))
             raise MessageDecodeError(
-                f"{self.name(key)}[{i}]", f"token id {t} outside [0, {vocab})", "bad_token"
+                f"{self.name(key)}[{bad}]",
+                f"token id {values[bad]} outside [0, {vocab})",
+                "bad_token",
             )
         return values
 
-    def finite_floats(self, key: str, code: str, count: int, hi: float = math.inf) -> list[float]:
-        values: list[float] = self.numbers(key, code, count)
-        if not all(map(math.isfinite, values)) or (values and max(values) > hi):
-            i, v = next((i, v) for i, v in enumerate(values) if not math.isfinite(v) or v > hi)
-            raise MessageDecodeError(f"{self.name(key)}[{i}]", f"{v} is not finite or > {hi}")
+    def token_ids(self, key: str, count: int | None = None) -> list[int]:
+        values: list[int] = self.token_array(key, count).tolist()
+        return values
+
+    def finite_array(self, key: str, code: str, count: int, hi: float = math.inf) -> NDArray[Any]:
+        values = self.array(key, code, count)
+        # NaN propagates through min; -inf shows in min, +inf and values above hi in max
+        if values.size and not (np.isfinite(values.min()) and values.max() <= hi):
+            bad = int(np.argmax(~(np.isfinite(values) & (values <= hi))))
+            raise MessageDecodeError(
+                f"{self.name(key)}[{bad}]", f"{values[bad]} is not finite or > {hi}"
+            )
         return values
 
     def sub(self, key: str) -> _Fields:
@@ -426,41 +541,42 @@ def _decode_prompt(f: _Fields) -> PromptTask:
 _LOGPROB_MAX = 1e-3  # log-probs are <= 0; allow float rounding noise above zero
 
 
-def _decode_nodes(f: _Fields) -> list[RolloutNode]:
-    parents: list[int] = f.numbers("node_parent", "i")
+def _decode_nodes(f: _Fields) -> tuple[list[RolloutNode], NDArray[np.int32]]:
+    """The nodes, and their parents as an array (for the leaf checks)."""
+    parents = f.array("node_parent", "i")
     n = len(parents)
     if n > f.limits.max_nodes:
         raise MessageDecodeError("node_parent", f"{n} nodes > limit {f.limits.max_nodes}")
-    lengths: list[int] = f.numbers("node_len", "i", n)
-    versions: list[int] = f.numbers("node_version", "i", n)
-    for i in range(n):
-        if not -1 <= parents[i] < i:
-            raise MessageDecodeError(
-                f"node_parent[{i}]", f"{parents[i]} is not -1 or an earlier node"
-            )
-        if lengths[i] < 0:
-            raise MessageDecodeError(f"node_len[{i}]", f"negative length {lengths[i]}")
-        if versions[i] < 0:
-            raise MessageDecodeError(f"node_version[{i}]", f"negative version {versions[i]}")
-    total = sum(lengths)
+    lengths = f.array("node_len", "i", n)
+    versions = f.array("node_version", "i", n)
+    if n and (parents.min() < -1 or not (parents < np.arange(n)).all()):
+        bad = int(np.argmax((parents < -1) | (parents >= np.arange(n))))
+        raise MessageDecodeError(
+            f"node_parent[{bad}]", f"{parents[bad]} is not -1 or an earlier node"
+        )
+    for name, values in (("node_len", lengths), ("node_version", versions)):
+        if n and values.min() < 0:
+            bad = int(np.argmax(values < 0))
+            raise MessageDecodeError(f"{name}[{bad}]", f"negative value {values[bad]}")
+    total = int(lengths.sum(dtype=np.int64))
     if total > f.limits.max_tokens:
         raise MessageDecodeError("node_len", f"{total} tokens > limit {f.limits.max_tokens}")
-    tokens = f.token_ids("tokens", total)
-    logprobs = f.finite_floats("logprobs", "f", total, hi=_LOGPROB_MAX)
-    nodes = []
-    offset = 0
-    for i in range(n):
-        end = offset + lengths[i]
-        nodes.append(RolloutNode(parents[i], tokens[offset:end], logprobs[offset:end], versions[i]))
-        offset = end
-    return nodes
+    tokens = f.token_array("tokens", total)
+    logprobs = f.finite_array("logprobs", "f", total, hi=_LOGPROB_MAX)
+    ends = np.cumsum(lengths).tolist()
+    starts = [0, *ends[:-1]]
+    nodes = [
+        RolloutNode(p, tokens[a:b], logprobs[a:b], v)
+        for p, a, b, v in zip(parents.tolist(), starts, ends, versions.tolist())
+    ]
+    return nodes, parents
 
 
-def _decode_leaves(f: _Fields, nodes: list[RolloutNode]) -> list[RolloutLeaf]:
-    n = len(nodes)
-    leaf_nodes: list[int] = f.numbers("leaf_node", "i")
+def _decode_leaves(f: _Fields, parents: NDArray[np.int32]) -> list[RolloutLeaf]:
+    n = len(parents)
+    leaf_nodes = f.array("leaf_node", "i")
     m = len(leaf_nodes)
-    rewards = f.finite_floats("leaf_reward", "d", m)
+    rewards = f.finite_array("leaf_reward", "d", m)
     finishes = f.get("leaf_finish")
     if not isinstance(finishes, list) or len(finishes) != m:
         raise MessageDecodeError("leaf_finish", f"expected a list of {m} strings")
@@ -469,20 +585,25 @@ def _decode_leaves(f: _Fields, nodes: list[RolloutNode]) -> list[RolloutLeaf]:
             raise MessageDecodeError(
                 f"leaf_finish[{i}]", f"{reason!r} not in {sorted(FINISH_REASONS)}"
             )
-    has_child = [False] * n
-    for node in nodes:
-        if node.parent >= 0:
-            has_child[node.parent] = True
-    seen: set[int] = set()
-    for i, leaf in enumerate(leaf_nodes):
-        if not 0 <= leaf < n:
-            raise MessageDecodeError(f"leaf_node[{i}]", f"{leaf} is not a node index below {n}")
-        if leaf in seen or has_child[leaf]:
-            raise MessageDecodeError(f"leaf_node[{i}]", f"node {leaf} is repeated or has children")
-        seen.add(leaf)
-    if len(seen) != has_child.count(False):
+    if m and (leaf_nodes.min() < 0 or leaf_nodes.max() >= n):
+        bad = int(np.argmax((leaf_nodes < 0) | (leaf_nodes >= n)))
+        raise MessageDecodeError(f"leaf_node[{bad}]", f"{leaf_nodes[bad]} is not a node below {n}")
+    uses = np.bincount(parents + 1, minlength=n + 1)[1:]  # children per node
+    uses[leaf_nodes] += n + 1  # a leaf adds n + 1: leaves have uses == n + 1 exactly once
+    if m and ((uses[leaf_nodes] != n + 1).any() or int((uses > n).sum()) != m):
+        seen: set[int] = set()
+        for bad, node in enumerate(leaf_nodes.tolist()):
+            if node in seen or uses[node] != n + 1:
+                raise MessageDecodeError(
+                    f"leaf_node[{bad}]", f"node {node} is repeated or has children"
+                )
+            seen.add(node)
+    if (uses == 0).any():
         raise MessageDecodeError("leaf_node", "every childless node must be a leaf")
-    return [RolloutLeaf(leaf_nodes[i], rewards[i], finishes[i]) for i in range(m)]
+    return [
+        RolloutLeaf(node, reward, finish)
+        for node, reward, finish in zip(leaf_nodes.tolist(), rewards.tolist(), finishes)
+    ]
 
 
 def _decode_stats(s: _Fields) -> RolloutStats:
@@ -505,9 +626,9 @@ def _decode_rollout(f: _Fields) -> TreeRollout:
     sampler_id = f.text("sampler_id", 256)
     dataset_position = f.integer("dataset_position")
     created_at = f.real("created_at")
-    prompt = f.token_ids("prompt")
-    nodes = _decode_nodes(f)
-    leaves = _decode_leaves(f, nodes)
+    prompt = f.token_array("prompt")
+    nodes, parents = _decode_nodes(f)
+    leaves = _decode_leaves(f, parents)
     sampling = f.sub("sampling")
     temperature = sampling.real("temperature", 1e-3, 100.0)
     top_p = sampling.real("top_p", 1e-6, 1.0)
@@ -628,10 +749,18 @@ def decode_as(data: bytes, cls: type[M], limits: DecodeLimits = DEFAULT_LIMITS) 
 
 
 def to_jsonable(msg: Message) -> dict[str, Any]:
-    """A JSON-friendly dict of a message (for the CLI and logs)."""
-    from dataclasses import asdict
+    """A JSON-friendly dict of a message (for the CLI and logs); arrays become lists."""
 
-    return {"type": msg.TYPE, "schema_version": SCHEMA_VERSION, **asdict(msg)}
+    def plain(value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return value
+
+    return {"type": msg.TYPE, "schema_version": SCHEMA_VERSION, **plain(asdict(msg))}
 
 
 __all__ = [

@@ -32,9 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
 from pipeline.config import TreeConfig
+from pipeline.messages import TreeRollout
 from pipeline.rewards import last_boxed
-from pipeline.tree import Tree
 
 ANSWER_REASONS = ("answer", "eos", "stop")
 """Finish reasons of paths that ended on their own: the only leaves fallback forks from."""
@@ -90,9 +92,9 @@ def repeats_tail(tokens: list[int], max_ngram: int, repeats: int) -> bool:
 class _PromptState:
     """Growth state of one prompt's tree between segment steps."""
 
-    tree: Tree
-    forks: list[tuple[int | None, int]] = field(default_factory=list)
-    """(parent node or None for the prompt, number of children) to request next step."""
+    tree: TreeRollout
+    forks: list[tuple[int, int]] = field(default_factory=list)
+    """(parent node or -1 for the prompt, number of children) to request next step."""
     active: list[int] = field(default_factory=list)
     score: dict[int, float] = field(default_factory=dict)
     """Allocation score of each active node (mean log-prob or entropy of its segment)."""
@@ -120,11 +122,11 @@ class TreeSampler:
         self.rng = rng if isinstance(rng, random.Random) else random.Random(rng)
         self.decode = decode
 
-    async def expand(self, prompts: list[list[int]]) -> list[Tree]:
+    async def expand(self, prompts: list[list[int]]) -> list[TreeRollout]:
         """Grow one tree per prompt (same order), one engine call per segment step."""
-        states = [_PromptState(Tree(list(p))) for p in prompts]
+        states = [_PromptState(TreeRollout(np.asarray(p, dtype=np.int32))) for p in prompts]
         for st in states:
-            st.forks = [(None, min(self._root_fanout(), self.config.width))]
+            st.forks = [(-1, min(self._root_fanout(), self.config.width))]
         while True:
             batch = [(st, parent) for st in states for parent, k in st.forks for _ in range(k)]
             if not batch:
@@ -156,15 +158,16 @@ class TreeSampler:
             return self.config.initial_divergence
         return self.rng.randint(rng[0], rng[1])
 
-    def _request(self, st: _PromptState, parent: int | None) -> SegmentRequest:
-        done = 0 if parent is None else st.lengths[parent]
+    def _request(self, st: _PromptState, parent: int) -> SegmentRequest:
+        done = 0 if parent == -1 else st.lengths[parent]
         budget = min(self.config.segment_tokens, self.config.response_cap - done)
-        context = st.tree.prompt_token_ids + st.tree.response_tokens(parent)
+        tree = st.tree
+        context = [*tree.prompt_token_ids.tolist(), *tree.response_tokens(parent).tolist()]
         return SegmentRequest(context, budget)
 
     def _account(
         self,
-        batch: list[tuple[_PromptState, int | None]],
+        batch: list[tuple[_PromptState, int]],
         requests: list[SegmentRequest],
         outputs: list[GeneratedSegment],
         elapsed: float,
@@ -180,7 +183,7 @@ class TreeSampler:
             s.generation_seconds += elapsed * len(out.token_ids) / total
 
     def _grow(
-        self, st: _PromptState, parent: int | None, req: SegmentRequest, out: GeneratedSegment
+        self, st: _PromptState, parent: int, req: SegmentRequest, out: GeneratedSegment
     ) -> None:
         cfg = self.config
         if len(out.token_ids) != len(out.logprobs):
@@ -199,34 +202,34 @@ class TreeSampler:
         elif out.finished or len(tokens) < req.max_tokens:
             reason = "stop"
         node = st.tree.add_node(parent, tokens, logprobs, out.policy_version)
-        length = (0 if parent is None else st.lengths[parent]) + len(tokens)
-        st.lengths[node.id] = length
-        if reason is None and self._closes_answer(st.tree, node.id, tokens):
+        length = (0 if parent == -1 else st.lengths[parent]) + len(tokens)
+        st.lengths[node] = length
+        if reason is None and self._closes_answer(st.tree, node, tokens):
             reason = "answer"
         if reason is None:
-            if node.depth >= cfg.max_depth:
+            if st.tree.depth(node) >= cfg.max_depth:
                 reason = "depth"
             elif length >= cfg.response_cap:
                 reason = "length"
             elif cfg.repetition_ngram and repeats_tail(
-                st.tree.response_tokens(node.id), cfg.repetition_ngram, cfg.repetition_repeats
+                st.tree.response_tokens(node).tolist(), cfg.repetition_ngram, cfg.repetition_repeats
             ):
                 reason = "repetition"
         if reason is not None:
-            st.tree.add_leaf(node.id, reason)
+            st.tree.add_leaf(node, reason)
             st.ended += 1
         else:
-            st.active.append(node.id)
-            st.score[node.id] = self._score(out, len(tokens))
+            st.active.append(node)
+            st.score[node] = self._score(out, len(tokens))
 
-    def _closes_answer(self, tree: Tree, node: int, segment: list[int]) -> bool:
+    def _closes_answer(self, tree: TreeRollout, node: int, segment: list[int]) -> bool:
         """The segment closes a boxed answer: it holds a ``}`` and the response now ends a
         ``\\boxed{...}`` (the opening may be in an earlier segment)."""
         if self.config.answer_stop != "boxed" or self.decode is None:
             return False
         if "}" not in self.decode(segment):
             return False
-        return last_boxed(self.decode(tree.response_tokens(node))) is not None
+        return last_boxed(self.decode(tree.response_tokens(node).tolist())) is not None
 
     def _score(self, out: GeneratedSegment, n: int) -> float:
         if n == 0:
@@ -239,7 +242,7 @@ class TreeSampler:
 
     # -- planning the next step ----------------------------------------------------------------
 
-    def _plan(self, st: _PromptState) -> list[tuple[int | None, int]]:
+    def _plan(self, st: _PromptState) -> list[tuple[int, int]]:
         cfg = self.config
         room = cfg.width - len(st.tree.leaves)
         if st.active:
@@ -249,7 +252,7 @@ class TreeSampler:
             return self._fallback(st, room)
         return []
 
-    def _allocate(self, st: _PromptState, n: int) -> list[tuple[int | None, int]]:
+    def _allocate(self, st: _PromptState, n: int) -> list[tuple[int, int]]:
         active = st.active
         counts = [1] * len(active)
         extra = n - len(active)
@@ -269,7 +272,7 @@ class TreeSampler:
                     counts[i] += 1
         return [(a, c) for a, c in zip(active, counts)]
 
-    def _fallback(self, st: _PromptState, room: int) -> list[tuple[int | None, int]]:
+    def _fallback(self, st: _PromptState, room: int) -> list[tuple[int, int]]:
         """Fork b paths at a time from answered leaves, each cut at a random boundary on the
         window grid (depth 0 = the prompt), until ``room`` is covered; restart from the prompt
         when no leaf ended with an answer."""
@@ -278,14 +281,15 @@ class TreeSampler:
         sources = [leaf for leaf in tree.leaves if leaf.finish_reason in ANSWER_REASONS]
         if not sources:
             tree.stats.fallbacks += 1
-            return [(None, room)]
+            return [(-1, room)]
         self.rng.shuffle(sources)
-        forks: dict[int | None, int] = {}
+        forks: dict[int, int] = {}
         i = 0
         while room > 0:
             leaf = sources[i % len(sources)]
-            depth = self.rng.choice(range(0, len(leaf.path), m))  # segments kept above the cut
-            cut: int | None = leaf.path[depth - 1] if depth else None
+            path = tree.path(leaf.node)
+            depth = self.rng.choice(range(0, len(path), m))  # segments kept above the cut
+            cut = path[depth - 1] if depth else -1
             k = min(cfg.branching, room)
             forks[cut] = forks.get(cut, 0) + k
             room -= k

@@ -33,7 +33,13 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
 from pipeline.aio import unless_stopped, wait_or_stop
-from pipeline.config import RedisSettings, RunSettings, StreamSettings, stream_key
+from pipeline.config import (
+    ProcessSettings,
+    RedisSettings,
+    RunSettings,
+    StreamSettings,
+    stream_key,
+)
 from pipeline.errors import MessageDecodeError, Stopping, TransportError
 from pipeline.messages import (
     DecodeLimits,
@@ -200,6 +206,22 @@ class Streams:
         """The owning process's stop event (see ``call``); None: calls are never interrupted."""
         self.stopping_timeout_s = 1.0
         """Time limit of each call made after ``stop`` was set (one attempt, no retry)."""
+
+    @classmethod
+    def for_process(
+        cls,
+        settings: ProcessSettings,
+        vocab_size: int,
+        stop: asyncio.Event,
+        on_deadletter: Callable[[str], None],
+    ) -> Streams:
+        """The streams of a sampler or learner process: token ids checked against the model's
+        ``vocab_size``, calls interrupted by ``stop``, each dead-lettered reason reported."""
+        limits = DecodeLimits(max_bytes=settings.streams.max_message_bytes, vocab_size=vocab_size)
+        streams = cls(settings.redis, settings.run, settings.streams, limits)
+        streams.stop = stop
+        streams.on_deadletter = on_deadletter
+        return streams
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -39,7 +39,7 @@ def render_html(tree: TreeRollout, decode: Decode | None = None) -> str:
         kids = "".join(block(c) for c in children.get(i, []))
         return (
             f'<div class="node" style="{style}"><div class="meta">{label} · v{node.policy_version}'
-            f" · {len(node.token_ids)} tok</div><code>{html.escape(text(node.token_ids))}</code>"
+            f" · {len(node.token_ids)} tok</div><code>{html.escape(text(node.token_ids.tolist()))}</code>"
             f"{kids}</div>"
         )
 
@@ -51,7 +51,7 @@ def render_html(tree: TreeRollout, decode: Decode | None = None) -> str:
         f"{len(tree.nodes)} segments; decoded {s.decoded_tokens} tokens vs {s.independent_tokens} "
         f"for independent sampling ({saving:.0%} saved); {s.engine_calls} engine calls, "
         f"{s.fallbacks} fallbacks, depth {s.max_depth_reached}</p>"
-        f"<p>prompt: <code>{html.escape(text(tree.prompt_token_ids))}</code></p>"
+        f"<p>prompt: <code>{html.escape(text(tree.prompt_token_ids.tolist()))}</code></p>"
     )
     body = "".join(block(i) for i in children.get(-1, []))
     css = (

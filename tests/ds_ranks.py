@@ -31,12 +31,10 @@ def main() -> None:
         RolloutNode(0, bad[6:], [-1.0] * 16, 0),
     ]
     tree = TreeRollout(
-        "t",
-        "p",
-        "s",
         [4, 5, 13, 6, 7, 13, 10, 14],
         nodes,
         [RolloutLeaf(1, 1.0, "eos"), RolloutLeaf(2, -1.0, "eos")],
+        tree_id="t",
     )
     batch = build_batch([tree] * 4)
 

@@ -55,7 +55,7 @@ def test_the_check_catches_a_missing_device(tmp_path: Path) -> None:
 
 def tree() -> TreeRollout:
     return TreeRollout(
-        "t", "p", "s", [1, 2, 3],
+        [1, 2, 3],
         [RolloutNode(-1, [4, 5], [-0.5, -0.7], 0), RolloutNode(0, [6], [-0.2], 0),
          RolloutNode(0, [7, 8], [-0.1, -0.3], 0)],
         [RolloutLeaf(1, 1.0, "eos"), RolloutLeaf(2, -1.0, "eos")],

@@ -78,12 +78,12 @@ def wait_for(what: str, cond: Callable[[], bool], cluster: Cluster, timeout: flo
 
 def tiny_tree(prompt_id: str) -> TreeRollout:
     return TreeRollout(
-        f"t-{prompt_id}",
-        prompt_id,
-        "intruder",
         [1, 2],
         [RolloutNode(-1, [3, 4], [-0.1, -0.2], 0)],
         [RolloutLeaf(0, 1.0, "eos")],
+        tree_id=f"t-{prompt_id}",
+        prompt_id=prompt_id,
+        sampler_id="intruder",
     )
 
 

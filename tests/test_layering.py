@@ -67,3 +67,39 @@ def test_the_reader_sees_lazy_and_dynamic_imports(tmp_path: Path) -> None:
         "from . import sibling\n"
     )
     assert imported_modules(src) == {"os", "torch", "importlib", "vllm"}
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(path: Path) -> list[str]:
+    """Functions of ``path`` over ``MAX_FUNCTION_LINES`` lines, except flat declarations (a
+    body of assignments and calls, such as a metrics registry; no branches, no nesting)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        length = (node.end_lineno or node.lineno) - node.lineno + 1
+        flat = all(
+            isinstance(s, (ast.Assign, ast.AnnAssign, ast.Expr))
+            or (isinstance(s, ast.For) and all(isinstance(b, ast.Expr) for b in s.body))
+            for s in node.body
+        )
+        if length > MAX_FUNCTION_LINES and not flat:
+            found.append(f"{path.name}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_long_functions_in_product_code() -> None:
+    found = [
+        f for pkg in FORBIDDEN for p in sorted((ROOT / pkg).glob("*.py")) for f in long_functions(p)
+    ]
+    assert found == [], found
+
+
+def test_the_length_rule_can_fail(tmp_path: Path) -> None:
+    body = "\n".join(f"    x{i} = {i}" for i in range(70))
+    (tmp_path / "flat.py").write_text(f"def f():\n{body}\n")
+    (tmp_path / "long.py").write_text(f"def f():\n{body}\n    if x1:\n        return x1\n")
+    assert long_functions(tmp_path / "flat.py") == []
+    assert [f.split(" ")[1] for f in long_functions(tmp_path / "long.py")] == ["f"]

@@ -297,7 +297,9 @@ def test_no_trained_tree_is_older_than_the_bound(
         nodes = [RolloutNode(p, [5, 6], [-0.1, -0.2], v) for p, v in ((-1, first), (0, later))]
         nodes.append(RolloutNode(0, [7], [-0.3], later))
         leaves = [RolloutLeaf(1, 1.0, "eos"), RolloutLeaf(2, -1.0, "eos")]
-        t = TreeRollout(f"t-q{pos}", f"q{pos}", "s", [1, 2], nodes, leaves)
+        t = TreeRollout(
+            [1, 2], nodes, leaves, tree_id=f"t-q{pos}", prompt_id=f"q{pos}", sampler_id="s"
+        )
         return Delivery("trees", f"{pos}-0", t, b"")
 
     async def main() -> None:
@@ -305,14 +307,17 @@ def test_no_trained_tree_is_older_than_the_bound(
             learner.state.ledger.admit(f"q{pos}", pos, f"{pos}-9", time.time())
         learner.state.cursor = 4
         # staleness = version 5 - the oldest segment's version: 0, 1, 2, 3
-        await learner._take([tree(0, [5, 5]), tree(1, [4, 5]), tree(2, [3, 5]), tree(3, [2, 2])])
-        assert [t.prompt_id for _, t in learner.ready] == ["q0", "q1"]
+        intake, state, since = learner.intake, learner.state, learner.since_step
+        await intake.take(
+            [tree(0, [5, 5]), tree(1, [4, 5]), tree(2, [3, 5]), tree(3, [2, 2])], state, since
+        )
+        assert [t.prompt_id for _, t in intake.ready] == ["q0", "q1"]
         assert learner.state.dropped_stale == 2
         assert learner.state.ledger.outstanding["q2"].attempts == 2  # admitted again
         learner.state.step = 6  # a step went by while they waited
-        await learner._drop_now_stale()
-        assert [t.prompt_id for _, t in learner.ready] == ["q0"]
-        assert all(staleness(t, learner.version) <= 1 for _, t in learner.ready)
+        await intake.drop_now_stale(state, since)
+        assert [t.prompt_id for _, t in intake.ready] == ["q0"]
+        assert all(staleness(t, learner.version) <= 1 for _, t in intake.ready)
         assert learner.state.ledger.readmitted_stale == 3
         await learner.streams.close()
 

@@ -138,9 +138,6 @@ def test_gradients_are_zero_for_filtered_tokens() -> None:
 def test_build_batch_alignment_and_advantages() -> None:
     # prompt [7, 8]; n0 = [1, 2] then leaves n1 = [3, 0] (+1) and n2 = [4] (-1)
     tree = TreeRollout(
-        "t",
-        "p",
-        "s",
         [7, 8],
         [
             RolloutNode(-1, [1, 2], [-0.1, -0.2], 0),
@@ -148,6 +145,7 @@ def test_build_batch_alignment_and_advantages() -> None:
             RolloutNode(0, [4], [-0.5], 1),
         ],
         [RolloutLeaf(1, 1.0, "eos"), RolloutLeaf(2, -1.0, "depth")],
+        tree_id="t",
     )
     b = build_batch([tree], "average")
     assert b.input_ids.tolist() == [[7, 8, 1, 2, 3, 0], [7, 8, 1, 2, 4, 0]]

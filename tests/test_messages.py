@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -50,16 +51,16 @@ def golden_rollout() -> TreeRollout:
     ]
     leaves = [RolloutLeaf(1, 1.0, "eos"), RolloutLeaf(3, -1.0, "depth")]
     return TreeRollout(
-        "t-7",
-        "p-000042",
-        "sampler-a",
         [5, 9, 3, 11],
         nodes,
         leaves,
         RolloutStats(7, 9, 26, 3, 0, 3, 0.25),
-        42,
-        1_700_000_001.0,
-        0.75,
+        tree_id="t-7",
+        prompt_id="p-000042",
+        sampler_id="sampler-a",
+        dataset_position=42,
+        created_at=1_700_000_001.0,
+        temperature=0.75,
     )
 
 
@@ -96,7 +97,7 @@ def test_golden_bytes_decode_and_encode_identically(name: str) -> None:
 def test_golden_rollout_is_readable_with_plain_msgpack_and_struct() -> None:
     """What docs/wire-format.md promises: a reader needs only msgpack and little-endian arrays."""
     m = msgpack.unpackb((DATA / "tree_rollout.msgpack").read_bytes(), raw=False)
-    assert m["type"] == "tree_rollout" and m["schema_version"] == 3
+    assert m["type"] == "tree_rollout" and m["schema_version"] == 4
     assert m["sampling"] == {"temperature": 0.75, "top_p": 1.0}
     parents = struct.unpack(f"<{len(m['node_parent']) // 4}i", m["node_parent"])
     lengths = struct.unpack(f"<{len(m['node_len']) // 4}i", m["node_len"])
@@ -137,15 +138,15 @@ def rollouts(draw: st.DrawFn) -> TreeRollout:
     ]
     stats = RolloutStats(*[draw(st.integers(0, 10**9)) for _ in range(6)], draw(times))
     return TreeRollout(
-        draw(ids),
-        draw(ids),
-        draw(ids),
         draw(tokens),
         nodes,
         leaves,
         stats,
-        draw(st.integers(0, 2**40)),
-        draw(times),
+        tree_id=draw(ids),
+        prompt_id=draw(ids),
+        sampler_id=draw(ids),
+        dataset_position=draw(st.integers(0, 2**40)),
+        created_at=draw(times),
     )
 
 
@@ -240,6 +241,10 @@ def _mutated(name: str, **changes: object) -> bytes:
         ("tree_rollout", {"logprobs": struct.pack("<6f", *[-1.0] * 6)}, "logprobs"),
         ("tree_rollout", {"leaf_node": struct.pack("<2i", 1, 9)}, "leaf_node[1]"),
         ("tree_rollout", {"leaf_node": struct.pack("<2i", 1, 2)}, "leaf_node[1]"),
+        ("tree_rollout", {"leaf_node": struct.pack("<2i", 3, 3)}, "leaf_node[1]"),
+        ("tree_rollout", {"leaf_node": struct.pack("<2i", -1, 3)}, "leaf_node[0]"),
+        ("tree_rollout", {"node_len": struct.pack("<4i", 2, -2, 2, 5)}, "node_len[1]"),
+        ("tree_rollout", {"tokens": struct.pack("<7i", 1, 2, 3, 0, 4, -5, 6)}, "tokens[5]"),
         ("tree_rollout", {"leaf_node": struct.pack("<1i", 1)}, "leaf_reward"),
         ("tree_rollout", {"leaf_reward": struct.pack("<2d", 1.0, math.nan)}, "leaf_reward[1]"),
         ("tree_rollout", {"leaf_finish": ["eos", "bogus"]}, "leaf_finish[1]"),
@@ -259,6 +264,35 @@ def test_malformed_fields_are_named(name: str, changes: dict[str, object], field
     with pytest.raises(MessageDecodeError) as err:
         decode(_mutated(name, **changes))
     assert err.value.field == field, str(err.value)
+
+
+def test_an_old_schema_tree_names_both_versions() -> None:
+    """A schema-3 tree (the list-based wire of the previous release) is refused with both
+    version numbers, so the operator knows which side to upgrade."""
+    with pytest.raises(MessageDecodeError, match="unknown version 3; this build reads 4") as err:
+        decode(_mutated("tree_rollout", schema_version=3))
+    assert err.value.field == "schema_version"
+
+
+def test_decoded_arrays_are_views_of_the_message_bytes() -> None:
+    """No per-token Python objects: token ids and log-probs come back as read-only int32 /
+    float32 numpy views of the received bytes."""
+    data = encode(golden_rollout())
+    tree = decode_as(data, TreeRollout)
+    for node in tree.nodes:
+        assert node.token_ids.dtype == np.int32 and node.logprobs.dtype == np.float32
+        assert not node.token_ids.flags.writeable and node.token_ids.base is not None
+    assert np.shares_memory(tree.nodes[0].token_ids, tree.nodes[1].token_ids.base)
+    assert tree.response_tokens(3).tolist() == [1, 2, 4, 5, 6]
+    assert tree.response_logprobs(3).tolist() == [-0.5, -0.25, -2.0, -0.75, -0.0625]
+
+
+def test_a_tree_with_an_unscored_leaf_is_not_encoded() -> None:
+    tree = golden_rollout()
+    tree.add_node(1, [9], [-0.5])
+    tree.leaves[0] = RolloutLeaf(4, finish_reason="eos")  # reward NaN until scored
+    with pytest.raises(ValueError, match=r"leaves \[0\] have no finite reward"):
+        encode(tree)
 
 
 def test_limits_refuse_before_unpacking() -> None:

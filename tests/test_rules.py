@@ -16,7 +16,9 @@ def tree(position: int = 3, versions: tuple[int, ...] = (5, 6), rewards=(1.0, -1
     nodes += [RolloutNode(0, [2], [-0.2], v) for v in versions[1:]]
     leaves = [RolloutLeaf(i + 1, r, "eos") for i, r in enumerate(rewards)]
     pid = prompt_id(position)
-    return TreeRollout(f"t-{pid}", pid, "s", [9], nodes, leaves, dataset_position=position)
+    return TreeRollout(
+        [9], nodes, leaves, tree_id=f"t-{pid}", prompt_id=pid, dataset_position=position
+    )
 
 
 def verdict(t: TreeRollout, status: str = "outstanding", **kw: object) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import re
 import signal
@@ -12,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from aiohttp import web
 from prometheus_client import generate_latest
@@ -30,7 +30,6 @@ from pipeline.httpserver import start
 from pipeline.messages import PromptTask, TreeRollout
 from pipeline.streams import Streams
 from pipeline.tasks import ArithTask
-from pipeline.tree import Tree
 from tests.helpers import make_streams, restore_base_weights
 from tests.services import RedisServer, free_port, wait_port
 from workers.engine import VLLMSegmentGenerator
@@ -104,24 +103,24 @@ async def read_trees(s: Streams, n: int, timeout: float = 120) -> list[TreeRollo
 
 
 def check_rollout(r: TreeRollout, task: PromptTask, decode, eos: int) -> None:  # type: ignore[no-untyped-def]
-    tree = Tree.from_rollout(r)
-    assert r.prompt_token_ids == task.prompt_token_ids and r.tree_id == f"t-{task.prompt_id}"
+    assert r.prompt_token_ids.tolist() == task.prompt_token_ids
+    assert r.tree_id == f"t-{task.prompt_id}"
     assert len(r.leaves) == TREE.width  # fallback on: exactly w leaves
-    parents = {n.parent for n in tree.nodes}
-    for n in tree.nodes:
-        if n.id in parents:
-            assert len(n.token_ids) == TREE.segment_tokens and eos not in n.token_ids
-        assert all(math.isfinite(lp) and lp <= 1e-6 for lp in n.logprobs)
-    for leaf in tree.leaves:
-        text = decode(leaf.response_token_ids)
+    parents = {n.parent for n in r.nodes}
+    for i, n in enumerate(r.nodes):
+        if i in parents:
+            assert len(n.token_ids) == TREE.segment_tokens and eos not in n.token_ids.tolist()
+        assert np.isfinite(n.logprobs).all() and (n.logprobs <= 1e-6).all()
+    for leaf in r.leaves:
+        text = decode(leaf_tokens(r, leaf))
         assert set(text.replace("\\boxed{", "")) <= set("0123456789+=;}"), text
         tail = text.rsplit("\\boxed{", 1)[1] if "\\boxed{" in text else ""
         expected = 1.0 if "}" in tail and tail.split("}")[0] == task.answer else -1.0
         assert leaf.reward == expected, (text, task.answer)
         if leaf.finish_reason == "eos":
             FORMAT_SEEN.append(bool(ANSWER_FORMAT.match(text)))
-    assert r.stats.decoded_tokens == sum(len(n.token_ids) for n in tree.nodes)
-    assert r.stats.independent_tokens == sum(len(leaf.response_token_ids) for leaf in tree.leaves)
+    assert r.stats.decoded_tokens == sum(len(n.token_ids) for n in r.nodes)
+    assert r.stats.independent_tokens == sum(len(leaf_tokens(r, x)) for x in r.leaves)
     assert r.stats.decoded_tokens < r.stats.independent_tokens
 
 
@@ -299,7 +298,7 @@ def test_weight_swap_changes_outputs_and_corrupt_weights_are_refused(
 
 
 def leaf_tokens(r: TreeRollout, leaf) -> list[int]:  # type: ignore[no-untyped-def]
-    return [t for n in r.leaf_path(leaf) for t in r.nodes[n].token_ids]
+    return [t for n in r.path(leaf.node) for t in r.nodes[n].token_ids.tolist()]
 
 
 @pytest.mark.timeout(900)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from pipeline.config import TreeConfig
+from pipeline.messages import TreeRollout
 from pipeline.rewards import last_boxed
 from pipeline.sampling import (
     GeneratedSegment,
@@ -19,78 +20,79 @@ from pipeline.sampling import (
     TreeSampler,
     repeats_tail,
 )
-from pipeline.tree import Tree
 from tests.scripted import BOX_CLOSE, BOX_OPEN, EOS, ScriptedGenerator, decode, fingerprint
 
 
 def grow(
     gen: ScriptedGenerator, cfg: TreeConfig, prompts: list[list[int]], seed: int = 0
-) -> list[Tree]:
+) -> list[TreeRollout]:
     return asyncio.run(TreeSampler(gen, cfg, rng=seed, decode=decode).expand(prompts))
 
 
-def check_tree(tree: Tree, cfg: TreeConfig) -> None:
+def check_tree(tree: TreeRollout, cfg: TreeConfig) -> None:
     """Every invariant of TREEPO.md section 1 that can be read off one finished tree."""
     nodes = tree.nodes
     parents = {n.parent for n in nodes}
-    leaf_nodes = [leaf.node_id for leaf in tree.leaves]
+    leaf_nodes = [leaf.node for leaf in tree.leaves]
     assert len(leaf_nodes) == len(set(leaf_nodes))
     assert len(tree.leaves) <= cfg.width
     if cfg.fallback:
         assert len(tree.leaves) == cfg.width
     # leaves are exactly the childless nodes
-    assert set(leaf_nodes) == {n.id for n in nodes if n.id not in parents}
-    for n in nodes:
+    assert set(leaf_nodes) == {i for i in range(len(nodes)) if i not in parents}
+    depth = [0] * len(nodes)
+    for i, n in enumerate(nodes):
+        assert -1 <= n.parent < i
+        depth[i] = 1 if n.parent == -1 else depth[n.parent] + 1
+        assert tree.depth(i) == depth[i] <= cfg.max_depth
         assert len(n.token_ids) == len(n.logprobs)
-        assert n.depth == (1 if n.parent is None else nodes[n.parent].depth + 1)
-        assert n.depth <= cfg.max_depth
+        tokens = n.token_ids.tolist()
         # generated under exactly prompt + its own path (fallback contexts included)
-        if n.token_ids and n.token_ids[0] != EOS:
-            context = tree.prompt_token_ids + tree.response_tokens(n.parent)
-            assert n.token_ids[0] == fingerprint(context), (
-                f"node {n.id} spliced onto a wrong prefix"
-            )
-        if n.id in parents:  # non-final segments are exactly segment_tokens long
-            assert len(n.token_ids) == cfg.segment_tokens
-            assert cfg.eos_token_id not in n.token_ids
-        if cfg.eos_token_id is not None and EOS in n.token_ids:
-            assert n.token_ids.index(EOS) == len(n.token_ids) - 1
+        if tokens and tokens[0] != EOS:
+            context = tree.prompt_token_ids.tolist() + tree.response_tokens(n.parent).tolist()
+            assert tokens[0] == fingerprint(context), f"node {i} spliced onto a wrong prefix"
+        if i in parents:  # non-final segments are exactly segment_tokens long
+            assert len(tokens) == cfg.segment_tokens
+            assert cfg.eos_token_id not in tokens
+        if cfg.eos_token_id is not None and EOS in tokens:
+            assert tokens.index(EOS) == len(tokens) - 1
     for leaf in tree.leaves:
-        assert leaf.path == tree.path(leaf.node_id)
-        assert leaf.response_token_ids == tree.response_tokens(leaf.node_id)
-        assert len(leaf.logprobs) == len(leaf.response_token_ids)
-        assert len(leaf.response_token_ids) <= cfg.response_cap
+        path = tree.path(leaf.node)
+        response = [t for k in path for t in nodes[k].token_ids.tolist()]  # independent concat
+        assert tree.response_tokens(leaf.node).tolist() == response
+        assert len(tree.response_logprobs(leaf.node)) == len(response)
+        assert tree.response_length(leaf.node) == len(response) <= cfg.response_cap
         assert leaf.finish_reason in {"answer", "eos", "stop", "length", "depth", "repetition"}
         if leaf.finish_reason == "answer":
-            assert last_boxed(decode(leaf.response_token_ids)) is not None
+            assert last_boxed(decode(response)) is not None
         if leaf.finish_reason == "eos":
-            assert leaf.response_token_ids[-1] == EOS
+            assert response[-1] == EOS
         if leaf.finish_reason == "depth":
-            assert nodes[leaf.node_id].depth == cfg.max_depth
+            assert depth[leaf.node] == cfg.max_depth
         if leaf.finish_reason == "length":
-            assert len(leaf.response_token_ids) == cfg.response_cap
+            assert len(response) == cfg.response_cap
     s = tree.stats
     assert s.decoded_tokens == sum(len(n.token_ids) for n in nodes)
-    assert s.independent_tokens == sum(len(leaf.response_token_ids) for leaf in tree.leaves)
-    assert s.max_depth_reached == max(n.depth for n in nodes)
+    assert s.independent_tokens == sum(tree.response_length(x.node) for x in tree.leaves)
+    assert s.max_depth_reached == max(depth)
     assert s.decoded_tokens <= s.independent_tokens
 
 
-def check_calls(gen: ScriptedGenerator, trees: list[Tree]) -> None:
+def check_calls(gen: ScriptedGenerator, trees: list[TreeRollout]) -> None:
     """One generator call per step; stats.prefill and engine_calls match what was submitted."""
     assert sum(len(c) for c in gen.calls) == sum(len(t.nodes) for t in trees)
     for t in trees:
         calls = [
             c
             for c in gen.calls
-            if any(r.token_ids[: len(t.prompt_token_ids)] == t.prompt_token_ids for r in c)
+            if any(r.token_ids[: len(t.prompt_token_ids)] == t.prompt_token_ids.tolist() for r in c)
         ]
         assert t.stats.engine_calls == len(calls)
         assert t.stats.prefill_tokens == sum(
             len(r.token_ids)
             for c in calls
             for r in c
-            if r.token_ids[: len(t.prompt_token_ids)] == t.prompt_token_ids
+            if r.token_ids[: len(t.prompt_token_ids)] == t.prompt_token_ids.tolist()
         )
 
 
@@ -102,7 +104,7 @@ def test_full_binary_tree_shape_and_saving() -> None:
     (tree,) = grow(gen, cfg, [[7, 8, 9]])
     check_tree(tree, cfg)
     assert [len(c) for c in gen.calls] == [2, 4, 8, 16]
-    assert Counter(n.depth for n in tree.nodes) == {1: 2, 2: 4, 3: 8, 4: 16}
+    assert Counter(tree.depth(i) for i in range(len(tree.nodes))) == {1: 2, 2: 4, 3: 8, 4: 16}
     assert tree.stats.decoded_tokens == 30 * 5
     assert tree.stats.independent_tokens == 16 * 4 * 5
     assert tree.stats.decoded_tokens / tree.stats.independent_tokens == pytest.approx(0.46875)
@@ -170,7 +172,7 @@ def test_eos_only_segment_ends_the_path_and_tokens_after_eos_are_dropped() -> No
     )
     (tree,) = asyncio.run(TreeSampler(gen, cfg, decode=decode).expand([[1, 2]]))
     assert gen.calls == 1
-    assert [leaf.response_token_ids for leaf in tree.leaves] == [[EOS], [5, EOS]]
+    assert [tree.response_tokens(x.node).tolist() for x in tree.leaves] == [[EOS], [5, EOS]]
     assert [leaf.finish_reason for leaf in tree.leaves] == ["eos", "eos"]
 
 
@@ -181,7 +183,7 @@ def test_response_cap_that_is_not_a_segment_multiple() -> None:
     gen = ScriptedGenerator()
     (tree,) = grow(gen, cfg, [[1]])
     check_tree(tree, cfg)
-    assert {len(leaf.response_token_ids) for leaf in tree.leaves} == {10}
+    assert {tree.response_length(x.node) for x in tree.leaves} == {10}
     assert {leaf.finish_reason for leaf in tree.leaves} == {"length"}
     assert [r.max_tokens for r in gen.calls[-1]] == [2] * 4
 
@@ -194,7 +196,7 @@ def test_repetition_ends_a_path() -> None:
     gen = ScriptedGenerator(filler=1)  # each segment: fingerprint, then 1 1 1
     (tree,) = grow(gen, TreeConfig(**base, repetition_ngram=1, repetition_repeats=3), [[3]])
     assert {leaf.finish_reason for leaf in tree.leaves} == {"repetition"}
-    assert max(n.depth for n in tree.nodes) == 1
+    assert max(tree.depth(i) for i in range(len(tree.nodes))) == 1
     (tree,) = grow(gen, TreeConfig(**base, repetition_ngram=1, repetition_repeats=4), [[3]])
     assert {leaf.finish_reason for leaf in tree.leaves} == {"depth"}
 
@@ -243,8 +245,8 @@ def test_fallback_prefers_answered_leaves_and_window_grid() -> None:
     check_tree(tree, cfg)
     assert tree.stats.fallbacks > 0
     # branching 1 means any node with 2+ children got them from fallback cuts
-    forked = [n for n in tree.nodes if len(tree.children(n.id)) > 1]
-    assert forked and all(n.depth % 2 == 0 for n in forked)
+    forked = [i for i in range(len(tree.nodes)) if len(tree.children(i)) > 1]
+    assert forked and all(tree.depth(i) % 2 == 0 for i in forked)
 
 
 @pytest.mark.parametrize("window", [None, -1, "-1"])
@@ -268,7 +270,7 @@ def test_random_initial_divergence_takes_effect() -> None:
     )
     gen = ScriptedGenerator()
     trees = grow(gen, cfg, [[i] for i in range(40)], seed=4)
-    fanouts = [len(t.children(None)) for t in trees]
+    fanouts = [len(t.children(-1)) for t in trees]
     assert min(fanouts) >= 2 and max(fanouts) <= 8
     assert len(set(fanouts)) >= 4, fanouts
 
@@ -276,7 +278,7 @@ def test_random_initial_divergence_takes_effect() -> None:
 def test_root_fanout_is_clamped_to_width() -> None:
     cfg = TreeConfig(width=3, segment_tokens=2, max_depth=2, initial_divergence=10)
     (tree,) = grow(ScriptedGenerator(), cfg, [[1]])
-    assert len(tree.children(None)) == 3
+    assert len(tree.children(-1)) == 3
     check_tree(tree, cfg)
 
 
@@ -288,7 +290,7 @@ def test_deterministic_given_seed() -> None:
     def run(seed: int) -> list[list[list[int]]]:
         gen = ScriptedGenerator(seed=9, eos_p=0.3, stop_p=0.1)
         trees = grow(gen, cfg, [[1], [2]], seed=seed)
-        return [[n.token_ids for n in t.nodes] for t in trees]
+        return [[n.token_ids.tolist() for n in t.nodes] for t in trees]
 
     assert run(1) == run(1)
     assert run(1) != run(2)
@@ -335,7 +337,7 @@ def test_weighted_allocation_follows_the_score(allocation: str, favoured: bool) 
         repetition_ngram=0,
     )  # type: ignore[arg-type]
     (tree,) = asyncio.run(TreeSampler(_ScoredGenerator(), cfg, rng=0, decode=decode).expand([[1]]))
-    good, bad = tree.children(None)
+    good, bad = tree.children(-1)
     assert tree.nodes[good].token_ids[0] == 100
     n_good, n_bad = len(tree.children(good)), len(tree.children(bad))
     assert (n_good > n_bad) == favoured, (n_good, n_bad)
@@ -345,7 +347,7 @@ def test_weighted_allocation_follows_the_score(allocation: str, favoured: bool) 
 def test_uniform_allocation_is_balanced() -> None:
     cfg = TreeConfig(width=10, segment_tokens=2, max_depth=2, initial_divergence=4, branching=4)
     (tree,) = grow(ScriptedGenerator(), cfg, [[1]])
-    assert sorted(len(tree.children(c)) for c in tree.children(None)) == [2, 2, 3, 3]
+    assert sorted(len(tree.children(c)) for c in tree.children(-1)) == [2, 2, 3, 3]
 
 
 def test_generator_contract_violations_are_errors() -> None:
@@ -420,7 +422,7 @@ def test_invariants_hold_for_random_generators(
     )
     prompts = [[1000 + i, i] for i in range(n_prompts)]
     trees = grow(gen, cfg, prompts, seed=seed)
-    assert [t.prompt_token_ids for t in trees] == prompts
+    assert [t.prompt_token_ids.tolist() for t in trees] == prompts
     for t in trees:
         check_tree(t, cfg)
     check_calls(gen, trees)
@@ -495,14 +497,18 @@ def test_fallback_forks_only_from_answered_leaves_and_may_cut_at_the_prompt() ->
         gen = Script()
         (tree,) = asyncio.run(TreeSampler(gen, cfg, rng=seed).expand([[9]]))
         check_tree(tree, cfg)
-        a, b = [n for n in tree.nodes if n.depth == 1][:2]
+        a, b = [n for n in tree.nodes if n.parent == -1][:2]
         assert [leaf.finish_reason for leaf in tree.leaves[:4]] == [
             "eos",
             "depth",
             "depth",
             "depth",
         ]
-        names = {(9,): "prompt", tuple([9, *a.token_ids]): "A", tuple([9, *b.token_ids]): "B"}
+        names = {
+            (9,): "prompt",
+            tuple([9, *a.token_ids.tolist()]): "A",
+            tuple([9, *b.token_ids.tolist()]): "B",
+        }
         fallback_call = gen.calls[2]
         assert len(fallback_call) == 4
         got = {names.get(tuple(r.token_ids), "other") for r in fallback_call}
@@ -584,7 +590,7 @@ def test_a_closed_boxed_answer_ends_the_path() -> None:
         TreeSampler(Boxes(), TreeConfig(**base), decode=decode).expand([[7]])  # type: ignore[arg-type]
     )
     assert [leaf.finish_reason for leaf in tree.leaves] == ["answer", "answer"]
-    assert {len(leaf.response_token_ids) for leaf in tree.leaves} == {6}
+    assert {tree.response_length(x.node) for x in tree.leaves} == {6}
     cfg = TreeConfig(**base, answer_stop="none")  # type: ignore[arg-type]
     (tree,) = asyncio.run(TreeSampler(Boxes(), cfg, decode=decode).expand([[7]]))
     assert {leaf.finish_reason for leaf in tree.leaves} == {"depth"}

@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from pipeline.errors import Stopping, TransportError
-from pipeline.messages import DecodeLimits, Heartbeat, PromptTask, encode
+from pipeline.messages import SCHEMA_VERSION, DecodeLimits, Heartbeat, PromptTask, encode
 from pipeline.streams import PAYLOAD_FIELD, Delivery, Streams
 from tests.helpers import make_streams
 from tests.services import RedisServer
@@ -168,7 +168,9 @@ def test_malformed_entries_go_to_dead_letter_and_consumer_goes_on(
         await s.publish(s.keys.prompts, prompt(1))
         await s.client.xadd(s.keys.prompts, {PAYLOAD_FIELD: b"\x93garbage"})
         await s.client.xadd(s.keys.prompts, {b"other": b"x"})
-        bad_version = encode(prompt(9)).replace(b"schema_version\x03", b"schema_version\x07")
+        old = SCHEMA_VERSION - 1  # a peer of the previous release
+        here = b"schema_version" + bytes([SCHEMA_VERSION])
+        bad_version = encode(prompt(9)).replace(here, b"schema_version" + bytes([old]))
         await s.client.xadd(s.keys.prompts, {PAYLOAD_FIELD: bad_version})
         await s.publish(s.keys.prompts, prompt(2))
         got = await s.read(s.keys.prompts, GROUP, "c", count=10)
@@ -178,7 +180,9 @@ def test_malformed_entries_go_to_dead_letter_and_consumer_goes_on(
         reasons = [f[b"reason"].decode() for _, f in dead]
         assert reasons[0].startswith("decode: message: not valid msgpack")
         assert reasons[1].startswith("decode: entry: no")
-        assert reasons[2].startswith("decode: schema_version: unknown version 7")
+        assert reasons[2].startswith(
+            f"decode: schema_version: unknown version {old}; this build reads {SCHEMA_VERSION}"
+        )
         assert s.counters.deadletter_reasons == {"decode": 3}
         assert dead[2][1][b"payload"] == bad_version
         assert dead[0][1][b"source"] == s.keys.prompts.encode()

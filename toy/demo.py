@@ -246,6 +246,73 @@ def plot(run: Path, steps: list[dict[str, Any]], summary: dict[str, Any]) -> Pat
     return out
 
 
+def summarise(
+    run: Path,
+    first: dict[str, float],
+    last: dict[str, float],
+    steps: list[dict[str, Any]],
+    heldout: int,
+    wall: float,
+) -> dict[str, Any]:
+    """The run's summary: held-out accuracy before and after (with 95 % intervals), the
+    samplers' token and engine-time accounting and the learner's per-step figures."""
+    before, after = first["accuracy"], last["accuracy"]
+    sav = savings(run)
+    decoded = sav["treepo_sampler_tokens_decoded_total"]
+    independent = sav["treepo_sampler_tokens_independent_total"]
+    used = sav["treepo_sampler_gpu_seconds_used_total"]
+    alone = sav["treepo_sampler_gpu_seconds_independent_total"]
+    n = max(1, len(steps))
+    return {
+        "heldout_accuracy_before": before,
+        "heldout_accuracy_after": after,
+        "heldout_ci95_before": ci95(before, heldout),
+        "heldout_ci95_after": ci95(after, heldout),
+        "heldout_problems": heldout,
+        "heldout_worked_fraction_before": first["worked_fraction"],
+        "heldout_worked_fraction_after": last["worked_fraction"],
+        "steps": len(steps),
+        "wall_seconds": wall,
+        "decoded_tokens": decoded,
+        "independent_tokens": independent,
+        "token_savings": 1 - decoded / independent if independent else 0.0,
+        "gpu_seconds_used": used,
+        "gpu_seconds_independent": alone,
+        "gpu_seconds_saved": alone - used,
+        "trees": sav["treepo_sampler_trees_total"],
+        "leaves": sav["treepo_sampler_leaves_total"],
+        "staleness_mean": sum(s["staleness_mean"] for s in steps) / n,
+        "is_weight_mean": sum(s.get("is_weight_mean", 1.0) for s in steps) / n,
+        "is_ess_mean": sum(s.get("is_ess", 1.0) for s in steps) / n,
+        "reward_per_step": [s["reward"] for s in steps],
+        "sampled_accuracy_per_step": [s.get("sampled_accuracy") for s in steps],
+        "trained_model": str(run / "learner" / "model"),
+    }
+
+
+def report(summary: dict[str, Any], png: Path) -> None:
+    """The demo's closing lines."""
+    n = summary["heldout_problems"]
+    print(
+        f"[demo] held-out greedy accuracy: {summary['heldout_accuracy_before']:.3f} "
+        f"± {summary['heldout_ci95_before']:.3f} -> {summary['heldout_accuracy_after']:.3f} "
+        f"± {summary['heldout_ci95_after']:.3f} ({n} problems); answers that show their steps: "
+        f"{summary['heldout_worked_fraction_before']:.0%} -> "
+        f"{summary['heldout_worked_fraction_after']:.0%}"
+    )
+    print(
+        f"[demo] tree sampling decoded {summary['decoded_tokens']:.0f} tokens where independent "
+        f"sampling of the same leaves needs {summary['independent_tokens']:.0f} "
+        f"({summary['token_savings']:.0%} saved); estimated engine-seconds "
+        f"{summary['gpu_seconds_used']:.1f} vs {summary['gpu_seconds_independent']:.1f}"
+    )
+    print(
+        f"[demo] staleness mean {summary['staleness_mean']:.2f}, "
+        f"IS weight mean {summary['is_weight_mean']:.3f}, ESS {summary['is_ess_mean']:.3f}; "
+        f"picture: {png}; wall {summary['wall_seconds']:.0f}s"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="treepo-demo", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=120, help="learner steps")
@@ -270,9 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build_toy_model(ROOT / "runs" / "toy-model", seed=0)
     toy_log.removeHandler(progress)
     first = heldout_eval(model, args.heldout, seed=1000)
-    before = first["accuracy"]
     print(
-        f"[demo] held-out greedy accuracy before: {before:.3f} on {args.heldout} problems "
+        f"[demo] held-out greedy accuracy before: {first['accuracy']:.3f} on {args.heldout} problems "
         f"({first['worked_fraction']:.0%} of answers show their steps)",
         flush=True,
     )
@@ -289,60 +355,12 @@ def main(argv: list[str] | None = None) -> int:
         print(run)
         return 1
     last = heldout_eval(trained, args.heldout, seed=1000)
-    after = last["accuracy"]
     steps = [
         json.loads(line) for line in (run / "learner" / "steps.jsonl").read_text().splitlines()
     ]
-    sav = savings(run)
-    decoded, independent = (
-        sav["treepo_sampler_tokens_decoded_total"],
-        sav["treepo_sampler_tokens_independent_total"],
-    )
-    summary = {
-        "heldout_accuracy_before": before,
-        "heldout_accuracy_after": after,
-        "heldout_ci95_before": ci95(before, args.heldout),
-        "heldout_ci95_after": ci95(after, args.heldout),
-        "heldout_problems": args.heldout,
-        "heldout_worked_fraction_before": first["worked_fraction"],
-        "heldout_worked_fraction_after": last["worked_fraction"],
-        "steps": len(steps),
-        "wall_seconds": time.time() - started,
-        "decoded_tokens": decoded,
-        "independent_tokens": independent,
-        "token_savings": 1 - decoded / independent if independent else 0.0,
-        "gpu_seconds_used": sav["treepo_sampler_gpu_seconds_used_total"],
-        "gpu_seconds_independent": sav["treepo_sampler_gpu_seconds_independent_total"],
-        "gpu_seconds_saved": sav["treepo_sampler_gpu_seconds_independent_total"]
-        - sav["treepo_sampler_gpu_seconds_used_total"],
-        "trees": sav["treepo_sampler_trees_total"],
-        "leaves": sav["treepo_sampler_leaves_total"],
-        "staleness_mean": sum(s["staleness_mean"] for s in steps) / max(1, len(steps)),
-        "is_weight_mean": sum(s.get("is_weight_mean", 1.0) for s in steps) / max(1, len(steps)),
-        "is_ess_mean": sum(s.get("is_ess", 1.0) for s in steps) / max(1, len(steps)),
-        "reward_per_step": [s["reward"] for s in steps],
-        "sampled_accuracy_per_step": [s.get("sampled_accuracy") for s in steps],
-        "trained_model": str(trained),
-    }
+    summary = summarise(run, first, last, steps, args.heldout, time.time() - started)
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
-    png = plot(run, steps, summary)
-    print(
-        f"[demo] held-out greedy accuracy: {before:.3f} ± {summary['heldout_ci95_before']:.3f} -> "
-        f"{after:.3f} ± {summary['heldout_ci95_after']:.3f} ({args.heldout} problems); "
-        f"answers that show their steps: {first['worked_fraction']:.0%} -> "
-        f"{last['worked_fraction']:.0%}"
-    )
-    print(
-        f"[demo] tree sampling decoded {decoded:.0f} tokens where independent sampling of the "
-        f"same leaves needs {independent:.0f} ({summary['token_savings']:.0%} saved); "
-        f"estimated engine-seconds {summary['gpu_seconds_used']:.1f} "
-        f"vs {summary['gpu_seconds_independent']:.1f}"
-    )
-    print(
-        f"[demo] staleness mean {summary['staleness_mean']:.2f}, "
-        f"IS weight mean {summary['is_weight_mean']:.3f}, ESS {summary['is_ess_mean']:.3f}; "
-        f"picture: {png}; wall {summary['wall_seconds']:.0f}s"
-    )
+    report(summary, plot(run, steps, summary))
     print(run)
     return 0
 

@@ -213,11 +213,5 @@ def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = N
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     save_model(model, tokenizer, out, meta)
-    log.info(
-        "toy model ready in %s: %d warm-up steps, held-out greedy accuracy %.3f, %.0f s",
-        out,
-        step,
-        acc,
-        meta["seconds"],
-    )
+    log.info("toy model ready in %s: %d warm-up steps, accuracy %.3f", out, step, acc)
     return out

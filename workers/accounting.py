@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 from pipeline.costs import CostModel, independent_work
-from pipeline.messages import PromptTask
-from pipeline.tree import Tree
+from pipeline.messages import PromptTask, TreeRollout
 from workers.engine import CallStats
 from workers.metrics import SamplerMetrics
 
@@ -41,7 +40,7 @@ class Accounting:
         self.calls = []
 
     def end_batch(
-        self, tasks: list[PromptTask], trees: list[Tree], seconds: float, version: int
+        self, tasks: list[PromptTask], trees: list[TreeRollout], seconds: float, version: int
     ) -> None:
         """The batch's published ``trees`` (of ``tasks``), grown in ``seconds``."""
         m = self.metrics
@@ -49,7 +48,7 @@ class Accounting:
         independent = self.cost.estimate(
             independent_work(
                 [len(t.prompt_token_ids) for t in tasks],
-                [[len(leaf.response_token_ids) for leaf in tree.leaves] for tree in trees],
+                [[tree.response_length(leaf.node) for leaf in tree.leaves] for tree in trees],
             )
         )
         m.gpu_seconds_used.inc(used)
@@ -65,8 +64,8 @@ class Accounting:
             m.segments.inc(len(tree.nodes))
             m.leaves.inc(len(tree.leaves))
             m.fallbacks.inc(s.fallbacks)
-            m.correct_leaves.inc(sum(1 for leaf in tree.leaves if (leaf.reward or 0.0) > 0))
-        rewards = [leaf.reward or 0.0 for tree in trees for leaf in tree.leaves]
+            m.correct_leaves.inc(sum(1 for leaf in tree.leaves if leaf.reward > 0))
+        rewards = [leaf.reward for tree in trees for leaf in tree.leaves]
         m.reward_mean.set(sum(rewards) / max(1, len(rewards)))
         m.batch_seconds.observe(seconds)
         self.write_summary(version)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.aio import wait_or_stop
+from pipeline.config import SamplerSettings
 from pipeline.errors import (
     MessageDecodeError,
     WeightDownloadError,
@@ -30,7 +31,7 @@ from pipeline.errors import (
 )
 from pipeline.messages import WeightAnnouncement, decode_as
 from pipeline.streams import Streams
-from pipeline.weights import check_announcement, download_version
+from pipeline.weights import check_announcement, download_version, tensor_specs
 from workers.engine import VLLMSegmentGenerator
 from workers.metrics import SamplerMetrics
 
@@ -83,6 +84,31 @@ class WeightFollower:
         self.failing: dict[int, _Failing] = {}
         self._refused: set[tuple[int, str]] = set()
         self._behind_since: float | None = None
+
+    @classmethod
+    def for_sampler(
+        cls,
+        settings: SamplerSettings,
+        streams: Streams,
+        engine: VLLMSegmentGenerator,
+        metrics: SamplerMetrics,
+        work_dir: Path,
+    ) -> WeightFollower:
+        """The follower of a sampler process configured by ``settings``; downloads are checked
+        against the tensors of the engine's model directory."""
+        token = settings.weights.token
+        return cls(
+            streams,
+            engine,
+            metrics,
+            work_dir,
+            tensor_specs(Path(engine.options.model)),
+            token=token.get_secret_value() if token else None,
+            trusted_url=settings.weights.public_url,
+            download_timeout_s=settings.weights.download_timeout_s,
+            max_staleness=settings.run.max_staleness,
+            unhealthy_after_s=settings.sampler.unhealthy_after_s,
+        )
 
     async def poll(self) -> None:
         """Read the announcement key once and act on it."""

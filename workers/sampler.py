@@ -24,21 +24,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.aio import unless_stopped, wait_or_stop
+from pipeline.aio import Background, unless_stopped
 from pipeline.config import SamplerSettings
 from pipeline.entry import ProcessSpec, exit_now, process_main
 from pipeline.errors import ConfigError, Stopping, TransportError
 from pipeline.httpserver import make_app, start
-from pipeline.messages import DecodeLimits, Heartbeat, PromptTask
+from pipeline.messages import PromptTask, TreeRollout
 from pipeline.sampling import TreeSampler
 from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Delivery, Streams
-from pipeline.tasks import REWARDS, reward_fn
-from pipeline.tree import Tree
-from pipeline.weights import tensor_specs
+from pipeline.tasks import reward_fn
 from workers.accounting import Accounting
 from workers.engine import EngineOptions, GenerationStopped, VLLMSegmentGenerator
 from workers.follow import WeightFollower
+from workers.heartbeat import HeartbeatSender
 from workers.metrics import SamplerMetrics
+from workers.prompts import prompt_problem
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,12 @@ class Sampler:
         self.metrics = metrics or SamplerMetrics()
         opts = settings.sampler
         self.worker_id = opts.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.streams = Streams(
-            settings.redis,
-            settings.run,
-            settings.streams,
-            DecodeLimits(
-                max_bytes=settings.streams.max_message_bytes, vocab_size=engine.vocab_size
-            ),
+        self.stop = asyncio.Event()
+        self.streams = Streams.for_process(
+            settings,
+            engine.vocab_size,
+            self.stop,
+            lambda reason: self.metrics.deadletter.labels(reason).inc(),
         )
         tree_cfg = settings.tree
         if tree_cfg.eos_token_id is None and engine.eos_token_id is not None:
@@ -76,24 +75,19 @@ class Sampler:
             rng=random.Random(f"{settings.run.seed}-{self.worker_id}"),
             decode=decode_text,
         )
-        self.stop = asyncio.Event()
-        self.streams.stop = self.stop
-        self.streams.on_deadletter = lambda reason: self.metrics.deadletter.labels(reason).inc()
         self.work_dir = Path(opts.work_dir) / self.worker_id
         self.accounting = Accounting(self.metrics, self.work_dir / "summary.json")
         engine.call_listeners.append(self.accounting.on_call)
-        token = settings.weights.token
-        self.follower = WeightFollower(
+        self.follower = WeightFollower.for_sampler(
+            settings, self.streams, engine, self.metrics, self.work_dir
+        )
+        self.heartbeat = HeartbeatSender(
             self.streams,
-            engine,
-            self.metrics,
-            self.work_dir,
-            tensor_specs(Path(engine.options.model)),
-            token=token.get_secret_value() if token else None,
-            trusted_url=settings.weights.public_url,
-            download_timeout_s=settings.weights.download_timeout_s,
-            max_staleness=settings.run.max_staleness,
-            unhealthy_after_s=opts.unhealthy_after_s,
+            self.worker_id,
+            "sampler",
+            lambda: engine.policy_version,
+            self.stop,
+            opts.heartbeat_ttl_s,
         )
         self.prompts_done = 0
         self.port = opts.port
@@ -148,28 +142,20 @@ class Sampler:
             self.settings.sampler.host,
             self.port,
         )
-        background: list[asyncio.Task[None]] = []
+        background = Background(self._fail)
         try:
             await self.follower.poll()  # the newest verified weights before the first prompt
-            background = [
-                asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-                asyncio.create_task(
-                    self.follower.follow(self.stop, self.settings.sampler.weights_poll_s),
-                    name="weights",
-                ),
-            ]
-            for task in background:
-                task.add_done_callback(self._supervise)
+            background.start("heartbeat", self.heartbeat.loop())
+            poll_s = self.settings.sampler.weights_poll_s
+            background.start("weights", self.follower.follow(self.stop, poll_s))
             await self._loop(max_prompts)
         except Stopping as exc:
             log.info("stopping: %s", exc)
         finally:
             self.stop.set()
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await background.close()
             self.write_summary()
-            await self._heartbeat("stopped", ttl=self.settings.sampler.heartbeat_ttl_s)
+            await self.heartbeat.send("stopped")
             await runner.cleanup()
             await self.streams.close()
         return self.prompts_done
@@ -178,13 +164,9 @@ class Sampler:
         """Final counters of this sampler as JSON (``<work_dir>/<worker>/summary.json``)."""
         return self.accounting.write_summary(self.engine.policy_version)
 
-    def _supervise(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or isinstance(task.exception(), Stopping):
-            return
-        if task.exception() is not None:
-            log.error("background task %s died: %r; stopping", task.get_name(), task.exception())
-            self.request_stop()
-            self.failed = task.exception()
+    def _fail(self, error: BaseException) -> None:
+        self.failed = error
+        self.request_stop()
 
     async def _loop(self, max_prompts: int | None) -> None:
         opts = self.settings.sampler
@@ -217,29 +199,19 @@ class Sampler:
         """The deliveries this sampler can grow trees for; the rest are dead-lettered."""
         good = []
         for d in batch:
-            problem = self._check_prompt(d.message)  # type: ignore[arg-type]
+            problem = prompt_problem(
+                d.message,  # type: ignore[arg-type]  # the transport checked the type
+                self.settings.sampler.default_task,
+                self.engine.max_model_len,
+                self.tree_sampler.config.response_cap,
+            )
             if problem is None:
                 good.append(d)
             else:
                 await self.streams.reject(d, PROMPT_GROUP, *problem)
         return good
 
-    def _check_prompt(self, task: PromptTask) -> tuple[str, str] | None:
-        """(reason, detail) when ``task`` cannot be served by this engine, else None."""
-        name = task.task or self.settings.sampler.default_task
-        if name not in REWARDS:
-            return "unknown_task", f"task {name!r} is not one of {sorted(REWARDS)}"
-        context = self.engine.max_model_len
-        need = len(task.prompt_token_ids) + self.tree_sampler.config.response_cap
-        if not task.prompt_token_ids or need > context:
-            return "too_long", (
-                f"prompt {task.prompt_id} of {len(task.prompt_token_ids)} tokens + response cap "
-                f"{self.tree_sampler.config.response_cap} does not fit the engine's context of "
-                f"{context} tokens"
-            )
-        return None
-
-    async def _grow(self, tasks: list[PromptTask]) -> list[Tree | str]:
+    async def _grow(self, tasks: list[PromptTask]) -> list[TreeRollout | str]:
         """One tree per prompt, or the engine's refusal of that prompt (a ValueError/TypeError
         from request validation). Raises ``Stopping`` when the process is asked to stop."""
         work = self.tree_sampler.expand([t.prompt_token_ids for t in tasks])
@@ -251,7 +223,7 @@ class Sampler:
             if len(tasks) == 1:
                 log.error("engine refused prompt %s: %s", tasks[0].prompt_id, exc)
                 return [f"{type(exc).__name__}: {exc}"]
-        out: list[Tree | str] = []
+        out: list[TreeRollout | str] = []
         for t in tasks:  # grow them one by one to find the one(s) at fault
             out.extend(await self._grow([t]))
         return out
@@ -272,22 +244,13 @@ class Sampler:
             raise
         done: list[str] = []
         served: list[PromptTask] = []
-        trees: list[Tree] = []
+        trees: list[TreeRollout] = []
         for d, task, tree in zip(batch, tasks, grown):
             if isinstance(tree, str):
                 await self.streams.reject(d, PROMPT_GROUP, "engine_error", tree)
                 continue
-            self._score(task, tree)
-            rollout = tree.to_rollout(
-                f"t-{task.prompt_id}",
-                task.prompt_id,
-                self.worker_id,
-                task.dataset_position,
-                time.time(),
-                self.engine.options.temperature,  # what the engine sampled with
-                self.engine.options.top_p,
-            )
-            await self.streams.publish(keys.trees, rollout)
+            self._stamp(tree, task)
+            await self.streams.publish(keys.trees, tree)
             done.append(d.entry_id)
             served.append(task)
             trees.append(tree)
@@ -295,6 +258,17 @@ class Sampler:
         self.prompts_done += len(done)
         seconds = time.perf_counter() - started
         self.accounting.end_batch(served, trees, seconds, self.engine.policy_version)
+
+    def _stamp(self, tree: TreeRollout, task: PromptTask) -> None:
+        """Score the leaves and set the ids and the sampling settings the engine used."""
+        check = reward_fn(task.task or self.settings.sampler.default_task)
+        for leaf in tree.leaves:
+            text = self.decode_text(tree.response_tokens(leaf.node).tolist())
+            leaf.reward = check(text, task.answer)
+        tree.tree_id, tree.prompt_id = f"t-{task.prompt_id}", task.prompt_id
+        tree.sampler_id, tree.dataset_position = self.worker_id, task.dataset_position
+        tree.created_at = time.time()
+        tree.temperature, tree.top_p = self.engine.options.temperature, self.engine.options.top_p
 
     async def _release(self, batch: list[Delivery]) -> None:
         """Hand unfinished prompts back to the group (best effort: Redis may be down too; then
@@ -305,37 +279,6 @@ class Sampler:
             log.info("stopping: released %d unfinished prompts", len(ids))
         except (TransportError, Stopping) as exc:
             log.warning("stopping: %d prompts not released (%s); reclaimed later", len(ids), exc)
-
-    def _score(self, task: PromptTask, tree: Tree) -> None:
-        check = reward_fn(task.task or self.settings.sampler.default_task)
-        for leaf in tree.leaves:
-            leaf.reward = check(self.decode_text(leaf.response_token_ids), task.answer)
-
-    # -- heartbeat -------------------------------------------------------------------------------
-
-    async def _heartbeat(self, state: str, ttl: float) -> None:
-        """Set this sampler's heartbeat key (after a stop: one short attempt, Redis may be gone)."""
-        hb = Heartbeat(
-            self.worker_id,
-            "sampler",
-            socket.gethostname(),
-            os.getpid(),
-            self.engine.policy_version,
-            time.time(),
-            state,
-        )
-        try:
-            await self.streams.heartbeat(hb, ttl)
-        except (TransportError, Stopping) as exc:
-            if not self.stop.is_set():
-                raise
-            log.info("final heartbeat not sent: %s", exc)
-
-    async def _heartbeat_loop(self) -> None:
-        ttl = self.settings.sampler.heartbeat_ttl_s
-        while not self.stop.is_set():
-            await self._heartbeat("running", ttl)
-            await wait_or_stop(self.stop, ttl / 3)
 
 
 # -- entry point ---------------------------------------------------------------------------------

@@ -1,0 +1,129 @@
+"""Prompt admission: what the learner puts on the prompts stream, and when it puts it again.
+
+Admit while fewer than ``(max_staleness + 1) * batch_prompts`` prompts are outstanding in the
+ledger (AReaL's bound on off-policyness); admit a prompt again when its tree is overdue and no
+live sampler holds it, or when its tree came back stale; abandon it after ``max_admissions``.
+Every decision is recorded in the ledger (``learner.ledger``), which the checkpoint keeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from learner.ledger import prompt_id
+from learner.metrics import LearnerMetrics
+from learner.state import LearnerState, Resolved
+from pipeline.config import LearnerSettings
+from pipeline.messages import PromptTask
+from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Streams
+from pipeline.tasks import ArithTask, Problem, load_dataset
+
+log = logging.getLogger("learner.process")
+
+
+def load_problems(settings: LearnerSettings) -> list[Problem]:
+    opts = settings.learner
+    if opts.dataset == "arith":
+        return ArithTask().problems("train", 100_000, seed=settings.run.seed)
+    return load_dataset(opts.dataset, opts.prompt_field, opts.answer_field, opts.task)
+
+
+def encode_prompt(tokenizer: Any, text: str, chat_template: bool) -> list[int]:
+    """Token ids of a prompt, through the tokenizer's chat template when asked."""
+    if chat_template:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        return list(ids)
+    return list(tokenizer(text)["input_ids"])
+
+
+class Admission:
+    def __init__(
+        self,
+        settings: LearnerSettings,
+        streams: Streams,
+        metrics: LearnerMetrics,
+        tokenizer: Any,
+        problems: list[Problem],
+    ) -> None:
+        self.settings = settings
+        self.streams = streams
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+        self.problems = problems
+        self.last_overdue_check = 0.0
+
+    async def admit(self, state: LearnerState) -> None:
+        """Admit prompts up to the staleness bound on outstanding prompts."""
+        limit = (self.settings.run.max_staleness + 1) * self.settings.learner.batch_prompts
+        ledger = state.ledger
+        while len(ledger.outstanding) < limit:
+            pos = state.cursor
+            entry_id = await self._publish(pos, state.step)
+            ledger.admit(prompt_id(pos), pos, entry_id, time.time())
+            state.cursor += 1
+            self.metrics.prompts_admitted.inc()
+        self.metrics.prompts_in_flight.set(len(ledger.outstanding))
+
+    async def _publish(self, pos: int, version: int) -> str:
+        problem = self.problems[pos % len(self.problems)]
+        ids = encode_prompt(self.tokenizer, problem.prompt, self.settings.learner.chat_template)
+        task = PromptTask(
+            prompt_id(pos), ids, problem.answer, pos, version, problem.task, time.time()
+        )
+        return await self.streams.publish(self.streams.keys.prompts, task)
+
+    async def readmit(self, state: LearnerState, since: Resolved, pid: str, stale: bool) -> bool:
+        """Admit ``pid`` once more; False (and the prompt is abandoned) once it has been
+        admitted ``max_admissions`` times."""
+        a = state.ledger.outstanding[pid]
+        if a.attempts >= self.settings.learner.max_admissions:
+            self.abandon(state, since, pid, f"after {a.attempts} admissions")
+            return False
+        entry_id = await self._publish(a.position, state.step)
+        state.ledger.readmit(pid, entry_id, time.time(), stale)
+        since.readmitted.append(pid)
+        self.metrics.prompts_readmitted.labels("stale" if stale else "overdue").inc()
+        return True
+
+    def abandon(self, state: LearnerState, since: Resolved, pid: str, why: str) -> None:
+        state.ledger.finish(pid, "abandoned")
+        since.abandoned.append(pid)
+        self.metrics.prompts_abandoned.inc()
+        log.warning("prompt %s abandoned: %s", pid, why)
+
+    async def readmit_overdue(
+        self, state: LearnerState, since: Resolved, waiting: set[str]
+    ) -> None:
+        """Admit again every prompt whose tree is overdue: not ``waiting`` here for a batch, not
+        queued on the prompts stream, not held by a live sampler (checked every few seconds)."""
+        after = self.settings.learner.readmit_after_s
+        now = time.monotonic()
+        if now - self.last_overdue_check < min(10.0, after / 4):
+            return
+        self.last_overdue_check = now
+        overdue = state.ledger.overdue(time.time(), after)
+        if not overdue:
+            return
+        keys = self.streams.keys
+        if (await self.streams.group_info(keys.trees, TREE_GROUP)).lag > 0:
+            return  # trees not yet read may be the overdue ones
+        for a in overdue:
+            if a.prompt_id in waiting:
+                continue
+            where, consumer = await self.streams.entry_state(keys.prompts, PROMPT_GROUP, a.entry_id)
+            if where == "queued":
+                continue
+            if where == "pending" and consumer and await self.streams.alive([consumer]):
+                continue
+            log.warning(
+                "prompt %s overdue (%.0fs, entry %s %s); admitting it again",
+                a.prompt_id,
+                time.time() - a.admitted_at,
+                a.entry_id,
+                where if consumer is None else f"held by dead {consumer}",
+            )
+            await self.readmit(state, since, a.prompt_id, stale=False)

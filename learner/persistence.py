@@ -1,0 +1,138 @@
+"""What the learner makes durable: checkpoints (then the acknowledgement of the trees they
+hold), published weight versions, and the final model directory.
+
+Trees are acknowledged only after the checkpoint that holds their update is on disk, so a
+crash neither loses nor double-trains one (the checkpoint lists every trained tree id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.metrics import LearnerMetrics
+from learner.state import LearnerState
+from learner.steplog import cut_step_log
+from learner.trainer import Engine, export_weights
+from learner.weight_server import WeightStore, announce
+from pipeline.config import LearnerSettings
+from pipeline.errors import ConfigError, Stopping, TransportError
+from pipeline.streams import TREE_GROUP, Streams
+
+log = logging.getLogger("learner.process")
+
+
+class Persistence:
+    def __init__(
+        self,
+        settings: LearnerSettings,
+        engine: Engine,
+        streams: Streams,
+        metrics: LearnerMetrics,
+        stop: asyncio.Event,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.streams = streams
+        self.metrics = metrics
+        self.stop = stop
+        self.work = Path(settings.learner.work_dir)
+        self.ckpt_root = self.work / "checkpoints"
+        self.store = WeightStore(self.work / "weights", keep=settings.weights.keep_versions)
+
+    def resume(self, rng: random.Random) -> LearnerState | None:
+        """The state of the newest checkpoint, with weights, optimizer and ``rng`` restored and
+        the step log cut back to it; None when there is no checkpoint."""
+        path = latest_checkpoint(self.ckpt_root)
+        if path is None:
+            return None
+        if self.engine.zero_stage > 0:
+            raise ConfigError(
+                f"resuming from {path} needs TREEPO_LEARNER__ZERO_STAGE=0: optimizer "
+                "partitions of ZeRO stages 1-3 are not restored yet"
+            )
+        saved = load_checkpoint(path, self.engine.module, self.engine.optimizer)
+        state = LearnerState.from_json(saved)
+        cut_step_log(self.work, state.step)
+        if state.python_rng is not None:
+            version, internal, gauss = state.python_rng
+            rng.setstate((version, tuple(internal), gauss))
+        log.info(
+            "resumed from %s: step %d, cursor %d, %d trees trained",
+            path,
+            state.step,
+            state.cursor,
+            len(state.trained),
+        )
+        return state
+
+    async def checkpoint(
+        self, state: LearnerState, rng: random.Random, entries: list[str]
+    ) -> list[str]:
+        """Save a checkpoint of ``state``, then acknowledge the tree ``entries`` it resolved;
+        returns the entries still to acknowledge (only when stopping with Redis away)."""
+        started = time.perf_counter()
+        state.python_rng = rng.getstate()
+        opts = self.settings.learner
+        await asyncio.to_thread(
+            save_checkpoint,
+            self.ckpt_root,
+            state.step,
+            self.engine.module,
+            self.engine.optimizer,
+            state.to_json(),
+            0,
+            opts.keep_checkpoints,
+        )
+        self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
+        keys = self.streams.keys
+        try:
+            await self.streams.ack(keys.trees, TREE_GROUP, entries)
+            # the streams only keep what some group has yet to read or acknowledge
+            for stream in (keys.trees, keys.prompts):
+                await self.streams.trim_acknowledged(stream)
+        except (TransportError, Stopping) as exc:
+            if not self.stop.is_set():
+                raise
+            # stopping: the shutdown's last checkpoint tries once more; if Redis is away, the
+            # trees stay pending and come back to this consumer on restart, where the
+            # checkpoint marks them as already resolved
+            log.warning("stopping: %d trees not acknowledged yet (%s)", len(entries), exc)
+            return entries
+        return []
+
+    async def publish(self, version: int, base_url: str) -> None:
+        """Export (once), serve and announce the weights of ``version``."""
+        started = time.perf_counter()
+        if version not in self.store.versions():
+            await asyncio.to_thread(
+                self.store.publish, version, lambda d: export_weights(self.engine, d)
+            )
+        data = self.store.manifest_bytes(version)
+        total = sum(p.stat().st_size for p in self.store.path(version).glob("*.safetensors"))
+        token = self.settings.weights.token
+        secret = token.get_secret_value() if token else None
+        try:
+            await announce(self.streams, version, base_url, data, total, secret)
+        except (TransportError, Stopping) as exc:
+            if not self.stop.is_set():
+                raise
+            # stopping with Redis away: the version is in the checkpoint and the weight store,
+            # and a restarted learner announces it first thing
+            log.warning("stopping: weights v%d not announced (%s)", version, exc)
+            return
+        self.metrics.publish_seconds.observe(time.perf_counter() - started)
+        self.metrics.publish_bytes.inc(total)
+
+    def save_final_model(self, tokenizer: Any, step: int) -> Path:
+        """The trained policy as a normal Hugging Face model directory (``<work>/model``)."""
+        out = self.work / "model"
+        self.engine.module.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+        log.info("final model (step %d) saved to %s", step, out)
+        return out
