@@ -263,11 +263,50 @@ def soak(d: dict[str, Any]) -> str:
     )
 
 
+def learner_packing(d: dict[str, Any]) -> str:
+    rows = [
+        [
+            f"{r['model']} {r['shape']}",
+            str(r["leaves"]),
+            f"{r['per_leaf_real_tokens']:.0f} / {r['packed_real_tokens']:.0f}",
+            f"**{r['sharing_factor']:.2f}**",
+            f"{r['per_leaf_padding_fraction']:.0%}",
+            f"{r['per_leaf_positions']} / {r['packed_positions']}",
+            f"{r['per_leaf_seconds']:.3f} / {r['packed_seconds']:.3f}",
+            f"**{r['step_time_ratio']:.2f}**",
+            f"{r['per_leaf_memory']['step_rss_increase_mib']:.0f} / "
+            f"{r['packed_memory']['step_rss_increase_mib']:.0f}",
+            f"{r['max_abs_logprob_diff']:.1e}",
+        ]
+        for r in d["rows"]
+    ]
+    return _table(
+        [
+            "model, tree shape",
+            "leaves",
+            "real tokens per-leaf / packed",
+            "sharing",
+            "per-leaf padding",
+            "positions computed per-leaf / packed",
+            "fwd+bwd s per-leaf / packed",
+            "speed-up",
+            "step memory MiB per-leaf / packed",
+            "max abs log-prob diff",
+        ],
+        rows,
+    ) + (
+        f"\n\nBest compute-bound shape {d['best_shape']}: speed-up {d['step_time_ratio']:.2f} at "
+        f"sharing {d['sharing_factor']:.2f} ({d['step_time_vs_sharing']:.2f} of it); packed row "
+        f"budget {d['row_tokens']} (0: one tree a row); best of {d['repeats']} alternating repeats."
+    )
+
+
 SECTIONS = [
     ("tree_vs_independent", "Tree vs independent sampling", tree_vs_independent),
     ("async_vs_sync", "Async vs sync pipeline", async_vs_sync),
     ("treepo_vs_grpo", "TreePO vs GRPO-style training at an equal token budget", treepo_vs_grpo),
     ("transport", "Transport", transport),
+    ("learner_packing", "Tree-packed vs per-leaf learner", learner_packing),
     ("weight_sync", "Weight sync", weight_sync),
     ("durability", "Redis durability: appendfsync always vs everysec", durability),
     ("soak", "Soak: random SIGKILLs of samplers, learner and redis-server", soak),

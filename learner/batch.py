@@ -9,7 +9,7 @@ whitened over all response tokens of the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,10 @@ class TrainBatch:
     raw_advantages: list[float]
     temperatures: torch.Tensor
     """[rows] sampling temperature of the row's tree (the learner's logits are divided by it)."""
+    trees: list[TreeRollout] = field(default_factory=list)
+    """The trees of the batch (the packed forward reads them)."""
+    row_leaf: list[tuple[int, int]] = field(default_factory=list)
+    """(tree index, leaf index) of each row."""
 
     @property
     def rows(self) -> int:
@@ -54,6 +58,8 @@ class TrainBatch:
             self.rewards,
             self.raw_advantages,
             self.temperatures.to(device),
+            self.trees,
+            self.row_leaf,
         )
 
     def select(self, index: torch.Tensor) -> TrainBatch:
@@ -70,6 +76,8 @@ class TrainBatch:
             [self.rewards[i] for i in idx],
             [self.raw_advantages[i] for i in idx],
             self.temperatures[index],
+            self.trees,
+            [self.row_leaf[i] for i in idx],
         )
 
 
@@ -93,7 +101,8 @@ def build_batch(
     raw: list[float] = []
     rewards: list[float] = []
     temps: list[float] = []
-    for tree in trees:
+    row_leaf: list[tuple[int, int]] = []
+    for t, tree in enumerate(trees):
         if tree.top_p != 1.0:
             raise ValueError(f"tree {tree.tree_id}: sampled with top_p {tree.top_p} < 1")
         paths = [tree.path(leaf.node) for leaf in tree.leaves]
@@ -102,6 +111,7 @@ def build_batch(
         raw.extend(tree_advantages(paths, leaf_rewards, mode))
         rewards.extend(leaf_rewards)
         rows += [(tree.prompt_token_ids, row) for row in _leaf_rows(tree, paths)]
+        row_leaf += [(t, k) for k in range(len(paths))]
     if not rows:
         raise ValueError("no leaves to train on")
     counts = [len(tokens) for _, (tokens, _, _) in rows]
@@ -126,4 +136,5 @@ def build_batch(
         advantages[i, lo:hi] = adv[i]
     temperatures = torch.tensor(temps, dtype=torch.float32, device="cpu")
     tensors = [torch.from_numpy(a) for a in (input_ids, attention, mask, mu, seg, advantages)]
-    return TrainBatch(*tensors, rewards, raw, temperatures)  # on the CPU; the trainer moves it
+    # on the CPU; the trainer moves it
+    return TrainBatch(*tensors, rewards, raw, temperatures, list(trees), row_leaf)

@@ -36,6 +36,22 @@ class LearnerMetrics:
         self.tokens_per_second = Gauge(
             p + "tokens_per_second", "Trained tokens per second of the last step.", registry=r
         )
+        self.tokens_computed = Counter(
+            p + "tokens_computed",
+            "Token positions the learner's forward passes computed (packed: each tree token once).",
+            registry=r,
+        )
+        self.tokens_per_leaf = Counter(
+            p + "tokens_per_leaf",
+            "Token positions one row per leaf would have computed for the same passes.",
+            registry=r,
+        )
+        self.seconds_saved = Gauge(
+            p + "seconds_saved",
+            "Estimated learner seconds tree packing saved against one row per leaf, cumulative "
+            "(each step's seconds x (per-leaf tokens / computed tokens - 1); negative if slower).",
+            registry=r,
+        )
         self.trees_consumed = Counter(
             p + "trees_consumed", "Trees read from the stream.", registry=r
         )
@@ -127,6 +143,10 @@ class LearnerMetrics:
         self.steps.inc()
         self.step_seconds.observe(r.seconds)
         self.tokens_trained.inc(tokens)
+        self.tokens_computed.inc(r.tokens_computed)
+        self.tokens_per_leaf.inc(r.tokens_per_leaf)
+        if r.tokens_computed:
+            self.seconds_saved.inc(r.seconds * (r.tokens_per_leaf / r.tokens_computed - 1))
         self.tokens_per_second.set(r.tokens_per_second)
         self.trees_trained.inc(r.trees)
         for lag in lags:

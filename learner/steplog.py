@@ -46,6 +46,10 @@ class StepRecord:
     approx_kl: float
     grad_norm: float
     lr: float
+    tokens_computed: float
+    """Token positions the step's forward passes computed (packed trees: each token once)."""
+    tokens_per_leaf: float
+    """What one row per leaf (no padding) would have computed for the same passes."""
 
     @staticmethod
     def loss_fields(stats: StepStats) -> dict[str, float]:
@@ -59,6 +63,8 @@ class StepRecord:
             "approx_kl": stats.approx_kl,
             "grad_norm": stats.grad_norm,
             "lr": stats.lr,
+            "tokens_computed": stats.tokens_computed,
+            "tokens_per_leaf": stats.tokens_per_leaf,
         }
 
 

@@ -22,6 +22,7 @@ import torch
 
 from learner.batch import TrainBatch
 from learner.loss import policy_loss
+from learner.packing import packed_batch_logprobs
 from pipeline.config import LearnerOptions, LossSettings
 
 log = logging.getLogger(__name__)
@@ -108,12 +109,19 @@ class StepStats:
     clip_fraction: float = 0.0
     ratio_mean: float = 1.0
     approx_kl: float = 0.0
+    tokens_computed: float = 0.0
+    """Token positions the step's forward passes computed (packed: each tree token once)."""
+    tokens_per_leaf: float = 0.0
+    """What one padded row per leaf would have computed for the same passes (no padding)."""
 
 
 def ds_config(opts: LearnerOptions) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": opts.gradient_accumulation_steps,
+        # by tokens the number of micro-batches varies: the trainer marks the boundary itself
+        "gradient_accumulation_steps": 1
+        if opts.micro_batch_tokens
+        else opts.gradient_accumulation_steps,
         "gradient_clipping": opts.grad_clip,
         "zero_optimization": {"stage": opts.zero_stage},
         "bf16": {"enabled": opts.precision == "bf16"},
@@ -163,32 +171,36 @@ def train_on_batch(
     lr = engine.set_lr(step)
     ds.eval()
     with torch.no_grad():
-        proximal = token_logprobs(
-            ds.module, batch.input_ids, batch.attention_mask, batch.temperatures
-        )
+        proximal, computed = batch_logprobs(ds.module, batch, opts)
     ds.train()
     gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
     totals: dict[str, float] = {}
     updates, seen_tokens = 0, 0.0
+    work = {"tokens_computed": float(computed), "tokens_per_leaf": _real_tokens(batch)}
     norms: list[float] = []
     for _ in range(opts.ppo_epochs):
-        order = torch.randperm(batch.rows, generator=gen, device="cpu")
+        order = _order(batch, opts, gen)
         for mb in _chunks(batch.rows, opts.mini_batches):
             rows = order[mb]
             mb_tokens = float(batch.mask[rows].sum().item())
-            micro = _chunks(len(rows), gas)
-            while len(micro) < gas:  # fewer rows than micro-batches: pad with empty steps
-                micro.append(micro[-1][:0])
-            for part in micro:
+            micro = micro_batches(batch, rows, opts)
+            for i, part in enumerate(micro):
+                last = i == len(micro) - 1
+                if opts.micro_batch_tokens:
+                    ds.set_gradient_accumulation_boundary(last)
                 sub = batch.select(rows[part]) if part.numel() else batch.select(rows[:1])
                 prox = proximal[sub_rows(rows, part, proximal.device)]
-                lp_loss, stats = _micro_loss(ds.module, sub, prox, loss)
-                # token mean over the whole mini-batch: DeepSpeed divides by gas itself
-                scale = stats["tokens"] / max(1.0, mb_tokens) * gas if part.numel() else 0.0
-                ds.backward(lp_loss * scale)
+                lp_loss, stats, computed = _micro_loss(ds.module, sub, prox, loss, opts)
+                if part.numel():
+                    work["tokens_computed"] += computed
+                    work["tokens_per_leaf"] += _real_tokens(sub)
+                # token mean over the whole mini-batch: DeepSpeed divides by its gas itself
+                scale = stats["tokens"] / max(1.0, mb_tokens) if part.numel() else 0.0
+                ds.backward(lp_loss * scale * (1 if opts.micro_batch_tokens else gas))
                 if engine.zero_stage == 0 and ds.is_gradient_accumulation_boundary():
                     norms.append(_grad_norm(ds.module))
-                ds.step()
+                if last or not opts.micro_batch_tokens:
+                    ds.step()
                 if part.numel():  # token-weighted averages over all micro-batches
                     weight = stats.pop("tokens")
                     seen_tokens += weight
@@ -201,15 +213,91 @@ def train_on_batch(
         lr=lr,
         grad_norm=sum(norms) / len(norms) if norms else float(ds.get_global_grad_norm() or 0.0),
         **{k: v / max(1.0, seen_tokens) for k, v in totals.items()},
+        **work,
     )
 
 
+def micro_batches(
+    batch: TrainBatch, rows: torch.Tensor, opts: LearnerOptions
+) -> list[torch.Tensor]:
+    """Positions in ``rows`` of each micro-batch: ``gradient_accumulation_steps`` equal parts
+    (padded with empty ones), or consecutive groups of at most ``micro_batch_tokens`` token
+    positions (a row that alone exceeds the budget is a group of its own)."""
+    if not opts.micro_batch_tokens:
+        gas = opts.gradient_accumulation_steps
+        micro = _chunks(len(rows), gas)
+        while len(micro) < gas:  # fewer rows than micro-batches: pad with empty steps
+            micro.append(micro[-1][:0])
+        return micro
+    groups: list[list[int]] = [[]]
+    used, seen = 0, {}  # seen: tree -> nodes already in the current group
+    for pos, r in enumerate(rows.tolist()):
+        cost = _row_cost(batch, r, seen, opts.packing)
+        if groups[-1] and used + cost > opts.micro_batch_tokens:
+            groups.append([])
+            used, seen = 0, {}
+            cost = _row_cost(batch, r, seen, opts.packing)
+        groups[-1].append(pos)
+        used += cost
+        if opts.packing == "tree" and batch.row_leaf:
+            t, leaf = batch.row_leaf[r]
+            tree = batch.trees[t]
+            seen.setdefault(t, set()).update(tree.path(tree.leaves[leaf].node))
+    return [torch.tensor(g, dtype=torch.long, device="cpu") for g in groups]
+
+
+def _row_cost(batch: TrainBatch, r: int, seen: dict[int, set[int]], packing: str) -> int:
+    """Token positions row ``r`` adds to a micro-batch that already holds ``seen``."""
+    if packing != "tree" or not batch.row_leaf:
+        return int(batch.input_ids.shape[1])
+    t, leaf = batch.row_leaf[r]
+    tree = batch.trees[t]
+    new = [n for n in tree.path(tree.leaves[leaf].node) if n not in seen.get(t, ())]
+    prompt = 0 if t in seen else len(tree.prompt_token_ids)
+    return prompt + sum(len(tree.nodes[n].token_ids) for n in new)
+
+
+def _real_tokens(batch: TrainBatch) -> float:
+    return float(batch.attention_mask.sum().item())
+
+
+def _order(batch: TrainBatch, opts: LearnerOptions, gen: torch.Generator) -> torch.Tensor:
+    """A random order of the rows; packed, the trees are shuffled and each tree's leaves stay
+    together, so a mini-batch splits as few trees as possible."""
+    if opts.packing == "leaf" or not batch.row_leaf:
+        return torch.randperm(batch.rows, generator=gen, device="cpu")
+    trees = torch.randperm(len(batch.trees), generator=gen, device="cpu").tolist()
+    rows_of: dict[int, list[int]] = {}
+    for r, (t, _) in enumerate(batch.row_leaf):
+        rows_of.setdefault(t, []).append(r)
+    rows = [r for t in trees for r in rows_of.get(t, [])]
+    return torch.tensor(rows, dtype=torch.long, device="cpu")
+
+
+def batch_logprobs(
+    module: torch.nn.Module, batch: TrainBatch, opts: LearnerOptions
+) -> tuple[torch.Tensor, float]:
+    """[rows, L-1] log-probs of the batch's targets under ``module`` (by the packed path unless
+    ``opts.packing == "leaf"``), and the token positions the forward computed."""
+    if opts.packing == "tree" and batch.row_leaf:
+        lp, computed = packed_batch_logprobs(
+            module, batch.trees, batch.row_leaf, batch.mask, opts.pack_row_tokens
+        )
+        return lp, float(computed)
+    lp = token_logprobs(module, batch.input_ids, batch.attention_mask, batch.temperatures)
+    return lp, float(batch.input_ids.numel())
+
+
 def _micro_loss(
-    module: torch.nn.Module, sub: TrainBatch, proximal: torch.Tensor, loss: LossSettings
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The TreePO loss of one micro-batch under the current weights."""
-    logprobs = token_logprobs(module, sub.input_ids, sub.attention_mask, sub.temperatures)
-    return policy_loss(
+    module: torch.nn.Module,
+    sub: TrainBatch,
+    proximal: torch.Tensor,
+    loss: LossSettings,
+    opts: LearnerOptions,
+) -> tuple[torch.Tensor, dict[str, float], float]:
+    """The TreePO loss of one micro-batch under the current weights (and tokens computed)."""
+    logprobs, computed = batch_logprobs(module, sub, opts)
+    value, stats = policy_loss(
         logprobs,
         proximal,
         sub.behavior_logprobs,
@@ -223,6 +311,7 @@ def _micro_loss(
         is_cap=loss.is_cap,
         is_band=loss.is_band,
     )
+    return value, stats, computed
 
 
 def token_logprobs(

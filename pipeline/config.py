@@ -301,6 +301,20 @@ class LearnerOptions(_Section):
     """Micro-batches per mini-batch (each mini-batch's rows are split into this many)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    packing: Literal["tree", "leaf"] = "tree"
+    """How a batch is computed: ``tree`` packs each tree into one sequence with a tree attention
+    mask, so every shared prefix token is computed once; ``leaf`` runs one padded row per leaf
+    (the reference; needed for attention kernels that take no 4-D mask)."""
+    micro_batch_tokens: int = Field(0, ge=0, le=1_000_000_000)
+    """Token positions per forward/backward (packed tokens, or rows x padded length with
+    ``packing = leaf``): each mini-batch is cut into as many micro-batches as this needs and
+    their gradients accumulated, so peak memory follows the setting whatever the tree shapes (a
+    single leaf longer than it is computed alone). 0: ``gradient_accumulation_steps`` parts by
+    rows."""
+    pack_row_tokens: int = Field(0, ge=0, le=10_000_000)
+    """Tokens per packed row: trees share a row up to this many (0 = one tree per row). On the
+    dense 4-D mask path (CPU, SDPA) attention inside a row costs its length squared, so sharing
+    a row pays only for trees much shorter than the padding they save (bench/learner_packing)."""
     publish_every: int = Field(1, ge=1, le=1_000_000)
     """Publish weights every this many steps (needs max_staleness >= publish_every - 1)."""
     checkpoint_every: int = Field(1, ge=1, le=1_000_000)

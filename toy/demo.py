@@ -279,6 +279,13 @@ def summarise(
         "gpu_seconds_used": used,
         "gpu_seconds_independent": alone,
         "gpu_seconds_saved": alone - used,
+        "learner_tokens_computed": sum(s.get("tokens_computed", 0.0) for s in steps),
+        "learner_tokens_per_leaf": sum(s.get("tokens_per_leaf", 0.0) for s in steps),
+        "learner_seconds_saved": sum(
+            s["seconds"] * (s["tokens_per_leaf"] / s["tokens_computed"] - 1)
+            for s in steps
+            if s.get("tokens_computed")
+        ),
         "trees": sav["treepo_sampler_trees_total"],
         "leaves": sav["treepo_sampler_leaves_total"],
         "staleness_mean": sum(s["staleness_mean"] for s in steps) / n,
@@ -305,6 +312,11 @@ def report(summary: dict[str, Any], png: Path) -> None:
         f"sampling of the same leaves needs {summary['independent_tokens']:.0f} "
         f"({summary['token_savings']:.0%} saved); estimated engine-seconds "
         f"{summary['gpu_seconds_used']:.1f} vs {summary['gpu_seconds_independent']:.1f}"
+    )
+    print(
+        f"[demo] tree-packed learner computed {summary['learner_tokens_computed']:.0f} token "
+        f"positions where one row per leaf needs {summary['learner_tokens_per_leaf']:.0f}; "
+        f"estimated learner seconds saved {summary['learner_seconds_saved']:.1f}"
     )
     print(
         f"[demo] staleness mean {summary['staleness_mean']:.2f}, "

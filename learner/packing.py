@@ -1,0 +1,296 @@
+"""Tree-packed forward: every token of a tree is computed once, in forward and in backward.
+
+A tree becomes one packed sequence: its prompt once, then the tokens of each node once (nodes
+in index order, so parents come before their children). Token q may attend token k when k's node
+is q's node or one of its ancestors (the prompt is everyone's ancestor) and k does not come after
+q. Position ids are positions along the token's own path, so they equal those of the per-leaf
+row. Several trees share a packed row up to a token budget, with no padding between them;
+attention never crosses trees. Each response token is predicted from the hidden state of the
+token before it on its path (the last token of its parent path for a node's first token), and
+its log-prob is computed once however many leaves pass through it; a leaf's log-probs are then
+a gather of those, so the per-leaf loss keeps its definition (a shared token contributes once
+per leaf, with that leaf's advantage) and autograd sums the shared gradient.
+
+The mask is a 4-D boolean tensor handed to the model's own SDPA (or eager) attention, which
+transformers uses as given; inside a packed row every pair is computed and the disallowed ones
+masked, so a row costs its length squared in attention (the default packs one tree a row). The
+vocabulary projection runs in chunks of ``chunk`` tokens, so no ``[tokens, vocab]`` float32
+log-softmax is ever held whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.messages import TreeRollout
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+"""Attention implementations that take an arbitrary 4-D mask (flash-attention does not)."""
+
+
+@dataclass
+class PackedTree:
+    """One tree (or the part of it that some leaves need), laid out as a packed sequence."""
+
+    tokens: np.ndarray
+    """[n] token ids: the prompt, then each needed node's tokens."""
+    positions: np.ndarray
+    """[n] position of each token along its own path."""
+    predictor: np.ndarray
+    """[n] index of the token whose hidden state predicts this one (-1 for prompt tokens)."""
+    leaf_tokens: list[np.ndarray]
+    """Per requested leaf: indices of its response tokens in this sequence, in path order."""
+    temperature: float
+    groups: list[tuple[int, int, np.ndarray]]
+    """(first token, tokens, indices of the earlier tokens it sees) of the prompt and of each
+    non-empty node: a group's tokens see those and, causally, each other."""
+
+    def allowed(self) -> np.ndarray:
+        """[n, n] True where query token q may attend key token k."""
+        n = len(self.tokens)
+        mask = np.zeros((n, n), dtype=bool)
+        for q, k, before in self.groups:
+            mask[q : q + k, before] = True
+            mask[q : q + k, q : q + k] = np.tri(k, dtype=bool)
+        return mask
+
+
+def pack_tree(tree: TreeRollout, leaves: list[int] | None = None) -> PackedTree:
+    """The packed layout of ``tree`` restricted to the paths of ``leaves`` (leaf indices; all
+    when None)."""
+    chosen = range(len(tree.leaves)) if leaves is None else leaves
+    paths = [tree.path(tree.leaves[i].node) for i in chosen]
+    needed = sorted({n for p in paths for n in p})
+    prompt = tree.prompt_token_ids
+    if len(prompt) == 0:
+        raise ValueError(f"tree {tree.tree_id}: an empty prompt cannot be packed")
+    parts, positions, predictor = [prompt], [np.arange(len(prompt))], []
+    predictor.append(np.full(len(prompt), -1, np.int64))
+    start: dict[int, int] = {}
+    last = {-1: len(prompt) - 1}  # index of the last token of the path ending at a node
+    depth_len = {-1: 0}  # response tokens on the path ending at a node
+    cursor = len(prompt)
+    seen_before = {-1: np.arange(len(prompt))}  # keys a node's tokens see before their own
+    groups = [(0, len(prompt), np.zeros(0, np.int64))]
+    for node in needed:
+        parent = tree.nodes[node].parent
+        k = len(tree.nodes[node].token_ids)
+        start[node] = cursor
+        parts.append(tree.nodes[node].token_ids)
+        positions.append(len(prompt) + depth_len[parent] + np.arange(k))
+        pred = np.arange(cursor - 1, cursor + k - 1)
+        if k:
+            pred[0] = last[parent]
+        predictor.append(pred)
+        depth_len[node] = depth_len[parent] + k
+        last[node] = cursor + k - 1 if k else last[parent]
+        before = seen_before[-1] if parent == -1 else seen_before[parent]
+        if k:
+            groups.append((cursor, k, before))
+        seen_before[node] = np.concatenate([before, np.arange(cursor, cursor + k)])
+        cursor += k
+    leaf_tokens = [
+        np.concatenate(
+            [np.arange(start[n], start[n] + len(tree.nodes[n].token_ids)) for n in p]
+            or [np.zeros(0, np.int64)]
+        )
+        for p in paths
+    ]
+    return PackedTree(
+        np.concatenate(parts).astype(np.int64),
+        np.concatenate(positions),
+        np.concatenate(predictor),
+        leaf_tokens,
+        float(tree.temperature),
+        groups,
+    )
+
+
+@dataclass
+class PackedBatch:
+    """Trees packed into rows; ``leaf_index`` maps every requested leaf to its tokens."""
+
+    input_ids: torch.Tensor
+    """[rows, T] token ids (0 after the last tree of a row)."""
+    position_ids: torch.Tensor
+    """[rows, T]"""
+    attention: torch.Tensor
+    """[rows, 1, T, T] True where query may attend key (a padding position sees itself)."""
+    pred_row: torch.Tensor
+    """[m] row of each response token computed (m = response tokens packed)."""
+    pred_col: torch.Tensor
+    """[m] column of the hidden state that predicts it."""
+    target: torch.Tensor
+    """[m] its token id."""
+    temperature: torch.Tensor
+    """[m] its tree's sampling temperature."""
+    leaf_index: list[torch.Tensor]
+    """Per requested leaf: indices into the m computed tokens, in path order."""
+    tokens: int
+    """Real tokens in the packed rows (prompts + responses, each once)."""
+
+
+def _fill_rows(lengths: list[int], budget: int) -> tuple[list[list[int]], list[int]]:
+    """Consecutive sequences grouped into rows of at most ``budget`` tokens (0: one per row)."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i, n in enumerate(lengths):
+        if rows and budget and used[-1] + n <= budget:
+            rows[-1].append(i)
+            used[-1] += n
+        else:
+            rows.append([i])
+            used.append(n)
+    return rows, used
+
+
+def pack(
+    trees: list[TreeRollout], leaves: list[list[int]] | None = None, row_tokens: int = 0
+) -> PackedBatch:
+    """Pack ``trees`` (``leaves[i]``: the leaves of tree i to compute; all when None) into rows
+    of at most ``row_tokens`` tokens (0: one tree per row); a tree longer than the budget gets a
+    row of its own. Leaves come back in the order given."""
+    packed = [pack_tree(t, None if leaves is None else leaves[i]) for i, t in enumerate(trees)]
+    rows, used = _fill_rows([len(p.tokens) for p in packed], row_tokens)
+    width, r, cpu = max(used), len(rows), torch.device("cpu")
+    input_ids = torch.zeros((r, width), dtype=torch.long, device=cpu)
+    position_ids = torch.zeros((r, width), dtype=torch.long, device=cpu)
+    attention = torch.zeros((r, 1, width, width), dtype=torch.bool, device=cpu)
+    attention[:, 0] |= torch.eye(width, dtype=torch.bool, device=cpu)  # padding sees itself
+    pr, pc, tg, tp, computed_at = [], [], [], [], {}
+    m = 0
+    for row, members in enumerate(rows):
+        offset = 0
+        for i in members:
+            p = packed[i]
+            n = len(p.tokens)
+            sl = slice(offset, offset + n)
+            input_ids[row, sl] = torch.from_numpy(p.tokens)
+            position_ids[row, sl] = torch.from_numpy(p.positions)
+            attention[row, 0, sl, sl] = torch.from_numpy(p.allowed())
+            response = np.nonzero(p.predictor >= 0)[0]
+            pr.append(np.full(len(response), row))
+            pc.append(p.predictor[response] + offset)
+            tg.append(p.tokens[response])
+            tp.append(np.full(len(response), p.temperature, np.float32))
+            slot = np.full(n, -1, np.int64)
+            slot[response] = m + np.arange(len(response))
+            computed_at[i] = slot
+            m += len(response)
+            offset += n
+    leaf_index = [
+        torch.from_numpy(computed_at[i][idx]) for i, p in enumerate(packed) for idx in p.leaf_tokens
+    ]
+
+    def cat(parts: list[Any], dtype: Any) -> torch.Tensor:
+        if not parts:
+            return torch.zeros(0, device="cpu")
+        return torch.from_numpy(np.concatenate(parts).astype(dtype))
+
+    return PackedBatch(
+        input_ids,
+        position_ids,
+        attention,
+        cat(pr, np.int64),
+        cat(pc, np.int64),
+        cat(tg, np.int64),
+        cat(tp, np.float32),
+        leaf_index,
+        sum(used),
+    )
+
+
+def check_model(model: torch.nn.Module) -> None:
+    """Refuse models the packed forward would compute wrongly: attention that ignores a custom
+    4-D mask, logits that are not a plain projection of the last hidden state, sliding-window
+    attention layers."""
+    config = model.config
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"tree packing needs attention that takes a 4-D mask ({', '.join(SUPPORTED_ATTENTION)}"
+            f"); the model uses {impl!r}: set TREEPO_LEARNER__PACKING=leaf"
+        )
+    if getattr(config, "final_logit_softcapping", None):
+        raise ValueError(
+            "tree packing does not support final_logit_softcapping models: "
+            "set TREEPO_LEARNER__PACKING=leaf"
+        )
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        raise ValueError(
+            "tree packing does not support sliding-window attention layers: "
+            "set TREEPO_LEARNER__PACKING=leaf"
+        )
+
+
+def packed_token_logprobs(
+    model: torch.nn.Module, batch: PackedBatch, chunk: int = 4096
+) -> torch.Tensor:
+    """[m] log p_T(token | its path) of every packed response token, each computed once."""
+    device = next(model.parameters()).device
+    hidden = model.base_model(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention.to(device),
+        position_ids=batch.position_ids.to(device),
+    ).last_hidden_state
+    head = model.get_output_embeddings()
+    out = []
+    for lo in range(0, len(batch.target), chunk):
+        sl = slice(lo, lo + chunk)
+        h = hidden[batch.pred_row[sl].to(device), batch.pred_col[sl].to(device)]
+        logits = head(h).float() / batch.temperature[sl].to(device).unsqueeze(-1)
+        target = batch.target[sl].to(device).unsqueeze(-1)
+        out.append(logits.gather(-1, target).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def leaf_logprobs(
+    model: torch.nn.Module, trees: list[TreeRollout], row_tokens: int = 0
+) -> list[list[torch.Tensor]]:
+    """For each tree and each of its leaves (in the tree's leaf order), the log-probs of the
+    leaf's response tokens under ``model`` at the tree's temperature, by the packed path."""
+    check_model(model)
+    batch = pack(trees, row_tokens=row_tokens)
+    token_lp = packed_token_logprobs(model, batch)
+    flat = [token_lp[idx.to(token_lp.device)] for idx in batch.leaf_index]
+    out, k = [], 0
+    for tree in trees:
+        out.append(flat[k : k + len(tree.leaves)])
+        k += len(tree.leaves)
+    return out
+
+
+def packed_batch_logprobs(
+    model: torch.nn.Module,
+    trees: list[TreeRollout],
+    row_leaf: list[tuple[int, int]],
+    mask: torch.Tensor,
+    row_tokens: int = 0,
+) -> tuple[torch.Tensor, int]:
+    """The per-leaf layout of ``learner.batch.TrainBatch`` computed by the packed path: row r is
+    leaf ``row_leaf[r] = (tree, leaf)``, its response log-probs go where ``mask[r]`` is 1 (the
+    targets of its response tokens), zeros elsewhere. Returns ([rows, L-1] log-probs, tokens
+    the packed forward computed)."""
+    check_model(model)
+    rows_of: dict[int, list[int]] = {}
+    for r, (t, _) in enumerate(row_leaf):
+        rows_of.setdefault(t, []).append(r)
+    order = list(rows_of)
+    batch = pack(
+        [trees[t] for t in order], [[row_leaf[r][1] for r in rows_of[t]] for t in order], row_tokens
+    )
+    token_lp = packed_token_logprobs(model, batch)
+    rows = [r for t in order for r in rows_of[t]]
+    device = token_lp.device
+    values = torch.cat([token_lp[idx.to(device)] for idx in batch.leaf_index])
+    where = [torch.nonzero(mask[r], as_tuple=True)[0] for r in rows]
+    if [len(w) for w in where] != [len(i) for i in batch.leaf_index]:
+        raise ValueError("packed leaves do not match the batch's response masks")
+    row_idx = torch.cat([torch.full_like(w, r) for r, w in zip(rows, where)]).to(device)
+    col_idx = torch.cat(where).to(device)
+    out = torch.zeros(mask.shape, dtype=token_lp.dtype, device=device)
+    return out.index_put((row_idx, col_idx), values), batch.tokens

@@ -1,0 +1,208 @@
+"""The tree-packed forward against the per-leaf padded one (the reference): log-probs and
+gradients on random trees of random shapes, prompts, lengths and temperatures, on a small
+random Qwen2 model with SDPA attention."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from learner.batch import build_batch
+from learner.packing import check_model, leaf_logprobs, pack, pack_tree
+from learner.trainer import token_logprobs
+from pipeline.messages import RolloutLeaf, TreeRollout
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    return Qwen2ForCausalLM(config).float().eval()
+
+
+def random_tree(rng: random.Random, empty_nodes: bool = True) -> TreeRollout:
+    """A random tree: 1-5 prompt tokens, up to 12 nodes of 0-6 tokens (0 only when allowed),
+    random parents, every childless node a leaf."""
+    tree = TreeRollout([rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 5))])
+    tree.temperature = rng.choice([1.0, 0.7, 1.3])
+    for i in range(rng.randint(1, 12)):
+        parent = rng.randint(-1, i - 1)
+        k = rng.randint(0 if empty_nodes else 1, 6)
+        tree.add_node(
+            parent, [rng.randrange(VOCAB) for _ in range(k)], [-rng.random() for _ in range(k)]
+        )
+    parents = {n.parent for n in tree.nodes}
+    for i in range(len(tree.nodes)):
+        if i not in parents:
+            tree.leaves.append(RolloutLeaf(i, float(rng.choice([-1, 1])), "eos"))
+    return tree
+
+
+def reference(model: torch.nn.Module, trees: list[TreeRollout]) -> list[list[torch.Tensor]]:
+    """Per-leaf padded rows (learner.batch + trainer.token_logprobs), cut to each response."""
+    batch = build_batch(trees)
+    lp = token_logprobs(model, batch.input_ids, batch.attention_mask, batch.temperatures)
+    out, row = [], 0
+    for tree in trees:
+        leaves = []
+        for _ in tree.leaves:
+            leaves.append(lp[row][batch.mask[row] == 1])
+            row += 1
+        out.append(leaves)
+    return out
+
+
+def test_layout_of_a_small_tree() -> None:
+    """prompt [7, 8]; n0 = [1, 2]; n1 = [3] and n2 = [4, 5] under n0."""
+    tree = TreeRollout([7, 8])
+    tree.add_node(-1, [1, 2], [-0.1, -0.1])
+    tree.add_node(0, [3], [-0.1])
+    tree.add_node(0, [4, 5], [-0.1, -0.1])
+    tree.add_leaf(1, "eos")
+    tree.add_leaf(2, "eos")
+    p = pack_tree(tree)
+    assert p.tokens.tolist() == [7, 8, 1, 2, 3, 4, 5]
+    assert p.positions.tolist() == [0, 1, 2, 3, 4, 4, 5]  # n2 starts where n1 did
+    assert p.predictor.tolist() == [-1, -1, 1, 2, 3, 3, 5]  # both children read n0's last
+    # (first token, tokens, earlier keys seen): n2 sees the prompt and n0, not n1
+    groups = [(q, k, keys.tolist()) for q, k, keys in p.groups]
+    assert groups == [(0, 2, []), (2, 2, [0, 1]), (4, 1, [0, 1, 2, 3]), (5, 2, [0, 1, 2, 3])]
+    allowed = p.allowed()
+    assert allowed[5].tolist() == [True, True, True, True, False, True, False]  # not n1
+    assert allowed[4].tolist() == [True] * 5 + [False, False]
+    assert [x.tolist() for x in p.leaf_tokens] == [[2, 3, 4], [2, 3, 5, 6]]
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("row_tokens", [0, 64])
+def test_packed_logprobs_equal_the_per_leaf_rows(
+    model: torch.nn.Module, seed: int, row_tokens: int
+) -> None:
+    rng = random.Random(seed)
+    trees = [random_tree(rng) for _ in range(rng.randint(1, 4))]
+    trees.append(random_tree(rng))  # always at least two trees
+    single = TreeRollout([5])
+    single.add_node(-1, [1, 2, 3], [-0.1] * 3)
+    single.leaves.append(RolloutLeaf(0, 1.0, "eos"))
+    trees.append(single)  # a single-leaf tree
+    with torch.no_grad():
+        want = reference(model, trees)
+        got = leaf_logprobs(model, trees, row_tokens=row_tokens)
+    assert [len(g) for g in got] == [len(t.leaves) for t in trees]
+    for tw, tg in zip(want, got):
+        for w, g in zip(tw, tg):
+            assert g.shape == w.shape
+            assert torch.allclose(g, w, atol=1e-4, rtol=0), (g - w).abs().max()
+
+
+def test_packing_computes_each_shared_token_once() -> None:
+    rng = random.Random(3)
+    trees = [random_tree(rng, empty_nodes=False) for _ in range(5)]
+    batch = pack(trees, row_tokens=10_000)
+    unique = sum(len(t.prompt_token_ids) + sum(len(n.token_ids) for n in t.nodes) for t in trees)
+    assert batch.tokens == unique and batch.input_ids.shape[0] == 1
+    assert len(batch.target) == sum(len(n.token_ids) for t in trees for n in t.nodes)
+    per_leaf = sum(t.response_length(x.node) for t in trees for x in t.leaves)
+    assert sum(len(i) for i in batch.leaf_index) == per_leaf
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gradients_equal_the_per_leaf_path(model: torch.nn.Module, seed: int) -> None:
+    """A per-leaf loss (random weight per leaf token): shared tokens count once per leaf."""
+    rng = random.Random(100 + seed)
+    trees = [random_tree(rng) for _ in range(3)]
+    gen = torch.Generator().manual_seed(seed)
+
+    def grads(logprobs: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        model.zero_grad()
+        g = torch.Generator().manual_seed(seed)
+        loss = sum(
+            (lp * torch.randn(lp.shape, generator=g)).sum() for leaves in logprobs for lp in leaves
+        )
+        loss.backward()  # type: ignore[union-attr]
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    del gen
+    want = grads(reference(model, trees))
+    got = grads(leaf_logprobs(model, trees))
+    for w, g in zip(want, got):
+        scale = w.abs().max().clamp_min(1e-6)
+        assert ((w - g).abs().max() / scale) < 1e-4
+
+
+def test_models_the_packed_forward_would_get_wrong_are_refused(model: torch.nn.Module) -> None:
+    model.config._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(ValueError, match=r"4-D mask.*PACKING=leaf"):
+            check_model(model)
+    finally:
+        model.config._attn_implementation = "sdpa"
+    saved = model.config.layer_types
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    try:
+        with pytest.raises(ValueError, match=r"sliding-window.*PACKING=leaf"):
+            check_model(model)
+    finally:
+        model.config.layer_types = saved
+
+
+@pytest.mark.slow
+def test_micro_batches_by_tokens_bound_the_work_and_keep_the_update(toy_model) -> None:  # type: ignore[no-untyped-def]
+    """One step with a small token budget (several accumulated micro-batches, each within the
+    budget) moves the weights as one step over the whole batch does."""
+    from learner.trainer import build_engine, full_state_dict, micro_batches, train_on_batch
+    from pipeline.config import LearnerOptions, LossSettings
+
+    rng = random.Random(7)
+    trees = []
+    for _ in range(4):
+        t = random_tree(rng)
+        for node in t.nodes:
+            node.token_ids = node.token_ids % 32
+        t.prompt_token_ids = t.prompt_token_ids % 32
+        trees.append(t)
+    batch = build_batch(trees)
+    results = []
+    for budget in (0, 24):
+        opts = LearnerOptions(model=str(toy_model), lr=1e-3, micro_batch_tokens=budget)
+        torch.manual_seed(0)
+        engine = build_engine(toy_model, opts)
+        if budget:
+            parts = micro_batches(batch, torch.arange(batch.rows), opts)
+            assert len(parts) > 2
+            for part in parts:
+                held = batch.select(part).row_leaf
+                present = sorted({t for t, _ in held})
+                leaves = [[k for t, k in held if t == i] for i in present]
+                tokens = pack([trees[i] for i in present], leaves).tokens
+                assert len(part) == 1 or tokens <= budget, (tokens, budget)
+        start = full_state_dict(engine)
+        stats = train_on_batch(engine, batch, opts, LossSettings(), step=0)
+        results.append((stats, full_state_dict(engine)))
+    (s0, w0), (s1, w1) = results
+    assert s1.tokens_computed > 0 and abs(s0.loss - s1.loss) < 1e-5
+    # the gradient before clipping (scale included: Adam's update alone would hide a scale)
+    assert abs(s0.grad_norm - s1.grad_norm) <= 1e-4 * s0.grad_norm, (s0.grad_norm, s1.grad_norm)
+    # the update's direction: Adam normalises each element, so float noise in near-zero
+    # gradients (different padding, different sums) moves single elements; the step as a whole
+    # must be the same one
+    d0 = torch.cat([(w0[k] - start[k]).flatten() for k in w0])
+    d1 = torch.cat([(w1[k] - start[k]).flatten() for k in w0])
+    assert float(torch.nn.functional.cosine_similarity(d0, d1, dim=0)) > 0.99
+    assert abs(float(d0.norm() / d1.norm()) - 1) < 0.01
