@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from learner.ledger import prompt_id
 from learner.metrics import LearnerMetrics
 from learner.state import LearnerState, Resolved
 from pipeline.config import LearnerSettings
+from pipeline.errors import ConfigError
 from pipeline.messages import PromptTask
 from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Streams
 from pipeline.tasks import ArithTask, Problem, load_dataset
@@ -31,13 +33,19 @@ def load_problems(settings: LearnerSettings) -> list[Problem]:
 
 
 def encode_prompt(tokenizer: Any, text: str, chat_template: bool) -> list[int]:
-    """Token ids of a prompt, through the tokenizer's chat template when asked."""
+    """Token ids of a prompt, through the tokenizer's chat template when asked (transformers 5
+    returns a ``BatchEncoding`` from ``apply_chat_template``, earlier versions a list)."""
     if chat_template:
-        ids = tokenizer.apply_chat_template(
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                "TREEPO_LEARNER__CHAT_TEMPLATE=true but the model's tokenizer has no chat template"
+            )
+        out = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
         )
-        return list(ids)
-    return list(tokenizer(text)["input_ids"])
+        ids = out["input_ids"] if isinstance(out, Mapping) else out
+        return [int(i) for i in ids]
+    return [int(i) for i in tokenizer(text)["input_ids"]]
 
 
 class Admission:

@@ -303,20 +303,21 @@ M = TypeVar("M", PromptTask, TreeRollout, WeightAnnouncement, Heartbeat)
 # --------------------------------------------------------------------------------------------
 
 
-def _wire_bytes(values: Any, code: str) -> bytes:
-    data: bytes = np.asarray(values, dtype=_WIRE[code]).tobytes()
-    return data
+def _wire_bytes(values: Any, code: str) -> memoryview:
+    """The little-endian bytes of ``values`` as a buffer msgpack packs as ``bin`` (no copy when
+    ``values`` already is a contiguous array of the wire type)."""
+    return np.ascontiguousarray(np.asarray(values, dtype=_WIRE[code])).data.cast("B")
 
 
-def _int32(values: Any) -> bytes:
+def _int32(values: Any) -> memoryview:
     return _wire_bytes(values, "i")
 
 
-def _float32(values: Any) -> bytes:
+def _float32(values: Any) -> memoryview:
     return _wire_bytes(values, "f")
 
 
-def _float64(values: Any) -> bytes:
+def _float64(values: Any) -> memoryview:
     return _wire_bytes(values, "d")
 
 
