@@ -14,7 +14,7 @@ advantage; the TreePO loss has this form) in one process, repeats alternating th
 of the repeats counts); token positions computed, padding fraction of the per-leaf rows, the
 sharing factor (per-leaf real tokens / packed real tokens), the largest log-prob difference
 between the paths, and the peak resident memory of a fresh process that loads the model and runs
-one forward + backward on each path (`ru_maxrss`).
+one forward + backward on each path (peak reset after the model is loaded, `VmHWM`).
 
     python -m bench.learner_packing [--quick]
 """
@@ -22,9 +22,9 @@ one forward + backward on each path (`ru_maxrss`).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
-import resource
 import subprocess
 import sys
 import time
@@ -141,10 +141,19 @@ def child(model_dir: str, trees_file: str, path: str, row_tokens: int) -> None:
         trees.append(decode_as(raw[i + 8 : i + 8 + n], TreeRollout))
         i += 8 + n
     model = load(Path(model_dir))
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    base = _status_kib("VmRSS")
     step(model, trees, path, row_tokens)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     print(json.dumps({"peak_rss_mib": peak / 1024, "step_rss_increase_mib": (peak - base) / 1024}))
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def peak_memory(
@@ -206,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=None, help="alternating repeats (3; 1 quick)")
     p.add_argument("--row-tokens", type=int, default=0, help="packed row budget (0: a tree a row)")
+    p.add_argument("--model", type=Path, default=None, help="toy model directory (built if absent)")
     args = p.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     from bench.tree_vs_independent import build_compute_model
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = ROOT / ".cache" / ("bench-compute-quick" if args.quick else "bench-compute")
     models = {
         "compute": build_compute_model(cache, args.quick),
-        "toy": build_toy_model(ROOT / "runs" / "toy-model", seed=0),
+        "toy": args.model or build_toy_model(ROOT / "runs" / "toy-model", seed=0),
     }
     vocab = {
         k: json.loads((v / "config.json").read_text())["vocab_size"] for k, v in models.items()
@@ -238,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         "note": (
             "forward + backward of a per-leaf loss, best of alternating repeats, CPU fp32 with "
             "SDPA and a dense 4-D mask (attention inside a packed row is computed for every "
-            "pair, masked); memory: peak RSS of a fresh process per path"
+            "pair, masked); memory: a fresh process per path, peak RSS of the forward + backward "
+            "above the loaded model's"
         ),
     }
     write_result("learner_packing", args, result)

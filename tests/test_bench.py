@@ -77,6 +77,22 @@ def test_weight_sync_quick(tmp_path: Path, toy_model: Path) -> None:
 
 
 @pytest.mark.slow
+def test_learner_packing_quick(tmp_path: Path, toy_model: Path) -> None:
+    from bench import learner_packing
+
+    assert learner_packing.main(["--quick", "--out", str(tmp_path), "--model", str(toy_model)]) == 0
+    d = load(tmp_path, "learner_packing")
+    assert [r["model"] for r in d["rows"]] == ["toy", "compute"]
+    for r in d["rows"]:
+        assert r["max_abs_logprob_diff"] <= 1e-4  # the two paths compute the same numbers
+        assert r["packed_real_tokens"] < r["per_leaf_real_tokens"]  # shared prefixes once
+        assert r["sharing_factor"] == pytest.approx(
+            r["per_leaf_real_tokens"] / r["packed_real_tokens"]
+        )
+        assert r["per_leaf_memory"]["peak_rss_mib"] > 0 and r["packed_seconds"] > 0
+
+
+@pytest.mark.slow
 def test_async_vs_sync_quick(tmp_path: Path, toy_model: Path) -> None:
     from bench import async_vs_sync
 

@@ -4,8 +4,9 @@ vLLM's engine core runs in child processes that outlive a SIGKILLed parent (OOM 
 crash, `kill -9`), keeping their memory, cores or GPU. ``watch_children`` starts this module as a
 small process, before the engine, holding the read end of a pipe whose write end only the
 sampler holds. The reaper keeps a fresh list of the sampler's descendants (every 0.2 s); when
-the sampler ends, by any means, the read returns end-of-file and the reaper kills the processes
-of its last list (checked by creation time, so a reused pid is never hit). Engines that are
+the sampler ends, by any means, the read returns end-of-file (or the sampler is found gone, when a
+forked child keeps the write end open) and the reaper kills the processes of its last list
+(checked by creation time, so a reused pid is never hit). Engines that are
 still starting are covered too.
 """
 
@@ -43,6 +44,11 @@ def main(argv: list[str]) -> int:
     known: dict[int, float] = {}
     while not select.select([fd], [], [], POLL_S)[0]:  # readable only at end of file
         try:
+            # a process forked by the sampler (without exec) holds the pipe's write end too, and
+            # the end of file never comes while it lives: check the sampler itself as well, and
+            # keep the list made while it was alive (its orphans are re-parented when it dies)
+            if not parent.is_running() or parent.status() == psutil.STATUS_ZOMBIE:
+                break
             known = {p.pid: p.create_time() for p in parent.children(recursive=True) if p.pid != me}
         except psutil.Error:
             break
