@@ -9,11 +9,11 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel
 
@@ -27,9 +27,9 @@ from pipeline.config import (
     warn_unknown_env,
 )
 from pipeline.entry import setup_logging
-from pipeline.errors import ConfigError, MessageDecodeError
+from pipeline.errors import ConfigError, MessageDecodeError, TransportError
 from pipeline.messages import TreeRollout, decode, decode_as, to_jsonable
-from pipeline.streams import PAYLOAD_FIELD, Streams
+from pipeline.streams import Streams
 
 log = logging.getLogger("treepo")
 COMMAND_PLUGINS = "treepo.commands"
@@ -51,12 +51,20 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
-    for name, cls in PROCESSES.items():
-        load_settings(cls, warn=False)
-        print(f"{name}: ok")
+    from pipeline.preflight import preflight
+
+    sampler = load_settings(SamplerSettings, warn=False)
+    learner = load_settings(LearnerSettings, warn=False)
+    print("settings: valid for every process")
     unknown = warn_unknown_env()
     if unknown:
         print(f"unknown variables (ignored): {', '.join(unknown)}")
+    problems = preflight(sampler, learner)
+    for line in problems:
+        print(line)
+    if problems:
+        return 2
+    print("models, dataset and Redis: ok")
     return 0
 
 
@@ -133,8 +141,11 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 
 
 def _streams() -> Streams:
+    """The run's streams for a one-off command: a Redis that does not answer fails in about a
+    second with one line, instead of the processes' long retry."""
     settings = load_settings(SamplerSettings)
-    return Streams(settings.redis, settings.run, settings.streams)
+    redis = settings.redis.model_copy(update={"retry_attempts": 1})
+    return Streams(redis, settings.run, settings.streams)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -163,10 +174,9 @@ def _cmd_tree_show(args: argparse.Namespace) -> int:
         async def newest() -> bytes | None:
             streams = _streams()
             try:
-                entries: Any = await streams.client.xrevrange(streams.keys.trees, count=1)
+                return await streams.newest(streams.keys.trees)
             finally:
                 await streams.close()
-            return bytes(entries[0][1][PAYLOAD_FIELD]) if entries else None
 
         found = asyncio.run(newest())
         if found is None:
@@ -237,11 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level.upper())
     try:
         code: int = args.func(args)
+        sys.stdout.flush()
         return code
-    except ConfigError as exc:
+    except BrokenPipeError:  # ``treepo config show | head``: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ConfigError, TransportError, MessageDecodeError, OSError) as exc:
         print(f"treepo: {exc}", file=sys.stderr)
         return 2
 

@@ -7,14 +7,15 @@ metrics URL twice, ``interval`` seconds apart, to turn counters into rates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.messages import Heartbeat, WeightAnnouncement, decode
+from pipeline.errors import MessageDecodeError
+from pipeline.messages import Heartbeat, WeightAnnouncement, decode_as
 from pipeline.streams import Streams
 
 
@@ -45,18 +46,12 @@ async def scrape(urls: list[str]) -> dict[str, float]:
 
 async def snapshot(streams: Streams, urls: list[str], interval: float) -> Snapshot:
     snap = Snapshot()
-    client, keys = streams.client, streams.keys
-    async for key in client.scan_iter(match=keys.heartbeat_prefix + "*"):
-        raw: Any = await client.get(key)
-        if raw:
-            msg = decode(raw)
-            if isinstance(msg, Heartbeat):
-                snap.samplers.append(msg)
-    raw = await client.get(keys.weights)  # bytes: the client does not decode responses
+    keys = streams.keys
+    snap.samplers = [hb for hb in await streams.heartbeats() if hb.role == "sampler"]
+    raw = await streams.latest_weights()
     if raw:
-        ann = decode(raw)
-        if isinstance(ann, WeightAnnouncement):
-            snap.weights_version = ann.version
+        with contextlib.suppress(MessageDecodeError):
+            snap.weights_version = decode_as(raw, WeightAnnouncement).version
     for name, stream, group in (
         ("prompts", keys.prompts, "samplers"),
         ("trees", keys.trees, "learner"),

@@ -570,6 +570,34 @@ class Streams:
         raw: Any = await self.call(lambda: self.client.get(key), "GET weights")
         return bytes(raw) if raw else None
 
+    async def heartbeats(self) -> list[Heartbeat]:
+        """Every heartbeat key of the run that decodes as a heartbeat (live or ``stopped``)."""
+        pattern = self.keys.heartbeat_prefix + "*"
+
+        async def scan() -> list[Any]:
+            return [k async for k in self.client.scan_iter(match=pattern)]
+
+        keys = await self.call(scan, "SCAN heartbeats")
+        if not keys:
+            return []
+        values: Any = await self.call(lambda: self.client.mget(keys), "MGET heartbeats")
+        out = []
+        for raw in values:
+            if not raw:
+                continue  # expired between SCAN and MGET
+            try:
+                out.append(decode_as(raw, Heartbeat))
+            except MessageDecodeError:
+                continue  # not a heartbeat: ignored here, as by ``alive``
+        return out
+
+    async def newest(self, stream: str) -> bytes | None:
+        """The payload of the newest entry of ``stream``, or None when it is empty."""
+        entries: Any = await self.call(
+            lambda: self.client.xrevrange(stream, count=1), f"XREVRANGE {stream}"
+        )
+        return bytes(entries[0][1][PAYLOAD_FIELD]) if entries else None
+
     async def alive(self, worker_ids: list[str]) -> set[str]:
         """The workers among ``worker_ids`` whose heartbeat key says they are running."""
         if not worker_ids:

@@ -103,3 +103,20 @@ def test_the_length_rule_can_fail(tmp_path: Path) -> None:
     (tmp_path / "long.py").write_text(f"def f():\n{body}\n    if x1:\n        return x1\n")
     assert long_functions(tmp_path / "flat.py") == []
     assert [f.split(" ")[1] for f in long_functions(tmp_path / "long.py")] == ["f"]
+
+
+def test_only_the_transport_touches_the_redis_client() -> None:
+    """Every Redis call the processes make goes through ``pipeline.streams.Streams`` (retries,
+    stop handling, dead letters): no other product file reads a ``.client`` attribute."""
+    found = []
+    for pkg in FORBIDDEN:
+        for path in sorted((ROOT / pkg).glob("*.py")):
+            if path == ROOT / "pipeline" / "streams.py":
+                continue
+            tree = ast.parse(path.read_text(), str(path))
+            found += [
+                f"{path.relative_to(ROOT)}:{node.lineno}"
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute) and node.attr == "client"
+            ]
+    assert found == [], found
