@@ -37,9 +37,14 @@ def test_children_die_with_an_unreaped_sampler() -> None:
         [sys.executable, "-c", PARENT], cwd=ROOT, stdout=subprocess.PIPE, text=True
     )
     assert parent.stdout is not None and parent.stdout.readline().strip() == "ready"
-    time.sleep(1.0)  # the reaper lists the descendants every 0.2 s
     kids = psutil.Process(parent.pid).children(recursive=True)
     assert len(kids) == 3  # the reaper, the subprocess, the forked child
+    reaper = next(k for k in kids if "workers.reaper" in " ".join(k.cmdline()))
+    deadline = time.monotonic() + 60
+    while "_psutil_linux" not in Path(f"/proc/{reaper.pid}/maps").read_text():
+        assert time.monotonic() < deadline, "the reaper did not start"
+        time.sleep(0.1)  # a loaded machine can take seconds to start it
+    time.sleep(2.0)  # then it lists the descendants every 0.2 s
     parent.send_signal(signal.SIGKILL)  # not waited for yet: a zombie while we watch
     try:
         _, alive = psutil.wait_procs(kids, timeout=10)
