@@ -42,7 +42,7 @@ lint: setup
 	$(VENV)/bin/mypy
 
 demo: setup
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m toy.demo
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m toy.demo $(DEMO_ARGS)
 
 # Full benchmarks (about an hour on 2 cores): results in bench/results/, tables in docs/benchmarks.md
 BENCHES := transport durability weight_sync tree_vs_independent learner_packing async_vs_sync treepo_vs_grpo

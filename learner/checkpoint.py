@@ -1,16 +1,21 @@
-"""Learner checkpoints: safetensors and JSON only (no pickle), written atomically.
+"""Learner checkpoints: safetensors and JSON only (no pickle), written atomically by every rank.
 
 A checkpoint directory ``<work>/checkpoints/step-<N>`` holds:
 
-* ``model.safetensors`` - the model's parameters (shared tensors stored once);
+* ``model.safetensors`` - the model's full parameters (gathered under ZeRO-3; shared tensors
+  stored once), written by rank 0;
 * ``optimizer-rank<r>.safetensors`` + ``optimizer-rank<r>.json`` - each rank's optimizer state
-  tensors and the rest of its state (param groups, scalars);
-* ``rng-rank<r>.safetensors`` - torch RNG state;
+  tensors (under ZeRO 1-3 its partition, with the fp32 master partition it updates) and the
+  rest of its state (param groups, scalars);
+* ``rng-rank<r>.safetensors`` - each rank's torch RNG state;
+* ``ranks.json`` - world size and ZeRO stage (a restart must match both);
 * ``state.json`` - step, policy version, dataset cursor, Python RNG state, the ids of every tree
   already trained, counters.
 
-It is written under a temporary name and renamed into place, then ``LATEST`` is replaced (also
-by rename), so a crash leaves either the old or the new checkpoint, never half of one.
+Every rank writes its files into one staging directory (on a filesystem all the learner's
+machines share); only when all have written and synced does rank 0 rename it into place and
+replace ``LATEST`` (also by rename), so a crash of any rank leaves either the old or the new
+checkpoint, never part of one.
 """
 
 from __future__ import annotations
@@ -18,13 +23,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
-from pipeline.fsutil import staged_dir
+from learner.ranks import Control
+from learner.trainer import Engine, full_parameters
+from pipeline.errors import ConfigError
 
 LATEST = "LATEST"
 
@@ -53,29 +62,85 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def model_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state as contiguous CPU copies, a tensor tied under two names stored once
+    (ZeRO 1-2 keep parameters as views of one flat buffer, which ``save_model`` refuses)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for name, t in module.state_dict().items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().cpu().clone().contiguous()
+    return out
+
+
+@contextmanager
+def optimizer_view(engine: Engine) -> Iterator[torch.optim.Optimizer]:
+    """The inner torch optimizer with its parameter groups in place. ZeRO-3 keeps them empty
+    between steps (it hands the optimizer one fp32 partition at a time) and fills them only to
+    save or load state; the same DeepSpeed calls do it here."""
+    zero = engine.ds.optimizer if engine.zero_stage == 3 else None
+    if zero is not None:
+        zero._set_fp32_optimizer_param_groups()
+    try:
+        yield engine.optimizer
+    finally:
+        if zero is not None:
+            zero._clear_fp32_optimizer_param_groups()
+
+
+def _masters(engine: Engine) -> list[torch.Tensor]:
+    """The tensors the optimizer updates when they are not the module's own parameters: ZeRO
+    1-3 keep an fp32 master partition per rank (restored as saved, so bf16 runs resume
+    exactly too). Inside ``optimizer_view``."""
+    if engine.zero_stage == 0:
+        return []
+    return [p for group in engine.optimizer.param_groups for p in group["params"]]
+
+
 def save_checkpoint(
     root: Path,
     step: int,
-    module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    engine: Engine,
     state: dict[str, Any],
-    rank: int = 0,
+    ctl: Control,
     keep: int = 2,
 ) -> Path:
-    """Write one checkpoint (rank 0 writes the model and state; every rank its optimizer)."""
+    """Write one checkpoint; every rank calls it (rank 0 passes the learner ``state``)."""
     final = root / f"step-{step:08d}"
-    with staged_dir(final) as tmp:
-        if rank == 0:
-            save_model(module, str(tmp / "model.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(state))
+    tmp = root / f".step-{step:08d}.partial"
+    if ctl.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step-*"):  # left by a crash (any rank's)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    ctl.barrier()
+    with full_parameters(engine):
+        if ctl.rank == 0:
+            save_file(model_tensors(engine.module), str(tmp / "model.safetensors"))
+    if ctl.rank == 0:
+        (tmp / "state.json").write_text(json.dumps(state))
+        layout = {"world_size": ctl.world, "zero_stage": engine.zero_stage}
+        (tmp / "ranks.json").write_text(json.dumps(layout))
+    with optimizer_view(engine) as optimizer:
         tensors, meta = _flatten_optimizer(optimizer)
-        save_file(tensors, str(tmp / f"optimizer-rank{rank}.safetensors"))
-        (tmp / f"optimizer-rank{rank}.json").write_text(json.dumps(meta))
-        save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng-rank{rank}.safetensors"))
-        for f in tmp.iterdir():
+        for i, master in enumerate(_masters(engine)):
+            tensors[f"master.{i}"] = master.detach().cpu().contiguous()
+    r = ctl.rank
+    save_file(tensors, str(tmp / f"optimizer-rank{r}.safetensors"))
+    (tmp / f"optimizer-rank{r}.json").write_text(json.dumps(meta))
+    save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng-rank{r}.safetensors"))
+    for f in tmp.iterdir():
+        if f.name.endswith((f"rank{r}.safetensors", f"rank{r}.json")) or r == 0:
             with f.open("rb") as fh:
                 os.fsync(fh.fileno())
-    if rank == 0:
+    ctl.barrier()  # every rank's files are on disk
+    if ctl.rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
         pointer = root / f".{LATEST}.tmp"
         pointer.write_text(final.name)
         os.replace(pointer, root / LATEST)
@@ -92,19 +157,47 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path if (path / "state.json").is_file() else None
 
 
-def load_checkpoint(
-    path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0
-) -> dict[str, Any]:
-    """Restore module, optimizer and RNG in place; returns the saved learner state."""
-    missing, unexpected = load_model(module, str(path / "model.safetensors"), strict=False)
-    if unexpected or [m for m in missing if "lm_head" not in m]:
-        raise ValueError(
-            f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]})"
+def check_layout(path: Path, world: int, zero_stage: int) -> None:
+    """Refuse a checkpoint written by another number of ranks or another ZeRO stage (their
+    optimizer partitions do not fit). Checkpoints without ``ranks.json`` are one-rank ZeRO-0."""
+    file = path / "ranks.json"
+    saved = json.loads(file.read_text()) if file.is_file() else {"world_size": 1, "zero_stage": 0}
+    if saved["world_size"] != world:
+        raise ConfigError(
+            f"{path} was written by {saved['world_size']} learner rank(s); this learner has "
+            f"{world}: restart with {saved['world_size']} rank(s) (or a new work directory)"
         )
-    tensors = load_file(str(path / f"optimizer-rank{rank}.safetensors"))
-    meta = json.loads((path / f"optimizer-rank{rank}.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
-    torch.set_rng_state(load_file(str(path / f"rng-rank{rank}.safetensors"))["torch"])
+    if saved["zero_stage"] != zero_stage:
+        raise ConfigError(
+            f"{path} was written with ZeRO stage {saved['zero_stage']}; this learner has "
+            f"TREEPO_LEARNER__ZERO_STAGE={zero_stage}"
+        )
+
+
+def load_checkpoint(path: Path, engine: Engine, ctl: Control) -> dict[str, Any]:
+    """Restore module, optimizer (this rank's partition) and RNG in place; every rank calls it.
+    Returns the saved learner state."""
+    check_layout(path, ctl.world, engine.zero_stage)
+    module = engine.module
+    with full_parameters(engine, modifier_rank=0):  # ZeRO-3: rank 0 loads, then re-partitions
+        if ctl.rank == 0 or engine.zero_stage != 3:
+            saved = load_file(str(path / "model.safetensors"))
+            missing, unexpected = module.load_state_dict(saved, strict=False)
+            if unexpected or [m for m in missing if "lm_head" not in m]:
+                raise ValueError(
+                    f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]})"
+                )
+    r = ctl.rank
+    tensors = load_file(str(path / f"optimizer-rank{r}.safetensors"))
+    meta = json.loads((path / f"optimizer-rank{r}.json").read_text())
+    with optimizer_view(engine) as optimizer:
+        for i, master in enumerate(_masters(engine)):
+            saved = tensors.pop(f"master.{i}")
+            if saved.shape != master.shape:
+                raise ValueError(f"{path}: rank {r} master partition {i} has another shape")
+            master.data.copy_(saved)
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
+    torch.set_rng_state(load_file(str(path / f"rng-rank{r}.safetensors"))["torch"])
     state: dict[str, Any] = json.loads((path / "state.json").read_text())
     return state

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from learner.ranks import control
 from pipeline.messages import TreeRollout
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -239,7 +240,9 @@ def packed_token_logprobs(
     ).last_hidden_state
     head = model.get_output_embeddings()
     out = []
-    for lo in range(0, len(batch.target), chunk):
+    # ZeRO-3 gathers the head's weight at every call: every rank makes as many
+    chunks = control().max(-(-len(batch.target) // chunk))
+    for lo in range(0, chunks * chunk, chunk):
         sl = slice(lo, lo + chunk)
         h = hidden[batch.pred_row[sl].to(device), batch.pred_col[sl].to(device)]
         logits = head(h).float() / batch.temperature[sl].to(device).unsqueeze(-1)

@@ -16,12 +16,13 @@ from typing import Any
 
 from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from learner.metrics import LearnerMetrics
+from learner.ranks import control
 from learner.state import LearnerState
 from learner.steplog import cut_step_log
-from learner.trainer import Engine, export_weights
+from learner.trainer import Engine, save_pretrained
 from learner.weight_server import WeightStore, announce
 from pipeline.config import LearnerSettings
-from pipeline.errors import ConfigError, Stopping, TransportError
+from pipeline.errors import Stopping, TransportError
 from pipeline.streams import TREE_GROUP, Streams
 
 log = logging.getLogger("learner.process")
@@ -44,19 +45,16 @@ class Persistence:
         self.work = Path(settings.learner.work_dir)
         self.ckpt_root = self.work / "checkpoints"
         self.store = WeightStore(self.work / "weights", keep=settings.weights.keep_versions)
+        self.ctl = control()
 
     def resume(self, rng: random.Random) -> LearnerState | None:
         """The state of the newest checkpoint, with weights, optimizer and ``rng`` restored and
         the step log cut back to it; None when there is no checkpoint."""
         path = latest_checkpoint(self.ckpt_root)
+        self.ctl.send("resume", path=str(path) if path else "")
         if path is None:
             return None
-        if self.engine.zero_stage > 0:
-            raise ConfigError(
-                f"resuming from {path} needs TREEPO_LEARNER__ZERO_STAGE=0: optimizer "
-                "partitions of ZeRO stages 1-3 are not restored yet"
-            )
-        saved = load_checkpoint(path, self.engine.module, self.engine.optimizer)
+        saved = load_checkpoint(path, self.engine, self.ctl)
         state = LearnerState.from_json(saved)
         cut_step_log(self.work, state.step)
         if state.python_rng is not None:
@@ -78,17 +76,7 @@ class Persistence:
         returns the entries still to acknowledge (only when stopping with Redis away)."""
         started = time.perf_counter()
         state.python_rng = rng.getstate()
-        opts = self.settings.learner
-        await asyncio.to_thread(
-            save_checkpoint,
-            self.ckpt_root,
-            state.step,
-            self.engine.module,
-            self.engine.optimizer,
-            state.to_json(),
-            0,
-            opts.keep_checkpoints,
-        )
+        await asyncio.to_thread(self._save, state.step, state.to_json())
         self.metrics.checkpoint_seconds.observe(time.perf_counter() - started)
         keys = self.streams.keys
         try:
@@ -106,13 +94,26 @@ class Persistence:
             return entries
         return []
 
+    def _save(self, step: int, state: dict[str, Any]) -> None:
+        self.ctl.send("save", step=step)
+        save_checkpoint(
+            self.ckpt_root,
+            step,
+            self.engine,
+            state,
+            self.ctl,
+            self.settings.learner.keep_checkpoints,
+        )
+
+    def _export(self, directory: Path | None, weights_only: bool = True) -> None:
+        self.ctl.send("gather", weights_only=weights_only)
+        save_pretrained(self.engine, directory, weights_only)
+
     async def publish(self, version: int, base_url: str) -> None:
         """Export (once), serve and announce the weights of ``version``."""
         started = time.perf_counter()
         if version not in self.store.versions():
-            await asyncio.to_thread(
-                self.store.publish, version, lambda d: export_weights(self.engine, d)
-            )
+            await asyncio.to_thread(self.store.publish, version, self._export)
         data = self.store.manifest_bytes(version)
         total = sum(p.stat().st_size for p in self.store.path(version).glob("*.safetensors"))
         token = self.settings.weights.token
@@ -132,7 +133,7 @@ class Persistence:
     def save_final_model(self, tokenizer: Any, step: int) -> Path:
         """The trained policy as a normal Hugging Face model directory (``<work>/model``)."""
         out = self.work / "model"
-        self.engine.module.save_pretrained(str(out), safe_serialization=True)
+        self._export(out, weights_only=False)
         tokenizer.save_pretrained(str(out))
         log.info("final model (step %d) saved to %s", step, out)
         return out

@@ -18,29 +18,34 @@ the trees each durable step trained.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
 import random
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from learner.admission import Admission, load_problems
-from learner.batch import build_batch
+from learner.batch import TrainBatch, build_batch
+from learner.follower import Follower
 from learner.intake import Intake
 from learner.metrics import LearnerMetrics
 from learner.persistence import Persistence
+from learner.ranks import control, rank
 from learner.rules import leaf_summary, staleness
 from learner.state import LearnerState, Resolved
 from learner.steplog import StepRecord, write_step
-from learner.trainer import Engine, StepStats, build_engine, train_on_batch
+from learner.trainer import Engine, StepStats, build_engine, free_port, train_on_batch
 from learner.weight_server import add_routes
 from pipeline.config import LearnerSettings
 from pipeline.entry import ProcessSpec, exit_now, process_main
 from pipeline.errors import ConfigError, Stopping
 from pipeline.httpserver import make_app, start
-from pipeline.messages import TreeRollout
+from pipeline.messages import TreeRollout, encode
 from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Streams
 from pipeline.tasks import Problem
 
@@ -80,6 +85,7 @@ class Learner:
         self.admission = Admission(settings, self.streams, self.metrics, tokenizer, problems)
         self.intake = Intake(settings, self.streams, self.metrics, self.admission)
         self.durable = Persistence(settings, engine, self.streams, self.metrics, self.stop)
+        self.ctl = control()
         self.rng = random.Random(settings.run.seed)
         self.state = self.durable.resume(self.rng) or LearnerState()
         self.since_step = Resolved()
@@ -147,6 +153,8 @@ class Learner:
                 await self.intake.drop_now_stale(self.state, self.since_step)
                 if len(self.intake.ready) >= opts.batch_prompts:
                     await self._step()
+                elif self.ctl.ping_due():  # the other ranks wait for commands: keep them sure
+                    await asyncio.to_thread(self.ctl.send, "ping")
             if self.state.step >= opts.total_steps or self.budget_spent():
                 await asyncio.to_thread(
                     self.durable.save_final_model, self.tokenizer, self.state.step
@@ -154,10 +162,13 @@ class Learner:
         except Stopping as exc:
             log.info("stopping: %s", exc)
         finally:
-            if self.intake.resolved_entries and self.state.step > 0:
-                await self._checkpoint()
-            await runner.cleanup()
-            await self.streams.close()
+            try:
+                if self.intake.resolved_entries and self.state.step > 0:
+                    await self._checkpoint()
+            finally:
+                await runner.cleanup()
+                await self.streams.close()
+                await asyncio.to_thread(self.ctl.send, "stop")
         return self.state.step
 
     def budget_spent(self) -> bool:
@@ -181,19 +192,9 @@ class Learner:
         taken = self.intake.next_batch(opts.batch_prompts)
         trees = [t for _, t in taken]
         lags = [staleness(t, self.version) for t in trees]
-        batch = build_batch(
-            trees, self.settings.loss.advantage, pad_id=self.tokenizer.pad_token_id or 0
-        )
+        batch = build_batch(trees, self.settings.loss.advantage, self.tokenizer.pad_token_id or 0)
         started = time.perf_counter()
-        stats = await asyncio.to_thread(
-            train_on_batch,
-            self.engine,
-            batch,
-            opts,
-            self.settings.loss,
-            self.state.step,
-            self.settings.run.seed,
-        )
+        stats = await asyncio.to_thread(self._train, trees, batch)
         seconds = time.perf_counter() - started
         self.state.step += 1
         self.intake.trained(taken, self.state)
@@ -209,6 +210,14 @@ class Learner:
             await self._checkpoint()
         if self.state.step % opts.publish_every == 0:
             await self._publish()
+
+    def _train(self, trees: list[TreeRollout], batch: TrainBatch) -> StepStats:
+        """The update, on every rank: the others get the trees and build the same batch."""
+        pad_id = self.tokenizer.pad_token_id or 0
+        step = self.state.step
+        self.ctl.send("step", step=step, pad_id=pad_id, trees=[encode(t) for t in trees])
+        s = self.settings
+        return train_on_batch(self.engine, batch, s.learner, s.loss, step, s.run.seed)
 
     def _record(
         self,
@@ -262,15 +271,15 @@ class Learner:
 # -- entry point ---------------------------------------------------------------------------------
 
 
-def build_learner(settings: LearnerSettings) -> Learner:
+def build_learner(settings: LearnerSettings) -> Learner | Follower:
     from transformers import AutoTokenizer
 
     model = settings.learner.model
     if not model or not Path(model).is_dir():
         raise ConfigError(f"TREEPO_LEARNER__MODEL: {model!r} is not a model directory")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("the learner process runs on one rank for now (WORLD_SIZE > 1 given)")
     engine = build_engine(model, settings.learner)
+    if rank() != 0:
+        return Follower(settings, engine)
     tokenizer = AutoTokenizer.from_pretrained(model)
     return Learner(settings, engine, tokenizer, load_problems(settings))
 
@@ -284,11 +293,43 @@ SPEC = ProcessSpec(
     bound_flag="--max-steps",
     bound_help="stop after this many more steps (bounded mode)",
     done="learner exits at step %d",
+    options=(
+        (
+            "--ranks",
+            {
+                "type": int,
+                "default": 1,
+                "help": "run as this many local ranks under the DeepSpeed launcher (data "
+                "parallel, TREEPO_LEARNER__ZERO_STAGE partitions; default 1)",
+            },
+        ),
+    ),
 )
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--ranks", type=int, default=1)
+    known, _ = pre.parse_known_args(argv)
+    if known.ranks > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_ranks(known.ranks, argv)
     return process_main(SPEC, argv)
+
+
+def launch_ranks(ranks: int, argv: list[str]) -> int:
+    """Become ``deepspeed --num_gpus <ranks> --module learner.process <argv>``: DeepSpeed's
+    launcher starts every rank (one per GPU; on CPU, gloo ranks) and ends them all when one
+    fails. Across machines, run the launcher with a hostfile yourself (docs/operations.md)."""
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which(
+        "deepspeed"
+    )
+    if launcher is None:
+        log.error("--ranks %d needs the DeepSpeed launcher (pip install deepspeed)", ranks)
+        return 2
+    port = os.environ.get("MASTER_PORT") or str(free_port())
+    command = [launcher, "--num_gpus", str(ranks), "--master_port", port, "--no_local_rank"]
+    os.execv(launcher, [*command, "--module", "learner.process", *argv])
 
 
 def run() -> None:

@@ -14,7 +14,8 @@ import logging
 import os
 import socket
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +24,22 @@ import torch
 from learner.batch import TrainBatch
 from learner.loss import policy_loss
 from learner.packing import packed_batch_logprobs
+from learner.ranks import Control, control, rank, share
 from pipeline.config import LearnerOptions, LossSettings
 
 log = logging.getLogger(__name__)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def init_distributed() -> None:
-    """Join (or, run alone, create) the torch.distributed group DeepSpeed needs."""
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Join (or, run alone, create) the torch.distributed group DeepSpeed needs, and the
+    learner's control group (``learner.ranks``); a collective that waits ``timeout_s`` for a
+    rank fails."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for key, value in (
@@ -45,7 +49,7 @@ def init_distributed() -> None:
         ("MASTER_ADDR", "127.0.0.1"),
     ):
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
     # (``import deepspeed.comm.torch as m`` would bind torch itself: deepspeed.comm has ``torch``)
@@ -58,11 +62,11 @@ def init_distributed() -> None:
     ds_comm.build_shm_op = lambda: None  # type: ignore[attr-defined]
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-
-
-def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+            timeout=timedelta(seconds=timeout_s),
+        )
+    control(timeout_s)
 
 
 @dataclass
@@ -123,7 +127,14 @@ def ds_config(opts: LearnerOptions) -> dict[str, Any]:
         if opts.micro_batch_tokens
         else opts.gradient_accumulation_steps,
         "gradient_clipping": opts.grad_clip,
-        "zero_optimization": {"stage": opts.zero_stage},
+        "zero_optimization": {
+            "stage": opts.zero_stage,
+            **(
+                {"stage3_param_persistence_threshold": opts.zero3_persistence_threshold}
+                if opts.zero_stage == 3
+                else {}
+            ),
+        },
         "bf16": {"enabled": opts.precision == "bf16"},
         "fp16": {"enabled": opts.precision == "fp16"},
         "zero_allow_untested_optimizer": True,
@@ -133,7 +144,7 @@ def ds_config(opts: LearnerOptions) -> dict[str, Any]:
 
 
 def build_engine(model_dir: str | Path, opts: LearnerOptions) -> Engine:
-    init_distributed()
+    init_distributed(opts.rank_timeout_s)
     import deepspeed
     from transformers import AutoModelForCausalLM
 
@@ -156,6 +167,18 @@ def _chunks(n: int, parts: int) -> list[torch.Tensor]:
     return [c for c in torch.arange(n, device="cpu").chunk(parts) if c.numel()]
 
 
+STAT_KEYS = (
+    "loss",
+    "is_weight_mean",
+    "is_truncated_fraction",
+    "is_ess",
+    "clip_fraction",
+    "ratio_mean",
+    "approx_kl",
+)
+"""``learner.loss.policy_loss`` statistics, token-weighted over every rank's micro-batches."""
+
+
 def train_on_batch(
     engine: Engine,
     batch: TrainBatch,
@@ -164,57 +187,116 @@ def train_on_batch(
     step: int,
     seed: int = 0,
 ) -> StepStats:
-    """One learner step: recompute pi_prox, then ppo_epochs x mini_batches optimizer steps."""
-    ds = engine.ds
+    """One learner step: recompute pi_prox, then ppo_epochs x mini_batches optimizer steps.
+
+    On several ranks every rank holds the same whole batch and computes its share of each
+    mini-batch's rows (and of pi_prox); each rank's loss is its rows' share of the mini-batch's
+    token mean times the world size, so DeepSpeed's gradient average over the ranks is the
+    whole mini-batch's gradient, whatever the number of ranks. Every rank makes the same number
+    of forward/backward calls (empty ones where it has no rows left), as ZeRO's collectives
+    need."""
+    ds, ctl = engine.ds, control()
     batch = batch.to(next(ds.module.parameters()).device)
-    gas = opts.gradient_accumulation_steps
     lr = engine.set_lr(step)
     ds.eval()
     with torch.no_grad():
-        proximal, computed = batch_logprobs(ds.module, batch, opts)
+        proximal, computed, own = _proximal(ds.module, batch, opts, ctl)
     ds.train()
     gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
-    totals: dict[str, float] = {}
-    updates, seen_tokens = 0, 0.0
-    work = {"tokens_computed": float(computed), "tokens_per_leaf": _real_tokens(batch)}
-    norms: list[float] = []
+    tally = _Tally(work={"tokens_computed": computed, "tokens_per_leaf": own})
+    updates = 0
     for _ in range(opts.ppo_epochs):
         order = _order(batch, opts, gen)
         for mb in _chunks(batch.rows, opts.mini_batches):
-            rows = order[mb]
-            mb_tokens = float(batch.mask[rows].sum().item())
-            micro = micro_batches(batch, rows, opts)
-            for i, part in enumerate(micro):
-                last = i == len(micro) - 1
-                if opts.micro_batch_tokens:
-                    ds.set_gradient_accumulation_boundary(last)
-                sub = batch.select(rows[part]) if part.numel() else batch.select(rows[:1])
-                prox = proximal[sub_rows(rows, part, proximal.device)]
-                lp_loss, stats, computed = _micro_loss(ds.module, sub, prox, loss, opts)
-                if part.numel():
-                    work["tokens_computed"] += computed
-                    work["tokens_per_leaf"] += _real_tokens(sub)
-                # token mean over the whole mini-batch: DeepSpeed divides by its gas itself
-                scale = stats["tokens"] / max(1.0, mb_tokens) if part.numel() else 0.0
-                ds.backward(lp_loss * scale * (1 if opts.micro_batch_tokens else gas))
-                if engine.zero_stage == 0 and ds.is_gradient_accumulation_boundary():
-                    norms.append(_grad_norm(ds.module))
-                if last or not opts.micro_batch_tokens:
-                    ds.step()
-                if part.numel():  # token-weighted averages over all micro-batches
-                    weight = stats.pop("tokens")
-                    seen_tokens += weight
-                    for k, v in stats.items():
-                        totals[k] = totals.get(k, 0.0) + v * weight
+            _mini_batch(engine, batch, order[mb], proximal, opts, loss, tally)
             updates += 1
+    summed = ctl.sum([tally.tokens, *tally.work.values(), *tally.totals.values()])
+    work = dict(zip(tally.work, summed[1:3]))
+    norms = tally.norms
     return StepStats(
         tokens=float(batch.mask.sum().item()),
         updates=float(updates),
         lr=lr,
         grad_norm=sum(norms) / len(norms) if norms else float(ds.get_global_grad_norm() or 0.0),
-        **{k: v / max(1.0, seen_tokens) for k, v in totals.items()},
+        **{k: v / max(1.0, summed[0]) for k, v in zip(STAT_KEYS, summed[3:])},
         **work,
     )
+
+
+@dataclass
+class _Tally:
+    """What a step's micro-batches add up on one rank (summed over the ranks at the end)."""
+
+    work: dict[str, float]
+    tokens: float = 0.0
+    totals: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAT_KEYS, 0.0))
+    norms: list[float] = field(default_factory=list)
+
+    def add(self, stats: dict[str, float]) -> None:
+        """Token-weighted statistics of one micro-batch."""
+        weight = stats["tokens"]
+        self.tokens += weight
+        for k in STAT_KEYS:
+            self.totals[k] += stats[k] * weight
+
+
+def _mini_batch(
+    engine: Engine,
+    batch: TrainBatch,
+    everyone: torch.Tensor,
+    proximal: torch.Tensor,
+    opts: LearnerOptions,
+    loss: LossSettings,
+    tally: _Tally,
+) -> None:
+    """One optimizer step on the rows ``everyone`` (this rank computes its share of them)."""
+    ds, ctl = engine.ds, control()
+    rows = everyone[share(len(everyone), ctl.world, ctl.rank)]
+    mb_tokens = float(batch.mask[everyone].sum().item())
+    micro = micro_batches(batch, rows, opts)
+    for _ in range(ctl.max(len(micro)) - len(micro)):  # as many calls as every rank
+        micro.append(rows[:0])
+    # each part's token sum over the whole mini-batch's tokens; DeepSpeed divides by its
+    # accumulation steps and averages over the ranks itself
+    factor = (1 if opts.micro_batch_tokens else opts.gradient_accumulation_steps) * ctl.world
+    for i, part in enumerate(micro):
+        last = i == len(micro) - 1
+        if opts.micro_batch_tokens:
+            ds.set_gradient_accumulation_boundary(last)
+        pick = rows[part] if part.numel() else everyone[:1]  # an empty part computes one row x 0
+        sub = batch.select(pick)
+        prox = proximal[pick.to(proximal.device)]
+        lp_loss, stats, computed = _micro_loss(ds.module, sub, prox, loss, opts)
+        scale = stats["tokens"] / max(1.0, mb_tokens) if part.numel() else 0.0
+        ds.backward(lp_loss * scale * factor)
+        if engine.zero_stage == 0 and ds.is_gradient_accumulation_boundary():
+            tally.norms.append(_grad_norm(ds.module))
+        if last or not opts.micro_batch_tokens:
+            ds.step()
+        if part.numel():
+            tally.work["tokens_computed"] += computed
+            tally.work["tokens_per_leaf"] += _real_tokens(sub)
+            tally.add(stats)
+
+
+def _proximal(
+    module: torch.nn.Module, batch: TrainBatch, opts: LearnerOptions, ctl: Control
+) -> tuple[torch.Tensor, float, float]:
+    """pi_prox log-probs of every row, each rank computing a contiguous share (trees stay
+    mostly whole) and summing: ([rows, L-1], token positions this rank computed, the per-leaf
+    tokens of its share)."""
+    if ctl.world == 1:
+        lp, computed = batch_logprobs(module, batch, opts)
+        return lp, computed, _real_tokens(batch)
+    mine = torch.arange(batch.rows, device="cpu")[share(batch.rows, ctl.world, ctl.rank)]
+    sub = batch.select(mine if mine.numel() else torch.zeros(1, dtype=torch.long, device="cpu"))
+    lp, computed = batch_logprobs(module, sub, opts)
+    full = torch.zeros(batch.mask.shape, dtype=lp.dtype, device=lp.device)
+    if mine.numel():
+        full[mine.to(lp.device)] = lp
+    else:
+        computed = 0.0
+    return ctl.sum_tensor(full), computed, _real_tokens(sub) if mine.numel() else 0.0
 
 
 def micro_batches(
@@ -330,11 +412,6 @@ def token_logprobs(
     return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def sub_rows(rows: torch.Tensor, part: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The rows of one micro-batch (the first row stands in for an empty one), on ``device``."""
-    return (rows[part] if part.numel() else rows[:1]).to(device)
-
-
 def _grad_norm(module: torch.nn.Module) -> float:
     """L2 norm of the full gradient before clipping (ZeRO stage 0: gradients are not sharded)."""
     total = sum(
@@ -343,27 +420,37 @@ def _grad_norm(module: torch.nn.Module) -> float:
     return total**0.5
 
 
-def full_parameters(engine: Engine) -> Any:
-    """A context in which every rank holds the full parameters (ZeRO-3 partitions them)."""
+def full_parameters(engine: Engine, modifier_rank: int | None = None) -> Any:
+    """A context in which every rank holds the full parameters (ZeRO-3 partitions them; with
+    ``modifier_rank`` what that rank writes into them is kept). Every rank must enter it."""
     if engine.zero_stage != 3:
         return nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    params = list(engine.module.parameters())
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 def full_state_dict(engine: Engine) -> dict[str, torch.Tensor]:
-    """Full parameters on every rank, as CPU copies."""
+    """Full parameters on every rank, as CPU copies (every rank must call it)."""
     with full_parameters(engine):
         return {k: v.detach().clone().cpu() for k, v in engine.module.state_dict().items()}
 
 
-def export_weights(engine: Engine, directory: Path) -> None:
-    """Write the model's full weights as HF-layout safetensors into ``directory`` (tied weights
-    stored once, as the original checkpoint has them)."""
+def save_pretrained(engine: Engine, directory: Path | None, weights_only: bool = False) -> None:
+    """Write the model's full weights (and, unless ``weights_only``, its config) as an HF model
+    directory (tied weights stored once, as the original checkpoint has them). Every rank calls
+    it; rank 0 writes (``directory`` may be None elsewhere)."""
     module: Any = engine.module
     with full_parameters(engine):
-        module.save_pretrained(str(directory), safe_serialization=True)
-    for extra in directory.iterdir():  # the weight server serves weights only
-        if not extra.name.endswith(".safetensors"):
-            extra.unlink()
+        if rank() == 0 and directory is not None:
+            module.save_pretrained(str(directory), safe_serialization=True)
+    if weights_only and directory is not None and rank() == 0:
+        for extra in directory.iterdir():  # the weight server serves weights only
+            if not extra.name.endswith(".safetensors"):
+                extra.unlink()
+
+
+def export_weights(engine: Engine, directory: Path | None) -> None:
+    """The weights a sampler loads: HF-layout safetensors only."""
+    save_pretrained(engine, directory, weights_only=True)

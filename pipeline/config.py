@@ -294,7 +294,14 @@ class LearnerOptions(_Section):
     grad_clip: float = Field(1.0, gt=0, le=1e6)
     """Gradient norm clipping."""
     zero_stage: int = Field(0, ge=0, le=3)
-    """DeepSpeed ZeRO stage."""
+    """DeepSpeed ZeRO stage (with several ranks, 1-3 partition the optimizer state, gradients
+    and parameters across them)."""
+    zero3_persistence_threshold: int = Field(100_000, ge=0, le=10**12)
+    """ZeRO-3: parameters with fewer elements than this stay whole on every rank (DeepSpeed's
+    ``stage3_param_persistence_threshold``; 0 partitions every parameter)."""
+    rank_timeout_s: float = Field(600.0, ge=5, le=86_400)
+    """With several ranks: a collective that waits this long for a rank fails and the ranks
+    exit (a dead rank is usually noticed at once: its connections close)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Training precision (fp32 on CPU)."""
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)

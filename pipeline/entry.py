@@ -112,6 +112,9 @@ class ProcessSpec(Generic[S]):
     bound_help: str
     done: str
     """Log line at exit, ``%d`` = the units done."""
+    options: tuple[tuple[str, dict[str, Any]], ...] = ()
+    """More command-line options (flag, ``add_argument`` keywords) the entry point reads
+    itself before ``process_main``; listed in ``--help``."""
 
 
 def process_main(spec: ProcessSpec[S], argv: list[str] | None = None) -> int:
@@ -119,6 +122,8 @@ def process_main(spec: ProcessSpec[S], argv: list[str] | None = None) -> int:
     until done or SIGTERM/SIGINT, close it; returns its exit code."""
     parser = process_parser(spec.prog, spec.description)
     bound = parser.add_argument(spec.bound_flag, type=int, help=spec.bound_help).dest
+    for flag, kwargs in spec.options:
+        parser.add_argument(flag, **kwargs)
     args = parser.parse_args(argv)
     try:
         process = spec.build(process_settings(spec.settings, spec.section, args))

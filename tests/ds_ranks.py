@@ -1,71 +1,111 @@
-"""Run under the DeepSpeed launcher by tests/test_learner.py: train one fixed batch for a few steps
-on every rank and write each rank's losses and a weight checksum to <out>/rank<r>.json."""
+"""Run under the DeepSpeed launcher by tests/test_ranks.py (one rank or several), for each of
+the comma-separated ZeRO STAGES in turn:
+
+    ds_ranks.py update MODEL OUT STAGES  one update of a fixed batch of random trees; rank 0
+                                         writes the full weights before and after, and the
+                                         step's statistics; every rank its weight checksum
+    ds_ranks.py save MODEL OUT STAGES    two updates with a checkpoint between; every rank
+                                         writes its optimizer state at the checkpoint, and
+                                         rank 0 the weights after the second update
+    ds_ranks.py resume MODEL OUT STAGES  restore that checkpoint, write the optimizer state as
+                                         restored, take the second update again, write weights
+"""
 
 from __future__ import annotations
 
 import json
+import random
 import sys
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def fixed_trees(vocab: int) -> list:  # type: ignore[type-arg]
+    from tests.test_packing import random_tree
+
+    rng = random.Random(11)
+    trees = []
+    for _ in range(5):
+        t = random_tree(rng, empty_nodes=False)
+        for node in t.nodes:
+            node.token_ids = node.token_ids % vocab
+        t.prompt_token_ids = t.prompt_token_ids % vocab
+        trees.append(t)
+    return trees
+
+
+def optimizer_state(engine) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """This rank's optimizer state tensors and master partitions (what a checkpoint holds)."""
+    from learner.checkpoint import _flatten_optimizer, _masters, optimizer_view
+
+    with optimizer_view(engine) as optimizer:
+        tensors, _ = _flatten_optimizer(optimizer)
+        for i, m in enumerate(_masters(engine)):
+            tensors[f"master.{i}"] = m.detach().cpu().clone()
+    return tensors
+
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    model_dir, out, stage = args[0], Path(args[1]), int(args[2])
-    import torch
+    mode, model_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    for stage in [int(s) for s in sys.argv[4].split(",")]:
+        run(mode, model_dir, out, stage)
 
+
+def run(mode: str, model_dir: str, out: Path, stage: int) -> None:
     from learner.batch import build_batch
-    from learner.loss import policy_loss
-    from learner.trainer import build_engine, full_state_dict, rank, token_logprobs, train_on_batch
+    from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from learner.ranks import control
+    from learner.trainer import build_engine, export_weights, full_state_dict, train_on_batch
     from pipeline.config import LearnerOptions, LossSettings
-    from pipeline.messages import RolloutLeaf, RolloutNode, TreeRollout
 
     torch.manual_seed(0)
-    opts = LearnerOptions(model=model_dir, lr=1e-4, zero_stage=stage, mini_batches=1)
+    opts = LearnerOptions(
+        model=model_dir,
+        lr=1e-4,
+        zero_stage=stage,
+        mini_batches=2,
+        zero3_persistence_threshold=0,  # partition every parameter of the tiny model
+        rank_timeout_s=120,
+    )
     engine = build_engine(model_dir, opts)
-    # one fixed tree: the correct leaf is rewarded, the wrong one punished
-    good = [4, 5, 13, 6, 7, 14, 7, 8, 15, 7, 8, 13, 10, 14, 8, 4, 15, 16, 8, 4, 17, 1]
-    bad = [4, 5, 13, 6, 7, 14, 5, 5, 15, 5, 5, 13, 10, 14, 6, 2, 15, 16, 6, 2, 17, 1]
-    nodes = [
-        RolloutNode(-1, good[:6], [-1.0] * 6, 0),
-        RolloutNode(0, good[6:], [-1.0] * 16, 0),
-        RolloutNode(0, bad[6:], [-1.0] * 16, 0),
-    ]
-    tree = TreeRollout(
-        [4, 5, 13, 6, 7, 13, 10, 14],
-        nodes,
-        [RolloutLeaf(1, 1.0, "eos"), RolloutLeaf(2, -1.0, "eos")],
-        tree_id="t",
-    )
-    batch = build_batch([tree] * 4)
-
-    def surrogate(reference: torch.Tensor) -> float:
-        """The TreePO loss of the current policy against the fixed initial policy."""
-        with torch.no_grad():
-            lp = token_logprobs(engine.module, batch.input_ids, batch.attention_mask)
-            loss, _ = policy_loss(
-                lp,
-                reference,
-                batch.behavior_logprobs,
-                batch.advantages,
-                batch.mask,
-                batch.segment_ids,
-            )
-        return float(loss.item())
-
-    with torch.no_grad():
-        initial = token_logprobs(engine.module, batch.input_ids, batch.attention_mask)
-    losses = [surrogate(initial)]
-    for step in range(4):
-        train_on_batch(engine, batch, opts, LossSettings(), step)
-        losses.append(surrogate(initial))
-    state = full_state_dict(engine)
-    checksum = float(sum(v.double().sum().item() for v in state.values()))
-    r = rank()
-    (out / f"rank{r}.json").write_text(
-        json.dumps(
-            {"losses": losses, "checksum": checksum, "world": torch.distributed.get_world_size()}
-        )
-    )
+    ctl = control()
+    batch = build_batch(fixed_trees(int(engine.module.config.vocab_size)))
+    tag = f"w{ctl.world}-s{stage}"
+    root = out / f"ckpt-{tag}"
+    if mode == "update":
+        before = full_state_dict(engine)
+        stats = train_on_batch(engine, batch, opts, LossSettings(), step=0)
+        after = full_state_dict(engine)
+        checksum = float(sum(v.double().sum().item() for v in after.values()))
+        (out / f"checksum-{tag}-rank{ctl.rank}.json").write_text(json.dumps(checksum))
+        export_weights(engine, out / f"export-{tag}" if ctl.rank == 0 else None)
+        if ctl.rank == 0:
+            save_file(before, str(out / f"before-{tag}.safetensors"))
+            save_file(after, str(out / f"after-{tag}.safetensors"))
+            (out / f"stats-{tag}.json").write_text(json.dumps(stats.__dict__))
+    elif mode == "save":
+        train_on_batch(engine, batch, opts, LossSettings(), step=0)
+        save_checkpoint(root, 1, engine, {"step": 1}, ctl)
+        save_file(optimizer_state(engine), str(out / f"optim-saved-{tag}-rank{ctl.rank}.st"))
+        train_on_batch(engine, batch, opts, LossSettings(), step=1)
+        if ctl.rank == 0:
+            save_file(full_state_dict(engine), str(out / f"second-saved-{tag}.st"))
+        else:
+            full_state_dict(engine)
+    elif mode == "resume":
+        path = latest_checkpoint(root)
+        assert path is not None
+        load_checkpoint(path, engine, ctl)
+        save_file(optimizer_state(engine), str(out / f"optim-resumed-{tag}-rank{ctl.rank}.st"))
+        train_on_batch(engine, batch, opts, LossSettings(), step=1)
+        state = full_state_dict(engine)
+        if ctl.rank == 0:
+            save_file(state, str(out / f"second-resumed-{tag}.st"))
 
 
 if __name__ == "__main__":

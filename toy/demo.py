@@ -325,6 +325,22 @@ def report(summary: dict[str, Any], png: Path) -> None:
     )
 
 
+def toy_model() -> Path:
+    """The toy model, built once and cached in runs/toy-model (its progress on stdout)."""
+    from toy.kit import build_toy_model
+
+    print("[demo] toy model (built once, then cached in runs/toy-model) ...", flush=True)
+    progress = logging.StreamHandler(sys.stdout)
+    progress.setFormatter(logging.Formatter("[demo] %(message)s"))
+    toy_log = logging.getLogger("toy.kit")
+    toy_log.addHandler(progress)
+    toy_log.setLevel(logging.INFO)
+    try:
+        return build_toy_model(ROOT / "runs" / "toy-model", seed=0)
+    finally:
+        toy_log.removeHandler(progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="treepo-demo", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=120, help="learner steps")
@@ -333,21 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=1800, help="seconds before the run is stopped"
     )
+    parser.add_argument(
+        "--learner-ranks", type=int, default=1, help="learner ranks (DeepSpeed data parallel)"
+    )
+    parser.add_argument("--zero-stage", type=int, default=0, choices=(0, 1, 2, 3))
     args = parser.parse_args(argv)
-    from toy.kit import build_toy_model
-
     started = time.time()
     run = ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")
     run.mkdir(parents=True)
     print(f"[demo] run folder {run}", flush=True)
-    print("[demo] toy model (built once, then cached in runs/toy-model) ...", flush=True)
-    progress = logging.StreamHandler(sys.stdout)
-    progress.setFormatter(logging.Formatter("[demo] %(message)s"))
-    toy_log = logging.getLogger("toy.kit")
-    toy_log.addHandler(progress)
-    toy_log.setLevel(logging.INFO)
-    model = build_toy_model(ROOT / "runs" / "toy-model", seed=0)
-    toy_log.removeHandler(progress)
+    model = toy_model()
     first = heldout_eval(model, args.heldout, seed=1000)
     print(
         f"[demo] held-out greedy accuracy before: {first['accuracy']:.3f} on {args.heldout} problems "
@@ -355,10 +366,15 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     print(
-        f"[demo] pipeline: redis + learner + {args.samplers} samplers, {args.steps} steps",
+        f"[demo] pipeline: redis + learner ({args.learner_ranks} rank(s), ZeRO "
+        f"{args.zero_stage}) + {args.samplers} samplers, {args.steps} steps",
         flush=True,
     )
-    code = run_pipeline(run, model, args.steps, args.samplers, args.timeout)
+    learner = {
+        "LEARNER_RANKS": str(args.learner_ranks),
+        "TREEPO_LEARNER__ZERO_STAGE": str(args.zero_stage),
+    }
+    code = run_pipeline(run, model, args.steps, args.samplers, args.timeout, learner)
     trained = run / "learner" / "model"
     # honcho's own exit code reflects how the other processes were stopped; the run succeeded
     # when the learner finished its steps and saved the trained model
@@ -371,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         json.loads(line) for line in (run / "learner" / "steps.jsonl").read_text().splitlines()
     ]
     summary = summarise(run, first, last, steps, args.heldout, time.time() - started)
+    summary["learner_world_size"] = args.learner_ranks
+    summary["zero_stage"] = args.zero_stage
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
     report(summary, plot(run, steps, summary))
     print(run)
