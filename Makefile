@@ -45,7 +45,7 @@ demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m toy.demo $(DEMO_ARGS)
 
 # Full benchmarks (about an hour on 2 cores): results in bench/results/, tables in docs/benchmarks.md
-BENCHES := transport durability weight_sync tree_vs_independent learner_packing async_vs_sync treepo_vs_grpo
+BENCHES := transport durability weight_sync tree_vs_independent learner_packing learner_ranks async_vs_sync treepo_vs_grpo
 bench: setup
 	for b in $(BENCHES); do PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m bench.$$b || exit 1; done
 	$(PY) -m bench.report

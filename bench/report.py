@@ -301,12 +301,60 @@ def learner_packing(d: dict[str, Any]) -> str:
     )
 
 
+def learner_ranks(d: dict[str, Any]) -> str:
+    rows = [
+        [
+            r["precision"],
+            str(r["stage"]),
+            f"{r['world']} (rank {r['rank']})",
+            f"{r['step_seconds']:.2f}",
+            f"{r['tokens_per_second']:.0f}",
+            f"{r['params_mib']:.0f} / {r['full_params_mib']:.0f}",
+            f"{r['optimizer_mib']:.0f}",
+            f"**{r['state_mib']:.0f}**",
+            f"{r['rss_after_mib'] - r['rss_before_engine_mib']:.0f}",
+            f"{r['peak_rss_mib']:.0f}",
+        ]
+        for r in sorted(
+            d["rows"], key=lambda r: (r["precision"], r["stage"], r["world"], r["rank"])
+        )
+    ]
+    lines = [
+        f"{p}: ZeRO-3 vs ZeRO-0 state per rank on 2 ranks **{v['zero3_vs_zero0_state_per_rank']:.2f}x** "
+        f"(resident memory increase {v['zero3_vs_zero0_rss_increase_per_rank']:.2f}x); 2 ranks vs 1 "
+        f"step time at ZeRO-0 {v['two_vs_one_rank_step_seconds_zero0']:.2f}x"
+        for p, v in d.items()
+        if isinstance(v, dict) and "zero3_vs_zero0_state_per_rank" in v
+    ]
+    return _table(
+        [
+            "precision",
+            "ZeRO",
+            "ranks",
+            "step s",
+            "tokens/s",
+            "params MiB held / full",
+            "optimizer MiB (state + fp32 masters)",
+            "state MiB",
+            "RSS increase MiB",
+            "peak RSS MiB",
+        ],
+        rows,
+    ) + (
+        "\n\n" + "; ".join(lines) + f". Model {d['model_parameters']} parameters, "
+        f"{d['trees_per_batch']} trees of shape {d['tree_shape']} a batch, best of "
+        f"{d['steps_per_job']} steps after the first; 2 ranks share the 2 cores here, so their "
+        "step time is the overhead of data parallelism, not a speed-up."
+    )
+
+
 SECTIONS = [
     ("tree_vs_independent", "Tree vs independent sampling", tree_vs_independent),
     ("async_vs_sync", "Async vs sync pipeline", async_vs_sync),
     ("treepo_vs_grpo", "TreePO vs GRPO-style training at an equal token budget", treepo_vs_grpo),
     ("transport", "Transport", transport),
     ("learner_packing", "Tree-packed vs per-leaf learner", learner_packing),
+    ("learner_ranks", "Learner on 1 and 2 ranks, ZeRO 0-3", learner_ranks),
     ("weight_sync", "Weight sync", weight_sync),
     ("durability", "Redis durability: appendfsync always vs everysec", durability),
     ("soak", "Soak: random SIGKILLs of samplers, learner and redis-server", soak),

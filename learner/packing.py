@@ -205,6 +205,24 @@ def pack(
     )
 
 
+def rows_by_tree(row_leaf: list[tuple[int, int]]) -> dict[int, list[int]]:
+    """Tree index -> its rows (per-leaf layout, ``row_leaf[r] = (tree, leaf)``), in first-seen
+    tree order."""
+    rows_of: dict[int, list[int]] = {}
+    for r, (t, _) in enumerate(row_leaf):
+        rows_of.setdefault(t, []).append(r)
+    return rows_of
+
+
+def added_tokens(tree: TreeRollout, leaf: int, packed: set[int] | None) -> int:
+    """Token positions leaf ``leaf`` adds to a packed sequence already holding the nodes
+    ``packed`` of its tree (None: the tree is not in it yet, so its prompt comes too)."""
+    held = packed or set()
+    new = [n for n in tree.path(tree.leaves[leaf].node) if n not in held]
+    prompt = 0 if packed is not None else len(tree.prompt_token_ids)
+    return prompt + sum(len(tree.nodes[n].token_ids) for n in new)
+
+
 def check_model(model: torch.nn.Module) -> None:
     """Refuse models the packed forward would compute wrongly: attention that ignores a custom
     4-D mask, logits that are not a plain projection of the last hidden state, sliding-window
@@ -279,9 +297,7 @@ def packed_batch_logprobs(
     targets of its response tokens), zeros elsewhere. Returns ([rows, L-1] log-probs, tokens
     the packed forward computed)."""
     check_model(model)
-    rows_of: dict[int, list[int]] = {}
-    for r, (t, _) in enumerate(row_leaf):
-        rows_of.setdefault(t, []).append(r)
+    rows_of = rows_by_tree(row_leaf)
     order = list(rows_of)
     batch = pack(
         [trees[t] for t in order], [[row_leaf[r][1] for r in rows_of[t]] for t in order], row_tokens

@@ -23,7 +23,6 @@ import asyncio
 import logging
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,11 +34,11 @@ from learner.follower import Follower
 from learner.intake import Intake
 from learner.metrics import LearnerMetrics
 from learner.persistence import Persistence
-from learner.ranks import control, rank
+from learner.ranks import control, launch, rank
 from learner.rules import leaf_summary, staleness
 from learner.state import LearnerState, Resolved
 from learner.steplog import StepRecord, write_step
-from learner.trainer import Engine, StepStats, build_engine, free_port, train_on_batch
+from learner.trainer import Engine, StepStats, build_engine, train_on_batch
 from learner.weight_server import add_routes
 from pipeline.config import LearnerSettings
 from pipeline.entry import ProcessSpec, exit_now, process_main
@@ -313,23 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--ranks", type=int, default=1)
     known, _ = pre.parse_known_args(argv)
     if known.ranks > 1 and "WORLD_SIZE" not in os.environ:
-        return launch_ranks(known.ranks, argv)
+        return launch(known.ranks, "learner.process", argv)
     return process_main(SPEC, argv)
-
-
-def launch_ranks(ranks: int, argv: list[str]) -> int:
-    """Become ``deepspeed --num_gpus <ranks> --module learner.process <argv>``: DeepSpeed's
-    launcher starts every rank (one per GPU; on CPU, gloo ranks) and ends them all when one
-    fails. Across machines, run the launcher with a hostfile yourself (docs/operations.md)."""
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which(
-        "deepspeed"
-    )
-    if launcher is None:
-        log.error("--ranks %d needs the DeepSpeed launcher (pip install deepspeed)", ranks)
-        return 2
-    port = os.environ.get("MASTER_PORT") or str(free_port())
-    command = [launcher, "--num_gpus", str(ranks), "--master_port", port, "--no_local_rank"]
-    os.execv(launcher, [*command, "--module", "learner.process", *argv])
 
 
 def run() -> None:

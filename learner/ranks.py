@@ -22,9 +22,14 @@ checkpoint of *every* rank does not hold, so a restart loses and repeats nothing
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import socket
+import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -162,3 +167,24 @@ def follow(handlers: dict[str, Callable[[dict[str, Any]], None]], ctl: Control) 
         if handler is None:
             raise RuntimeError(f"rank {ctl.rank}: unknown command {kind!r} from rank 0")
         handler(command)
+
+
+def launch(ranks: int, module: str, argv: list[str]) -> int:
+    """Become ``deepspeed --num_gpus <ranks> --no_local_rank --module <module> <argv>``:
+    DeepSpeed's launcher starts every rank (one per GPU; on CPU, gloo ranks) and ends them all
+    when one fails. Across machines, run the launcher with a hostfile (docs/operations.md)."""
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which(
+        "deepspeed"
+    )
+    if launcher is None:
+        log.error("--ranks %d needs the DeepSpeed launcher (pip install deepspeed)", ranks)
+        return 2
+    port = os.environ.get("MASTER_PORT") or str(free_port())
+    command = [launcher, "--num_gpus", str(ranks), "--master_port", port, "--no_local_rank"]
+    os.execv(launcher, [*command, "--module", module, *argv])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import socket
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -23,17 +22,11 @@ import torch
 
 from learner.batch import TrainBatch
 from learner.loss import policy_loss
-from learner.packing import packed_batch_logprobs
-from learner.ranks import Control, control, rank, share
+from learner.packing import added_tokens, packed_batch_logprobs, rows_by_tree
+from learner.ranks import Control, control, free_port, rank, share
 from pipeline.config import LearnerOptions, LossSettings
 
 log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def init_distributed(timeout_s: float = 600.0) -> None:
@@ -333,10 +326,7 @@ def _row_cost(batch: TrainBatch, r: int, seen: dict[int, set[int]], packing: str
     if packing != "tree" or not batch.row_leaf:
         return int(batch.input_ids.shape[1])
     t, leaf = batch.row_leaf[r]
-    tree = batch.trees[t]
-    new = [n for n in tree.path(tree.leaves[leaf].node) if n not in seen.get(t, ())]
-    prompt = 0 if t in seen else len(tree.prompt_token_ids)
-    return prompt + sum(len(tree.nodes[n].token_ids) for n in new)
+    return added_tokens(batch.trees[t], leaf, seen.get(t))
 
 
 def _real_tokens(batch: TrainBatch) -> float:
@@ -349,9 +339,7 @@ def _order(batch: TrainBatch, opts: LearnerOptions, gen: torch.Generator) -> tor
     if opts.packing == "leaf" or not batch.row_leaf:
         return torch.randperm(batch.rows, generator=gen, device="cpu")
     trees = torch.randperm(len(batch.trees), generator=gen, device="cpu").tolist()
-    rows_of: dict[int, list[int]] = {}
-    for r, (t, _) in enumerate(batch.row_leaf):
-        rows_of.setdefault(t, []).append(r)
+    rows_of = rows_by_tree(batch.row_leaf)
     rows = [r for t in trees for r in rows_of.get(t, [])]
     return torch.tensor(rows, dtype=torch.long, device="cpu")
 

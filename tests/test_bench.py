@@ -93,6 +93,23 @@ def test_learner_packing_quick(tmp_path: Path, toy_model: Path) -> None:
 
 
 @pytest.mark.slow
+def test_learner_ranks_quick(tmp_path: Path) -> None:
+    from bench import learner_ranks
+
+    assert learner_ranks.main(["--quick", "--out", str(tmp_path)]) == 0
+    d = load(tmp_path, "learner_ranks")
+    rows = {(r["world"], r["stage"], r["rank"]): r for r in d["rows"]}
+    assert set(rows) == {(1, 0, 0), (1, 3, 0), (2, 0, 0), (2, 0, 1), (2, 3, 0), (2, 3, 1)}
+    # ZeRO-3 on 2 ranks: each holds half the parameters (padding aside) and of the Adam state
+    for r in (0, 1):
+        s0, s3 = rows[(2, 0, r)], rows[(2, 3, r)]
+        assert s3["params_mib"] <= 0.5 * s0["params_mib"] * 1.01
+        assert s3["full_params_mib"] == pytest.approx(s0["params_mib"])
+    assert 0 < d["fp32"]["zero3_vs_zero0_state_per_rank"] < 1
+    assert all(r["step_seconds"] > 0 and r["peak_rss_mib"] > 0 for r in d["rows"])
+
+
+@pytest.mark.slow
 def test_async_vs_sync_quick(tmp_path: Path, toy_model: Path) -> None:
     from bench import async_vs_sync
 
