@@ -70,7 +70,9 @@ def held_bytes(engine: Any) -> dict[str, float]:
     }
 
 
-def child(model: str, out: str, stage: int, precision: str, steps: int, trees_file: str) -> None:
+def child(
+    model: str, out: str, stage: int, precision: str, steps: int, trees_file: str, n: int
+) -> None:
     """One rank of one configuration (run by the launcher)."""
     import torch
 
@@ -136,11 +138,17 @@ def launch(world: int, *args: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
-        model, out, stage, precision, steps, trees = sys.argv[2:8]
-        child(model, out, int(stage), precision, int(steps), trees)
+        model, out, stage, precision, steps, trees, n = sys.argv[2:9]
+        child(model, out, int(stage), precision, int(steps), trees, int(n))
         return 0
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=None, help="learner steps per job (3; 2 quick)")
+    p.add_argument(
+        "--precisions",
+        default=None,
+        help="comma-separated (fp32,bf16; quick: fp32); results of other precisions already in "
+        "the work folder are kept",
+    )
     args = p.parse_args(argv)
     from bench.learner_packing import grow, settings
     from bench.tree_vs_independent import build_compute_model
@@ -154,23 +162,27 @@ def main(argv: list[str] | None = None) -> int:
         0 if args.quick else 1
     ]
     trees = grow(cfg, vocab, 2 if args.quick else 4, 0, eos_p)
-    work = ROOT / "runs" / "bench-learner-ranks"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = ROOT / "runs" / ("bench-learner-ranks-quick" if args.quick else "bench-learner-ranks")
+    work.mkdir(parents=True, exist_ok=True)
     trees_file = work / "trees.json"
     trees_file.write_text(json.dumps([encode(t).hex() for t in trees]))
-    precisions = ("fp32",) if args.quick else ("fp32", "bf16")
+    precisions = tuple((args.precisions or ("fp32" if args.quick else "fp32,bf16")).split(","))
     stages = (0, 3) if args.quick else STAGES
     for precision in precisions:
+        for old in work.glob(f"{precision}-*.json"):
+            old.unlink()
+        # bf16 matmuls are slow on CPUs without bf16 units: one step of one tree, for memory
+        job_steps, job_trees = (steps, len(trees)) if precision == "fp32" else (1, 1)
         for stage in stages:
             for world in (1, 2):
-                launch(
-                    world, str(model), str(work), str(stage), precision, str(steps), str(trees_file)
-                )
+                job = (model, work, stage, precision, job_steps, trees_file, job_trees)
+                launch(world, *map(str, job))
     rows = [json.loads(f.read_text()) for f in sorted(work.glob("*-rank*.json"))]
+    precisions = tuple(sorted({r["precision"] for r in rows}))
     result = summarise(rows, precisions)
     result.update(
         {
+            "bf16_note": "bf16 jobs: one step of one tree (memory only; CPU bf16 is slow here)",
             "model_parameters": json.loads((model / "config.json").read_text()).get("parameters"),
             "tree_shape": shape,
             "trees_per_batch": len(trees),

@@ -92,12 +92,13 @@ def optimizer_view(engine: Engine) -> Iterator[torch.optim.Optimizer]:
 
 
 def _masters(engine: Engine) -> list[torch.Tensor]:
-    """The tensors the optimizer updates when they are not the module's own parameters: ZeRO
-    1-3 keep an fp32 master partition per rank (restored as saved, so bf16 runs resume
-    exactly too). Inside ``optimizer_view``."""
-    if engine.zero_stage == 0:
-        return []
-    return [p for group in engine.optimizer.param_groups for p in group["params"]]
+    """The tensors the optimizer updates when they are not the module's own parameters: the
+    fp32 master weights of bf16/fp16 training and ZeRO 1-3's per-rank fp32 partitions (restored
+    as saved, so every precision and stage resumes exactly). Inside ``optimizer_view``."""
+    own = {id(p) for p in engine.module.parameters()}
+    return [
+        p for group in engine.optimizer.param_groups for p in group["params"] if id(p) not in own
+    ]
 
 
 def save_checkpoint(

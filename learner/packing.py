@@ -11,9 +11,14 @@ its log-prob is computed once however many leaves pass through it; a leaf's log-
 a gather of those, so the per-leaf loss keeps its definition (a shared token contributes once
 per leaf, with that leaf's advantage) and autograd sums the shared gradient.
 
-The mask is a 4-D boolean tensor handed to the model's own SDPA (or eager) attention, which
-transformers uses as given; inside a packed row every pair is computed and the disallowed ones
-masked, so a row costs its length squared in attention (the default packs one tree a row). The
+The attention is kept as an O(T) *group layout*: each position's group (the prompt or one node
+of one tree) and which groups each group sees. From it come the two masks the kernels take
+(``TREEPO_LEARNER__ATTENTION``): a dense 4-D boolean mask for the model's SDPA (or eager)
+attention, where every pair of a row is computed and the disallowed ones masked (a row costs its
+length squared; the default packs one tree a row), and on CUDA a FlexAttention ``BlockMask``
+whose ``mask_mod`` reads the group layout, so no [T, T] tensor exists and blocks nobody attends
+are skipped. Both are checked against the per-leaf path (the block mask on CPU forward here,
+forward and backward on CUDA in tests/test_devices.py). The
 vocabulary projection runs in chunks of ``chunk`` tokens, so no ``[tokens, vocab]`` float32
 log-softmax is ever held whole.
 """
@@ -29,8 +34,9 @@ import torch
 from learner.ranks import control
 from pipeline.messages import TreeRollout
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
-"""Attention implementations that take an arbitrary 4-D mask (flash-attention does not)."""
+SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
+"""Attention implementations that take the tree mask: a dense 4-D mask (SDPA, eager) or a
+FlexAttention ``BlockMask`` (flash-attention takes neither)."""
 
 
 @dataclass
@@ -58,6 +64,18 @@ class PackedTree:
             mask[q : q + k, before] = True
             mask[q : q + k, q : q + k] = np.tri(k, dtype=bool)
         return mask
+
+    def group_layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """([n] group of each token, [g, g] True where group a sees group b): the same
+        attention as ``allowed`` in O(n + g^2) (a token sees the earlier tokens of the groups
+        its group sees)."""
+        group = np.zeros(len(self.tokens), np.int64)
+        for g, (q, k, _) in enumerate(self.groups):
+            group[q : q + k] = g
+        sees = np.eye(len(self.groups), dtype=bool)
+        for g, (_, _, before) in enumerate(self.groups):
+            sees[g, np.unique(group[before])] = True
+        return group, sees
 
 
 def pack_tree(tree: TreeRollout, leaves: list[int] | None = None) -> PackedTree:
@@ -119,8 +137,11 @@ class PackedBatch:
     """[rows, T] token ids (0 after the last tree of a row)."""
     position_ids: torch.Tensor
     """[rows, T]"""
-    attention: torch.Tensor
-    """[rows, 1, T, T] True where query may attend key (a padding position sees itself)."""
+    group: torch.Tensor
+    """[rows, T] attention group of each position (the prompt or one node of one tree; the
+    padding at a row's end is a group of its own)."""
+    sees: torch.Tensor
+    """[rows, G, G] True where group a may attend group b (causally: earlier positions)."""
     pred_row: torch.Tensor
     """[m] row of each response token computed (m = response tokens packed)."""
     pred_col: torch.Tensor
@@ -133,6 +154,33 @@ class PackedBatch:
     """Per requested leaf: indices into the m computed tokens, in path order."""
     tokens: int
     """Real tokens in the packed rows (prompts + responses, each once)."""
+
+    @property
+    def attention(self) -> torch.Tensor:
+        """[rows, 1, T, T] True where query may attend key: the dense mask of SDPA/eager."""
+        width = self.group.shape[1]
+        rows = torch.arange(self.group.shape[0], device=self.group.device).view(-1, 1, 1)
+        allowed = self.sees[rows, self.group.unsqueeze(2), self.group.unsqueeze(1)]
+        causal = torch.ones(width, width, dtype=torch.bool, device=self.group.device).tril()
+        return (allowed & causal).unsqueeze(1)
+
+    def mask_mod(self, device: torch.device) -> Any:
+        """FlexAttention's ``mask_mod`` of this attention, reading the O(T) group layout."""
+        group, sees = self.group.to(device), self.sees.to(device)
+
+        def mask_mod(b: Any, h: Any, q: Any, kv: Any) -> Any:
+            return (kv <= q) & sees[b, group[b, q], group[b, kv]]
+
+        return mask_mod
+
+    def block_mask(self, device: torch.device) -> Any:
+        """The same attention as a FlexAttention ``BlockMask`` (never a dense [T, T] mask;
+        blocks no query of which may see are skipped, not computed)."""
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        rows, width = self.group.shape
+        mod = self.mask_mod(device)
+        return create_block_mask(mod, rows, None, width, width, device=str(device))
 
 
 def _fill_rows(lengths: list[int], budget: int) -> tuple[list[list[int]], list[int]]:
@@ -160,19 +208,25 @@ def pack(
     width, r, cpu = max(used), len(rows), torch.device("cpu")
     input_ids = torch.zeros((r, width), dtype=torch.long, device=cpu)
     position_ids = torch.zeros((r, width), dtype=torch.long, device=cpu)
-    attention = torch.zeros((r, 1, width, width), dtype=torch.bool, device=cpu)
-    attention[:, 0] |= torch.eye(width, dtype=torch.bool, device=cpu)  # padding sees itself
+    layouts = [p.group_layout() for p in packed]
+    per_row = [sum(len(layouts[i][1]) for i in members) + 1 for members in rows]  # + padding
+    group = torch.zeros((r, width), dtype=torch.long, device=cpu)
+    sees = torch.zeros((r, max(per_row), max(per_row)), dtype=torch.bool, device=cpu)
     pr, pc, tg, tp, computed_at = [], [], [], [], {}
     m = 0
     for row, members in enumerate(rows):
-        offset = 0
+        offset, first = 0, 0  # first: this tree's first group in the row
         for i in members:
             p = packed[i]
             n = len(p.tokens)
             sl = slice(offset, offset + n)
             input_ids[row, sl] = torch.from_numpy(p.tokens)
             position_ids[row, sl] = torch.from_numpy(p.positions)
-            attention[row, 0, sl, sl] = torch.from_numpy(p.allowed())
+            tree_group, tree_sees = layouts[i]
+            g = len(tree_sees)
+            group[row, sl] = torch.from_numpy(tree_group + first)
+            sees[row, first : first + g, first : first + g] = torch.from_numpy(tree_sees)
+            first += g
             response = np.nonzero(p.predictor >= 0)[0]
             pr.append(np.full(len(response), row))
             pc.append(p.predictor[response] + offset)
@@ -183,6 +237,8 @@ def pack(
             computed_at[i] = slot
             m += len(response)
             offset += n
+        group[row, offset:] = first  # the padding: a group that sees only itself
+        sees[row, first, first] = True
     leaf_index = [
         torch.from_numpy(computed_at[i][idx]) for i, p in enumerate(packed) for idx in p.leaf_tokens
     ]
@@ -195,7 +251,8 @@ def pack(
     return PackedBatch(
         input_ids,
         position_ids,
-        attention,
+        group,
+        sees,
         cat(pr, np.int64),
         cat(pc, np.int64),
         cat(tg, np.int64),
@@ -251,9 +308,11 @@ def packed_token_logprobs(
 ) -> torch.Tensor:
     """[m] log p_T(token | its path) of every packed response token, each computed once."""
     device = next(model.parameters()).device
+    flex = getattr(model.config, "_attn_implementation", None) == "flex_attention"
+    mask = batch.block_mask(device) if flex else batch.attention.to(device)
     hidden = model.base_model(
         input_ids=batch.input_ids.to(device),
-        attention_mask=batch.attention.to(device),
+        attention_mask=mask,
         position_ids=batch.position_ids.to(device),
     ).last_hidden_state
     head = model.get_output_embeddings()

@@ -136,12 +136,21 @@ def ds_config(opts: LearnerOptions) -> dict[str, Any]:
     }
 
 
+def attention_kernel(opts: LearnerOptions) -> str:
+    """The attention implementation the learner loads the model with (``opts.attention``)."""
+    if opts.attention != "auto":
+        return opts.attention
+    return "flex_attention" if torch.cuda.is_available() and opts.packing == "tree" else "sdpa"
+
+
 def build_engine(model_dir: str | Path, opts: LearnerOptions) -> Engine:
     init_distributed(opts.rank_timeout_s)
     import deepspeed
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation=attention_kernel(opts)
+    )
     if opts.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False

@@ -312,6 +312,10 @@ class LearnerOptions(_Section):
     """How a batch is computed: ``tree`` packs each tree into one sequence with a tree attention
     mask, so every shared prefix token is computed once; ``leaf`` runs one padded row per leaf
     (the reference; needed for attention kernels that take no 4-D mask)."""
+    attention: Literal["auto", "sdpa", "eager", "flex_attention"] = "auto"
+    """The model's attention kernel: ``auto`` is FlexAttention with a block mask built from
+    the tree (blocks nobody attends are skipped) on CUDA with ``packing = tree``, else SDPA
+    with a dense 4-D mask."""
     micro_batch_tokens: int = Field(0, ge=0, le=1_000_000_000)
     """Token positions per forward/backward (packed tokens, or rows x padded length with
     ``packing = leaf``): each mini-batch is cut into as many micro-batches as this needs and

@@ -91,3 +91,32 @@ def test_learner_step_on_cuda(toy_model: Path, tmp_path: Path) -> None:
     assert next(engine.module.parameters()).device.type == "cuda"
     stats = train_on_batch(engine, build_batch([tree()]), opts, LossSettings(), step=0)
     assert stats.tokens == 3 and abs(stats.is_weight_mean) < 100
+
+
+@pytest.mark.gpu
+def test_flex_attention_on_cuda_equals_the_cpu_packed_path(toy_model: Path) -> None:
+    """On CUDA the learner picks FlexAttention (block mask from the tree); its packed log-probs
+    equal the CPU SDPA path's (skipped without a GPU)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from transformers import AutoModelForCausalLM
+
+    from learner.packing import leaf_logprobs
+    from learner.trainer import attention_kernel
+    from pipeline.config import LearnerOptions
+
+    assert attention_kernel(LearnerOptions(model=str(toy_model))) == "flex_attention"
+    cpu = AutoModelForCausalLM.from_pretrained(str(toy_model), attn_implementation="sdpa")
+    gpu = AutoModelForCausalLM.from_pretrained(
+        str(toy_model), attn_implementation="flex_attention"
+    ).cuda()
+    trees = [tree(), tree()]
+    want = leaf_logprobs(cpu, trees)
+    got = leaf_logprobs(gpu, trees)
+    for tw, tg in zip(want, got):
+        for w, g in zip(tw, tg):
+            assert torch.allclose(g.detach().cpu(), w.detach(), atol=1e-4)
+    sum(w.sum() for tw in want for w in tw).backward()
+    sum(g.sum() for tg in got for g in tg).backward()
+    for (name, a), b in zip(gpu.named_parameters(), cpu.parameters()):
+        assert torch.allclose(a.grad.cpu(), b.grad, atol=1e-4, rtol=1e-3), name

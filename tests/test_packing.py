@@ -111,6 +111,70 @@ def test_packed_logprobs_equal_the_per_leaf_rows(
             assert torch.allclose(g, w, atol=1e-4, rtol=0), (g - w).abs().max()
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_the_group_layout_is_the_per_tree_mask(seed: int) -> None:
+    """The row mask built from the O(T) group layout (what SDPA gets, and what the FlexAttention
+    block mask evaluates) is each tree's own mask on the diagonal, nothing across trees, and
+    padding that sees only itself."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    rng = random.Random(seed)
+    trees = [random_tree(rng) for _ in range(4)]
+    batch = pack(trees, row_tokens=40)
+    dense = batch.attention[:, 0]
+    rows, width = batch.group.shape
+    want = torch.zeros_like(dense)
+    lengths = [len(pack_tree(t).tokens) for t in trees]
+    # the rows as pack() fills them: consecutive trees up to 40 tokens
+    row, offset = 0, 0
+    for t, n in zip(trees, lengths):
+        if offset and offset + n > 40:
+            row, offset = row + 1, 0
+        want[row, offset : offset + n, offset : offset + n] = torch.from_numpy(
+            pack_tree(t).allowed()
+        )
+        offset += n
+    for r in range(rows):
+        real = int((want[r].sum(-1) > 0).sum())
+        pad = torch.ones(width - real, width - real, dtype=torch.bool).tril()
+        want[r, real:, real:] = pad
+    assert torch.equal(dense, want)
+    flex = create_mask(batch.mask_mod(torch.device("cpu")), rows, None, width, width, "cpu")
+    assert torch.equal(flex[:, 0], dense)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(2))
+def test_flex_attention_packing_equals_the_per_leaf_rows(
+    model: torch.nn.Module, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The FlexAttention path (block mask from the group layout; what a GPU learner uses) gives
+    the per-leaf log-probs, here on CPU (forward only: torch has no FlexAttention backward on
+    CPU; tests/test_devices.py checks the backward on CUDA). Uncompiled: inductor's CPU code for
+    FlexAttention fails to build for some shapes here (torch 2.13), and the reference kernel
+    computes the same attention."""
+    import copy
+
+    flex = copy.deepcopy(model)
+    flex.config._attn_implementation = "flex_attention"
+    check_model(flex)
+    rng = random.Random(seed)
+    trees = [random_tree(rng, empty_nodes=False) for _ in range(3)]
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers.integrations import flex_attention as hf_flex
+
+    def eager(query, key, value, training=False, **kwargs):  # type: ignore[no-untyped-def]
+        return flex_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", eager)
+    with torch.no_grad():
+        want = reference(model, trees)
+        got = leaf_logprobs(flex, trees, row_tokens=64)
+    for tw, tg in zip(want, got):
+        for w, g in zip(tw, tg):
+            assert torch.allclose(g, w, atol=1e-4, rtol=0), (g - w).abs().max()
+
+
 def test_packing_computes_each_shared_token_once() -> None:
     rng = random.Random(3)
     trees = [random_tree(rng, empty_nodes=False) for _ in range(5)]
