@@ -197,6 +197,12 @@ def _fill_rows(lengths: list[int], budget: int) -> tuple[list[list[int]], list[i
     return rows, used
 
 
+def _cat(parts: list[Any], dtype: Any) -> torch.Tensor:
+    if not parts:
+        return torch.zeros(0, device="cpu")
+    return torch.from_numpy(np.concatenate(parts).astype(dtype))
+
+
 def pack(
     trees: list[TreeRollout], leaves: list[list[int]] | None = None, row_tokens: int = 0
 ) -> PackedBatch:
@@ -243,20 +249,15 @@ def pack(
         torch.from_numpy(computed_at[i][idx]) for i, p in enumerate(packed) for idx in p.leaf_tokens
     ]
 
-    def cat(parts: list[Any], dtype: Any) -> torch.Tensor:
-        if not parts:
-            return torch.zeros(0, device="cpu")
-        return torch.from_numpy(np.concatenate(parts).astype(dtype))
-
     return PackedBatch(
         input_ids,
         position_ids,
         group,
         sees,
-        cat(pr, np.int64),
-        cat(pc, np.int64),
-        cat(tg, np.int64),
-        cat(tp, np.float32),
+        _cat(pr, np.int64),
+        _cat(pc, np.int64),
+        _cat(tg, np.int64),
+        _cat(tp, np.float32),
         leaf_index,
         sum(used),
     )

@@ -23,6 +23,7 @@ from pipeline.config import (
     PROCESS_SETTINGS,
     LearnerSettings,
     SamplerSettings,
+    load_env_file,
     load_settings,
     warn_unknown_env,
 )
@@ -204,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"treepo {__version__}")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--env-file",
+        default=".env",
+        help="settings file read as honcho reads it (default .env, when present); variables "
+        "already in the environment win",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     config = sub.add_parser("config", help="show, check or document settings").add_subparsers(
@@ -249,6 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level.upper())
     try:
+        env_file = Path(args.env_file)
+        if env_file.is_file():
+            load_env_file(env_file)
+        elif args.env_file != ".env":
+            raise ConfigError(f"--env-file {args.env_file}: no such file")
         code: int = args.func(args)
         sys.stdout.flush()
         return code

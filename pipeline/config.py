@@ -15,6 +15,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import (
@@ -441,6 +442,36 @@ def env_name(loc: tuple[Any, ...]) -> str:
     """The environment variable behind a pydantic error location, e.g. TREEPO_TREE__WIDTH."""
     parts = [str(p).upper() for p in loc if not isinstance(p, int)]
     return ENV_PREFIX + "__".join(parts[:2])
+
+
+_ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """``NAME=value`` lines of a ``.env`` file as honcho reads them (``#`` comment lines and
+    blank lines skipped, one pair of surrounding quotes removed). A line that is neither is a
+    ``ConfigError`` naming the file and line."""
+    out: dict[str, str] = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        match = _ENV_LINE.match(line)
+        if match is None:
+            raise ConfigError(f"{path}:{number}: not a NAME=value line: {line.strip()[:80]!r}")
+        name, value = match.groups()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[name] = value
+    return out
+
+
+def load_env_file(path: Path) -> list[str]:
+    """Put the variables of ``path`` into ``os.environ`` where the environment does not set them
+    already (an explicit ``NAME=value treepo ...`` wins); returns the names it set."""
+    added = [k for k in read_env_file(path).items() if k[0] not in os.environ]
+    for name, value in added:
+        os.environ[name] = value
+    return [name for name, _ in added]
 
 
 def load_settings(cls: type[S], warn: bool = True, **overrides: Any) -> S:

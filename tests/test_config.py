@@ -150,3 +150,35 @@ def test_pipeline_processes_get_no_settings_or_launcher_ranks_from_their_starter
 
     env = child_env({"PATH": "/bin", "TREEPO_RUN__NAME": "x", "MASTER_PORT": "60379", "RANK": "0"})
     assert env == {"PATH": "/bin"}
+
+
+def test_treepo_reads_the_env_file_as_honcho_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After ``cp .env.example .env``, ``treepo`` sees the same settings the processes get
+    from honcho; a variable already in the environment wins; a bad line is named."""
+    import json
+    import os
+
+    env = tmp_path / ".env"
+    env.write_text(
+        "# a comment\n\nTREEPO_TREE__WIDTH=5\nexport TREEPO_TREE__MAX_DEPTH='3'\n"
+        'TREEPO_RUN__NAME="from-file"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    for name in ("TREEPO_TREE__WIDTH", "TREEPO_TREE__MAX_DEPTH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TREEPO_RUN__NAME", "explicit")
+    try:
+        assert main(["config", "show", "--process", "sampler"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["tree"]["width"] == 5 and shown["tree"]["max_depth"] == 3
+        assert shown["run"]["name"] == "explicit"
+    finally:
+        for name in ("TREEPO_TREE__WIDTH", "TREEPO_TREE__MAX_DEPTH"):
+            os.environ.pop(name, None)
+    env.write_text("TREEPO_TREE__WIDTH=5\nthis is not a setting\n")
+    assert main(["config", "show"]) == 2
+    assert ".env:2: not a NAME=value line" in capsys.readouterr().err
+    assert main(["--env-file", "missing.env", "config", "show"]) == 2
+    assert "--env-file missing.env: no such file" in capsys.readouterr().err
