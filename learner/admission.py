@@ -68,17 +68,34 @@ class Admission:
         """Admit prompts up to the staleness bound on outstanding prompts."""
         limit = (self.settings.run.max_staleness + 1) * self.settings.learner.batch_prompts
         ledger = state.ledger
+        longest = self.settings.learner.max_prompt_tokens
         while len(ledger.outstanding) < limit:
             pos = state.cursor
-            entry_id = await self._publish(pos, state.step)
+            ids = self._encode(pos)
+            if longest and len(ids) > longest:
+                state.cursor += 1
+                self.metrics.prompts_too_long.inc()
+                log.warning(
+                    "dataset item %d skipped: its prompt has %d tokens > "
+                    "TREEPO_LEARNER__MAX_PROMPT_TOKENS=%d",
+                    pos % len(self.problems),
+                    len(ids),
+                    longest,
+                )
+                continue
+            entry_id = await self._publish(pos, state.step, ids)
             ledger.admit(prompt_id(pos), pos, entry_id, time.time())
             state.cursor += 1
             self.metrics.prompts_admitted.inc()
         self.metrics.prompts_in_flight.set(len(ledger.outstanding))
 
-    async def _publish(self, pos: int, version: int) -> str:
+    def _encode(self, pos: int) -> list[int]:
         problem = self.problems[pos % len(self.problems)]
-        ids = encode_prompt(self.tokenizer, problem.prompt, self.settings.learner.chat_template)
+        return encode_prompt(self.tokenizer, problem.prompt, self.settings.learner.chat_template)
+
+    async def _publish(self, pos: int, version: int, ids: list[int] | None = None) -> str:
+        problem = self.problems[pos % len(self.problems)]
+        ids = self._encode(pos) if ids is None else ids
         task = PromptTask(
             prompt_id(pos), ids, problem.answer, pos, version, problem.task, time.time()
         )

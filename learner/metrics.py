@@ -107,6 +107,11 @@ class LearnerMetrics:
         self.prompts_admitted = Counter(
             p + "prompts_admitted", "Prompts admitted to the prompts stream.", registry=r
         )
+        self.prompts_too_long = Counter(
+            p + "prompts_too_long",
+            "Dataset prompts skipped at admission: longer than max_prompt_tokens.",
+            registry=r,
+        )
         self.prompts_readmitted = Counter(
             p + "prompts_readmitted",
             "Prompts admitted again: their tree was overdue (lost) or dropped as stale.",

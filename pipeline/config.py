@@ -333,6 +333,11 @@ class LearnerOptions(_Section):
     """Checkpoint every this many steps; trees are acknowledged only once checkpointed."""
     keep_checkpoints: int = Field(2, ge=1, le=1000)
     """Checkpoints kept on disk."""
+    max_prompt_tokens: int = Field(0, ge=0, le=10_000_000)
+    """Prompts longer than this many tokens (after the chat template) are skipped at admission,
+    counted (``treepo_learner_prompts_too_long_total``) and logged, never sent to a sampler
+    whose engine cannot hold them. Set it to the engine's context length minus the tree's
+    ``max_response_tokens``; 0 = no limit."""
     dynamic_sampling: bool = True
     """Drop trees whose leaves all have the same reward (no signal)."""
     readmit_after_s: float = Field(300.0, gt=0, le=86_400)

@@ -21,3 +21,44 @@ def test_chat_template_gives_token_ids_whatever_transformers_returns() -> None:
     templated = encode_prompt(tok, "12+3", chat_template=True)
     assert templated == tok("12+3=")["input_ids"]
     assert all(isinstance(i, int) for i in templated)
+
+
+def test_prompts_longer_than_the_limit_are_skipped_and_counted(redis_server) -> None:  # type: ignore[no-untyped-def]
+    """With max_prompt_tokens, admission skips (counts, logs) the dataset items whose prompt is
+    too long and admits the rest in order; nothing too long reaches the prompts stream."""
+    import asyncio
+
+    from learner.admission import Admission
+    from learner.metrics import LearnerMetrics
+    from learner.state import LearnerState
+    from pipeline.config import LearnerOptions, LearnerSettings, RedisSettings, RunSettings
+    from pipeline.messages import PromptTask, decode_as
+    from pipeline.tasks import Problem
+    from tests.helpers import make_streams
+
+    tok = build_tokenizer()
+    problems = [
+        Problem(p, "1", "arith") for p in ("1+2", "12+34+56+78", "3+4", "123+456+789+1", "5+6")
+    ]
+    settings = LearnerSettings(
+        redis=RedisSettings(url=redis_server.url),
+        run=RunSettings(name="test", max_staleness=0),
+        learner=LearnerOptions(batch_prompts=3, max_prompt_tokens=5),
+    )
+    assert [len(encode_prompt(tok, p.prompt, False)) <= 5 for p in problems] == [
+        True, False, True, False, True
+    ]  # fmt: skip
+
+    async def main() -> tuple[LearnerState, list[str], float]:
+        streams = make_streams(redis_server)
+        metrics = LearnerMetrics()
+        state = LearnerState()
+        await Admission(settings, streams, metrics, tok, problems).admit(state)
+        entries = await streams.client.xrange(streams.keys.prompts)
+        sent = [decode_as(f[b"m"], PromptTask).prompt_id for _, f in entries]
+        await streams.close()
+        return state, sent, metrics.prompts_too_long._value.get()
+
+    state, sent, skipped = asyncio.run(main())
+    assert sent == ["q0", "q2", "q4"] and sorted(state.ledger.outstanding) == sent
+    assert state.cursor == 5 and skipped == 2
