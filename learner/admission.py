@@ -17,19 +17,28 @@ from learner.ledger import prompt_id
 from learner.metrics import LearnerMetrics
 from learner.state import LearnerState, Resolved
 from pipeline.config import LearnerSettings
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DatasetError
 from pipeline.messages import PromptTask
 from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Streams
-from pipeline.tasks import ArithTask, Problem, load_dataset
+from pipeline.tasks import ArithTask, Problem, load_dataset, reward_fn
 
 log = logging.getLogger("learner.process")
 
 
 def load_problems(settings: LearnerSettings) -> list[Problem]:
+    """The training problems; a bad dataset or reward function is a ``ConfigError`` naming the
+    setting."""
     opts = settings.learner
     if opts.dataset == "arith":
         return ArithTask().problems("train", 100_000, seed=settings.run.seed)
-    return load_dataset(opts.dataset, opts.prompt_field, opts.answer_field, opts.task)
+    try:
+        reward_fn(opts.task)
+    except ValueError as exc:
+        raise ConfigError(f"TREEPO_LEARNER__TASK: {exc}") from None
+    try:
+        return load_dataset(opts.dataset, opts.prompt_field, opts.answer_field, opts.task)
+    except DatasetError as exc:
+        raise ConfigError(f"TREEPO_LEARNER__DATASET: {exc}") from None
 
 
 def encode_prompt(tokenizer: Any, text: str, chat_template: bool) -> list[int]:

@@ -276,11 +276,12 @@ def build_learner(settings: LearnerSettings) -> Learner | Follower:
     model = settings.learner.model
     if not model or not Path(model).is_dir():
         raise ConfigError(f"TREEPO_LEARNER__MODEL: {model!r} is not a model directory")
+    problems = load_problems(settings)  # a bad dataset or reward fails before DeepSpeed starts
     engine = build_engine(model, settings.learner)
     if rank() != 0:
         return Follower(settings, engine)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    return Learner(settings, engine, tokenizer, load_problems(settings))
+    return Learner(settings, engine, tokenizer, problems)
 
 
 SPEC = ProcessSpec(

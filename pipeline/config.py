@@ -37,6 +37,9 @@ ENV_PREFIX = "TREEPO_"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+REWARD_PATTERN = r"^(arith|math|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
+"""A built-in reward name or ``package.module:function``."""
+
 Allocation = Literal["uniform", "logprob_high", "logprob_low", "entropy_high", "entropy_low"]
 
 
@@ -189,8 +192,8 @@ class SamplerOptions(_Section):
     """Port of the metrics server (``--port``/``$PORT`` under honcho overrides it)."""
     batch_prompts: int = Field(8, ge=1, le=4096)
     """Prompts grown together in one tree-sampling batch."""
-    default_task: Literal["arith", "math"] = "arith"
-    """Reward function for prompts that do not name one."""
+    default_task: str = Field("arith", pattern=REWARD_PATTERN)
+    """Reward function for prompts that do not name one (see ``TREEPO_LEARNER__TASK``)."""
     temperature: float = Field(1.0, ge=0.01, le=10.0)
     """Sampling temperature. The behavior policy is the tempered distribution; each tree carries
     it and the learner divides its logits by it, so importance weights measure policy lag only.
@@ -268,8 +271,11 @@ class LearnerOptions(_Section):
     """Dataset field holding the prompt text."""
     answer_field: str = "answer"
     """Dataset field holding the reference answer."""
-    task: Literal["arith", "math"] = "math"
-    """Reward function for file datasets (the built-in dataset always uses ``arith``)."""
+    task: str = Field("math", pattern=REWARD_PATTERN)
+    """Reward function for file datasets (the built-in dataset always uses ``arith``):
+    ``math`` (math-verify equivalence of the last ``\\boxed{}``), ``arith`` (exact integer), or
+    an import path ``package.module:function`` of your own ``f(response, reference) -> float``,
+    importable by the learner and every sampler (checked at start)."""
     chat_template: bool = False
     """Wrap prompts with the tokenizer's chat template."""
     batch_prompts: int = Field(8, ge=1, le=4096)

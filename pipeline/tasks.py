@@ -14,6 +14,8 @@ Tokenization is not done here (see ``pipeline.tokenizer``).
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -86,11 +88,38 @@ def arith_reward(response: str, reference: str) -> float:
 REWARDS: dict[str, Callable[[str, str], float]] = {"arith": arith_reward, "math": math_reward}
 
 
+_IMPORTED: dict[str, Callable[[str, str], float]] = {}
+
+
 def reward_fn(task: str) -> Callable[[str, str], float]:
-    try:
+    """The reward function of ``task``: a built-in name (``arith``, ``math``) or an import path
+    ``package.module:function`` of a function ``(response text, reference answer) -> float``
+    importable by every process (learner and samplers). Raises ``ValueError`` naming what is
+    wrong."""
+    if task in REWARDS:
         return REWARDS[task]
-    except KeyError:
-        raise ValueError(f"unknown reward task {task!r}; known: {sorted(REWARDS)}") from None
+    if task in _IMPORTED:
+        return _IMPORTED[task]
+    module, sep, name = task.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(
+            f"unknown reward task {task!r}: use one of {sorted(REWARDS)} or an import path "
+            "'package.module:function'"
+        )
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        raise ValueError(f"reward {task!r}: cannot import {module!r} ({exc})") from None
+    except AttributeError:
+        raise ValueError(f"reward {task!r}: module {module!r} has no {name!r}") from None
+    try:
+        inspect.signature(fn).bind("response", "reference")
+    except TypeError:
+        raise ValueError(
+            f"reward {task!r}: must be callable as f(response: str, reference: str) -> float"
+        ) from None
+    _IMPORTED[task] = fn
+    return fn  # type: ignore[no-any-return]
 
 
 def load_dataset(

@@ -21,6 +21,11 @@ class SamplerMetrics:
     def __post_init__(self) -> None:
         r = self.registry
         p = "treepo_sampler_"
+        self.reward_errors = Counter(
+            p + "reward_errors",
+            "Leaves whose reward function raised or returned a non-number (scored -1).",
+            registry=r,
+        )
         self.tokens_decoded = Counter(
             p + "tokens_decoded", "Tokens decoded by tree sampling.", registry=r
         )

@@ -7,7 +7,7 @@ the same configuration (it would fail there too) and never allowed to stop the s
 from __future__ import annotations
 
 from pipeline.messages import PromptTask
-from pipeline.tasks import REWARDS
+from pipeline.tasks import reward_fn
 
 
 def prompt_problem(
@@ -16,8 +16,10 @@ def prompt_problem(
     """(reason, detail) when ``task`` cannot be served by an engine of ``context_tokens``
     growing responses of up to ``response_cap`` tokens, else None."""
     name = task.task or default_task
-    if name not in REWARDS:
-        return "unknown_task", f"task {name!r} is not one of {sorted(REWARDS)}"
+    try:
+        reward_fn(name)
+    except ValueError as exc:
+        return "unknown_task", str(exc)
     n = len(task.prompt_token_ids)
     if not n or n + response_cap > context_tokens:
         return "too_long", (

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import socket
@@ -30,6 +31,7 @@ from pipeline.entry import ProcessSpec, exit_now, process_main
 from pipeline.errors import ConfigError, Stopping, TransportError
 from pipeline.httpserver import make_app, start
 from pipeline.messages import PromptTask, TreeRollout
+from pipeline.rewards import WRONG
 from pipeline.sampling import TreeSampler
 from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Delivery, Streams
 from pipeline.tasks import reward_fn
@@ -261,10 +263,18 @@ class Sampler:
 
     def _stamp(self, tree: TreeRollout, task: PromptTask) -> None:
         """Score the leaves and set the ids and the sampling settings the engine used."""
-        check = reward_fn(task.task or self.settings.sampler.default_task)
+        name = task.task or self.settings.sampler.default_task
+        check = reward_fn(name)
         for leaf in tree.leaves:
             text = self.decode_text(tree.response_tokens(leaf.node).tolist())
-            leaf.reward = check(text, task.answer)
+            try:
+                leaf.reward = float(check(text, task.answer))
+                if not math.isfinite(leaf.reward):
+                    raise ValueError(f"returned {leaf.reward}")
+            except Exception as exc:  # a user's reward function: one bad call scores one leaf
+                log.warning("reward %s failed on prompt %s: %r", name, task.prompt_id, exc)
+                self.metrics.reward_errors.inc()
+                leaf.reward = WRONG
         tree.tree_id, tree.prompt_id = f"t-{task.prompt_id}", task.prompt_id
         tree.sampler_id, tree.dataset_position = self.worker_id, task.dataset_position
         tree.created_at = time.time()
@@ -288,6 +298,10 @@ def build_sampler(settings: SamplerSettings) -> Sampler:
     model = settings.sampler.model
     if not model or not Path(model).is_dir():
         raise ConfigError(f"TREEPO_SAMPLER__MODEL: {model!r} is not a model directory")
+    try:
+        reward_fn(settings.sampler.default_task)
+    except ValueError as exc:
+        raise ConfigError(f"TREEPO_SAMPLER__DEFAULT_TASK: {exc}") from None
     engine = VLLMSegmentGenerator(EngineOptions.from_settings(settings, model))
     tokenizer = engine.llm.get_tokenizer()
     return Sampler(settings, engine, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
