@@ -9,6 +9,7 @@ Every decision is recorded in the ledger (``learner.ledger``), which the checkpo
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -41,6 +42,27 @@ def load_problems(settings: LearnerSettings) -> list[Problem]:
         raise ConfigError(f"TREEPO_LEARNER__DATASET: {exc}") from None
 
 
+class EpochOrder:
+    """Which dataset item the admission cursor's position ``pos`` is: epoch ``pos // n`` visits
+    all ``n`` items in an order drawn from (seed, epoch), or in file order unshuffled. A
+    function of the position alone, so a resumed learner (its cursor is in the checkpoint)
+    continues the same sequence and a re-admitted prompt is the same item."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self._epoch, self._perm = -1, list(range(n))
+
+    def item(self, pos: int) -> int:
+        epoch, offset = divmod(pos, self.n)
+        if not self.shuffle:
+            return offset
+        if epoch != self._epoch:
+            self._perm = list(range(self.n))
+            random.Random(f"{self.seed}:{epoch}").shuffle(self._perm)
+            self._epoch = epoch
+        return self._perm[offset]
+
+
 def encode_prompt(tokenizer: Any, text: str, chat_template: bool) -> list[int]:
     """Token ids of a prompt, through the tokenizer's chat template when asked (transformers 5
     returns a ``BatchEncoding`` from ``apply_chat_template``, earlier versions a list)."""
@@ -71,6 +93,7 @@ class Admission:
         self.metrics = metrics
         self.tokenizer = tokenizer
         self.problems = problems
+        self.order = EpochOrder(len(problems), settings.run.seed, settings.learner.shuffle)
         self.last_overdue_check = 0.0
 
     async def admit(self, state: LearnerState) -> None:
@@ -87,7 +110,7 @@ class Admission:
                 log.warning(
                     "dataset item %d skipped: its prompt has %d tokens > "
                     "TREEPO_LEARNER__MAX_PROMPT_TOKENS=%d",
-                    pos % len(self.problems),
+                    self.order.item(pos),
                     len(ids),
                     longest,
                 )
@@ -99,11 +122,11 @@ class Admission:
         self.metrics.prompts_in_flight.set(len(ledger.outstanding))
 
     def _encode(self, pos: int) -> list[int]:
-        problem = self.problems[pos % len(self.problems)]
+        problem = self.problems[self.order.item(pos)]
         return encode_prompt(self.tokenizer, problem.prompt, self.settings.learner.chat_template)
 
     async def _publish(self, pos: int, version: int, ids: list[int] | None = None) -> str:
-        problem = self.problems[pos % len(self.problems)]
+        problem = self.problems[self.order.item(pos)]
         ids = self._encode(pos) if ids is None else ids
         task = PromptTask(
             prompt_id(pos), ids, problem.answer, pos, version, problem.task, time.time()

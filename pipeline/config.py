@@ -339,6 +339,9 @@ class LearnerOptions(_Section):
     """Checkpoint every this many steps; trees are acknowledged only once checkpointed."""
     keep_checkpoints: int = Field(2, ge=1, le=1000)
     """Checkpoints kept on disk."""
+    shuffle: bool = True
+    """Visit the dataset in a new order every epoch, drawn from ``TREEPO_RUN__SEED`` and the
+    epoch (a resumed run continues the same order); false = file order."""
     max_prompt_tokens: int = Field(0, ge=0, le=10_000_000)
     """Prompts longer than this many tokens (after the chat template) are skipped at admission,
     counted (``treepo_learner_prompts_too_long_total``) and logged, never sent to a sampler

@@ -43,7 +43,7 @@ def test_prompts_longer_than_the_limit_are_skipped_and_counted(redis_server) -> 
     settings = LearnerSettings(
         redis=RedisSettings(url=redis_server.url),
         run=RunSettings(name="test", max_staleness=0),
-        learner=LearnerOptions(batch_prompts=3, max_prompt_tokens=5),
+        learner=LearnerOptions(batch_prompts=3, max_prompt_tokens=5, shuffle=False),
     )
     assert [len(encode_prompt(tok, p.prompt, False)) <= 5 for p in problems] == [
         True, False, True, False, True
@@ -62,3 +62,21 @@ def test_prompts_longer_than_the_limit_are_skipped_and_counted(redis_server) -> 
     state, sent, skipped = asyncio.run(main())
     assert sent == ["q0", "q2", "q4"] and sorted(state.ledger.outstanding) == sent
     assert state.cursor == 5 and skipped == 2
+
+
+def test_each_epoch_visits_every_item_in_its_own_seeded_order() -> None:
+    from learner.admission import EpochOrder
+
+    n = 50
+    order = EpochOrder(n, seed=3, shuffle=True)
+    epochs = [[order.item(pos) for pos in range(e * n, (e + 1) * n)] for e in range(3)]
+    assert all(sorted(e) == list(range(n)) for e in epochs)  # every item once per epoch
+    assert epochs[0] != list(range(n)) and epochs[0] != epochs[1] != epochs[2]
+    # a function of the position: a fresh object (a resumed learner) agrees, in any order
+    again = EpochOrder(n, seed=3, shuffle=True)
+    assert [again.item(p) for p in (120, 7, 61)] == [epochs[2][20], epochs[0][7], epochs[1][11]]
+    assert [EpochOrder(n, seed=4, shuffle=True).item(p) for p in range(n)] != epochs[0]
+    assert [EpochOrder(n, seed=3, shuffle=False).item(p) for p in range(60)] == [
+        *range(n),
+        *range(10),
+    ]
