@@ -63,19 +63,30 @@ class EpochOrder:
         return self._perm[offset]
 
 
-def encode_prompt(tokenizer: Any, text: str, chat_template: bool) -> list[int]:
-    """Token ids of a prompt, through the tokenizer's chat template when asked (transformers 5
-    returns a ``BatchEncoding`` from ``apply_chat_template``, earlier versions a list)."""
+def encode_prompt(
+    tokenizer: Any,
+    text: str,
+    chat_template: bool,
+    template: str = "{prompt}",
+    system: str = "",
+) -> list[int]:
+    """Token ids of a prompt: ``text`` put into ``template`` (at ``{prompt}``; other braces,
+    such as ``\\boxed{}``, stay as written), then through the tokenizer's chat template when
+    asked, with ``system`` as the system message (transformers 5 returns a ``BatchEncoding``
+    from ``apply_chat_template``, earlier versions a list)."""
+    text = template.replace("{prompt}", text)
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError(
                 "TREEPO_LEARNER__CHAT_TEMPLATE=true but the model's tokenizer has no chat template"
             )
-        out = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": text})
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = out["input_ids"] if isinstance(out, Mapping) else out
         return [int(i) for i in ids]
+    if system:
+        raise ConfigError("TREEPO_LEARNER__SYSTEM_PROMPT needs TREEPO_LEARNER__CHAT_TEMPLATE=true")
     return [int(i) for i in tokenizer(text)["input_ids"]]
 
 
@@ -95,6 +106,7 @@ class Admission:
         self.problems = problems
         self.order = EpochOrder(len(problems), settings.run.seed, settings.learner.shuffle)
         self.last_overdue_check = 0.0
+        self._encode(0)  # chat template / system prompt problems fail at start, in one line
 
     async def admit(self, state: LearnerState) -> None:
         """Admit prompts up to the staleness bound on outstanding prompts."""
@@ -123,7 +135,10 @@ class Admission:
 
     def _encode(self, pos: int) -> list[int]:
         problem = self.problems[self.order.item(pos)]
-        return encode_prompt(self.tokenizer, problem.prompt, self.settings.learner.chat_template)
+        o = self.settings.learner
+        return encode_prompt(
+            self.tokenizer, problem.prompt, o.chat_template, o.prompt_template, o.system_prompt
+        )
 
     async def _publish(self, pos: int, version: int, ids: list[int] | None = None) -> str:
         problem = self.problems[self.order.item(pos)]

@@ -278,6 +278,12 @@ class LearnerOptions(_Section):
     importable by the learner and every sampler (checked at start)."""
     chat_template: bool = False
     """Wrap prompts with the tokenizer's chat template."""
+    prompt_template: str = Field("{prompt}", pattern=r"\{prompt\}")
+    """The text given to the model, with the dataset's prompt at ``{prompt}`` (other braces stay
+    as written), e.g. ``{prompt}\nPlease reason step by step, and put your final answer within
+    \\boxed{}.``"""
+    system_prompt: str = ""
+    """System message (needs ``chat_template``); empty = none."""
     batch_prompts: int = Field(8, ge=1, le=4096)
     """Trees (prompts) per optimizer step."""
     total_steps: int = Field(100, ge=1, le=10_000_000)

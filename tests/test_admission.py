@@ -80,3 +80,20 @@ def test_each_epoch_visits_every_item_in_its_own_seeded_order() -> None:
         *range(n),
         *range(10),
     ]
+
+
+def test_prompt_template_and_system_prompt() -> None:
+    """The dataset prompt goes in at {prompt}; \\boxed{} and other braces stay as written; the
+    system message reaches the chat template; without one, a system prompt is refused."""
+    from pipeline.config import LearnerOptions
+
+    tok = build_tokenizer()
+    template = "Q: {prompt} \\boxed{}"
+    assert encode_prompt(tok, "1+2", False, template) == tok("Q: 1+2 \\boxed{}")["input_ids"]
+    with pytest.raises(ConfigError, match=r"SYSTEM_PROMPT needs .*CHAT_TEMPLATE=true"):
+        encode_prompt(tok, "1+2", False, system="be brief")
+    tok.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}="
+    ids = encode_prompt(tok, "1+2", True, template, system="S")
+    assert tok.decode(ids) == tok.decode(tok("[system]S[user]Q: 1+2 \\boxed{}=")["input_ids"])
+    with pytest.raises(ValueError, match="prompt_template"):
+        LearnerOptions(prompt_template="no placeholder")
