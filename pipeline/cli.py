@@ -28,7 +28,7 @@ from pipeline.config import (
     warn_unknown_env,
 )
 from pipeline.entry import setup_logging
-from pipeline.errors import ConfigError, MessageDecodeError, TransportError
+from pipeline.errors import ConfigError, DatasetError, MessageDecodeError, TransportError
 from pipeline.messages import TreeRollout, decode, decode_as, to_jsonable
 from pipeline.streams import Streams
 
@@ -125,6 +125,18 @@ def _cmd_config_docs(args: argparse.Namespace) -> int:
 
 
 # -- messages ---------------------------------------------------------------------------------
+
+
+def _cmd_data_gsm8k(args: argparse.Namespace) -> int:
+    from pipeline.tasks import prepare_gsm8k
+
+    try:
+        n = prepare_gsm8k(args.source, args.out)
+    except DatasetError as exc:
+        print(f"treepo: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {n} problems (prompt, answer)")
+    return 0
 
 
 def _cmd_decode(args: argparse.Namespace) -> int:
@@ -245,6 +257,16 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--model", help="model directory whose tokenizer.json decodes the tokens")
     show.add_argument("--out", default="tree.html")
     show.set_defaults(func=_cmd_tree_show)
+
+    data = sub.add_parser("data", help="prepare datasets").add_subparsers(
+        dest="data_command", required=True, metavar="FORMAT"
+    )
+    gsm8k = data.add_parser(
+        "gsm8k", help="GSM8K JSONL/Parquet (question, answer '... #### 72') -> prompt/answer JSONL"
+    )
+    gsm8k.add_argument("source")
+    gsm8k.add_argument("out")
+    gsm8k.set_defaults(func=_cmd_data_gsm8k)
 
     dec = sub.add_parser("decode", help="decode a msgpack message file and print it as JSON")
     dec.add_argument("file")

@@ -14,6 +14,7 @@ import difflib
 import logging
 import os
 import re
+import shlex
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -464,25 +465,25 @@ def env_name(loc: tuple[Any, ...]) -> str:
     return ENV_PREFIX + "__".join(parts[:2])
 
 
-_ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
-
-
 def read_env_file(path: Path) -> dict[str, str]:
-    """``NAME=value`` lines of a ``.env`` file as honcho reads them (``#`` comment lines and
-    blank lines skipped, one pair of surrounding quotes removed). A line that is neither is a
-    ``ConfigError`` naming the file and line."""
+    """``NAME=value`` lines of a ``.env`` file, read exactly as honcho reads them (a POSIX shell
+    lexer: quotes keep spaces and backslashes, an unquoted value loses them, ``#`` starts a
+    comment). A line honcho would silently skip is a ``ConfigError`` naming file and line."""
     out: dict[str, str] = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip() or line.lstrip().startswith("#"):
+        try:
+            tokens = list(shlex.shlex(line, posix=True))
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{number}: {exc}") from None
+        if not tokens:
             continue
-        match = _ENV_LINE.match(line)
-        if match is None:
+        if len(tokens) < 3 or tokens[1] != "=" or not _ENV_NAME.fullmatch(tokens[0]):
             raise ConfigError(f"{path}:{number}: not a NAME=value line: {line.strip()[:80]!r}")
-        name, value = match.groups()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
-        out[name] = value
+        out[tokens[0]] = "".join(tokens[2:]).replace(r"\n", "\n").replace(r"\t", "\t")
     return out
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def load_env_file(path: Path) -> list[str]:

@@ -18,6 +18,7 @@ import importlib
 import inspect
 import json
 import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,3 +172,38 @@ def _read_rows(path: Path) -> list[tuple[int, object]]:
             except json.JSONDecodeError as exc:
                 raise DatasetError(f"{path}: row {i}: not valid JSON ({exc.msg})") from None
     return rows
+
+
+GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$")
+
+
+def gsm8k_answer(solution: str) -> str:
+    """The final answer of a GSM8K solution (the text after ``####``, thousands separators
+    removed): ``"... #### 1,072"`` -> ``"1072"``."""
+    match = GSM8K_ANSWER.search(solution.strip())
+    if match is None:
+        raise DatasetError(f"no '#### answer' line in {solution[-60:]!r}")
+    return match.group(1).replace(",", "").strip()
+
+
+def prepare_gsm8k(source: str | Path, out: str | Path) -> int:
+    """Convert the standard GSM8K layout (JSONL or Parquet rows ``{question, answer}`` whose
+    answer ends ``#### <number>``) into this project's JSONL (``{prompt, answer}``); returns the
+    rows written. A bad row is a ``DatasetError`` naming file and row."""
+    source, out = Path(source), Path(out)
+    if not source.is_file():
+        raise DatasetError(f"{source}: no such file")
+    lines = []
+    for i, row in _read_rows(source):
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+            raise DatasetError(f"{source}: row {i}: field 'question' is missing or not text")
+        try:
+            answer = gsm8k_answer(str(row.get("answer", "")))
+        except DatasetError as exc:
+            raise DatasetError(f"{source}: row {i}: field 'answer': {exc}") from None
+        lines.append(json.dumps({"prompt": row["question"], "answer": answer}))
+    if not lines:
+        raise DatasetError(f"{source}: no rows")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return len(lines)

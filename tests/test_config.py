@@ -156,13 +156,20 @@ def test_treepo_reads_the_env_file_as_honcho_does(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """After ``cp .env.example .env``, ``treepo`` sees the same settings the processes get
-    from honcho; a variable already in the environment wins; a bad line is named."""
+    from honcho (its own parser agrees on every shipped .env); a variable already in the
+    environment wins; a bad line is named."""
+    from honcho.environ import parse
+
+    from pipeline.config import read_env_file
+
+    for shipped in [ROOT / ".env.example", *sorted((ROOT / "recipes").glob("*/.env"))]:
+        assert read_env_file(shipped) == parse(shipped.read_text()), shipped
     import json
     import os
 
     env = tmp_path / ".env"
     env.write_text(
-        "# a comment\n\nTREEPO_TREE__WIDTH=5\nexport TREEPO_TREE__MAX_DEPTH='3'\n"
+        "# a comment\n\nTREEPO_TREE__WIDTH=5  # inline comment\nTREEPO_TREE__MAX_DEPTH='3'\n"
         'TREEPO_RUN__NAME="from-file"\n'
     )
     monkeypatch.chdir(tmp_path)
