@@ -211,6 +211,18 @@ def _cmd_tree_show(args: argparse.Namespace) -> int:
 # -- wiring -----------------------------------------------------------------------------------
 
 
+def _add_data_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    data = sub.add_parser("data", help="prepare datasets").add_subparsers(
+        dest="data_command", required=True, metavar="FORMAT"
+    )
+    gsm8k = data.add_parser(
+        "gsm8k", help="GSM8K JSONL/Parquet (question, answer '... #### 72') -> prompt/answer JSONL"
+    )
+    gsm8k.add_argument("source")
+    gsm8k.add_argument("out")
+    gsm8k.set_defaults(func=_cmd_data_gsm8k)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="treepo", description="TreePO actor-learner pipeline tools"
@@ -258,16 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", default="tree.html")
     show.set_defaults(func=_cmd_tree_show)
 
-    data = sub.add_parser("data", help="prepare datasets").add_subparsers(
-        dest="data_command", required=True, metavar="FORMAT"
-    )
-    gsm8k = data.add_parser(
-        "gsm8k", help="GSM8K JSONL/Parquet (question, answer '... #### 72') -> prompt/answer JSONL"
-    )
-    gsm8k.add_argument("source")
-    gsm8k.add_argument("out")
-    gsm8k.set_defaults(func=_cmd_data_gsm8k)
-
+    _add_data_commands(sub)
     dec = sub.add_parser("decode", help="decode a msgpack message file and print it as JSON")
     dec.add_argument("file")
     dec.set_defaults(func=_cmd_decode)
