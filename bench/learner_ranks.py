@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update(
         {
             "bf16_note": "bf16 jobs: one step of one tree (memory only; CPU bf16 is slow here)",
-            "model_parameters": json.loads((model / "config.json").read_text()).get("parameters"),
+            "model_parameters": parameters(rows),
             "tree_shape": shape,
             "trees_per_batch": len(trees),
             "steps_per_job": steps,
@@ -192,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     write_result("learner_ranks", args, result)
     return 0
+
+
+def parameters(rows: list[dict[str, Any]]) -> int:
+    """The model's parameter count, from a rank's full parameter bytes and their precision."""
+    r = rows[0]
+    return round(r["full_params_mib"] * 2**20 / (4 if r["precision"] == "fp32" else 2))
 
 
 def summarise(rows: list[dict[str, Any]], precisions: tuple[str, ...]) -> dict[str, Any]:

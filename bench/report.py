@@ -341,10 +341,14 @@ def learner_ranks(d: dict[str, Any]) -> str:
         ],
         rows,
     ) + (
-        "\n\n" + "; ".join(lines) + f". Model {d['model_parameters']} parameters, "
-        f"{d['trees_per_batch']} trees of shape {d['tree_shape']} a batch, best of "
-        f"{d['steps_per_job']} steps after the first; 2 ranks share the 2 cores here, so their "
-        "step time is the overhead of data parallelism, not a speed-up."
+        "\n\n"
+        + "; ".join(lines)
+        + f". Model {d['model_parameters'] / 1e6:.1f}M parameters; fp32: {d['trees_per_batch']} "
+        f"trees of shape {d['tree_shape']} a batch, best of {d['steps_per_job']} steps after the "
+        f"first; {d.get('bf16_note', '')}. 2 ranks share the 2 cores here, so their step time is "
+        "the overhead of data parallelism, not a speed-up. State = parameters held + optimizer "
+        "state + fp32 master partition (what a rank keeps between steps, from its tensors); RSS "
+        "is dominated by activations and allocator caches at this size."
     )
 
 
