@@ -34,8 +34,7 @@ from safetensors.torch import load_file, save_file
 from learner.ranks import Control
 from learner.trainer import Engine, full_parameters
 from pipeline.errors import ConfigError
-
-LATEST = "LATEST"
+from pipeline.export import LATEST
 
 
 def _flatten_optimizer(
@@ -148,14 +147,6 @@ def save_checkpoint(
         for old in sorted(root.glob("step-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
 
 
 def check_layout(path: Path, world: int, zero_stage: int) -> None:

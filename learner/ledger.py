@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.export import latest_checkpoint
+
 Outcome = Literal["trained", "no_signal", "abandoned"]
 Status = Literal["outstanding", "finished", "unknown"]
 
@@ -115,10 +117,10 @@ class Audit:
 def audit(work_dir: Path) -> Audit:
     """Check a learner's run folder: every admitted dataset position is trained, dropped for no
     signal, abandoned (each counted) or still outstanding; no tree is trained by two steps."""
-    pointer = work_dir / "checkpoints" / "LATEST"  # learner.checkpoint's layout (no torch here)
-    if not pointer.is_file():
-        raise FileNotFoundError(f"no checkpoint under {pointer.parent}")
-    state = json.loads((pointer.parent / pointer.read_text().strip() / "state.json").read_text())
+    checkpoint = latest_checkpoint(work_dir / "checkpoints")
+    if checkpoint is None:
+        raise FileNotFoundError(f"no checkpoint under {work_dir / 'checkpoints'}")
+    state = json.loads((checkpoint / "state.json").read_text())
     ledger = Ledger.from_json(state.get("ledger", {}))
     steps = work_dir / "steps.jsonl"
     records = (

@@ -139,6 +139,22 @@ def _cmd_data_gsm8k(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_checkpoint, latest_checkpoint
+
+    opts = load_settings(LearnerSettings).learner
+    work = Path(opts.work_dir)
+    checkpoint = (
+        Path(args.checkpoint) if args.checkpoint else latest_checkpoint(work / "checkpoints")
+    )
+    if checkpoint is None:
+        raise ConfigError(f"no checkpoint under {work / 'checkpoints'} (TREEPO_LEARNER__WORK_DIR)")
+    base = Path(args.base or opts.model)
+    out = Path(args.out) if args.out else work / f"model-{checkpoint.name}"
+    print(export_checkpoint(checkpoint, base, out))
+    return 0
+
+
 def _cmd_decode(args: argparse.Namespace) -> int:
     data = Path(args.file).read_bytes()
     try:
@@ -271,6 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_cmd_tree_show)
 
     _add_data_commands(sub)
+    export = sub.add_parser(
+        "export", help="a learner checkpoint as a Hugging Face model directory (any step)"
+    )
+    export.add_argument("--checkpoint", help="checkpoint dir (default: the newest of the run)")
+    export.add_argument("--base", help="the run's model dir (default: TREEPO_LEARNER__MODEL)")
+    export.add_argument("--out", help="default: <work>/model-step-<N>")
+    export.set_defaults(func=_cmd_export)
     dec = sub.add_parser("decode", help="decode a msgpack message file and print it as JSON")
     dec.add_argument("file")
     dec.set_defaults(func=_cmd_decode)
