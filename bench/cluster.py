@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipeline.entry import child_env
+from pipeline.export import latest_checkpoint
 from tests.services import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,12 +120,11 @@ class Cluster:
             self.start_sampler(name)
 
     def state(self) -> dict[str, Any] | None:
-        pointer = self.work / "checkpoints" / "LATEST"
-        if not pointer.is_file():
+        checkpoint = latest_checkpoint(self.work / "checkpoints")
+        if checkpoint is None:
             return None
-        path = self.work / "checkpoints" / pointer.read_text().strip() / "state.json"
         try:
-            return json.loads(path.read_text())  # type: ignore[no-any-return]
+            return json.loads((checkpoint / "state.json").read_text())  # type: ignore[no-any-return]
         except (OSError, ValueError):
             return None
 
