@@ -193,7 +193,19 @@ def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = N
         loss = train_step(batch)
         if step % spec.eval_every == 0:
             acc = greedy_eval(model, tokenizer, heldout)["accuracy"]
-            log.info("toy warm-up step %d loss %.3f held-out greedy accuracy %.3f", step, loss, acc)
+            elapsed = time.monotonic() - started
+            left = elapsed / step * (spec.max_steps - step + spec.mix_steps)
+            log.info(
+                "toy warm-up step %d of at most %d (ends at held-out accuracy %.2f): loss %.3f "
+                "accuracy %.3f; %.0f s so far, at most %.0f s to go",
+                step,
+                spec.max_steps,
+                spec.target_accuracy,
+                loss,
+                acc,
+                elapsed,
+                left,
+            )
             if acc >= spec.target_accuracy or step >= spec.max_steps:
                 break
     worked_steps = step
