@@ -54,3 +54,19 @@ def test_promtool_accepts_config_and_metrics(tmp_path: Path) -> None:
         text = generate_latest(metrics.registry)
         check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_every_dashboard_panel_has_a_unit() -> None:
+    """Readers see seconds, fractions and rates as such (Grafana unit ids or ``suffix:``)."""
+    import json
+
+    panels = json.loads((ROOT / "ops" / "grafana" / "dashboards" / "treepo.json").read_text())[
+        "panels"
+    ]
+    missing = [
+        p["title"] for p in panels if not p.get("fieldConfig", {}).get("defaults", {}).get("unit")
+    ]
+    assert not missing, missing
+    units = {p["title"]: p["fieldConfig"]["defaults"]["unit"] for p in panels}
+    assert units["Token savings vs independent sampling"] == "percentunit"
+    assert units["Weight swap seconds (p50)"] == "s"
