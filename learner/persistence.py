@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.metrics import LearnerMetrics
 from learner.ranks import control
 from learner.state import LearnerState
@@ -23,6 +23,7 @@ from learner.trainer import Engine, save_pretrained
 from learner.weight_server import WeightStore, announce
 from pipeline.config import LearnerSettings
 from pipeline.errors import Stopping, TransportError
+from pipeline.export import latest_checkpoint
 from pipeline.streams import TREE_GROUP, Streams
 
 log = logging.getLogger("learner.process")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import socket
 import sys
@@ -185,6 +186,16 @@ def launch(ranks: int, module: str, argv: list[str]) -> int:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free TCP port for the rendezvous (``MASTER_PORT``), taken below the kernel's ephemeral
+    range: a port the OS hands out for outgoing connections (Redis clients, engines) could be
+    taken between this check and the rank-0 store's bind (seen as EADDRINUSE in CI)."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20_000, 32_000)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000 for the learner's rendezvous")

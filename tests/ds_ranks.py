@@ -58,10 +58,11 @@ def main() -> None:
 
 def run(mode: str, model_dir: str, out: Path, stage: int) -> None:
     from learner.batch import build_batch
-    from learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from learner.checkpoint import load_checkpoint, save_checkpoint
     from learner.ranks import control
     from learner.trainer import build_engine, export_weights, full_state_dict, train_on_batch
     from pipeline.config import LearnerOptions, LossSettings
+    from pipeline.export import latest_checkpoint
 
     torch.manual_seed(0)
     opts = LearnerOptions(

@@ -13,9 +13,11 @@ from pathlib import Path
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port below the ephemeral range (a port bound to 0 could be handed to an outgoing
+    connection before the server that is given it binds)."""
+    from learner.ranks import free_port as below_ephemeral
+
+    return below_ephemeral()
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:

@@ -162,7 +162,7 @@ def test_treepo_reads_the_env_file_as_honcho_does(
 
     from pipeline.config import read_env_file
 
-    for shipped in [ROOT / ".env.example", *sorted((ROOT / "recipes").glob("*/.env"))]:
+    for shipped in [ROOT / ".env.example", *sorted((ROOT / "recipes").glob("*/recipe.env"))]:
         assert read_env_file(shipped) == parse(shipped.read_text()), shipped
     import json
     import os

@@ -18,7 +18,7 @@ from pipeline.config import (
 from pipeline.tasks import gsm8k_answer, load_dataset, reward_fn
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted(p.parent for p in (ROOT / "recipes").glob("*/.env"))
+RECIPES = sorted(p.parent for p in (ROOT / "recipes").glob("*/recipe.env"))
 
 
 def test_there_are_recipes() -> None:
@@ -30,7 +30,7 @@ def test_there_are_recipes() -> None:
 def test_recipe_settings_load_for_every_process(
     recipe: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env = read_env_file(recipe / ".env")
+    env = read_env_file(recipe / "recipe.env")
     treepo = {k: v for k, v in env.items() if k.startswith("TREEPO_")}
     assert treepo and not (set(treepo) - known_env_names()), set(treepo) - known_env_names()
     for k, v in treepo.items():

@@ -160,6 +160,21 @@ def _batches(task: ArithTask, tokenizer, spec: ToySpec, seed: int, direct_fracti
         yield ids, labels, (ids != PAD_ID).long()
 
 
+def _progress(spec: ToySpec, step: int, loss: float, acc: float, elapsed: float) -> None:
+    left = elapsed / step * (spec.max_steps - step + spec.mix_steps)
+    log.info(
+        "toy warm-up step %d of at most %d (ends at held-out accuracy %.2f): loss %.3f "
+        "accuracy %.3f; %.0f s so far, at most %.0f s to go",
+        step,
+        spec.max_steps,
+        spec.target_accuracy,
+        loss,
+        acc,
+        elapsed,
+        left,
+    )
+
+
 def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = None) -> Path:
     """Build (or reuse) the toy model directory; returns its path."""
     import torch
@@ -193,19 +208,7 @@ def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = N
         loss = train_step(batch)
         if step % spec.eval_every == 0:
             acc = greedy_eval(model, tokenizer, heldout)["accuracy"]
-            elapsed = time.monotonic() - started
-            left = elapsed / step * (spec.max_steps - step + spec.mix_steps)
-            log.info(
-                "toy warm-up step %d of at most %d (ends at held-out accuracy %.2f): loss %.3f "
-                "accuracy %.3f; %.0f s so far, at most %.0f s to go",
-                step,
-                spec.max_steps,
-                spec.target_accuracy,
-                loss,
-                acc,
-                elapsed,
-                left,
-            )
+            _progress(spec, step, loss, acc, time.monotonic() - started)
             if acc >= spec.target_accuracy or step >= spec.max_steps:
                 break
     worked_steps = step
