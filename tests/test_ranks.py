@@ -30,6 +30,7 @@ from pipeline.config import (
     StreamSettings,
     TreeConfig,
 )
+from pipeline.entry import LAUNCHER_ENV
 from pipeline.errors import ConfigError
 from tests.helpers import restore_base_weights
 from tests.services import RedisServer, free_port
@@ -185,6 +186,9 @@ def test_a_two_rank_learner_survives_losing_a_rank(
     def env(total: int) -> dict[str, str]:
         e = learner_env(redis_server, toy_model, work, free_port(), total)
         e.update({"TREEPO_LEARNER__ZERO_STAGE": "2", "TREEPO_LEARNER__RANK_TIMEOUT_S": "60"})
+        # an engine built earlier in this pytest process set MASTER_PORT and holds that port
+        for name in LAUNCHER_ENV:
+            e.pop(name, None)
         return e
 
     async def main() -> tuple[dict, dict, float]:  # type: ignore[type-arg]
