@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, parser, ratio, write_result
-from learner.ranks import free_port
+from learner.ranks import free_port, launcher_command
 
 STAGES = (0, 1, 2, 3)
 
@@ -122,8 +122,7 @@ def child(
 def launch(world: int, *args: str) -> None:
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     assert launcher, "the DeepSpeed launcher (pip install deepspeed)"
-    port = str(free_port())
-    cmd = [launcher, "--num_gpus", str(world), "--master_port", port, "--no_local_rank"]
+    cmd = launcher_command(launcher, world, free_port())
     proc = subprocess.run(
         [*cmd, "--module", "bench.learner_ranks", "--child", *args],
         cwd=ROOT,

@@ -124,16 +124,6 @@ class Control:
         torch.distributed.all_reduce(cpu, group=self.group)
         return cpu.to(t.device, t.dtype)
 
-    def check_same(self, name: str, value: int) -> None:
-        """Raise on a rank whose ``value`` differs from rank 0's (e.g. a checkpoint's world
-        size), so no rank goes on alone."""
-        if self.world == 1:
-            return
-        t = torch.tensor([value], dtype=torch.int64, device="cpu")
-        torch.distributed.broadcast(t, src=0, group=self.group)
-        if int(t.item()) != value:
-            raise RuntimeError(f"rank {self.rank}: {name} {value} differs from rank 0's {t.item()}")
-
 
 _CONTROL: Control | None = None
 
@@ -180,9 +170,15 @@ def launch(ranks: int, module: str, argv: list[str]) -> int:
     if launcher is None:
         log.error("--ranks %d needs the DeepSpeed launcher (pip install deepspeed)", ranks)
         return 2
-    port = os.environ.get("MASTER_PORT") or str(free_port())
-    command = [launcher, "--num_gpus", str(ranks), "--master_port", port, "--no_local_rank"]
+    port = int(os.environ.get("MASTER_PORT") or free_port())
+    command = launcher_command(launcher, ranks, port)
     os.execv(launcher, [*command, "--module", module, *argv])
+
+
+def launcher_command(launcher: str, ranks: int, port: int) -> list[str]:
+    """``deepspeed`` on one machine: ``ranks`` local ranks meeting at ``port``; the program and
+    its arguments follow."""
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(port), "--no_local_rank"]
 
 
 def free_port() -> int:

@@ -66,6 +66,29 @@ def learner_env(
     }
 
 
+def small_sampler(
+    server: RedisServer,
+    tmp: Path,
+    engine: VLLMSegmentGenerator,
+    tokenizer,  # type: ignore[no-untyped-def]
+) -> Sampler:
+    """An in-process sampler on the session's engine: small trees, 3 prompts a batch, a fast
+    weight poll (the learner tests' sampler)."""
+    return Sampler(
+        SamplerSettings(
+            redis=RedisSettings(url=server.url),
+            run=RunSettings(name="test", max_staleness=1),
+            streams=StreamSettings(block_ms=200, claim_idle_ms=2000),
+            tree=TreeConfig(width=4, segment_tokens=6, max_depth=6),
+            sampler=SamplerOptions(
+                port=0, work_dir=str(tmp / "sw"), batch_prompts=3, weights_poll_s=0.1
+            ),
+        ),
+        engine,
+        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+    )
+
+
 def start_learner(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as err:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
@@ -150,19 +173,7 @@ def test_learner_trains_publishes_survives_a_kill(
     log = tmp_path / "learner.log"
     engine.stop.clear()
     start_version = engine.policy_version
-    sampler = Sampler(
-        SamplerSettings(
-            redis=RedisSettings(url=redis_server.url),
-            run=RunSettings(name="test", max_staleness=1),
-            streams=StreamSettings(block_ms=200, claim_idle_ms=2000),
-            tree=TreeConfig(width=4, segment_tokens=6, max_depth=6),
-            sampler=SamplerOptions(
-                port=0, work_dir=str(tmp_path / "sw"), batch_prompts=3, weights_poll_s=0.1
-            ),
-        ),
-        engine,
-        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-    )
+    sampler = small_sampler(redis_server, tmp_path, engine, tokenizer)
 
     async def main() -> tuple[dict, dict, dict]:  # type: ignore[type-arg]
         sampling = asyncio.create_task(sampler.run())

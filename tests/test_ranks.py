@@ -22,21 +22,13 @@ import torch
 from safetensors.torch import load_file
 
 from learner.checkpoint import check_layout
-from pipeline.config import (
-    RedisSettings,
-    RunSettings,
-    SamplerOptions,
-    SamplerSettings,
-    StreamSettings,
-    TreeConfig,
-)
+from learner.ranks import launcher_command
 from pipeline.entry import LAUNCHER_ENV
 from pipeline.errors import ConfigError
 from tests.helpers import restore_base_weights
 from tests.services import RedisServer, free_port
-from tests.test_learner import checkpoint_state, learner_env
+from tests.test_learner import checkpoint_state, learner_env, small_sampler
 from workers.engine import VLLMSegmentGenerator
-from workers.sampler import Sampler
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,8 +37,7 @@ def launch(ranks: int, *args: str) -> None:
     """tests/ds_ranks.py under ``deepspeed --num_gpus <ranks>``."""
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     assert launcher, "the deepspeed launcher is installed with the learner extra"
-    port = str(free_port())
-    command = [launcher, "--num_gpus", str(ranks), "--master_port", port, "--no_local_rank"]
+    command = launcher_command(launcher, ranks, free_port())
     proc = subprocess.run(
         [*command, str(ROOT / "tests" / "ds_ranks.py"), *args],
         cwd=ROOT,
@@ -169,19 +160,7 @@ def test_a_two_rank_learner_survives_losing_a_rank(
     log = tmp_path / "learner.log"
     engine.stop.clear()
     start_version = engine.policy_version
-    sampler = Sampler(
-        SamplerSettings(
-            redis=RedisSettings(url=redis_server.url),
-            run=RunSettings(name="test", max_staleness=1),
-            streams=StreamSettings(block_ms=200, claim_idle_ms=2000),
-            tree=TreeConfig(width=4, segment_tokens=6, max_depth=6),
-            sampler=SamplerOptions(
-                port=0, work_dir=str(tmp_path / "sw"), batch_prompts=3, weights_poll_s=0.1
-            ),
-        ),
-        engine,
-        lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-    )
+    sampler = small_sampler(redis_server, tmp_path, engine, tokenizer)
 
     def env(total: int) -> dict[str, str]:
         e = learner_env(redis_server, toy_model, work, free_port(), total)
