@@ -191,8 +191,13 @@ class SamplerOptions(_Section):
     """Address the ``/metrics`` and ``/healthz`` server binds."""
     port: int = Field(9101, ge=0, le=65535)
     """Port of the metrics server (``--port``/``$PORT`` under honcho overrides it)."""
-    batch_prompts: int = Field(8, ge=1, le=4096)
-    """Prompts grown together in one tree-sampling batch."""
+    trees_in_flight: int = Field(32, ge=1, le=4096)
+    """Trees this sampler grows at once. Each finished tree is published at once and a new
+    prompt claimed in its place, so the engine never drains between trees; more trees in flight
+    fill the engine's batches better (the default was measured on the toy model, see
+    docs/benchmarks.md), fewer keep each tree's policy lag shorter."""
+    max_num_seqs: int = Field(256, ge=1, le=65_536)
+    """Most requests (tree paths) the engine runs in one step."""
     default_task: str = Field("arith", pattern=REWARD_PATTERN)
     """Reward function for prompts that do not name one (see ``TREEPO_LEARNER__TASK``)."""
     temperature: float = Field(1.0, ge=0.01, le=10.0)
@@ -224,9 +229,16 @@ class SamplerOptions(_Section):
     kv_cache_gib: int = Field(1, ge=1, le=1024)
     """KV cache size on the CPU backend (VLLM_CPU_KVCACHE_SPACE)."""
     block_size: int = Field(32, ge=0, le=1024)
-    """KV-cache block size in tokens; 0 = the engine's default (128 on vLLM's CPU backend).
-    Prefix caching shares whole blocks only, so siblings share a parent's KV only up to its last
-    full block: keep this at or below the segment length. The CPU backend needs a multiple of 32."""
+    """KV-cache block size in tokens; 0 = the engine's default (128 on vLLM's CPU backend, 16 on
+    CUDA). A path that goes on past a segment boundary keeps its KV in place; a new sibling finds
+    its parent's context in the prefix cache up to the last full block and computes the rest
+    again. Keep it at or below the segment length: the sampler refuses to start when a segment
+    is shorter than a block unless ``allow_short_segments`` is set. The CPU backend needs a
+    multiple of 32."""
+    allow_short_segments: bool = False
+    """Accept segments shorter than the engine's KV block (each new sibling then computes up to a
+    block of its parent's context again). The toy model's 8-token segments need it on CPU, whose
+    smallest block is 32 tokens."""
     cpu_bind: str = "nobind"
     """CPU backend: cores the engine's threads are bound to (``VLLM_CPU_OMP_THREADS_BIND``):
     ``nobind`` lets the OS schedule them, so several samplers share a machine; ``auto`` is vLLM's

@@ -1,26 +1,30 @@
-"""Device-time accounting: what tree sampling cost, and what independent sampling of the same
-leaves would have cost, measured with the sampler's own engine.
+"""Device-time accounting: what independent sampling of the same prompts would have cost, priced
+with the sampler's own engine.
 
-Each engine call is observed as (prefill tokens not served from the prefix cache, decoded
-tokens, engine steps = the longest output of the call, seconds). A non-negative least-squares
-fit over recent calls gives the cost model::
+What tree sampling used is measured (the engine's busy seconds, step by step; see
+``workers.engine.EngineMeter``). What independent sampling would have used cannot be measured in
+the same run, so it is priced: every engine step is observed as (context tokens computed,
+tokens decoded, seconds), and a non-negative least-squares fit over all steps gives::
 
-    seconds = a * prefill_tokens + b * decoded_tokens + c * engine_steps
+    step seconds = a * prefill_tokens + b * decoded_tokens + c
 
-(a: prefill cost per token, b: decode cost per token, c: fixed cost per forward pass). A tree
-batch is charged model(its calls); independent sampling of the same leaves is charged
-model(each prompt prefilled once, every leaf's full response decoded, steps = the longest leaf),
-as one ``n = width`` generate call would do. GPU-seconds saved = independent - tree (negative
-when trees cost more). On CPU machines these are CPU-seconds of the engine; the formula is the
-same.
+(a: prefill cost per token, b: decode cost per token, c: fixed cost per engine step). The
+independent counterfactual of one prompt (``independent_work``) is ``n`` samples in one
+request, as vLLM runs ``SamplingParams(n=...)``: each sample computes the prompt (the samples
+start in the same step, before any of them could be cached), decodes its own response (the
+tree's estimate of an independent sample's mean length, ``TreeRollout.mean_leaf_length``), and
+the group occupies the engine for as many steps as its longest sample, shared with the other
+prompts in flight. ``bench/tree_vs_independent.py`` checks the prediction against a real
+independent run of the same prompts on the same engine. On CPU machines these are CPU-seconds of
+the engine; the formula is the same.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -34,58 +38,59 @@ class Work:
     def vector(self) -> tuple[float, float, float]:
         return (self.prefill_tokens, self.decoded_tokens, self.steps)
 
-
-def _solve(
-    rows: Sequence[tuple[float, ...]], ys: Sequence[float], cols: tuple[int, ...]
-) -> list[float] | None:
-    """Least squares on the chosen columns (normal equations, Gaussian elimination)."""
-    k = len(cols)
-    ata = [[sum(r[cols[i]] * r[cols[j]] for r in rows) for j in range(k)] for i in range(k)]
-    aty = [sum(r[cols[i]] * y for r, y in zip(rows, ys)) for i in range(k)]
-    m = [ata[i] + [aty[i]] for i in range(k)]
-    for i in range(k):
-        pivot = max(range(i, k), key=lambda r: abs(m[r][i]))
-        if abs(m[pivot][i]) < 1e-12:
-            return None
-        m[i], m[pivot] = m[pivot], m[i]
-        for r in range(k):
-            if r != i:
-                f = m[r][i] / m[i][i]
-                m[r] = [x - f * y for x, y in zip(m[r], m[i])]
-    return [m[i][k] / m[i][i] for i in range(k)]
+    def __add__(self, other: Work) -> Work:
+        return Work(
+            self.prefill_tokens + other.prefill_tokens,
+            self.decoded_tokens + other.decoded_tokens,
+            self.steps + other.steps,
+        )
 
 
 class CostModel:
-    """Online fit of seconds = a*prefill + b*decode + c*steps over the last ``window`` calls."""
+    """Least-squares fit of seconds = a*prefill + b*decode + c*steps with non-negative
+    coefficients, from running sums (observing is O(1); the fit is done when asked)."""
 
-    def __init__(self, window: int = 512) -> None:
-        self.rows: deque[tuple[float, float, float]] = deque(maxlen=window)
-        self.seconds: deque[float] = deque(maxlen=window)
-        self.coef: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    def __init__(self) -> None:
+        self.ata = np.zeros((3, 3))
+        self.aty = np.zeros(3)
+        self.observed = 0
+        self._coef: tuple[float, float, float] | None = (0.0, 0.0, 0.0)
 
     def observe(self, work: Work, seconds: float) -> None:
-        self.rows.append(work.vector())
-        self.seconds.append(seconds)
-        self._fit()
+        x = np.asarray(work.vector(), dtype=float)
+        self.ata += np.outer(x, x)
+        self.aty += x * seconds
+        self.observed += 1
+        self._coef = None
 
-    def _fit(self) -> None:
-        rows, ys = list(self.rows), list(self.seconds)
-        best: tuple[float, list[float], tuple[int, ...]] | None = None
+    @property
+    def coef(self) -> tuple[float, float, float]:
+        if self._coef is None:
+            self._coef = self._fit()
+        return self._coef
+
+    def _fit(self) -> tuple[float, float, float]:
+        """The best fit over every subset of the columns whose solution is non-negative (the
+        non-negative least-squares optimum has this form)."""
+        best: tuple[float, np.ndarray, tuple[int, ...]] | None = None
         for size in (3, 2, 1):
             for cols in itertools.combinations(range(3), size):
-                sol = _solve(rows, ys, cols)
-                if sol is None or any(x < 0 for x in sol):
+                idx = np.asarray(cols)
+                sub = self.ata[np.ix_(idx, idx)]
+                if abs(np.linalg.det(sub)) < 1e-12 * max(1.0, float(np.abs(sub).max()) ** size):
                     continue
-                resid = sum(
-                    (y - sum(s * r[c] for s, c in zip(sol, cols))) ** 2 for r, y in zip(rows, ys)
-                )
+                sol = np.linalg.solve(sub, self.aty[idx])
+                if (sol < 0).any():
+                    continue
+                # residual up to the constant y'y: -2 sol.(A'y) + sol'(A'A)sol
+                resid = float(-2 * sol @ self.aty[idx] + sol @ sub @ sol)
                 if best is None or resid < best[0] - 1e-15:
                     best = (resid, sol, cols)
+        coef = [0.0, 0.0, 0.0]
         if best is not None:
-            coef = [0.0, 0.0, 0.0]
             for s, c in zip(best[1], best[2]):
-                coef[c] = s
-            self.coef = (coef[0], coef[1], coef[2])
+                coef[c] = float(s)
+        return (coef[0], coef[1], coef[2])
 
     def estimate(self, work: Work) -> float:
         return sum(c * x for c, x in zip(self.coef, work.vector()))
@@ -99,10 +104,14 @@ class CostModel:
         return 1.0 / self.coef[0] if self.coef[0] > 0 else 0.0
 
 
-def independent_work(prompt_lengths: list[int], leaf_lengths: list[list[int]]) -> Work:
-    """Work of sampling the same leaves independently: one ``n = len(leaves)`` request per prompt
-    (the prompt prefilled once), every leaf decoded in full, all prompts in one batch."""
-    longest = max((n for leaves in leaf_lengths for n in leaves), default=0)
+def independent_work(
+    prompt_length: int, samples: int, mean_length: float, longest: int, concurrency: float
+) -> Work:
+    """Work of ``samples`` independent samples of one prompt in one ``n = samples`` request:
+    the prompt computed by each sample, ``samples * mean_length`` tokens decoded, and the
+    request's ``longest`` steps shared with the other ``concurrency`` prompts in flight."""
     return Work(
-        float(sum(prompt_lengths)), float(sum(sum(x) for x in leaf_lengths)), float(longest)
+        float(samples * prompt_length),
+        float(samples * mean_length),
+        float(longest) / max(1.0, concurrency),
     )

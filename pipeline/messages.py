@@ -143,16 +143,18 @@ class RolloutStats:
     decoded_tokens: int = 0
     """Tokens generated: the sum of segment lengths over all nodes."""
     independent_tokens: int = 0
-    """Tokens independent sampling needs for the same leaves: sum of full leaf responses."""
+    """Tokens as many independent samples as the tree has leaves are expected to decode: the
+    number of leaves times the probability-weighted mean leaf length (``recount``)."""
     prefill_tokens: int = 0
     """Context tokens submitted to the engine over all requests."""
     engine_calls: int = 0
-    """Generation calls that carried at least one request of this tree."""
+    """Engine requests the tree opened (one per path start: root paths, forked siblings and
+    fallback forks; a path that goes on past a boundary keeps its request)."""
     fallbacks: int = 0
     """Fallback forks (a leaf cut at a segment boundary, or a restart from the prompt)."""
     max_depth_reached: int = 0
     generation_seconds: float = 0.0
-    """This tree's share of the engine calls' wall time (by tokens decoded in each call)."""
+    """Wall seconds from the tree's first request to its last segment."""
 
 
 @dataclass(eq=False)
@@ -239,10 +241,29 @@ class TreeRollout:
     def response_length(self, node: int) -> int:
         return sum(len(self.nodes[n].token_ids) for n in self.path(node))
 
+    def mean_leaf_length(self) -> float:
+        """Expected response length of one independent sample of the prompt, estimated from the
+        tree: the leaves' mean length, each leaf weighted by its probability (every node splits
+        its probability equally among its children, the prompt among the depth-1 nodes). The
+        plain mean over-weights long answers: a long path passes more segment boundaries, so it
+        branches more and leaves more leaves."""
+        children: dict[int, int] = {}
+        for n in self.nodes:
+            children[n.parent] = children.get(n.parent, 0) + 1
+        mass = np.zeros(len(self.nodes))
+        length = np.zeros(len(self.nodes))
+        for i, n in enumerate(self.nodes):  # parents come before their children
+            above = 1.0 if n.parent == -1 else mass[n.parent]
+            mass[i] = above / children[n.parent]
+            length[i] = len(n.token_ids) + (0.0 if n.parent == -1 else length[n.parent])
+        leaves = [leaf.node for leaf in self.leaves]
+        total = float(mass[leaves].sum()) if leaves else 0.0
+        return float((mass[leaves] * length[leaves]).sum()) / total if total > 0 else 0.0
+
     def recount(self) -> None:
         """Recompute the token counters and depth from nodes and leaves."""
         self.stats.decoded_tokens = sum(len(n.token_ids) for n in self.nodes)
-        self.stats.independent_tokens = sum(self.response_length(x.node) for x in self.leaves)
+        self.stats.independent_tokens = round(len(self.leaves) * self.mean_leaf_length())
         depths: list[int] = []
         for n in self.nodes:  # parents come before their children
             depths.append(1 if n.parent == -1 else depths[n.parent] + 1)

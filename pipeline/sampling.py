@@ -1,34 +1,47 @@
-"""TreePO segment-tree sampling, independent of any inference engine.
+"""TreePO segment-tree sampling without barriers, independent of any inference engine.
 
-``TreeSampler.expand`` grows one tree per prompt. Each segment step sends every active path of
-every prompt to the engine in ONE ``SegmentGenerator.generate`` call (siblings adjacent, so a
-prefix cache hits). Per prompt, with w = width, b = branching (TREEPO.md section 1):
+Every path of a tree is one running engine request (``PathGenerator.open``) that the sampler
+reads one segment at a time (``PathStream.next``). Nothing waits for anything else: when a path
+reaches a segment boundary its children are decided at once, from the tree's state at that
+moment. The path's own request goes on as one child (its KV cache stays in place) and the other
+children are new requests whose context is prompt + the path so far. Trees do not wait for each
+other either: ``TreeSampler.grow`` grows one tree and many run concurrently on one engine, whose
+continuous batching mixes their levels. Per tree, with w = width and b = branching
+(TREEPO.md section 1):
 
-* step 0 forks the prompt into its initial divergence d0 (fixed, or drawn from a range);
-* after a step each new segment either ends the path (EOS, engine stop, response-length cap,
-  depth cap, repetition) and becomes a leaf, or stays active;
-* next step's request count is ``n = min(w - leaves, b * (active + ended))``, where ``ended``
-  counts the paths that ended in the step just done: their b branches go to the survivors
-  (the paper's budget transfer, section 2.2). ``leaves + active <= w`` makes ``n >= active``, so
-  every active path continues. The n - active extra requests are spread uniformly (default) or by
-  softmax(+/- score / temperature) of the last segment's mean log-prob or entropy;
-* with ``answer_stop = "boxed"`` a segment that closes a ``\\boxed{...}`` answer ends its path
-  (finish reason ``answer``);
-* fallback: a prompt with no active path and fewer than w leaves forks b new paths from leaves
-  that ended with an answer (``answer``, ``eos`` or an engine stop; never from depth-, length- or
-  repetition-stopped leaves), each cut at a random segment boundary, the prompt itself included;
-  with no such leaf it restarts from the prompt. Contexts are always rebuilt as prompt + the
-  path's own tokens, so a fork can never splice onto a foreign prefix.
+* the prompt is forked into its initial divergence d0 (fixed, or drawn from a range);
+* each new segment either ends the path (EOS, engine stop, response-length cap, depth cap,
+  repetition, a closed ``\\boxed{}`` answer with ``answer_stop = "boxed"``) and makes it a leaf,
+  or the path goes on;
+* budget: paths of a tree that reach a boundary at the same moment (in the same engine step)
+  are decided together, a moment later, without waiting for any other path. Each goes on (its
+  request keeps running) and together they fork ``min(free, (b - 1) * k + share)`` new paths,
+  where k is how many arrived, ``free = w - leaves - open paths`` (so leaves + open paths never
+  exceed w), and ``share`` is their part of the branches that ended paths handed over (the
+  paper's budget transfer: a path that ends leaves its b branches to the survivors). The new
+  paths are spread over the k boundaries uniformly (default) or by softmax(+/- score /
+  temperature) of the last segment's mean log-prob or entropy. This is the published code's
+  level rule ``n = min(w - leaves, b * (active + ended))`` taken at each boundary as it happens
+  instead of at a level barrier;
+* fallback: when a tree has no open path and fewer than w leaves, it forks b new paths at a time
+  from leaves that ended with an answer (``answer``, ``eos`` or an engine stop; never from depth-,
+  length- or repetition-stopped leaves), each cut at a random segment boundary, the prompt
+  itself included; with no such leaf it restarts from the prompt. Contexts are always rebuilt as
+  prompt + the path's own tokens, so a fork can never splice onto a foreign prefix.
+
+A tree's ``independent_tokens`` (``TreeRollout.recount``) is what as many independent samples
+are expected to decode, from the tree's probability-weighted leaf lengths.
 
 The engine side (vLLM) is in ``workers/``; this module never imports it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -43,8 +56,9 @@ ANSWER_REASONS = ("answer", "eos", "stop")
 
 
 @dataclass(frozen=True)
-class SegmentRequest:
-    """One path's next segment: the full context (prompt + path tokens) and the token budget."""
+class PathRequest:
+    """A new path: its full context (prompt + the tokens of the path it forks from) and the
+    most tokens it may decode from there (the rest of the response and depth budget)."""
 
     token_ids: list[int]
     max_tokens: int
@@ -52,10 +66,12 @@ class SegmentRequest:
 
 @dataclass
 class GeneratedSegment:
-    """What the engine produced for one request.
+    """One segment of a path, as the engine produced it.
 
-    ``finished`` means the engine stopped on its own (EOS or a stop condition), not on
+    ``finished`` means the request stopped on its own (EOS or a stop condition), not on its
     ``max_tokens``. ``logprobs`` are the sampled tokens' log-probs under the behavior policy.
+    ``policy_version`` is the version of the segment's first token (a weight swap inside a
+    segment makes its later tokens newer; their log-probs are exact either way).
     ``entropies`` (optional) are per-token entropies, used only by entropy allocation.
     """
 
@@ -67,11 +83,24 @@ class GeneratedSegment:
 
 
 @runtime_checkable
-class SegmentGenerator(Protocol):
-    """An engine that continues many contexts by one segment each, in one batched call."""
+class PathStream(Protocol):
+    """One running engine request, read one segment at a time."""
 
-    async def generate(self, requests: list[SegmentRequest]) -> list[GeneratedSegment]:
-        """One output per request, in the same order."""
+    async def next(self, max_tokens: int) -> GeneratedSegment:
+        """The request's next ``max_tokens`` tokens, or fewer when the request ended first."""
+        ...
+
+    def cancel(self) -> None:
+        """End the request (the path ended or the tree was abandoned); safe to call twice."""
+        ...
+
+
+@runtime_checkable
+class PathGenerator(Protocol):
+    """An engine that runs many path requests at once (continuous batching)."""
+
+    def open(self, request: PathRequest) -> PathStream:
+        """Start generating from ``request.token_ids``."""
         ...
 
 
@@ -89,68 +118,88 @@ def repeats_tail(tokens: list[int], max_ngram: int, repeats: int) -> bool:
 
 
 @dataclass
-class _PromptState:
-    """Growth state of one prompt's tree between segment steps."""
+class _Growth:
+    """One tree while it grows."""
 
     tree: TreeRollout
-    forks: list[tuple[int, int]] = field(default_factory=list)
-    """(parent node or -1 for the prompt, number of children) to request next step."""
-    active: list[int] = field(default_factory=list)
-    score: dict[int, float] = field(default_factory=dict)
-    """Allocation score of each active node (mean log-prob or entropy of its segment)."""
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    streams: list[PathStream] = field(default_factory=list)
+    """Every request the tree opened (all cancelled when it ends: an idempotent no-op for the
+    ones that ended already)."""
+    open: int = 0
+    """Paths with a running request."""
+    credit: int = 0
+    """Branches handed over by paths that ended, owed to the survivors."""
     lengths: dict[int, int] = field(default_factory=dict)
     """Response length (tokens) up to and including each node."""
-    ended: int = 0
-    """Paths that ended in the step just done (their branches go to the survivors)."""
+    arrived: list[tuple[int, float]] = field(default_factory=list)
+    """Boundaries waiting for their decision: (node, score of its segment)."""
+    deciding: bool = False
+    closed: bool = False
+    """The tree is done (or abandoned): a late decision does nothing."""
+    error: BaseException | None = None
+    """What a decision raised (it runs outside the path tasks)."""
+    started: float = field(default_factory=time.perf_counter)
 
 
 class TreeSampler:
-    """Grows TreePO segment trees with any ``SegmentGenerator``."""
+    """Grows TreePO segment trees with any ``PathGenerator``."""
 
     def __init__(
         self,
-        generator: SegmentGenerator,
+        generator: PathGenerator,
         config: TreeConfig,
         rng: random.Random | int | None = None,
         decode: Callable[[list[int]], str] | None = None,
+        decide_after_s: float = 0.0,
     ) -> None:
-        """``decode`` turns response tokens into text; ``answer_stop = "boxed"`` needs it."""
+        """``decode`` turns response tokens into text; ``answer_stop = "boxed"`` needs it.
+        ``decide_after_s``: how long a boundary waits for others of the same engine step before
+        the tree decides (0: the next turn of the event loop)."""
         if config.answer_stop != "none" and decode is None:
             raise ValueError(f"answer_stop {config.answer_stop!r} needs a decode function")
         self.generator = generator
         self.config = config
         self.rng = rng if isinstance(rng, random.Random) else random.Random(rng)
         self.decode = decode
+        self.decide_after_s = decide_after_s
 
     async def expand(self, prompts: list[list[int]]) -> list[TreeRollout]:
-        """Grow one tree per prompt (same order), one engine call per segment step."""
-        states = [_PromptState(TreeRollout(np.asarray(p, dtype=np.int32))) for p in prompts]
-        for st in states:
-            st.forks = [(-1, min(self._root_fanout(), self.config.width))]
-        while True:
-            batch = [(st, parent) for st in states for parent, k in st.forks for _ in range(k)]
-            if not batch:
-                break
-            requests = [self._request(st, parent) for st, parent in batch]
-            started = time.perf_counter()
-            outputs = await self.generator.generate(requests)
-            elapsed = time.perf_counter() - started
-            if len(outputs) != len(requests):
-                raise ValueError(
-                    f"generator returned {len(outputs)} outputs for {len(requests)} requests"
-                )
-            self._account(batch, requests, outputs, elapsed)
-            for st in states:
-                st.active, st.ended = [], 0
-            for (st, parent), req, out in zip(batch, requests, outputs):
-                self._grow(st, parent, req, out)
-            for st in states:
-                st.forks = self._plan(st)
-        for st in states:
-            st.tree.recount()
-        return [st.tree for st in states]
+        """Grow one tree per prompt (same order), all at once."""
+        return list(await asyncio.gather(*(self.grow(p) for p in prompts)))
 
-    # -- one step ------------------------------------------------------------------------------
+    async def grow(self, prompt: Sequence[int]) -> TreeRollout:
+        """Grow one tree. Cancelling it cancels every request it has running."""
+        g = _Growth(TreeRollout(np.asarray(prompt, dtype=np.int32)))
+        try:
+            for _ in range(min(self._root_fanout(), self.config.width)):
+                self._spawn(g, -1)
+            while g.tasks or g.arrived:
+                if not g.tasks:  # the paths ran ahead of their boundaries' decision
+                    self._decide(g)
+                    if g.error is not None:
+                        raise g.error
+                else:
+                    done, _ = await asyncio.wait(g.tasks, return_when=asyncio.FIRST_EXCEPTION)
+                    g.tasks -= done
+                    if g.error is not None:
+                        raise g.error
+                    for task in done:
+                        task.result()  # a path's error is the tree's error
+        finally:
+            g.closed = True
+            for task in g.tasks:
+                task.cancel()
+            if g.tasks:
+                await asyncio.wait(g.tasks)
+            for stream in g.streams:  # also those whose task was cancelled before it ran
+                stream.cancel()
+        tree = g.tree
+        tree.recount()
+        tree.stats.generation_seconds = time.perf_counter() - g.started
+        return tree
+
+    # -- paths -------------------------------------------------------------------------------------
 
     def _root_fanout(self) -> int:
         rng = self.config.initial_divergence_range
@@ -158,69 +207,119 @@ class TreeSampler:
             return self.config.initial_divergence
         return self.rng.randint(rng[0], rng[1])
 
-    def _request(self, st: _PromptState, parent: int) -> SegmentRequest:
-        done = 0 if parent == -1 else st.lengths[parent]
-        budget = min(self.config.segment_tokens, self.config.response_cap - done)
-        tree = st.tree
+    def _spawn(self, g: _Growth, parent: int) -> None:
+        """Start a new path below ``parent`` (-1: the prompt) as its own request."""
+        cfg, tree = self.config, g.tree
+        done = 0 if parent == -1 else g.lengths[parent]
+        depth = 0 if parent == -1 else tree.depth(parent)
+        budget = min(cfg.response_cap - done, (cfg.max_depth - depth) * cfg.segment_tokens)
         context = [*tree.prompt_token_ids.tolist(), *tree.response_tokens(parent).tolist()]
-        return SegmentRequest(context, budget)
+        stream = self.generator.open(PathRequest(context, budget))
+        g.streams.append(stream)
+        tree.stats.engine_calls += 1
+        tree.stats.prefill_tokens += len(context)
+        g.open += 1
+        g.tasks.add(asyncio.ensure_future(self._follow(g, parent, stream)))
 
-    def _account(
-        self,
-        batch: list[tuple[_PromptState, int]],
-        requests: list[SegmentRequest],
-        outputs: list[GeneratedSegment],
-        elapsed: float,
-    ) -> None:
-        total = sum(len(o.token_ids) for o in outputs) or 1
-        seen: set[int] = set()
-        for (st, _), req, out in zip(batch, requests, outputs):
-            s = st.tree.stats
-            if id(st) not in seen:
-                seen.add(id(st))
-                s.engine_calls += 1
-            s.prefill_tokens += len(req.token_ids)
-            s.generation_seconds += elapsed * len(out.token_ids) / total
+    async def _follow(self, g: _Growth, parent: int, stream: PathStream) -> None:
+        """Read the path's segments until it ends; each boundary is handed to ``_decide``."""
+        cfg = self.config
+        try:
+            while True:
+                done = 0 if parent == -1 else g.lengths[parent]
+                want = min(cfg.segment_tokens, cfg.response_cap - done)
+                segment = await stream.next(want)
+                node, ended = self._add(g, parent, want, segment)
+                if ended:
+                    break
+                g.arrived.append((node, self._score(segment, len(g.tree.nodes[node].token_ids))))
+                self._schedule(g)
+                parent = node
+        finally:
+            stream.cancel()
+        g.open -= 1
+        if g.open:
+            g.credit += cfg.branching
+        elif not g.arrived:
+            g.credit = 0
+            self._refill(g)
 
-    def _grow(
-        self, st: _PromptState, parent: int, req: SegmentRequest, out: GeneratedSegment
-    ) -> None:
+    def _schedule(self, g: _Growth) -> None:
+        if g.deciding:
+            return
+        g.deciding = True
+        loop = asyncio.get_running_loop()
+        if self.decide_after_s > 0:
+            loop.call_later(self.decide_after_s, self._decide, g)
+        else:
+            loop.call_soon(self._decide, g)
+
+    def _decide(self, g: _Growth) -> None:
+        """Fork new paths at the boundaries that arrived together (see the module docstring)."""
+        g.deciding = False
+        arrived, g.arrived = g.arrived, []
+        if not arrived or g.closed or g.error is not None:
+            return
+        try:
+            self._fork(g, arrived)
+        except Exception as exc:  # raised by grow(), which cancels the tree's paths
+            g.error = exc
+            for task in g.tasks:
+                task.cancel()
+
+    def _fork(self, g: _Growth, arrived: list[tuple[int, float]]) -> None:
+        cfg = self.config
+        free = cfg.width - len(g.tree.leaves) - g.open
+        share = round(g.credit * len(arrived) / max(1, g.open))
+        extra = max(0, min(free, (cfg.branching - 1) * len(arrived) + share))
+        g.credit -= max(0, min(share, extra - (cfg.branching - 1) * len(arrived)))
+        for (node, _), k in zip(arrived, self._allocate(arrived, extra)):
+            for _ in range(k):
+                self._spawn(g, node)
+        if g.open == 0:
+            self._refill(g)
+
+    def _add(self, g: _Growth, parent: int, want: int, out: GeneratedSegment) -> tuple[int, bool]:
+        """Record a segment as a node under ``parent``; returns (node, whether the path ended)."""
         cfg = self.config
         if len(out.token_ids) != len(out.logprobs):
             raise ValueError(
                 f"segment has {len(out.token_ids)} tokens but {len(out.logprobs)} logprobs"
             )
-        if len(out.token_ids) > req.max_tokens:
-            raise ValueError(
-                f"segment of {len(out.token_ids)} tokens exceeds max_tokens {req.max_tokens}"
-            )
+        if len(out.token_ids) > want:
+            raise ValueError(f"segment of {len(out.token_ids)} tokens exceeds max_tokens {want}")
         tokens, logprobs = list(out.token_ids), list(out.logprobs)
         reason: str | None = None
         if cfg.eos_token_id is not None and cfg.eos_token_id in tokens:
             cut = tokens.index(cfg.eos_token_id) + 1  # keep the EOS, drop what follows it
             tokens, logprobs, reason = tokens[:cut], logprobs[:cut], "eos"
-        elif out.finished or len(tokens) < req.max_tokens:
+        elif out.finished or len(tokens) < want:
             reason = "stop"
-        node = st.tree.add_node(parent, tokens, logprobs, out.policy_version)
-        length = (0 if parent == -1 else st.lengths[parent]) + len(tokens)
-        st.lengths[node] = length
-        if reason is None and self._closes_answer(st.tree, node, tokens):
-            reason = "answer"
+        tree = g.tree
+        node = tree.add_node(parent, tokens, logprobs, out.policy_version)
+        length = (0 if parent == -1 else g.lengths[parent]) + len(tokens)
+        g.lengths[node] = length
         if reason is None:
-            if st.tree.depth(node) >= cfg.max_depth:
-                reason = "depth"
-            elif length >= cfg.response_cap:
-                reason = "length"
-            elif cfg.repetition_ngram and repeats_tail(
-                st.tree.response_tokens(node).tolist(), cfg.repetition_ngram, cfg.repetition_repeats
-            ):
-                reason = "repetition"
+            reason = self._end_reason(tree, node, tokens, length)
         if reason is not None:
-            st.tree.add_leaf(node, reason)
-            st.ended += 1
-        else:
-            st.active.append(node)
-            st.score[node] = self._score(out, len(tokens))
+            tree.add_leaf(node, reason)
+        return node, reason is not None
+
+    def _end_reason(
+        self, tree: TreeRollout, node: int, tokens: list[int], length: int
+    ) -> str | None:
+        cfg = self.config
+        if self._closes_answer(tree, node, tokens):
+            return "answer"
+        if tree.depth(node) >= cfg.max_depth:
+            return "depth"
+        if length >= cfg.response_cap:
+            return "length"
+        if cfg.repetition_ngram and repeats_tail(
+            tree.response_tokens(node).tolist(), cfg.repetition_ngram, cfg.repetition_repeats
+        ):
+            return "repetition"
+        return None
 
     def _closes_answer(self, tree: TreeRollout, node: int, segment: list[int]) -> bool:
         """The segment closes a boxed answer: it holds a ``}`` and the response now ends a
@@ -240,59 +339,51 @@ class TreeSampler:
             return -sum(out.logprobs[:n]) / n  # sampled-token surprisal estimates entropy
         return sum(out.logprobs[:n]) / n
 
-    # -- planning the next step ----------------------------------------------------------------
+    # -- budget ------------------------------------------------------------------------------------
 
-    def _plan(self, st: _PromptState) -> list[tuple[int, int]]:
-        cfg = self.config
-        room = cfg.width - len(st.tree.leaves)
-        if st.active:
-            n = max(len(st.active), min(room, cfg.branching * (len(st.active) + st.ended)))
-            return self._allocate(st, n)
-        if room > 0 and cfg.fallback:
-            return self._fallback(st, room)
-        return []
+    def _allocate(self, arrived: list[tuple[int, float]], extra: int) -> list[int]:
+        """Spread ``extra`` new paths over the boundaries that arrived together."""
+        counts = [0] * len(arrived)
+        if extra <= 0:
+            return counts
+        if self.config.allocation == "uniform":
+            for i in range(len(arrived)):
+                counts[i] += extra // len(arrived)
+            for i in self.rng.sample(range(len(arrived)), extra % len(arrived)):
+                counts[i] += 1
+            return counts
+        sign = 1.0 if self.config.allocation.endswith("high") else -1.0
+        t = self.config.allocation_temperature
+        logits = [sign * score / t for _, score in arrived]
+        top = max(logits)
+        weights = [math.exp(x - top) for x in logits]
+        for i in self.rng.choices(range(len(arrived)), weights=weights, k=extra):
+            counts[i] += 1
+        return counts
 
-    def _allocate(self, st: _PromptState, n: int) -> list[tuple[int, int]]:
-        active = st.active
-        counts = [1] * len(active)
-        extra = n - len(active)
-        if extra > 0:
-            if self.config.allocation == "uniform":
-                for i in range(len(active)):
-                    counts[i] += extra // len(active)
-                for i in self.rng.sample(range(len(active)), extra % len(active)):
-                    counts[i] += 1
-            else:
-                sign = 1.0 if self.config.allocation.endswith("high") else -1.0
-                t = self.config.allocation_temperature
-                logits = [sign * st.score[a] / t for a in active]
-                top = max(logits)
-                weights = [math.exp(x - top) for x in logits]
-                for i in self.rng.choices(range(len(active)), weights=weights, k=extra):
-                    counts[i] += 1
-        return [(a, c) for a, c in zip(active, counts)]
-
-    def _fallback(self, st: _PromptState, room: int) -> list[tuple[int, int]]:
-        """Fork b paths at a time from answered leaves, each cut at a random boundary on the
-        window grid (depth 0 = the prompt), until ``room`` is covered; restart from the prompt
-        when no leaf ended with an answer."""
-        tree, cfg = st.tree, self.config
+    def _refill(self, g: _Growth) -> None:
+        """Fallback: fork b paths at a time from answered leaves, each cut at a random boundary
+        on the window grid (depth 0 = the prompt), until the tree's room is covered; restart
+        from the prompt when no leaf ended with an answer."""
+        tree, cfg = g.tree, self.config
+        room = cfg.width - len(tree.leaves)
+        if room <= 0 or not cfg.fallback:
+            return
         m = cfg.window_segments
         sources = [leaf for leaf in tree.leaves if leaf.finish_reason in ANSWER_REASONS]
         if not sources:
             tree.stats.fallbacks += 1
-            return [(-1, room)]
+            for _ in range(room):
+                self._spawn(g, -1)
+            return
         self.rng.shuffle(sources)
-        forks: dict[int, int] = {}
         i = 0
         while room > 0:
-            leaf = sources[i % len(sources)]
-            path = tree.path(leaf.node)
+            path = tree.path(sources[i % len(sources)].node)
             depth = self.rng.choice(range(0, len(path), m))  # segments kept above the cut
             cut = path[depth - 1] if depth else -1
-            k = min(cfg.branching, room)
-            forks[cut] = forks.get(cut, 0) + k
-            room -= k
+            for _ in range(min(cfg.branching, room)):
+                self._spawn(g, cut)
+            room -= min(cfg.branching, room)
             tree.stats.fallbacks += 1
             i += 1
-        return list(forks.items())

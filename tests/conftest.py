@@ -34,15 +34,15 @@ def toy_model() -> Path:
 @pytest.fixture(scope="session")
 def engine(toy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """One vLLM CPU engine on a copy of the toy model, shared by the session (slow start)."""
-    from workers.engine import EngineOptions, VLLMSegmentGenerator
+    from workers.engine import EngineOptions, VLLMPathGenerator
 
     model = tmp_path_factory.mktemp("engine") / "model"
     shutil.copytree(toy_model, model)
-    gen = VLLMSegmentGenerator(EngineOptions(model=str(model), dtype="float32"))
+    gen = VLLMPathGenerator(EngineOptions(model=str(model), dtype="float32"))
     yield gen
     gen.close()
 
 
 @pytest.fixture
 def tokenizer(engine):  # type: ignore[no-untyped-def]
-    return engine.llm.get_tokenizer()
+    return engine.tokenizer

@@ -25,7 +25,7 @@ from pipeline.config import (
 from pipeline.messages import TreeRollout, decode
 from tests.helpers import make_streams, restore_base_weights
 from tests.services import PrometheusServer, RedisServer, free_port
-from workers.engine import VLLMSegmentGenerator
+from workers.engine import VLLMPathGenerator
 from workers.sampler import Sampler
 
 pytestmark = pytest.mark.slow
@@ -69,10 +69,10 @@ def learner_env(
 def small_sampler(
     server: RedisServer,
     tmp: Path,
-    engine: VLLMSegmentGenerator,
+    engine: VLLMPathGenerator,
     tokenizer,  # type: ignore[no-untyped-def]
 ) -> Sampler:
-    """An in-process sampler on the session's engine: small trees, 3 prompts a batch, a fast
+    """An in-process sampler on the session's engine: small trees, 3 trees in flight, a fast
     weight poll (the learner tests' sampler)."""
     return Sampler(
         SamplerSettings(
@@ -81,7 +81,11 @@ def small_sampler(
             streams=StreamSettings(block_ms=200, claim_idle_ms=2000),
             tree=TreeConfig(width=4, segment_tokens=6, max_depth=6),
             sampler=SamplerOptions(
-                port=0, work_dir=str(tmp / "sw"), batch_prompts=3, weights_poll_s=0.1
+                port=0,
+                work_dir=str(tmp / "sw"),
+                trees_in_flight=3,
+                allow_short_segments=True,
+                weights_poll_s=0.1,
             ),
         ),
         engine,
@@ -166,12 +170,12 @@ def test_learner_trains_publishes_survives_a_kill(
     redis_server: RedisServer,
     tmp_path: Path,
     toy_model: Path,
-    engine: VLLMSegmentGenerator,
+    engine: VLLMPathGenerator,
     tokenizer,  # type: ignore[no-untyped-def]
 ) -> None:
     work = tmp_path / "learner"
     log = tmp_path / "learner.log"
-    engine.stop.clear()
+    engine.stopping = False
     start_version = engine.policy_version
     sampler = small_sampler(redis_server, tmp_path, engine, tokenizer)
 

@@ -28,7 +28,7 @@ from pipeline.errors import ConfigError
 from tests.helpers import restore_base_weights
 from tests.services import RedisServer, free_port
 from tests.test_learner import checkpoint_state, learner_env, small_sampler
-from workers.engine import VLLMSegmentGenerator
+from workers.engine import VLLMPathGenerator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -153,12 +153,12 @@ def test_a_two_rank_learner_survives_losing_a_rank(
     redis_server: RedisServer,
     tmp_path: Path,
     toy_model: Path,
-    engine: VLLMSegmentGenerator,
+    engine: VLLMPathGenerator,
     tokenizer,  # type: ignore[no-untyped-def]
 ) -> None:
     work = tmp_path / "learner"
     log = tmp_path / "learner.log"
-    engine.stop.clear()
+    engine.stopping = False
     start_version = engine.policy_version
     sampler = small_sampler(redis_server, tmp_path, engine, tokenizer)
 

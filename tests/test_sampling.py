@@ -13,20 +13,40 @@ from pydantic import ValidationError
 from pipeline.config import TreeConfig
 from pipeline.messages import TreeRollout
 from pipeline.rewards import last_boxed
-from pipeline.sampling import (
-    GeneratedSegment,
-    SegmentGenerator,
-    SegmentRequest,
-    TreeSampler,
-    repeats_tail,
+from pipeline.sampling import GeneratedSegment, PathGenerator, PathStream, TreeSampler, repeats_tail
+from tests.scripted import (
+    BOX_CLOSE,
+    BOX_OPEN,
+    EOS,
+    ScriptedEngine,
+    ScriptedGenerator,
+    ScriptedPath,
+    decode,
+    fingerprint,
 )
-from tests.scripted import BOX_CLOSE, BOX_OPEN, EOS, ScriptedGenerator, decode, fingerprint
 
 
 def grow(
-    gen: ScriptedGenerator, cfg: TreeConfig, prompts: list[list[int]], seed: int = 0
+    gen: ScriptedEngine, cfg: TreeConfig, prompts: list[list[int]], seed: int = 0
 ) -> list[TreeRollout]:
     return asyncio.run(TreeSampler(gen, cfg, rng=seed, decode=decode).expand(prompts))
+
+
+def expected_independent(tree: TreeRollout) -> int:
+    """Leaves x probability-weighted mean leaf length, computed top-down by recursion (an
+    independent check of ``TreeRollout.recount``)."""
+    total = 0.0
+
+    def walk(node: int, mass: float, length: int) -> None:
+        nonlocal total
+        kids = tree.children(node)
+        if not kids:
+            total += mass * length
+        for k in kids:
+            walk(k, mass / len(kids), length + len(tree.nodes[k].token_ids))
+
+    walk(-1, 1.0, 0)
+    return round(len(tree.leaves) * total)
 
 
 def check_tree(tree: TreeRollout, cfg: TreeConfig) -> None:
@@ -73,93 +93,123 @@ def check_tree(tree: TreeRollout, cfg: TreeConfig) -> None:
             assert len(response) == cfg.response_cap
     s = tree.stats
     assert s.decoded_tokens == sum(len(n.token_ids) for n in nodes)
-    assert s.independent_tokens == sum(tree.response_length(x.node) for x in tree.leaves)
+    assert abs(s.independent_tokens - expected_independent(tree)) <= 1  # rounding
     assert s.max_depth_reached == max(depth)
-    assert s.decoded_tokens <= s.independent_tokens
+    # every request (root path, sibling, fallback fork) runs until its path ends in one leaf
+    assert s.engine_calls == len(tree.leaves)
 
 
-def check_calls(gen: ScriptedGenerator, trees: list[TreeRollout]) -> None:
-    """One generator call per step; stats.prefill and engine_calls match what was submitted."""
-    assert sum(len(c) for c in gen.calls) == sum(len(t.nodes) for t in trees)
+def check_requests(gen: ScriptedEngine, trees: list[TreeRollout]) -> None:
+    """stats.engine_calls and prefill_tokens match what was opened; every request was
+    cancelled or ended, and none was read after that."""
+    assert gen.running == 0
     for t in trees:
-        calls = [
-            c
-            for c in gen.calls
-            if any(r.token_ids[: len(t.prompt_token_ids)] == t.prompt_token_ids.tolist() for r in c)
-        ]
-        assert t.stats.engine_calls == len(calls)
-        assert t.stats.prefill_tokens == sum(
-            len(r.token_ids)
-            for c in calls
-            for r in c
-            if r.token_ids[: len(t.prompt_token_ids)] == t.prompt_token_ids.tolist()
-        )
+        prompt = t.prompt_token_ids.tolist()
+        mine = [r for r in gen.opened if r.token_ids[: len(prompt)] == prompt]
+        assert t.stats.engine_calls == len(mine)
+        assert t.stats.prefill_tokens == sum(len(r.token_ids) for r in mine)
 
 
 def test_full_binary_tree_shape_and_saving() -> None:
     """No early stops: d0 = b = 2 and w = 16 give a full binary tree of depth 4. Decoding it costs
-    (2+4+8+16) segments against 16 x 4 for independent sampling of the same leaves."""
+    (2+4+8+16) segments against 16 x 4 for independent sampling, with one request per leaf: at
+    each boundary the path's own request goes on and one new sibling starts."""
     cfg = TreeConfig(width=16, segment_tokens=5, max_depth=4, branching=2, initial_divergence=2)
     gen = ScriptedGenerator()
     (tree,) = grow(gen, cfg, [[7, 8, 9]])
     check_tree(tree, cfg)
-    assert [len(c) for c in gen.calls] == [2, 4, 8, 16]
+    check_requests(gen, [tree])
     assert Counter(tree.depth(i) for i in range(len(tree.nodes))) == {1: 2, 2: 4, 3: 8, 4: 16}
     assert tree.stats.decoded_tokens == 30 * 5
     assert tree.stats.independent_tokens == 16 * 4 * 5
     assert tree.stats.decoded_tokens / tree.stats.independent_tokens == pytest.approx(0.46875)
     assert all(leaf.finish_reason == "depth" for leaf in tree.leaves)
-    # prefill: each request's context is prompt + its parent's path
-    assert tree.stats.prefill_tokens == sum(
-        (3 + 5 * (d - 1)) * k for d, k in [(1, 2), (2, 4), (3, 8), (4, 16)]
-    )
+    # requests: 2 from the prompt, then 2, 4, 8 siblings forked at depths 1, 2, 3; a request
+    # may decode what is left of the depth budget from where it starts
+    assert Counter(len(r.token_ids) for r in gen.opened) == {3: 2, 8: 2, 13: 4, 18: 8}
+    assert all(r.max_tokens == 20 - (len(r.token_ids) - 3) for r in gen.opened)
+    assert tree.stats.prefill_tokens == 3 * 2 + 8 * 2 + 13 * 4 + 18 * 8
+    assert gen.most_running == 16
 
 
-def test_budget_caps_requests_at_width() -> None:
+def test_budget_caps_open_paths_at_width() -> None:
     cfg = TreeConfig(width=6, segment_tokens=3, max_depth=5, branching=2, initial_divergence=4)
     gen = ScriptedGenerator()
     (tree,) = grow(gen, cfg, [[1]])
-    # 4 -> min(6, 8) = 6 -> 6 ... never more than w requests in flight
-    assert [len(c) for c in gen.calls] == [4, 6, 6, 6, 6]
+    # 4 -> min(6, 8) = 6 paths, then never more than w requests at once
+    assert gen.most_running == 6 and len(gen.opened) == 6
     check_tree(tree, cfg)
 
 
-def test_all_prompts_share_one_engine_call_per_step_and_siblings_are_adjacent() -> None:
+class Tortoise(ScriptedGenerator):
+    """Request 0 is 50 times slower than every other request."""
+
+    def ticks(self, path: ScriptedPath) -> int:
+        return 50 if path.index == 0 else 1
+
+
+def test_no_path_waits_for_another_and_trees_grow_together() -> None:
+    """No level barrier: while one root path is still in its first segment, its sibling's
+    subtree already reaches the depth cap. No tree barrier: the engine runs paths of every tree
+    at once (more requests than one tree's width)."""
     cfg = TreeConfig(width=8, segment_tokens=4, max_depth=3, branching=2, initial_divergence=2)
+    gen = Tortoise()
+    trees = grow(gen, cfg, [[2, 3]])
+    check_tree(trees[0], cfg)
+    slow = gen.paths[0]
+    first_read_done = [i for i, p in enumerate(gen.paths) if p is not slow]
+    # every request except the slow one's children started before the slow path's first boundary
+    # (the tortoise needs 200 turns for 4 tokens; its sibling's subtree is done in ~12)
+    slow_children = [
+        i for i, r in enumerate(gen.opened) if r.token_ids[:6] == slow.context[:6] and i != 0
+    ]
+    assert len(first_read_done) - len(slow_children) >= 3
     gen = ScriptedGenerator(seed=1, stop_p=0.2)
     prompts = [[2, i] for i in range(3, 8)]
     trees = grow(gen, cfg, prompts)
     for t in trees:
         check_tree(t, cfg)
-    check_calls(gen, trees)
-    # every step with work carries requests of every prompt that still has open paths
-    for call in gen.calls:
-        contexts = [tuple(r.token_ids) for r in call]
-        # siblings (same context) appear consecutively
-        seen: list[tuple[int, ...]] = []
-        for c in contexts:
-            if seen and seen[-1] == c:
-                continue
-            assert c not in seen, "siblings are not adjacent in the batch"
-            seen.append(c)
-    assert (
-        len(gen.calls) <= cfg.max_depth * 4
-    )  # bounded: fallback rounds add steps, not calls per prompt
+    check_requests(gen, trees)
+    assert gen.most_running > cfg.width
+
+
+def test_slow_path_does_not_delay_its_siblings_subtree() -> None:
+    """The fast root path's whole subtree finishes while the slow one is on its first segment."""
+    cfg = TreeConfig(
+        width=4, segment_tokens=2, max_depth=3, branching=2, initial_divergence=2, fallback=False
+    )
+    gen = Tortoise()
+    finished_at: dict[int, int] = {}
+    ticks = 0
+
+    async def clock() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            for p in gen.paths:
+                if p.ended and p.index not in finished_at:
+                    finished_at[p.index] = ticks
+            await asyncio.sleep(0)
+
+    async def main() -> TreeRollout:
+        task = asyncio.create_task(clock())
+        tree = await TreeSampler(gen, cfg, rng=0, decode=decode).grow([1])
+        task.cancel()
+        return tree
+
+    tree = asyncio.run(main())
+    check_tree(tree, cfg)
+    fast = [i for i in finished_at if gen.paths[i].request.token_ids[:2] != [1]] + [1]
+    assert max(finished_at[i] for i in fast if i != 0) < 100 < finished_at[0]
 
 
 def test_eos_only_segment_ends_the_path_and_tokens_after_eos_are_dropped() -> None:
-    class EosGen:
-        calls = 0
-
-        async def generate(self, requests: list[SegmentRequest]) -> list[GeneratedSegment]:
-            self.calls += 1
-            out = []
-            for i, r in enumerate(requests):
-                if i == 0:  # only EOS
-                    out.append(GeneratedSegment([EOS], [-0.1], finished=False))
-                else:  # EOS mid-segment followed by junk the engine did not stop on
-                    out.append(GeneratedSegment([5, EOS, 6, 7][: r.max_tokens], [-0.1] * 4, False))
-            return out
+    class EosGen(ScriptedEngine):
+        def segment(self, path: ScriptedPath, n: int) -> GeneratedSegment:
+            if path.index == 0:  # only EOS
+                return GeneratedSegment([EOS], [-0.1], finished=False)
+            # EOS mid-segment followed by junk the engine did not stop on
+            return GeneratedSegment([5, EOS, 6, 7][:n], [-0.1] * min(4, n), False)
 
     gen = EosGen()
     cfg = TreeConfig(
@@ -171,7 +221,7 @@ def test_eos_only_segment_ends_the_path_and_tokens_after_eos_are_dropped() -> No
         fallback=False,
     )
     (tree,) = asyncio.run(TreeSampler(gen, cfg, decode=decode).expand([[1, 2]]))
-    assert gen.calls == 1
+    assert len(gen.opened) == 2 and all(len(p.reads) == 1 for p in gen.paths)
     assert [tree.response_tokens(x.node).tolist() for x in tree.leaves] == [[EOS], [5, EOS]]
     assert [leaf.finish_reason for leaf in tree.leaves] == ["eos", "eos"]
 
@@ -183,9 +233,11 @@ def test_response_cap_that_is_not_a_segment_multiple() -> None:
     gen = ScriptedGenerator()
     (tree,) = grow(gen, cfg, [[1]])
     check_tree(tree, cfg)
+    check_requests(gen, [tree])
     assert {tree.response_length(x.node) for x in tree.leaves} == {10}
     assert {leaf.finish_reason for leaf in tree.leaves} == {"length"}
-    assert [r.max_tokens for r in gen.calls[-1]] == [2] * 4
+    assert all(p.reads[-1] == 2 for p in gen.paths)  # the last segment asks for the 2 left
+    assert [r.max_tokens for r in gen.opened] == [10, 10, 6, 6]
 
 
 def test_repetition_ends_a_path() -> None:
@@ -197,6 +249,7 @@ def test_repetition_ends_a_path() -> None:
     (tree,) = grow(gen, TreeConfig(**base, repetition_ngram=1, repetition_repeats=3), [[3]])
     assert {leaf.finish_reason for leaf in tree.leaves} == {"repetition"}
     assert max(tree.depth(i) for i in range(len(tree.nodes))) == 1
+    assert all(p.cancelled for p in gen.paths)  # the engine stops decoding an ended path
     (tree,) = grow(gen, TreeConfig(**base, repetition_ngram=1, repetition_repeats=4), [[3]])
     assert {leaf.finish_reason for leaf in tree.leaves} == {"depth"}
 
@@ -206,10 +259,11 @@ def test_fallback_refills_to_width_cutting_at_segment_boundaries() -> None:
         width=8, segment_tokens=3, max_depth=6, initial_divergence=2, branching=2, eos_token_id=EOS
     )
     gen = ScriptedGenerator(seed=3, eos_p=0.45)
-    trees = grow(gen, cfg, [[1, 1], [2, 2], [3, 3]], seed=5)
+    trees = grow(gen, cfg, [[i, i] for i in range(1, 9)], seed=5)
     assert any(t.stats.fallbacks for t in trees)
     for t in trees:
         check_tree(t, cfg)  # includes: new paths generated under prompt + truncated path
+    check_requests(gen, trees)
 
 
 def test_without_fallback_trees_may_stay_below_width() -> None:
@@ -288,7 +342,7 @@ def test_deterministic_given_seed() -> None:
     )
 
     def run(seed: int) -> list[list[list[int]]]:
-        gen = ScriptedGenerator(seed=9, eos_p=0.3, stop_p=0.1)
+        gen = ScriptedGenerator(seed=9, eos_p=0.3, stop_p=0.1, jitter=2)
         trees = grow(gen, cfg, [[1], [2]], seed=seed)
         return [[n.token_ids.tolist() for n in t.nodes] for t in trees]
 
@@ -296,24 +350,15 @@ def test_deterministic_given_seed() -> None:
     assert run(1) != run(2)
 
 
-class _ScoredGenerator:
-    """Full-length segments; paths under the first root child get high log-probs."""
+class _Scored(ScriptedEngine):
+    """Full-length segments; the first root path and everything under it get high log-probs."""
 
-    async def generate(self, requests: list[SegmentRequest]) -> list[GeneratedSegment]:
-        out = []
-        for r in requests:
-            good = len(r.token_ids) > 1 and r.token_ids[1] == 100
-            first = (
-                100
-                if len(r.token_ids) == 1 and not any(o.token_ids[0] == 100 for o in out)
-                else 200
-            )
-            toks = (
-                [first] + [3] * (r.max_tokens - 1) if len(r.token_ids) == 1 else [3] * r.max_tokens
-            )
-            lp = -0.01 if good or first == 100 else -3.0
-            out.append(GeneratedSegment(toks, [lp] * len(toks), False))
-        return out
+    def segment(self, path: ScriptedPath, n: int) -> GeneratedSegment:
+        good = path.index == 0 or (len(path.context) > 1 and path.context[1] == 100)
+        first = 100 if path.index == 0 else 200
+        toks = [first] + [3] * (n - 1) if len(path.context) == 1 else [3] * n
+        lp = -0.01 if good else -3.0
+        return GeneratedSegment(toks, [lp] * len(toks), False)
 
 
 @pytest.mark.parametrize(
@@ -336,7 +381,7 @@ def test_weighted_allocation_follows_the_score(allocation: str, favoured: bool) 
         allocation_temperature=0.05,
         repetition_ngram=0,
     )  # type: ignore[arg-type]
-    (tree,) = asyncio.run(TreeSampler(_ScoredGenerator(), cfg, rng=0, decode=decode).expand([[1]]))
+    (tree,) = asyncio.run(TreeSampler(_Scored(), cfg, rng=0, decode=decode).expand([[1]]))
     good, bad = tree.children(-1)
     assert tree.nodes[good].token_ids[0] == 100
     n_good, n_bad = len(tree.children(good)), len(tree.children(bad))
@@ -345,29 +390,54 @@ def test_weighted_allocation_follows_the_score(allocation: str, favoured: bool) 
 
 
 def test_uniform_allocation_is_balanced() -> None:
+    """4 root paths reach their boundary in the same step and share the 6 free slots evenly
+    (first come, first served would give 3, 3, 0, 0 new paths)."""
     cfg = TreeConfig(width=10, segment_tokens=2, max_depth=2, initial_divergence=4, branching=4)
     (tree,) = grow(ScriptedGenerator(), cfg, [[1]])
     assert sorted(len(tree.children(c)) for c in tree.children(-1)) == [2, 2, 3, 3]
 
 
 def test_generator_contract_violations_are_errors() -> None:
-    class Short:
-        async def generate(self, requests: list[SegmentRequest]) -> list[GeneratedSegment]:
-            return []
+    class TooLong(ScriptedEngine):
+        def segment(self, path: ScriptedPath, n: int) -> GeneratedSegment:
+            return GeneratedSegment([1] * (n + 1), [-1.0] * (n + 1), False)
 
-    class TooLong:
-        async def generate(self, requests: list[SegmentRequest]) -> list[GeneratedSegment]:
-            return [
-                GeneratedSegment([1] * (r.max_tokens + 1), [-1.0] * (r.max_tokens + 1), False)
-                for r in requests
-            ]
+    class Mismatch(ScriptedEngine):
+        def segment(self, path: ScriptedPath, n: int) -> GeneratedSegment:
+            return GeneratedSegment([1] * n, [-1.0], False)
 
     cfg = TreeConfig(width=2, segment_tokens=2, max_depth=2)
-    assert isinstance(ScriptedGenerator(), SegmentGenerator)
-    with pytest.raises(ValueError, match="0 outputs for 2 requests"):
-        asyncio.run(TreeSampler(Short(), cfg, decode=decode).expand([[1]]))
-    with pytest.raises(ValueError, match="exceeds max_tokens"):
-        asyncio.run(TreeSampler(TooLong(), cfg, decode=decode).expand([[1]]))
+    gen = ScriptedGenerator()
+    assert isinstance(gen, PathGenerator) and isinstance(gen.open(PathRequest_([1])), PathStream)
+    for engine, message in ((TooLong(), "exceeds max_tokens"), (Mismatch(), "1 logprobs")):
+        with pytest.raises(ValueError, match=message):
+            asyncio.run(TreeSampler(engine, cfg, decode=decode).expand([[1]]))
+        assert all(p.cancelled or p.ended for p in engine.paths)  # nothing left running
+
+
+def PathRequest_(tokens: list[int]):  # type: ignore[no-untyped-def]
+    from pipeline.sampling import PathRequest
+
+    return PathRequest(tokens, 4)
+
+
+def test_an_abandoned_tree_cancels_every_request() -> None:
+    cfg = TreeConfig(width=8, segment_tokens=4, max_depth=4, initial_divergence=2)
+    gen = Tortoise()
+
+    async def main() -> None:
+        task = asyncio.create_task(TreeSampler(gen, cfg, rng=0, decode=decode).grow([1]))
+        for _ in range(6):
+            await asyncio.sleep(0)
+        assert gen.running >= 2
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert gen.running == 0 and all(p.cancelled or p.ended for p in gen.paths)
 
 
 @given(
@@ -384,6 +454,7 @@ def test_generator_contract_violations_are_errors() -> None:
     short_p=st.floats(0, 0.3),
     answer_p=st.floats(0, 0.3),
     answer_stop=st.sampled_from(["boxed", "none"]),
+    jitter=st.integers(0, 3),
     seed=st.integers(0, 10**6),
     n_prompts=st.integers(1, 4),
 )
@@ -402,6 +473,7 @@ def test_invariants_hold_for_random_generators(
     short_p: float,
     answer_p: float,
     answer_stop: str,
+    jitter: int,
     seed: int,
     n_prompts: int,
 ) -> None:
@@ -418,18 +490,14 @@ def test_invariants_hold_for_random_generators(
         answer_stop=answer_stop,
     )  # type: ignore[arg-type]
     gen = ScriptedGenerator(
-        seed=seed, stop_p=stop_p, eos_p=eos_p, short_p=short_p, answer_p=answer_p
+        seed=seed, stop_p=stop_p, eos_p=eos_p, short_p=short_p, answer_p=answer_p, jitter=jitter
     )
     prompts = [[1000 + i, i] for i in range(n_prompts)]
     trees = grow(gen, cfg, prompts, seed=seed)
     assert [t.prompt_token_ids.tolist() for t in trees] == prompts
     for t in trees:
         check_tree(t, cfg)
-    check_calls(gen, trees)
-    # every request fits the width: never more requests in flight than leaves still owed
-    for call in gen.calls:
-        per_prompt = Counter(tuple(r.token_ids[:2]) for r in call)
-        assert max(per_prompt.values()) <= width
+    check_requests(gen, trees)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,56 +505,43 @@ def test_invariants_hold_for_random_generators(
 # ---------------------------------------------------------------------------------------------
 
 
-class EndsFirstPathOnce:
-    """Full segments, except that request 0 of the first call ends at once with EOS."""
+class EndsFirstPathAtOnce(ScriptedEngine):
+    """Full segments, except that request 0 ends at once with EOS."""
 
-    def __init__(self) -> None:
-        self.calls: list[list[SegmentRequest]] = []
-
-    async def generate(self, requests: list[SegmentRequest]) -> list[GeneratedSegment]:
-        first = not self.calls
-        self.calls.append(list(requests))
-        out = []
-        for i, r in enumerate(requests):
-            toks = [EOS] if first and i == 0 else [fingerprint(r.token_ids)] * r.max_tokens
-            out.append(GeneratedSegment(toks, [-0.5] * len(toks), finished=False))
-        return out
+    def segment(self, path: ScriptedPath, n: int) -> GeneratedSegment:
+        toks = [EOS] if path.index == 0 else [fingerprint(path.context)] * n
+        return GeneratedSegment(toks, [-0.5] * len(toks), finished=path.index == 0)
 
 
 def test_ended_paths_hand_their_branches_to_the_survivors() -> None:
-    """w = 16, b = 2: one of the two root paths ends at step 0. Its 2 branches go to the
-    survivor: 2, 4, 8, 15, 15, 15 requests per step (``min(w - leaves, b * active)`` alone, the
-    rule this replaced, gives 2, 2, 4, 8, 15, 15)."""
+    """w = 16, b = 2: one of the two root paths ends in its first segment. Its 2 branches go to
+    the survivor, which forks 3 new paths at its first boundary (4 paths at depth 2, then 8):
+    ``min(w - leaves, b * active)`` alone, the rule this replaced, gives depth-2 width 2."""
     cfg = TreeConfig(
         width=16, segment_tokens=2, max_depth=6, branching=2, initial_divergence=2,
         eos_token_id=EOS, answer_stop="none",
     )  # fmt: skip
-    gen = EndsFirstPathOnce()
+    gen = EndsFirstPathAtOnce()
     (tree,) = asyncio.run(TreeSampler(gen, cfg, rng=0).expand([[3, 4]]))
-    assert [len(c) for c in gen.calls] == [2, 4, 8, 15, 15, 15]
+    per_depth = Counter(tree.depth(i) for i in range(len(tree.nodes)))
+    assert [per_depth[d] for d in range(1, 4)] == [2, 4, 8] and per_depth[6] == 15
     assert len(tree.leaves) == 16 and tree.stats.fallbacks == 0
     check_tree(tree, cfg)
+    check_requests(gen, [tree])
 
 
 def test_fallback_forks_only_from_answered_leaves_and_may_cut_at_the_prompt() -> None:
-    """w = 8, b = 2, depth cap 2. Step 1 ends leaf A1 with EOS and A2, B1, B2 at the depth cap:
-    the 4 fallback requests hang under the prompt or under A (A1's boundaries), never under B
-    (whose leaves only hit the cap); over seeds both cut points occur."""
+    """w = 8, b = 2, depth cap 2. Request 1 (under root path A) ends with EOS in its segment and
+    the other three depth-2 paths hit the depth cap: the 4 fallback requests hang under the
+    prompt or under A (the answered leaf's boundaries), never under B (whose leaves only hit the
+    cap); over seeds both cut points occur."""
 
-    class Script:
-        def __init__(self) -> None:
-            self.calls: list[list[SegmentRequest]] = []
-
-        async def generate(self, requests: list[SegmentRequest]) -> list[GeneratedSegment]:
-            step = len(self.calls)
-            self.calls.append(list(requests))
-            out = []
-            for i, r in enumerate(requests):
-                toks = [fingerprint(r.token_ids)] + [100 + 10 * step + i] * (r.max_tokens - 1)
-                if step == 1 and i == 0:
-                    toks[-1] = EOS
-                out.append(GeneratedSegment(toks, [-0.5] * len(toks), finished=False))
-            return out
+    class Script(ScriptedEngine):
+        def segment(self, path: ScriptedPath, n: int) -> GeneratedSegment:
+            toks = [fingerprint(path.context)] + [100 + path.index] * (n - 1)
+            if path.index == 0 and len(path.reads) == 2:  # A's continuation: EOS
+                toks[-1] = EOS
+            return GeneratedSegment(toks, [-0.5] * len(toks), finished=toks[-1] == EOS)
 
     cfg = TreeConfig(
         width=8, segment_tokens=2, max_depth=2, branching=2, initial_divergence=2,
@@ -498,20 +553,16 @@ def test_fallback_forks_only_from_answered_leaves_and_may_cut_at_the_prompt() ->
         (tree,) = asyncio.run(TreeSampler(gen, cfg, rng=seed).expand([[9]]))
         check_tree(tree, cfg)
         a, b = [n for n in tree.nodes if n.parent == -1][:2]
-        assert [leaf.finish_reason for leaf in tree.leaves[:4]] == [
-            "eos",
-            "depth",
-            "depth",
-            "depth",
-        ]
+        reasons = sorted(leaf.finish_reason for leaf in tree.leaves[:4])
+        assert reasons == ["depth", "depth", "depth", "eos"]
         names = {
             (9,): "prompt",
             tuple([9, *a.token_ids.tolist()]): "A",
             tuple([9, *b.token_ids.tolist()]): "B",
         }
-        fallback_call = gen.calls[2]
-        assert len(fallback_call) == 4
-        got = {names.get(tuple(r.token_ids), "other") for r in fallback_call}
+        fallback = gen.opened[4:]
+        assert len(fallback) == 4
+        got = {names.get(tuple(r.token_ids), "other") for r in fallback}
         assert got <= {"prompt", "A"}, got
         cuts_seen |= got
         assert tree.stats.fallbacks == 2  # two cuts of b = 2 paths each cover the 4 missing
@@ -526,23 +577,20 @@ def test_with_no_answered_leaf_fallback_restarts_from_the_prompt() -> None:
     )  # fmt: skip
     gen = ScriptedGenerator(seed=1)
     (tree,) = grow(gen, cfg, [[5]])
-    assert [len(c) for c in gen.calls] == [2, 4]
-    assert all(r.token_ids == [5] for r in gen.calls[1])
+    assert len(gen.opened) == 6
+    assert all(r.token_ids == [5] for r in gen.opened[2:])
     assert tree.stats.fallbacks == 1 and len(tree.leaves) == 6
 
 
-def test_budget_transfer_needs_fewer_fallbacks_and_engine_calls() -> None:
-    """Half the segments end their path (EOS). Against the rule without transfer
-    (``min(w - leaves, b * active)``, run here as the reference), handing ended paths' branches
-    to the survivors keeps trees growing: fewer prompts run out of paths (fallback rounds at most
-    half) and trees finish in fewer engine calls."""
+def test_budget_transfer_needs_fewer_fallbacks() -> None:
+    """Half the segments end their path (EOS). Against the rule without transfer (ended paths'
+    branches are lost, run here as the reference), handing them to the survivors keeps trees
+    growing: fewer trees run out of paths (fallback rounds at most two thirds)."""
 
     class WithoutTransfer(TreeSampler):
-        def _plan(self, st):  # type: ignore[no-untyped-def]
-            if not st.active:
-                return super()._plan(st)
-            n = min(self.config.width - len(st.tree.leaves), self.config.branching * len(st.active))
-            return self._allocate(st, n)
+        def _fork(self, g, arrived):  # type: ignore[no-untyped-def]
+            g.credit = 0
+            super()._fork(g, arrived)
 
     cfg = TreeConfig(
         width=16, segment_tokens=4, max_depth=6, branching=2, initial_divergence=2,
@@ -553,37 +601,34 @@ def test_budget_transfer_needs_fewer_fallbacks_and_engine_calls() -> None:
     for name, cls in (("transfer", TreeSampler), ("without", WithoutTransfer)):
         rounds = []
         sampler = cls(ScriptedGenerator(seed=7, eos_p=0.5), cfg, rng=7, decode=decode)
-        fallback = sampler._fallback
+        refill = sampler._refill
 
-        def counted(st, room, fallback=fallback, rounds=rounds):  # type: ignore[no-untyped-def]
-            rounds.append(room)
-            return fallback(st, room)
+        def counted(g, refill=refill, rounds=rounds):  # type: ignore[no-untyped-def]
+            if len(g.tree.leaves) < cfg.width:
+                rounds.append(1)
+            return refill(g)
 
-        sampler._fallback = counted  # type: ignore[method-assign]
+        sampler._refill = counted  # type: ignore[method-assign]
         trees = asyncio.run(sampler.expand(prompts))
         for t in trees:
             check_tree(t, cfg)
-        got[name] = (len(rounds) / len(trees), len(sampler.generator.calls))  # type: ignore[attr-defined]
-    (rounds_t, calls_t), (rounds_w, calls_w) = got["transfer"], got["without"]
-    assert rounds_t <= 0.5 * rounds_w and calls_t < calls_w, got
+        got[name] = len(rounds) / len(trees)
+    assert got["transfer"] <= 0.67 * got["without"], got
 
 
 def test_a_closed_boxed_answer_ends_the_path() -> None:
     """``answer_stop = boxed``: the segment that closes ``\\boxed{...}`` ends the path (also when
     the box opened in an earlier segment); with ``none`` the path goes on."""
 
-    class Boxes:
-        async def generate(self, requests: list[SegmentRequest]) -> list[GeneratedSegment]:
-            out = []
-            for r in requests:
-                depth = (len(r.token_ids) - 1) // 3
-                toks = [fingerprint(r.token_ids), 1, 1]
-                if depth == 0:
-                    toks[2] = BOX_OPEN  # opened at the end of segment 1 ...
-                if depth == 1:
-                    toks[1] = BOX_CLOSE  # ... closed in segment 2
-                out.append(GeneratedSegment(toks, [-0.5] * 3, finished=False))
-            return out
+    class Boxes(ScriptedEngine):
+        def segment(self, path: ScriptedPath, n: int) -> GeneratedSegment:
+            depth = (len(path.context) - 1) // 3
+            toks = [fingerprint(path.context), 1, 1]
+            if depth == 0:
+                toks[2] = BOX_OPEN  # opened at the end of segment 1 ...
+            if depth == 1:
+                toks[1] = BOX_CLOSE  # ... closed in segment 2
+            return GeneratedSegment(toks, [-0.5] * 3, finished=False)
 
     base = dict(width=2, segment_tokens=3, max_depth=4, initial_divergence=2, eos_token_id=EOS)
     (tree,) = asyncio.run(
@@ -596,3 +641,33 @@ def test_a_closed_boxed_answer_ends_the_path() -> None:
     assert {leaf.finish_reason for leaf in tree.leaves} == {"depth"}
     with pytest.raises(ValueError, match="needs a decode function"):
         TreeSampler(Boxes(), TreeConfig(**base))  # type: ignore[arg-type]
+
+
+def test_independent_estimate_is_unbiased_where_leaf_sums_are_not() -> None:
+    """A path ends at each boundary with probability 1/2 (geometric lengths). Over many trees the
+    probability-weighted estimate matches the true mean length of an independent sample (2
+    segments), while the plain mean over leaves is biased long (long paths branch more)."""
+    cfg = TreeConfig(
+        width=8, segment_tokens=3, max_depth=12, branching=2, initial_divergence=1,
+        eos_token_id=EOS, answer_stop="none", fallback=False, repetition_ngram=0,
+    )  # fmt: skip
+    gen = ScriptedGenerator(seed=5, stop_p=0.0, eos_p=0.0)
+
+    class Coin(ScriptedEngine):
+        rng = __import__("random").Random(3)
+
+        def segment(self, path: ScriptedPath, n: int) -> GeneratedSegment:
+            toks = [fingerprint(path.context)] * n
+            if self.rng.random() < 0.5:
+                toks[-1] = EOS
+            return GeneratedSegment(toks, [-0.5] * n, finished=toks[-1] == EOS)
+
+    del gen
+    trees = asyncio.run(TreeSampler(Coin(), cfg, rng=1).expand([[i] for i in range(600)]))
+    weighted = sum(t.mean_leaf_length() for t in trees) / len(trees)
+    plain = sum(t.response_length(x.node) for t in trees for x in t.leaves) / sum(
+        len(t.leaves) for t in trees
+    )
+    true_mean = 3 * 2.0  # geometric(1/2) segments of 3 tokens (the depth cap barely matters)
+    assert abs(weighted - true_mean) < 0.25, weighted
+    assert plain > true_mean + 1.0, plain

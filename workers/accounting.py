@@ -1,20 +1,52 @@
-"""The sampler's bookkeeping: every engine call feeds the cost model and the call metrics; every
-published batch adds its trees' counters and the engine-seconds it used against what independent
-sampling of the same leaves would have cost; ``summary.json`` holds the final counters."""
+"""The sampler's bookkeeping: every engine step feeds the cost model and the measured
+engine-seconds; every published tree adds its counters and prices independent sampling of its
+prompt with that model (``pipeline.costs``); ``summary.json`` holds the final counters.
+
+Engine-seconds used are measured (the engine's busy wall time, step by step). The independent
+side is a prediction: ``bench/tree_vs_independent.py`` checks it against a real independent run.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
-from pipeline.costs import CostModel, independent_work
+from pipeline.costs import CostModel, Work, independent_work
 from pipeline.messages import PromptTask, TreeRollout
-from workers.engine import CallStats
+from workers.engine import StepStats
 from workers.metrics import SamplerMetrics
 
 log = logging.getLogger("workers.sampler")
+
+
+class InFlight:
+    """Trees growing now, and their time average (the concurrency independent sampling would run
+    at: as many prompts in flight as the trees had)."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.area = 0.0
+        self.seconds = 0.0
+        self.at = time.monotonic()
+
+    def _advance(self) -> None:
+        t = time.monotonic()
+        if self.now:
+            self.area += self.now * (t - self.at)
+            self.seconds += t - self.at
+        self.at = t
+
+    def change(self, by: int) -> None:
+        self._advance()
+        self.now += by
+
+    @property
+    def mean(self) -> float:
+        self._advance()
+        return self.area / self.seconds if self.seconds > 0 else float(max(1, self.now))
 
 
 class Accounting:
@@ -22,67 +54,80 @@ class Accounting:
         self.metrics = metrics
         self.summary = summary
         self.cost = CostModel()
-        self.calls: list[CallStats] = []
-        """Engine calls of the batch in progress."""
+        self.in_flight = InFlight()
+        self.used_seconds = 0.0
+        self.independent_seconds = 0.0
+        self.independent = Work(0.0, 0.0, 0.0)
+        """The priced independent work so far (for the summary)."""
         self.started = time.monotonic()
+        self._lock = threading.Lock()
 
-    def on_call(self, stats: CallStats) -> None:
-        """One engine call (the engine's call listener)."""
-        self.calls.append(stats)
-        self.cost.observe(stats.work(), stats.seconds)
+    def on_step(self, step: StepStats) -> None:
+        """One engine step (the engine meter's listener; runs on the engine's thread)."""
         m = self.metrics
-        m.engine_calls.inc()
-        m.generation_seconds.inc(stats.seconds)
-        m.prefill_tokens.inc(stats.prefill_tokens)
-        m.prefill_cached_tokens.inc(stats.cached_tokens)
+        with self._lock:
+            self.cost.observe(Work(step.prefill_tokens, step.decoded_tokens, 1), step.seconds)
+            self.used_seconds += step.seconds
+        m.engine_steps.inc()
+        m.generation_seconds.inc(step.seconds)
+        m.gpu_seconds_used.inc(step.seconds)
+        m.prefill_tokens.inc(step.prefill_tokens + step.cached_tokens)
+        m.prefill_cached_tokens.inc(step.cached_tokens)
 
-    def begin_batch(self) -> None:
-        self.calls = []
+    def tree_started(self) -> None:
+        self.in_flight.change(+1)
+        self.metrics.trees_in_flight.set(self.in_flight.now)
 
-    def end_batch(
-        self, tasks: list[PromptTask], trees: list[TreeRollout], seconds: float, version: int
-    ) -> None:
-        """The batch's published ``trees`` (of ``tasks``), grown in ``seconds``."""
+    def tree_ended(self) -> None:
+        self.in_flight.change(-1)
+        self.metrics.trees_in_flight.set(self.in_flight.now)
+
+    def tree_published(self, task: PromptTask, tree: TreeRollout, seconds: float) -> None:
+        """A published tree of ``task``, ``seconds`` after its prompt was claimed."""
         m = self.metrics
-        used = sum(self.cost.estimate(c.work()) for c in self.calls)
-        independent = self.cost.estimate(
-            independent_work(
-                [len(t.prompt_token_ids) for t in tasks],
-                [[tree.response_length(leaf.node) for leaf in tree.leaves] for tree in trees],
-            )
+        longest = max((tree.response_length(leaf.node) for leaf in tree.leaves), default=0)
+        work = independent_work(
+            len(task.prompt_token_ids),
+            len(tree.leaves),
+            tree.mean_leaf_length(),
+            longest,
+            self.in_flight.mean,
         )
-        m.gpu_seconds_used.inc(used)
+        with self._lock:
+            independent = self.cost.estimate(work)
+            self.independent += work
+            self.independent_seconds += independent
+            saved = self.independent_seconds - self.used_seconds
+            coef = self.cost.coef
         m.gpu_seconds_independent.inc(independent)
-        m.gpu_seconds_saved.inc(independent - used)
-        m.decode_tokens_per_second.set(self.cost.decode_tokens_per_second)
-        m.prefill_tokens_per_second.set(self.cost.prefill_tokens_per_second)
-        for tree in trees:
-            s = tree.stats
-            m.trees.inc()
-            m.tokens_decoded.inc(s.decoded_tokens)
-            m.tokens_independent.inc(s.independent_tokens)
-            m.segments.inc(len(tree.nodes))
-            m.leaves.inc(len(tree.leaves))
-            m.fallbacks.inc(s.fallbacks)
-            m.correct_leaves.inc(sum(1 for leaf in tree.leaves if leaf.reward > 0))
-        rewards = [leaf.reward for tree in trees for leaf in tree.leaves]
+        m.gpu_seconds_saved.set(saved)
+        m.decode_tokens_per_second.set(1 / coef[1] if coef[1] > 0 else 0.0)
+        m.prefill_tokens_per_second.set(1 / coef[0] if coef[0] > 0 else 0.0)
+        m.step_fixed_seconds.set(coef[2])
+        s = tree.stats
+        m.trees.inc()
+        m.tokens_decoded.inc(s.decoded_tokens)
+        m.tokens_independent.inc(s.independent_tokens)
+        m.engine_requests.inc(s.engine_calls)
+        m.segments.inc(len(tree.nodes))
+        m.leaves.inc(len(tree.leaves))
+        m.fallbacks.inc(s.fallbacks)
+        m.correct_leaves.inc(sum(1 for leaf in tree.leaves if leaf.reward > 0))
+        rewards = [leaf.reward for leaf in tree.leaves]
         m.reward_mean.set(sum(rewards) / max(1, len(rewards)))
-        m.batch_seconds.observe(seconds)
-        self.write_summary(version)
-        log.info(
-            "published %d trees in %.2fs: %d leaves, decoded %d vs independent %d tokens, "
-            "policy v%d",
-            len(trees),
+        m.time_to_publish_seconds.observe(seconds)
+        log.debug(
+            "published %s in %.2fs: %d leaves, decoded %d vs independent %d tokens",
+            tree.tree_id,
             seconds,
-            sum(len(t.leaves) for t in trees),
-            sum(t.stats.decoded_tokens for t in trees),
-            sum(t.stats.independent_tokens for t in trees),
-            version,
+            len(tree.leaves),
+            s.decoded_tokens,
+            s.independent_tokens,
         )
 
     def write_summary(self, version: int) -> Path:
-        """Every unlabelled counter of the sampler, wall seconds, the cost model and the policy
-        version, as JSON."""
+        """Every unlabelled counter of the sampler, wall seconds, the cost model, time to
+        publish and the policy version, as JSON."""
         values: dict[str, object] = {
             sample.name: sample.value
             for family in self.metrics.registry.collect()
@@ -91,8 +136,40 @@ class Accounting:
             if sample.name.endswith("_total") and not sample.labels
         }
         values["wall_seconds"] = time.monotonic() - self.started
-        values["cost_model"] = list(self.cost.coef)
+        with self._lock:
+            values["cost_model"] = list(self.cost.coef)
+            values["independent_work"] = list(self.independent.vector())
+        values["mean_trees_in_flight"] = self.in_flight.mean
+        values["time_to_publish_seconds"] = self._publish_quantiles()
         values["policy_version"] = version
         self.summary.parent.mkdir(parents=True, exist_ok=True)
         self.summary.write_text(json.dumps(values, indent=2))
         return self.summary
+
+    def _publish_quantiles(self) -> dict[str, float | None]:
+        """p50 and p99 of time to publish, interpolated in the histogram's buckets."""
+        samples = {
+            s.labels["le"]: s.value
+            for fam in self.metrics.registry.collect()
+            if fam.name == "treepo_sampler_time_to_publish_seconds"
+            for s in fam.samples
+            if s.name.endswith("_bucket")
+        }
+        return {f"p{int(q * 100)}": bucket_quantile(samples, q) for q in (0.5, 0.99)}
+
+
+def bucket_quantile(buckets: dict[str, float], q: float) -> float | None:
+    """The q-quantile of a Prometheus histogram given as {le: cumulative count}, by linear
+    interpolation inside the bucket (what PromQL's ``histogram_quantile`` does)."""
+    edges = sorted(((float(le), n) for le, n in buckets.items()), key=lambda x: x[0])
+    if not edges or edges[-1][1] <= 0:
+        return None
+    rank = q * edges[-1][1]
+    low, below = 0.0, 0.0
+    for le, n in edges:
+        if n >= rank:
+            if le == float("inf"):
+                return low
+            return low + (le - low) * ((rank - below) / (n - below) if n > below else 0.0)
+        low, below = le, n
+    return low

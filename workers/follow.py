@@ -9,8 +9,9 @@ A failing version is retried with exponential backoff (1 s doubling to 60 s) and
 metrics; ``trouble()`` turns the sampler's ``/healthz`` not-ok once the newest signed announcement
 has been out of reach for longer than ``unhealthy_after_s`` beyond the staleness bound.
 
-The engine swap itself happens in the sampler loop between segment steps
-(``VLLMSegmentGenerator.stage_weights`` / ``swap_now``).
+The engine swap itself happens between two engine steps, as soon as a version is verified
+(``VLLMPathGenerator.stage_weights`` / ``apply_staged``): running requests go on under the new
+weights.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pipeline.errors import (
 from pipeline.messages import WeightAnnouncement, decode_as
 from pipeline.streams import Streams
 from pipeline.weights import check_announcement, download_version, tensor_specs
-from workers.engine import VLLMSegmentGenerator
+from workers.engine import VLLMPathGenerator
 from workers.metrics import SamplerMetrics
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class WeightFollower:
     def __init__(
         self,
         streams: Streams,
-        engine: VLLMSegmentGenerator,
+        engine: VLLMPathGenerator,
         metrics: SamplerMetrics,
         work_dir: Path,
         reference: dict[str, tuple[str, tuple[int, ...]]],
@@ -90,7 +91,7 @@ class WeightFollower:
         cls,
         settings: SamplerSettings,
         streams: Streams,
-        engine: VLLMSegmentGenerator,
+        engine: VLLMPathGenerator,
         metrics: SamplerMetrics,
         work_dir: Path,
     ) -> WeightFollower:
@@ -206,14 +207,15 @@ class WeightFollower:
     # -- on the sampler's loop -------------------------------------------------------------------
 
     async def follow(self, stop: asyncio.Event, poll_s: float) -> None:
-        """Poll the announcement every ``poll_s`` until ``stop``."""
+        """Poll the announcement every ``poll_s`` until ``stop``; swap in what was verified."""
         while not stop.is_set():
             await self.poll()
+            await self.apply_staged()
             await wait_or_stop(stop, poll_s)
 
     async def apply_staged(self) -> None:
-        """Swap staged weights into the engine (between engine calls) and delete older versions."""
-        seconds = await asyncio.to_thread(self.engine.swap_now)
+        """Swap staged weights into the engine (between engine steps) and delete older versions."""
+        seconds = await self.engine.apply_staged()
         if seconds is not None:
             self.metrics.weight_swap_seconds.observe(seconds)
             self.metrics.weight_swaps.inc()

@@ -2,7 +2,8 @@
 
 Names follow ``treepo_sampler_<what>_<unit>``; labels are never prompt or tree ids. The savings
 of tree sampling are readable straight from counters: ``1 - tokens_decoded / tokens_independent``
-and ``gpu_seconds_independent - gpu_seconds_used`` (see ``pipeline.costs`` for the model).
+and ``gpu_seconds_independent - gpu_seconds_used`` (used is measured, independent is priced by
+the cost model of ``pipeline.costs``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class SamplerMetrics:
         )
         self.tokens_independent = Counter(
             p + "tokens_independent",
-            "Tokens independent sampling would decode for the same leaves (full leaf responses).",
+            "Tokens as many independent samples as the trees' leaves are expected to decode "
+            "(probability-weighted leaf lengths).",
             registry=r,
         )
         self.prefill_tokens = Counter(
@@ -51,28 +53,40 @@ class SamplerMetrics:
         self.correct_leaves = Counter(
             p + "correct_leaves", "Leaves with a positive reward.", registry=r
         )
-        self.engine_calls = Counter(
-            p + "engine_calls", "Batched engine calls (segment steps).", registry=r
+        self.engine_requests = Counter(
+            p + "engine_requests",
+            "Engine requests opened (root paths, forked siblings, fallback forks).",
+            registry=r,
+        )
+        self.engine_steps = Counter(
+            p + "engine_steps", "Engine steps (forward passes) while requests ran.", registry=r
         )
         self.fallbacks = Counter(p + "fallbacks", "Fallback forks used.", registry=r)
         self.generation_seconds = Counter(
-            p + "generation_seconds", "Wall seconds spent in engine calls.", registry=r
+            p + "generation_seconds",
+            "Wall seconds the engine was busy (requests in flight), step by step.",
+            registry=r,
         )
         self.gpu_seconds_used = Counter(
             p + "gpu_seconds_used",
-            "Estimated device-seconds tree sampling used (cost model).",
+            "Device-seconds tree sampling used (measured: the engine's busy seconds).",
             registry=r,
         )
         self.gpu_seconds_independent = Counter(
             p + "gpu_seconds_independent",
-            "Estimated device-seconds independent sampling of the same leaves would use.",
+            "Device-seconds independent sampling of the published trees' prompts would use "
+            "(cost model fitted on this engine's steps).",
             registry=r,
         )
         self.gpu_seconds_saved = Gauge(
             p + "gpu_seconds_saved",
-            "Cumulative estimated device-seconds saved by tree sampling (independent - used).",
+            "Cumulative device-seconds saved by tree sampling (independent - used).",
             registry=r,
         )
+        self.step_fixed_seconds = Gauge(
+            p + "step_fixed_seconds", "Fitted fixed cost of one engine step.", registry=r
+        )
+        self.trees_in_flight = Gauge(p + "trees_in_flight", "Trees growing now.", registry=r)
         self.decode_tokens_per_second = Gauge(
             p + "decode_tokens_per_second", "Fitted decode throughput of this engine.", registry=r
         )
@@ -104,10 +118,10 @@ class SamplerMetrics:
             buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
             registry=r,
         )
-        self.batch_seconds = Histogram(
-            p + "batch_seconds",
-            "Seconds to grow, score and publish one batch of trees.",
-            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300),
+        self.time_to_publish_seconds = Histogram(
+            p + "time_to_publish_seconds",
+            "Seconds from a prompt's claim to its tree's publication.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
             registry=r,
         )
         self.deadletter = deadletter_counter(p, "Prompt entries", r)
@@ -125,5 +139,5 @@ class SamplerMetrics:
         for kind in ("announcement", "download", "verification"):
             self.weight_failures.labels(kind)
         self.idle_seconds = Counter(
-            p + "idle_seconds", "Seconds spent waiting for prompts or fresh weights.", registry=r
+            p + "idle_seconds", "Seconds with no tree growing (waiting for prompts).", registry=r
         )

@@ -1,13 +1,15 @@
 """The sampler process: claims prompts, grows TreePO trees with vLLM, publishes them.
 
-Loop: swap in staged weights -> claim up to ``batch_prompts`` PromptTasks (reclaiming dead
-samplers' entries first) -> dead-letter the ones it cannot use (too long for the engine, unknown
-reward function, token ids outside the vocabulary) -> grow one tree per prompt (one engine call
-per segment step) -> score leaves -> XADD one TreeRollout per prompt -> XACK the prompts.
-Background tasks keep a heartbeat key alive and follow the weight announcements
-(``workers.follow``); before its first prompt the sampler takes the newest verified weights.
-SIGTERM stops at once, also in the middle of an engine call or while Redis is down: the
-unfinished prompts are handed back (``Streams.release``) and the process exits.
+Loop: keep up to ``trees_in_flight`` trees growing. Claim PromptTasks for the free slots
+(reclaiming dead samplers' entries first), dead-letter the ones it cannot use (too long for the
+engine, unknown reward function, token ids outside the vocabulary), and grow each tree in its own
+task on the shared engine (``pipeline.sampling``: every path is an engine request, no barrier
+between trees or levels). A finished tree is scored, XADDed as one TreeRollout and its prompt
+XACKed at once, and the slot is claimed again. Background tasks keep a heartbeat key alive and
+follow the weight announcements (``workers.follow``), swapping verified weights into the engine
+between two engine steps; before its first prompt the sampler takes the newest verified weights.
+SIGTERM stops at once, also in the middle of a tree or while Redis is down: the unfinished
+prompts are handed back (``Streams.release``) and the process exits.
 
 What the learner does with the trees is in ``learner/``; the algorithm is ``pipeline.sampling``.
 """
@@ -25,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.aio import Background, unless_stopped
+from pipeline.aio import Background
 from pipeline.config import SamplerSettings
 from pipeline.entry import ProcessSpec, exit_now, process_main
 from pipeline.errors import ConfigError, Stopping, TransportError
@@ -36,7 +38,7 @@ from pipeline.sampling import TreeSampler
 from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Delivery, Streams
 from pipeline.tasks import reward_fn
 from workers.accounting import Accounting
-from workers.engine import EngineOptions, GenerationStopped, VLLMSegmentGenerator
+from workers.engine import EngineOptions, GenerationStopped, VLLMPathGenerator
 from workers.follow import WeightFollower
 from workers.heartbeat import HeartbeatSender
 from workers.metrics import SamplerMetrics
@@ -51,7 +53,7 @@ class Sampler:
     def __init__(
         self,
         settings: SamplerSettings,
-        engine: VLLMSegmentGenerator,
+        engine: VLLMPathGenerator,
         decode_text: Callable[[list[int]], str],
         metrics: SamplerMetrics | None = None,
     ) -> None:
@@ -69,6 +71,7 @@ class Sampler:
             lambda reason: self.metrics.deadletter.labels(reason).inc(),
         )
         tree_cfg = settings.tree
+        check_segments(tree_cfg.segment_tokens, engine.block_size, opts.allow_short_segments)
         if tree_cfg.eos_token_id is None and engine.eos_token_id is not None:
             tree_cfg = tree_cfg.model_copy(update={"eos_token_id": engine.eos_token_id})
         self.tree_sampler = TreeSampler(
@@ -79,7 +82,8 @@ class Sampler:
         )
         self.work_dir = Path(opts.work_dir) / self.worker_id
         self.accounting = Accounting(self.metrics, self.work_dir / "summary.json")
-        engine.call_listeners.append(self.accounting.on_call)
+        engine.meter.listeners.append(self.accounting.on_step)
+        self._growing: dict[asyncio.Task[None], Delivery] = {}
         self.follower = WeightFollower.for_sampler(
             settings, self.streams, engine, self.metrics, self.work_dir
         )
@@ -101,9 +105,9 @@ class Sampler:
     # -- main loop -------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        """Stop at the next segment step (signal-safe)."""
+        """Stop now: every growing tree is abandoned and its prompt handed back (signal-safe)."""
         self.stop.set()
-        self.engine.stop.set()
+        self.engine.request_stop()
 
     def close(self) -> None:
         """End the engine's processes (after ``run``)."""
@@ -147,6 +151,7 @@ class Sampler:
         background = Background(self._fail)
         try:
             await self.follower.poll()  # the newest verified weights before the first prompt
+            await self.follower.apply_staged()
             background.start("heartbeat", self.heartbeat.loop())
             poll_s = self.settings.sampler.weights_poll_s
             background.start("weights", self.follower.follow(self.stop, poll_s))
@@ -171,12 +176,18 @@ class Sampler:
         self.request_stop()
 
     async def _loop(self, max_prompts: int | None) -> None:
+        """Keep up to ``trees_in_flight`` trees growing: claim prompts for the free slots, grow
+        each tree in its own task, publish it the moment it is done, claim again."""
         opts = self.settings.sampler
+        growing: dict[asyncio.Task[None], Delivery] = {}
+        self._growing = growing
 
-        def wanted() -> int:  # asked before each read
+        def wanted() -> int:  # asked before each read; 0 ends the claiming (bounded mode)
             self.progress_at = time.monotonic()
-            left = opts.batch_prompts if max_prompts is None else max_prompts - self.prompts_done
-            return min(opts.batch_prompts, left)
+            free = opts.trees_in_flight - len(growing)
+            if max_prompts is not None:
+                free = min(free, max_prompts - self.prompts_done - len(growing))
+            return free
 
         prompts = self.streams.consumer(
             self.streams.keys.prompts,
@@ -186,16 +197,62 @@ class Sampler:
             stop=self.stop,
             reclaim_every_s=self.streams.default_reclaim_s,
         )
-        await self.follower.apply_staged()
-        waited = time.monotonic()
-        async for batch in prompts:
-            usable = await self._usable(batch)
-            if usable:
-                await self._serve(usable)
-            else:
-                self.metrics.idle_seconds.inc(time.monotonic() - waited)
-            await self.follower.apply_staged()
-            waited = time.monotonic()
+        idle_since: float | None = time.monotonic()
+        try:
+            while not self.stop.is_set():
+                if growing and len(growing) >= opts.trees_in_flight:
+                    await self._settle(growing, asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    batch = await prompts.__anext__()
+                except StopAsyncIteration:
+                    break
+                for d in await self._usable(batch):
+                    task = asyncio.create_task(self._serve(d))
+                    growing[task] = d
+                    self.accounting.tree_started()
+                if growing and idle_since is not None:
+                    self.metrics.idle_seconds.inc(time.monotonic() - idle_since)
+                    idle_since = None
+                await self._settle(growing, None)
+                if not growing and idle_since is None:
+                    idle_since = time.monotonic()
+            while growing and not self.stop.is_set():  # bounded mode: finish what was claimed
+                await self._settle(growing, asyncio.FIRST_COMPLETED)
+        finally:
+            if growing:
+                await self._abandon(growing)
+
+    async def _settle(self, growing: dict[asyncio.Task[None], Delivery], wait: str | None) -> None:
+        """Forget finished tree tasks (waiting for one with ``FIRST_COMPLETED``, or until stop);
+        a tree task's unexpected error is the sampler's."""
+        if wait is not None:
+            stopped = asyncio.ensure_future(self.stop.wait())
+            try:
+                await asyncio.wait([*growing, stopped], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+        for task in [t for t in growing if t.done()]:
+            growing.pop(task)
+            self.accounting.tree_ended()
+            error = None if task.cancelled() else task.exception()
+            if error is not None and not isinstance(error, (Stopping, GenerationStopped)):
+                raise error
+
+    async def _abandon(self, growing: dict[asyncio.Task[None], Delivery]) -> None:
+        """Stop every growing tree and hand its prompt back."""
+        for task in growing:
+            task.cancel()
+        await asyncio.gather(*growing, return_exceptions=True)
+        unfinished = [d for t, d in growing.items() if not self._published(t)]
+        for _ in growing:
+            self.accounting.tree_ended()
+        growing.clear()
+        await self._release(unfinished)
+
+    @staticmethod
+    def _published(task: asyncio.Task[None]) -> bool:
+        return task.done() and not task.cancelled() and task.exception() is None
 
     async def _usable(self, batch: list[Delivery]) -> list[Delivery]:
         """The deliveries this sampler can grow trees for; the rest are dead-lettered."""
@@ -213,53 +270,27 @@ class Sampler:
                 await self.streams.reject(d, PROMPT_GROUP, *problem)
         return good
 
-    async def _grow(self, tasks: list[PromptTask]) -> list[TreeRollout | str]:
-        """One tree per prompt, or the engine's refusal of that prompt (a ValueError/TypeError
-        from request validation). Raises ``Stopping`` when the process is asked to stop."""
-        work = self.tree_sampler.expand([t.prompt_token_ids for t in tasks])
+    async def _serve(self, d: Delivery) -> None:
+        """Grow, score and publish one tree, then ack its prompt."""
+        task: PromptTask = d.message  # type: ignore[assignment]
+        claimed = time.perf_counter()
+        if task.created_at > 0:
+            self.metrics.prompt_wait_seconds.observe(max(0.0, time.time() - task.created_at))
         try:
-            return list(await unless_stopped(self.stop, work, "an engine call"))
+            tree = await self.tree_sampler.grow(task.prompt_token_ids)
         except GenerationStopped as exc:
             raise Stopping(str(exc)) from exc
-        except (ValueError, TypeError) as exc:
-            if len(tasks) == 1:
-                log.error("engine refused prompt %s: %s", tasks[0].prompt_id, exc)
-                return [f"{type(exc).__name__}: {exc}"]
-        out: list[TreeRollout | str] = []
-        for t in tasks:  # grow them one by one to find the one(s) at fault
-            out.extend(await self._grow([t]))
-        return out
-
-    async def _serve(self, batch: list[Delivery]) -> None:
-        keys = self.streams.keys
-        tasks: list[PromptTask] = [d.message for d in batch]  # type: ignore[misc]
-        now = time.time()
-        for t in tasks:
-            if t.created_at > 0:
-                self.metrics.prompt_wait_seconds.observe(max(0.0, now - t.created_at))
-        started = time.perf_counter()
-        self.accounting.begin_batch()
-        try:
-            grown = await self._grow(tasks)
-        except Stopping:
-            await self._release(batch)
-            raise
-        done: list[str] = []
-        served: list[PromptTask] = []
-        trees: list[TreeRollout] = []
-        for d, task, tree in zip(batch, tasks, grown):
-            if isinstance(tree, str):
-                await self.streams.reject(d, PROMPT_GROUP, "engine_error", tree)
-                continue
-            self._stamp(tree, task)
-            await self.streams.publish(keys.trees, tree)
-            done.append(d.entry_id)
-            served.append(task)
-            trees.append(tree)
-        await self.streams.ack(keys.prompts, PROMPT_GROUP, done)
-        self.prompts_done += len(done)
-        seconds = time.perf_counter() - started
-        self.accounting.end_batch(served, trees, seconds, self.engine.policy_version)
+        except (ValueError, TypeError) as exc:  # the engine refused the request
+            log.error("engine refused prompt %s: %s", task.prompt_id, exc)
+            await self.streams.reject(
+                d, PROMPT_GROUP, "engine_error", f"{type(exc).__name__}: {exc}"
+            )
+            return
+        self._stamp(tree, task)
+        await self.streams.publish(self.streams.keys.trees, tree)
+        await self.streams.ack(self.streams.keys.prompts, PROMPT_GROUP, [d.entry_id])
+        self.prompts_done += 1
+        self.accounting.tree_published(task, tree, time.perf_counter() - claimed)
 
     def _stamp(self, tree: TreeRollout, task: PromptTask) -> None:
         """Score the leaves and set the ids and the sampling settings the engine used."""
@@ -284,6 +315,8 @@ class Sampler:
         """Hand unfinished prompts back to the group (best effort: Redis may be down too; then
         they are reclaimed after ``claim_idle_ms``)."""
         ids = [d.entry_id for d in batch]
+        if not ids:
+            return
         try:
             await self.streams.release(self.streams.keys.prompts, PROMPT_GROUP, self.worker_id, ids)
             log.info("stopping: released %d unfinished prompts", len(ids))
@@ -302,9 +335,33 @@ def build_sampler(settings: SamplerSettings) -> Sampler:
         reward_fn(settings.sampler.default_task)
     except ValueError as exc:
         raise ConfigError(f"TREEPO_SAMPLER__DEFAULT_TASK: {exc}") from None
-    engine = VLLMSegmentGenerator(EngineOptions.from_settings(settings, model))
-    tokenizer = engine.llm.get_tokenizer()
-    return Sampler(settings, engine, lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+    engine = VLLMPathGenerator(EngineOptions.from_settings(settings, model))
+    tokenizer = engine.tokenizer
+    try:
+        return Sampler(
+            settings, engine, lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        )
+    except ConfigError:
+        engine.close()
+        raise
+
+
+def check_segments(segment_tokens: int, block_size: int, allowed: bool) -> None:
+    """Refuse segments shorter than the engine's KV block unless allowed (one line naming both
+    settings): every new sibling would compute part of its parent's context again."""
+    if segment_tokens >= block_size:
+        return
+    message = (
+        f"TREEPO_TREE__SEGMENT_TOKENS={segment_tokens} is shorter than the engine's KV block "
+        f"({block_size} tokens, TREEPO_SAMPLER__BLOCK_SIZE): each new sibling would compute up "
+        f"to {block_size - 1} tokens of its parent's context again"
+    )
+    if not allowed:
+        raise ConfigError(
+            message + "; use segments of at least one block, or set "
+            "TREEPO_SAMPLER__ALLOW_SHORT_SEGMENTS=true to accept the cost"
+        )
+    log.warning("%s (allowed by TREEPO_SAMPLER__ALLOW_SHORT_SEGMENTS)", message)
 
 
 SPEC = ProcessSpec(
