@@ -43,67 +43,79 @@ def tree_vs_independent(d: dict[str, Any]) -> str:
         part = d.get(key)
         if not part:
             continue
-        base = part["independent"]
-        rows = [
-            [
-                "independent n=16",
-                f"{base['trajectories_per_second']:.1f}",
-                "1.00",
-                f"{base['processed_tokens_per_second']:.0f}",
-                "1.00",
-                f"{base['decoded_tokens']:.0f}",
-                "1.00",
-                f"{base['prefill_tokens']:.0f}",
-                f"{base['prefix_cache_hit_rate']:.0%}",
-                f"{base['engine_calls']:.0f}",
-                "-",
-                f"{base['reward_mean']:.3f}",
-            ]
-        ]
+        rows = []
+        for name, base in part["independent"].items():
+            rows.append(
+                [
+                    f"independent {name}",
+                    f"{base['trajectories_per_second']:.1f}",
+                    "1.00",
+                    f"{base['engine_seconds_per_trajectory'] * 1e3:.2f}",
+                    "1.00",
+                    f"{base['decoded_tokens']:.0f}",
+                    "1.00",
+                    f"{base['prefill_tokens']:.0f}",
+                    f"{base['engine_steps']:.0f}",
+                    "-",
+                    "-",
+                    f"{base['reward_mean']:.3f}",
+                ]
+            )
         for c in part["trees"]:
             rows.append(
                 [
                     f"tree {c['config']}",
                     f"{c['trajectories_per_second']:.1f}",
                     f"**{c['trajectories_per_second_ratio']:.2f}**",
-                    f"{c['processed_tokens_per_second']:.0f}",
-                    f"{c['processed_tokens_per_second_ratio']:.2f}",
+                    f"{c['engine_seconds_per_trajectory'] * 1e3:.2f}",
+                    f"{c['engine_seconds_per_trajectory_ratio']:.2f}",
                     f"{c['decoded_tokens']:.0f}",
                     f"{c['decoded_tokens_ratio']:.2f}",
                     f"{c['prefill_tokens']:.0f}",
-                    f"{c['prefix_cache_hit_rate']:.0%}",
-                    f"{c['engine_calls']:.0f}",
-                    f"{c['fallbacks_per_tree']:.2f}" if "fallbacks_per_tree" in c else "-",
+                    f"{c['engine_steps']:.0f}",
+                    f"{c['fallbacks_per_tree']:.2f}",
+                    f"{c['cost_model']['predicted_vs_measured']:.2f}",
                     f"{c['reward_mean']:.3f}",
                 ]
             )
         params = part.get("parameters")
-        out.append(f"**{title}** ({params / 1e6:.1f}M parameters)" if params else f"**{title}**")
+        head = f"**{title}**" + (f" ({params / 1e6:.1f}M parameters" if params else " (")
+        out.append(f"{head}, {part.get('in_flight', '?')} prompts in flight)")
         out.append(
             _table(
                 [
                     "method",
                     "traj/s",
                     "ratio",
-                    "processed tok/s",
+                    "engine ms/traj",
                     "ratio",
                     "decoded",
                     "ratio",
-                    "prefill",
-                    "cache hit",
-                    "engine calls",
+                    "prefill computed",
+                    "engine steps",
                     "fallbacks/tree",
+                    "priced / measured independent",
                     "leaf reward",
                 ],
                 rows,
             )
         )
-    out.append(
-        f"Headline (best configuration, `{d['best_configuration']}`): trajectories/s ratio "
-        f"**{d['trajectories_per_second_ratio']:.2f}**, decoded tokens ratio "
-        f"**{d['decoded_tokens_ratio']:.2f}**. {d['prompts']} prompts x 16 leaves, "
-        f"{d['budget_tokens']} tokens a trajectory, median of {d['repeats']} repeats."
-    )
+    if "trajectories_per_second_ratio" in d:
+        out.append(
+            f"Compute-bound model, best shape `{d['best_configuration']}`: trajectories/s ratio "
+            f"**{d['trajectories_per_second_ratio']:.2f}**, decoded tokens ratio "
+            f"**{d['decoded_tokens_ratio']:.2f}**, cost model priced the independent run at "
+            f"{d['compute_cost_model_predicted_vs_measured']:.2f}x its measured engine-seconds."
+        )
+    if "toy_trajectories_per_second_ratio" in d:
+        out.append(
+            f"Toy model, the demo's shape: trajectories/s ratio "
+            f"**{d['toy_trajectories_per_second_ratio']:.2f}**, engine-seconds per trajectory "
+            f"{d['toy_engine_seconds_per_trajectory_ratio']:.2f}x independent's; the cost model "
+            f"priced the independent run at **{d['toy_cost_model_predicted_vs_measured']:.2f}x** "
+            f"its measured engine-seconds, and the trees' estimate of independent decoded "
+            f"tokens was {d['toy_independent_tokens_estimate_vs_measured']:.2f}x the real run's."
+        )
     return "\n\n".join(out)
 
 
@@ -187,31 +199,64 @@ def transport(d: dict[str, Any]) -> str:
 def weight_sync(d: dict[str, Any]) -> str:
     rows = [
         [
-            s["weights"],
+            s["mode"],
             str(s["receivers"]),
-            f"{s['bytes'] / 1e6:.1f}",
-            f"{s['publish_seconds']:.2f}",
-            f"{s['sync_seconds']:.2f}",
-            f"{s['sync_gb_per_second']:.2f}",
+            f"{s['bytes'] / 1e9:.2f}",
+            f"{s['seconds']:.2f}",
+            f"{s['gb_per_second']:.2f}",
             f"{s['raw_copy_seconds']:.2f}",
             f"{s['raw_gb_per_second']:.2f}",
-            f"**{s['sync_vs_raw_ratio']:.2f}**",
+            f"**{s['vs_raw_ratio']:.2f}**",
+            f"{s['egress_vs_size']:.2f}",
         ]
         for s in d["summary"]
     ]
-    return _table(
+    table = _table(
         [
-            "weights",
-            "samplers",
-            "MB",
-            "publish s",
-            "sync s",
-            "sync GB/s",
+            "mode",
+            "receivers",
+            "GB",
+            "seconds",
+            "GB/s",
             "raw copy s",
             "raw GB/s",
-            "raw/sync",
+            "raw/ours",
+            "learner sent / size",
         ],
         rows,
+    )
+    fan = next(k for k in d if k.startswith("fanout") and k.endswith("_time_vs_single"))
+    n = fan.removeprefix("fanout").split("_")[0]
+    codec = d.get("codec", {})
+    codec_rows = [
+        [
+            kind,
+            f"{c['xor_byteplanes_zstd']:.3f}",
+            f"{c['xor_zstd']:.3f}",
+            f"{c['zstd_of_new']:.3f}",
+            f"{c['unchanged_bytes']:.0%}",
+        ]
+        for kind in ("fp32", "bf16")
+        if (c := codec.get(kind))
+    ]
+    return (
+        table
+        + f"\n\nOne receiver over HTTP: **{d['single_receiver_vs_raw_ratio']:.2f}x** the raw copy; "
+        f"same machine (hard links): {d['same_machine_link_vs_raw_ratio']:.1f}x. {n} receivers "
+        f"with relays: **{d[fan]:.2f}x** the single-receiver time, the learner sent "
+        f"**{d[f'fanout{n}_egress_vs_size']:.2f}x** the version (without relays: "
+        f"{d[f'fanout{n}_full_time_vs_single']:.2f}x the time). A delta: "
+        f"{d['delta_time_vs_single']:.2f}x the single full time.\n\n"
+        + _table(
+            [
+                "one AdamW step",
+                "XOR + byte planes + zstd (shipped)",
+                "XOR + zstd",
+                "zstd of new",
+                "bytes unchanged",
+            ],
+            codec_rows,
+        )
     )
 
 

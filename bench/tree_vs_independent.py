@@ -1,20 +1,27 @@
-"""Tree vs independent sampling on one vLLM engine: same prompts, 16 leaves per prompt, same
-per-trajectory token budget.
+"""Tree vs independent sampling on one vLLM engine (continuous batching): same prompts, same
+number of trajectories per prompt, same engine, side by side in one run.
 
 Two models, each on its own engine, one after the other:
 
-* ``compute``: a randomly initialised Qwen2 model large enough that compute, not per-call
+* ``compute``: a randomly initialised Qwen2 model large enough that compute, not per-step
   overhead, dominates on CPU (hidden 512, 8 layers, ~25M parameters). Every path is decoded to
-  its budget (``ignore_eos``), so both methods produce exactly the same trajectory lengths and the
-  throughput ratio is clean. This is where the speed ratios come from.
-* ``toy``: the trained toy model on the built-in task, natural lengths (EOS ends a path), for the
-  leaves' reward under both methods (its throughput ratio is reported too, but there per-call
-  overhead dominates).
+  its budget (``ignore_eos``), so both methods produce exactly the same trajectory lengths.
+* ``toy``: the toy model on the built-in task with the demo's tree shape (natural lengths: EOS
+  and the boxed answer end a path), the shape, trees in flight and engine threads ``make demo``
+  trains with.
 
-TreePO trees (branching 2; several segment lengths and depths; fixed and random initial
-divergence) are compared against independent sampling: one ``n = 16`` request per prompt, all
-prompts in one ``LLM.generate`` call. Every repeat runs the independent baseline and then each
-tree configuration, so drift affects all alike; per configuration the median over repeats counts.
+Both methods run the way the sampler does: ``--in-flight`` prompts at a time, a new one started
+the moment one finishes. Trees: ``TreeSampler.grow`` on ``VLLMPathGenerator`` (every path its own
+request, no barrier between trees or levels). Independent: one ``n = width`` request per prompt
+(vLLM's parallel sampling), its own samples and lengths. Every repeat runs the independent
+baseline and each tree shape, in reverse order every other repeat, so drift affects all alike;
+ratios are taken within each repeat and their median over repeats counts. Measured per run: wall seconds, the engine's busy seconds (step by step), engine
+steps, tokens decoded and prefilled.
+
+The cost model that the sampler and the demo price independent sampling with
+(``pipeline.costs``) is checked here: it is fitted on the tree run's own engine steps, prices the
+independent counterfactual of the trees' prompts from the trees alone, and the price is compared
+with the independent run's measured engine-seconds (``cost_model.predicted_vs_measured``).
 
     python -m bench.tree_vs_independent [--quick]
 """
@@ -30,23 +37,26 @@ from typing import Any
 
 from bench.common import ROOT, parser, ratio, write_result
 from pipeline.config import TreeConfig
+from pipeline.costs import CostModel, Work, independent_work
+from pipeline.messages import TreeRollout
 from pipeline.sampling import TreeSampler
 from pipeline.tasks import ArithTask, arith_reward
 
-WIDTH = 16
+DEMO_SHAPE = "demo"
 
 
 @dataclass(frozen=True)
 class TreeShape:
     name: str
+    width: int
     segment: int
     depth: int
     divergence: int | tuple[int, int]
 
-    def config(self, eos: int | None, budget: int, answer_stop: bool = True) -> TreeConfig:
+    def config(self, eos: int | None, budget: int, natural: bool) -> TreeConfig:
         rng = self.divergence if isinstance(self.divergence, tuple) else None
         return TreeConfig(
-            width=WIDTH,
+            width=self.width,
             segment_tokens=self.segment,
             max_depth=self.depth,
             branching=2,
@@ -55,23 +65,36 @@ class TreeShape:
             max_response_tokens=budget,
             eos_token_id=eos,
             repetition_ngram=0,
-            answer_stop="boxed" if answer_stop else "none",
+            answer_stop="boxed" if natural else "none",
         )
 
 
-def shapes(budget: int, quick: bool) -> list[TreeShape]:
-    """Configurations that reach 16 leaves within ``budget`` tokens (b=2 needs depth >= 4 from a
-    root fan-out of 2)."""
-    if quick:
-        return [TreeShape(f"seg{budget // 4}-d4-div2", budget // 4, 4, 2)]
+def compute_shapes(budget: int, quick: bool) -> list[TreeShape]:
+    """16 leaves within ``budget`` tokens (b = 2 needs depth >= 4 from a root fan-out of 2)."""
     s = budget
+    if quick:
+        return [TreeShape(f"seg{s // 4}-d4-div2", 16, s // 4, 4, 2)]
     return [
-        TreeShape(f"seg{s // 8}-d8-div2", s // 8, 8, 2),
-        TreeShape(f"seg{s // 4}-d4-div2", s // 4, 4, 2),
-        TreeShape(f"seg{s // 4}-d4-div4", s // 4, 4, 4),
-        TreeShape(f"seg{s // 4}-d4-div8", s // 4, 4, 8),
-        TreeShape(f"seg{s // 4}-d4-div2to8", s // 4, 4, (2, 8)),
+        TreeShape(f"seg{s // 8}-d8-div2", 16, s // 8, 8, 2),
+        TreeShape(f"seg{s // 4}-d4-div2", 16, s // 4, 4, 2),
+        TreeShape(f"seg{s // 4}-d4-div4", 16, s // 4, 4, 4),
+        TreeShape(f"seg{s // 4}-d4-div2to8", 16, s // 4, 4, (2, 8)),
     ]
+
+
+def toy_shapes(quick: bool) -> list[TreeShape]:
+    """The demo's shape (toy/demo.py) first, then variants of it."""
+    from toy.demo import DEMO_SETTINGS
+
+    w = int(DEMO_SETTINGS["TREEPO_TREE__WIDTH"])
+    seg = int(DEMO_SETTINGS["TREEPO_TREE__SEGMENT_TOKENS"])
+    depth = int(DEMO_SETTINGS["TREEPO_TREE__MAX_DEPTH"])
+    d0 = int(DEMO_SETTINGS["TREEPO_TREE__INITIAL_DIVERGENCE"])
+    demo = TreeShape(DEMO_SHAPE, w, seg, depth, d0)
+    if quick:
+        return [demo]
+    variants = [TreeShape(f"seg{seg}-d{depth}-div{d}", w, seg, depth, d) for d in (1, 2, 4)]
+    return [demo, *[v for v in variants if v.divergence != d0]]
 
 
 def build_compute_model(out: Path, quick: bool) -> Path:
@@ -95,139 +118,184 @@ def build_compute_model(out: Path, quick: bool) -> Path:
     return save_model(model, build_tokenizer(), out, {"random_init": True, "parameters": params})
 
 
-class Counting:
-    """Wraps the engine: sums every call's CallStats."""
+class Run:
+    """What one run of one method did on the engine (meter deltas, wall time, steps)."""
 
     def __init__(self, gen: Any) -> None:
         self.gen = gen
-        self.calls = 0
-        self.prefill = self.cached = self.decoded = 0
+        self.steps: list[Any] = []
+        gen.reset_prefix_cache()
+        gen.meter.listeners.append(self.steps.append)
+        self.before = gen.meter.snapshot()
+        self.started = time.perf_counter()
 
-    async def generate(self, requests: list[Any]) -> list[Any]:
-        out = await self.gen.generate(requests)
-        s = self.gen.last_call
-        self.calls += 1
-        self.prefill += s.prefill_tokens
-        self.cached += s.cached_tokens
-        self.decoded += s.decoded_tokens
-        return out
+    def finish(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.started
+        self.gen.meter.listeners.remove(self.steps.append)
+        after = self.gen.meter.snapshot()
+        d = {k: after[k] - self.before[k] for k in after}
+        return {
+            "seconds": wall,
+            "engine_seconds": d["busy_seconds"],
+            "engine_steps": d["steps"],
+            "prefill_tokens": d["prefill_tokens"],
+            "cached_prefill_tokens": d["cached_tokens"],
+            "decoded_tokens": d["decoded_tokens"],
+        }
+
+
+async def _in_flight(items: list[Any], limit: int, work: Any) -> tuple[list[Any], float]:
+    """``work(item)`` for every item, ``limit`` at a time, each started when a slot frees; also
+    the time-average number in flight."""
+    sem = asyncio.Semaphore(limit)
+    running, area, last = 0, 0.0, time.perf_counter()
+
+    def tick(by: int) -> None:
+        nonlocal running, area, last
+        now = time.perf_counter()
+        area += running * (now - last)
+        last, running = now, running + by
+
+    async def one(item: Any) -> Any:
+        async with sem:
+            tick(+1)
+            try:
+                return await work(item)
+            finally:
+                tick(-1)
+
+    started = time.perf_counter()
+    out = await asyncio.gather(*(one(i) for i in items))
+    tick(0)
+    return out, area / max(1e-9, time.perf_counter() - started)
 
 
 def row(
-    kind: str,
-    name: str,
-    seconds: float,
-    leaves: int,
-    prefill: int,
-    cached: int,
-    decoded: int,
-    calls: int,
-    rewards: list[float],
-    fallbacks: float = 0.0,
+    kind: str, name: str, run: dict[str, float], leaves: int, rewards: list[float]
 ) -> dict[str, Any]:
     return {
         "method": kind,
         "config": name,
-        "seconds": seconds,
+        **run,
         "trajectories": leaves,
-        "trajectories_per_second": leaves / seconds,
-        "decoded_tokens": decoded,
-        "prefill_tokens": prefill,
-        "cached_prefill_tokens": cached,
-        "prefix_cache_hit_rate": ratio(cached, prefill),
-        "processed_tokens_per_second": (prefill - cached + decoded) / seconds,
-        "engine_calls": calls,
-        "fallbacks_per_tree": fallbacks,
+        "trajectories_per_second": leaves / run["seconds"],
+        "engine_seconds_per_trajectory": run["engine_seconds"] / leaves,
+        "prefix_cache_hit_rate": ratio(
+            run["cached_prefill_tokens"], run["prefill_tokens"] + run["cached_prefill_tokens"]
+        ),
         "reward_mean": statistics.fmean(rewards) if rewards else 0.0,
     }
 
 
-def run_tree(
-    gen: Any,
-    shape: TreeShape,
-    prompts: list[list[int]],
-    answers: list[str],
-    budget: int,
-    eos: int | None,
-    decode: Any,
-    seed: int,
+def run_trees(
+    gen: Any, shape: TreeShape, prompts: list[list[int]], answers: list[str], ctx: dict[str, Any]
 ) -> dict[str, Any]:
-    counting = Counting(gen)
-    # forced lengths (ignore_eos) leave nothing to stop on: same lengths as the baseline
-    cfg = shape.config(eos, budget, answer_stop=not gen.options.ignore_eos)
-    sampler = TreeSampler(counting, cfg, rng=seed, decode=decode)
-    gen.llm.reset_prefix_cache()
-    started = time.perf_counter()
-    trees = asyncio.run(sampler.expand(prompts))
-    seconds = time.perf_counter() - started
-    rewards = [
-        arith_reward(decode(tree.response_tokens(leaf.node).tolist()), ans)
-        for tree, ans in zip(trees, answers)
-        for leaf in tree.leaves
-    ]
-    leaves = sum(len(t.leaves) for t in trees)
-    return row(
-        "tree",
-        shape.name,
-        seconds,
-        leaves,
-        counting.prefill,
-        counting.cached,
-        counting.decoded,
-        counting.calls,
-        rewards,
-        sum(t.stats.fallbacks for t in trees) / len(trees),
+    from workers.sampler import DECIDE_AFTER_S
+
+    cfg = shape.config(ctx["eos"], ctx["budget"], ctx["natural"])
+    sampler = TreeSampler(
+        gen, cfg, rng=ctx["seed"], decode=ctx["decode"], decide_after_s=DECIDE_AFTER_S
     )
+    run = Run(gen)
+
+    async def grow(prompt: list[int]) -> TreeRollout:
+        tree: TreeRollout = await gen.call(
+            sampler.grow(prompt)
+        )  # on the engine's loop, as the sampler does
+        return tree
+
+    trees, concurrency = asyncio.run(_in_flight(prompts, ctx["in_flight"], grow))
+    measured = run.finish()
+    rewards = [
+        arith_reward(ctx["decode"](t.response_tokens(x.node).tolist()), a)
+        for t, a in zip(trees, answers)
+        for x in t.leaves
+    ]
+    out = row("tree", shape.name, measured, sum(len(t.leaves) for t in trees), rewards)
+    out["estimated_independent_tokens"] = sum(t.stats.independent_tokens for t in trees)
+    out["leaf_sum_tokens"] = sum(t.response_length(x.node) for t in trees for x in t.leaves)
+    out["fallbacks_per_tree"] = statistics.fmean(t.stats.fallbacks for t in trees)
+    out["mean_trees_in_flight"] = concurrency
+    out["predicted"] = predict_independent(run.steps, trees, concurrency)
+    return out
+
+
+def predict_independent(
+    steps: list[Any], trees: list[TreeRollout], concurrency: float
+) -> dict[str, float]:
+    """The sampler's pricing of independent sampling of these trees' prompts: the cost model
+    fitted on this run's engine steps, applied to the counterfactual the trees estimate."""
+    model = CostModel()
+    for s in steps:
+        model.observe(Work(s.prefill_tokens, s.decoded_tokens, 1), s.seconds)
+    work = Work(0.0, 0.0, 0.0)
+    for t in trees:
+        longest = max((t.response_length(x.node) for x in t.leaves), default=0)
+        work += independent_work(
+            len(t.prompt_token_ids), len(t.leaves), t.mean_leaf_length(), longest, concurrency
+        )
+    a, b, c = model.coef
+    return {
+        "engine_seconds": model.estimate(work),
+        "engine_steps": work.steps,
+        "decoded_tokens": work.decoded_tokens,
+        "prefill_tokens": work.prefill_tokens,
+        "fitted_prefill_seconds_per_token": a,
+        "fitted_decode_seconds_per_token": b,
+        "fitted_step_seconds": c,
+        "fit_tree_seconds": model.estimate(
+            Work(
+                sum(s.prefill_tokens for s in steps),
+                sum(s.decoded_tokens for s in steps),
+                len(steps),
+            )
+        ),
+    }
 
 
 def run_independent(
-    gen: Any, prompts: list[list[int]], answers: list[str], budget: int, decode: Any, seed: int
+    gen: Any, prompts: list[list[int]], answers: list[str], ctx: dict[str, Any]
 ) -> dict[str, Any]:
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
+    width, budget = ctx["width"], ctx["budget"]
 
-    params = SamplingParams(
-        n=WIDTH,
-        temperature=1.0,
-        max_tokens=budget,
-        logprobs=0,
-        ignore_eos=gen.options.ignore_eos,
-        seed=seed,
-    )
-    gen.llm.reset_prefix_cache()
-    started = time.perf_counter()
-    outs = gen.llm.generate(
-        [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
-    )
-    seconds = time.perf_counter() - started
-    prefill = sum(len(p) for p in prompts)
-    cached = sum(int(getattr(o, "num_cached_tokens", 0) or 0) for o in outs)
-    decoded = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    rewards = [
-        arith_reward(decode(list(c.token_ids)), ans)
-        for o, ans in zip(outs, answers)
-        for c in o.outputs
-    ]
-    leaves = sum(len(o.outputs) for o in outs)
-    return row("independent", f"n{WIDTH}", seconds, leaves, prefill, cached, decoded, 1, rewards)
+    async def sample(p: list[int]) -> list[list[int]]:
+        return await gen.sample_independent(p, width, budget)
+
+    run = Run(gen)
+    outs, _ = asyncio.run(_in_flight(prompts, ctx["in_flight"], sample))
+    measured = run.finish()
+    rewards = [arith_reward(ctx["decode"](s), a) for group, a in zip(outs, answers) for s in group]
+    return row("independent", f"n{width}", measured, sum(len(g) for g in outs), rewards)
 
 
 def measure(
-    model: Path, prompts_n: int, budget: int, repeats: int, quick: bool, forced: bool
+    model: Path,
+    shapes: list[TreeShape],
+    prompts_n: int,
+    budget: int,
+    repeats: int,
+    forced: bool,
+    in_flight: int,
+    threads: str | None = None,
 ) -> dict[str, Any]:
-    from workers.engine import EngineOptions, VLLMSegmentGenerator
+    import os
 
-    gen = VLLMSegmentGenerator(
-        EngineOptions(
-            model=str(model),
-            dtype="float32",
-            ignore_eos=forced,
-            kv_cache_gib=2,
-            extra={"max_num_seqs": 256},
-        )
-    )
+    from workers.engine import EngineOptions, VLLMPathGenerator
+
+    saved = os.environ.get("OMP_NUM_THREADS")
+    if threads is not None:  # the engine's process inherits it
+        os.environ["OMP_NUM_THREADS"] = threads
     try:
-        tok = gen.llm.get_tokenizer()
+        gen = VLLMPathGenerator(
+            EngineOptions(model=str(model), dtype="float32", ignore_eos=forced, kv_cache_gib=2)
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+    try:
+        tok = gen.tokenizer
         problems = ArithTask().problems("heldout", prompts_n, seed=7)
         prompts = [list(tok(p.prompt)["input_ids"]) for p in problems]
         answers = [p.answer for p in problems]
@@ -235,106 +303,197 @@ def measure(
         def decode(ids: list[int]) -> str:
             return str(tok.decode(ids, skip_special_tokens=True))
 
-        eos = None if forced else gen.eos_token_id
         rows: list[dict[str, Any]] = []
-        # one untimed pass of each method warms the engine (first calls compile and allocate)
-        run_independent(gen, prompts[:2], answers[:2], budget, decode, seed=0)
-        for shape in shapes(budget, quick)[:1]:
-            run_tree(gen, shape, prompts[:2], answers[:2], budget, eos, decode, seed=0)
-        for r in range(repeats):
-            rows.append({"repeat": r, **run_independent(gen, prompts, answers, budget, decode, r)})
-            print(rows[-1], flush=True)
-            for shape in shapes(budget, quick):
-                rows.append(
-                    {"repeat": r, **run_tree(gen, shape, prompts, answers, budget, eos, decode, r)}
-                )
-                print(rows[-1], flush=True)
+        for width in sorted({s.width for s in shapes}):
+            ctx = {
+                "eos": None if forced else gen.eos_token_id,
+                "budget": budget,
+                "natural": not forced,
+                "decode": decode,
+                "width": width,
+                "in_flight": in_flight,
+                "seed": 0,
+            }
+            # one untimed pass of each method warms the engine (first steps allocate)
+            run_independent(gen, prompts[:2], answers[:2], ctx)
+            run_trees(gen, shapes[0], prompts[:2], answers[:2], ctx)
+            mine = [s for s in shapes if s.width == width]
+            for r in range(repeats):
+                ctx["seed"] = r
+                runs: list[Any] = [None, *mine]  # None: the independent baseline
+                for what in runs if r % 2 == 0 else runs[::-1]:  # drift hits both orders
+                    if what is None:
+                        out = run_independent(gen, prompts, answers, ctx)
+                    else:
+                        out = run_trees(gen, what, prompts, answers, ctx)
+                    rows.append({"repeat": r, **out})
+                    print(_brief(rows[-1]), flush=True)
     finally:
         gen.close()
-    return summarize(rows)
+    return summarize(rows, shapes)
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median over repeats per configuration, and each tree configuration against the
-    independent baseline of the same repeats."""
+def _brief(r: dict[str, Any]) -> str:
+    return (
+        f"{r['method']:11s} {r['config']:18s} {r['seconds']:7.2f}s engine {r['engine_seconds']:7.2f}s "
+        f"steps {r['engine_steps']:6.0f} decoded {r['decoded_tokens']:7.0f} "
+        f"prefill {r['prefill_tokens']:7.0f} traj/s {r['trajectories_per_second']:7.1f}"
+    )
+
+
+def summarize(rows: list[dict[str, Any]], shapes: list[TreeShape]) -> dict[str, Any]:
+    """Median over repeats per configuration; each tree shape against the independent baseline
+    of the same width in the same repeats, and its price of that baseline against the measured
+    one (per repeat, then the median)."""
     by: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by.setdefault(r["config"], []).append(r)
-    med = {
-        name: {
-            **{k: v for k, v in rs[0].items() if k in ("method", "config")},
-            **{
-                k: statistics.median(r[k] for r in rs)
-                for k in rs[0]
-                if isinstance(rs[0][k], (int, float)) and k != "repeat"
-            },
-        }
-        for name, rs in by.items()
-    }
-    base = med.pop(f"n{WIDTH}")
+
+    def med(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {k: rs[0][k] for k in ("method", "config")}
+        for k, v in rs[0].items():
+            if isinstance(v, (int, float)) and k != "repeat":
+                out[k] = statistics.median(r[k] for r in rs)
+        return out
+
     configs = []
-    for m in med.values():
+    for shape in shapes:
+        base_rows = {r["repeat"]: r for r in by[f"n{shape.width}"]}
+        mine = by[shape.name]
+        m = med(mine)
+        base = med(list(base_rows.values()))
+        errors = [
+            r["predicted"]["engine_seconds"] / base_rows[r["repeat"]]["engine_seconds"]
+            for r in mine
+        ]
+        speed = [
+            r["trajectories_per_second"] / base_rows[r["repeat"]]["trajectories_per_second"]
+            for r in mine
+        ]
+        cost = [
+            r["engine_seconds_per_trajectory"]
+            / base_rows[r["repeat"]]["engine_seconds_per_trajectory"]
+            for r in mine
+        ]
+        token_errors = [
+            r["estimated_independent_tokens"] / base_rows[r["repeat"]]["decoded_tokens"]
+            for r in mine
+        ]
         configs.append(
             {
                 **m,
-                "trajectories_per_second_ratio": ratio(
-                    m["trajectories_per_second"], base["trajectories_per_second"]
-                ),
-                "processed_tokens_per_second_ratio": ratio(
-                    m["processed_tokens_per_second"], base["processed_tokens_per_second"]
-                ),
+                "width": shape.width,
+                "predicted": {
+                    k: statistics.median(r["predicted"][k] for r in mine)
+                    for k in mine[0]["predicted"]
+                },
+                "trajectories_per_second_ratio": statistics.median(speed),
+                "trajectories_per_second_ratio_per_repeat": speed,
+                "engine_seconds_per_trajectory_ratio": statistics.median(cost),
                 "decoded_tokens_ratio": ratio(m["decoded_tokens"], base["decoded_tokens"]),
                 "reward_difference": m["reward_mean"] - base["reward_mean"],
+                "cost_model": {
+                    "predicted_vs_measured": statistics.median(errors),
+                    "per_repeat": errors,
+                    "measured_independent_engine_seconds": base["engine_seconds"],
+                },
+                "independent_tokens_estimate_vs_measured": statistics.median(token_errors),
+                "leaf_sum_vs_measured": ratio(m["leaf_sum_tokens"], base["decoded_tokens"]),
             }
         )
+    baselines = {name: med(rs) for name, rs in by.items() if name.startswith("n")}
     best = max(configs, key=lambda c: c["trajectories_per_second_ratio"])
-    return {"independent": base, "trees": configs, "best": best["config"], "rows": rows}
+    return {"independent": baselines, "trees": configs, "best": best["config"], "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.split("\n")[0])
-    p.add_argument("--prompts", type=int, default=None, help="prompts per batch (16; 2 quick)")
-    p.add_argument("--budget", type=int, default=None, help="tokens per trajectory (128; 16 quick)")
+    p.add_argument("--prompts", type=int, default=None, help="prompts per run (32; 4 quick)")
+    p.add_argument("--budget", type=int, default=None, help="compute model: tokens per path (128)")
     p.add_argument("--repeats", type=int, default=None, help="repeats (3; 1 quick)")
+    p.add_argument("--toy-repeats", type=int, default=None, help="toy model repeats (5)")
+    p.add_argument("--toy-prompts", type=int, default=None, help="toy model: prompts (256)")
+    p.add_argument("--skip-compute", action="store_true", help="only the toy model")
     args = p.parse_args(argv)
-    prompts = args.prompts or (2 if args.quick else 16)
+    from toy.demo import DEMO_SETTINGS
+
+    prompts = args.prompts or (4 if args.quick else 32)
     budget = args.budget or (16 if args.quick else 128)
     repeats = args.repeats or (1 if args.quick else 3)
-    cache = ROOT / ".cache" / ("bench-compute-quick" if args.quick else "bench-compute")
-    compute = measure(
-        build_compute_model(cache, args.quick), prompts, budget, repeats, args.quick, forced=True
-    )
     result: dict[str, Any] = {
-        "width": WIDTH,
         "branching": 2,
         "prompts": prompts,
         "budget_tokens": budget,
         "repeats": repeats,
-        "compute_model": {
+    }
+    if not args.skip_compute:
+        cache = ROOT / ".cache" / ("bench-compute-quick" if args.quick else "bench-compute")
+        compute = measure(
+            build_compute_model(cache, args.quick),
+            compute_shapes(budget, args.quick),
+            prompts,
+            budget,
+            repeats,
+            forced=True,
+            in_flight=prompts,
+        )
+        result["compute_model"] = {
             "path": str(cache.relative_to(ROOT)),
             "parameters": _params(cache),
+            "in_flight": prompts,
             **compute,
-        },
-    }
+        }
+        best = next(c for c in compute["trees"] if c["config"] == compute["best"])
+        result["trajectories_per_second_ratio"] = best["trajectories_per_second_ratio"]
+        result["decoded_tokens_ratio"] = best["decoded_tokens_ratio"]
+        result["best_configuration"] = compute["best"]
+        result["compute_cost_model_predicted_vs_measured"] = best["cost_model"][
+            "predicted_vs_measured"
+        ]
     if not args.quick:
         from toy.kit import build_toy_model
 
         toy = build_toy_model(ROOT / "runs" / "toy-model", seed=0)
+        in_flight = int(DEMO_SETTINGS["TREEPO_SAMPLER__TREES_IN_FLIGHT"])
+        toy_prompts = args.toy_prompts or 256
+        toy_result = measure(
+            toy,
+            toy_shapes(False),
+            toy_prompts,
+            int(DEMO_SETTINGS["TREEPO_TREE__SEGMENT_TOKENS"])
+            * int(DEMO_SETTINGS["TREEPO_TREE__MAX_DEPTH"]),
+            args.toy_repeats or 5,
+            forced=False,
+            in_flight=in_flight,
+            threads=DEMO_SETTINGS.get("OMP_NUM_THREADS"),
+        )
         result["toy_model"] = {
             "parameters": _params(toy),
-            **measure(toy, prompts, 48, repeats, False, forced=False),
+            "prompts": toy_prompts,
+            "in_flight": in_flight,
+            **toy_result,
         }
-    best = next(c for c in compute["trees"] if c["config"] == compute["best"])
-    result["trajectories_per_second_ratio"] = best["trajectories_per_second_ratio"]
-    result["processed_tokens_per_second_ratio"] = best["processed_tokens_per_second_ratio"]
-    result["decoded_tokens_ratio"] = best["decoded_tokens_ratio"]
-    result["best_configuration"] = compute["best"]
+        demo = next(c for c in toy_result["trees"] if c["config"] == DEMO_SHAPE)
+        result["toy_trajectories_per_second_ratio"] = demo["trajectories_per_second_ratio"]
+        result["toy_engine_seconds_per_trajectory_ratio"] = demo[
+            "engine_seconds_per_trajectory_ratio"
+        ]
+        result["toy_cost_model_predicted_vs_measured"] = demo["cost_model"]["predicted_vs_measured"]
+        result["toy_independent_tokens_estimate_vs_measured"] = demo[
+            "independent_tokens_estimate_vs_measured"
+        ]
     result["anchor"] = "TreePO paper, H100: about +40% trajectories/s and +30-35% tokens/s"
     write_result("tree_vs_independent", args, result)
-    print(
-        f"best {compute['best']}: trajectories/s x{result['trajectories_per_second_ratio']:.2f}, "
-        f"decoded tokens x{result['decoded_tokens_ratio']:.2f}"
-    )
+    if "trajectories_per_second_ratio" in result:
+        print(
+            f"compute model, best {result['best_configuration']}: trajectories/s "
+            f"x{result['trajectories_per_second_ratio']:.2f}, decoded tokens "
+            f"x{result['decoded_tokens_ratio']:.2f}"
+        )
+    if "toy_trajectories_per_second_ratio" in result:
+        print(
+            f"toy model, demo shape: trajectories/s x{result['toy_trajectories_per_second_ratio']:.2f}"
+        )
     return 0
 
 

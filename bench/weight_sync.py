@@ -1,60 +1,65 @@
-"""Weight sync: publish -> every sampler swapped, against a raw loopback copy of the same bytes.
+"""Weight sync: publish -> every receiver holds a verified copy, against a raw loopback copy of
+the same bytes, side by side in one run.
 
-Two measurements, each with 1 and 4 receivers:
+Parts (``--gigabytes`` of synthetic float32 safetensors, 1 GB by default):
 
-* ``toy``: the toy model's weights through the real path: ``WeightStore.publish`` (write +
-  manifest hashes), ``announce`` on Redis, real ``treepo-sampler`` processes (vLLM engines) that
-  poll the announcement, download, verify (sizes, sha256, tensor names/shapes), stage, and
-  reload the engine. Timed from the announcement until every sampler's /healthz reports the new
-  policy version.
-* ``synthetic``: a ~1 GB safetensors weight set (``--gigabytes``) fetched with the samplers' own
-  ``download_version`` (HTTP from the learner's aiohttp weight server, streaming sha256, staged
-  directory) by separate receiver processes started beforehand. No engine reload: no model of
-  this size fits a useful CPU benchmark here, so this part measures transfer + verification.
+* ``single``: one receiver over HTTP as between machines (same-machine linking off): the
+  sampler's own ``fetch_version`` (parallel ranged pieces, blake3 while receiving, ``pwrite`` in
+  place, header check) from the learner's aiohttp routes (``sendfile``). Publish excluded;
+  download + verify + ready to load included. Against a plain TCP ``sendfile`` of the same bytes
+  to one process that discards them. The receiver holds an older version whose file it
+  overwrites, as a sampler does from its third update on (``cold``: the same into new memory;
+  on this virtual machine first-touch pages cost several times the copy). ``link``: the same on
+  the learner's machine (hard links).
+* ``fanout``: 1, 4 and 8 receivers at once, ``full`` (everyone from the learner, no limit) and
+  ``relay`` (the learner answers two receivers at a time; a receiver that verified the version
+  advertises it in Redis and serves it to the others). Seconds until all hold it, bytes the
+  learner sent. Receivers are download-only processes (no vLLM engine: eight engines do not fit
+  this machine next to each other); what they run is the samplers' fetch and relay code.
+* ``delta``: one receiver holding version v fetches v+1 published as a delta.
+* ``codec``: what compresses a real optimizer step best, fp32 and bf16: the toy model trained two
+  AdamW steps at the demo's learning rate; XOR + byte planes + zstd (what ships) against XOR +
+  zstd and zstd of the new weights; every encoding decoded and compared bit for bit.
 
-The raw baseline sends the same bytes over a plain loopback TCP socket (``socket.sendfile``) to
-the same number of receiver processes that discard them.
+Raw baselines: the same bytes over loopback TCP (``socket.sendfile``) to the same number of
+processes.
 
-    python -m bench.weight_sync [--quick] [--model DIR]
+    python -m bench.weight_sync [--quick]
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, add_model_option, parser, ratio, toy_model, write_result
+from bench.common import ROOT, parser, ratio, write_result
 
-# -- receivers (run as child processes) ---------------------------------------------------------
+LEARNER_SLOTS = 2
+"""Receivers the learner (and each relay) serves at once in relay mode."""
+PARALLEL = 4
+
+
+# -- receivers (child processes) -----------------------------------------------------------------
 
 
 def _receiver(argv: list[str]) -> int:
-    """``--receive http URL SHA DEST`` or ``--receive raw PORT BYTES``: wait for a line on stdin,
-    receive, print the seconds."""
+    """``--receive KIND ...``: wait for a line on stdin, receive, print a JSON line, and (relay)
+    serve until stdin closes."""
     kind = argv[0]
-    sys.stdin.readline()
-    started = time.perf_counter()
-    if kind == "http":
-        from pipeline.weights import download_version
-
-        url, sha, dest = argv[1], argv[2], Path(argv[3])
-        asyncio.run(download_version(url, sha, dest))
-    else:
+    if kind == "raw":
         port, total = int(argv[1]), int(argv[2])
-        got = 0
-        buf = bytearray(1 << 20)
+        sys.stdin.readline()
+        started = time.perf_counter()
+        got, buf = 0, bytearray(1 << 20)
         with socket.create_connection(("127.0.0.1", port)) as s:
             while got < total:
                 n = s.recv_into(buf)
@@ -63,37 +68,122 @@ def _receiver(argv: list[str]) -> int:
                 got += n
         if got != total:
             raise SystemExit(f"raw receiver got {got} of {total} bytes")
-    print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
+        print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
+        return 0
+    spec = json.loads(argv[1])
+    return asyncio.run(_fetch_receiver(spec))
+
+
+async def _fetch_receiver(spec: dict[str, Any]) -> int:
+    from aiohttp import web
+
+    from pipeline.config import RedisSettings, RunSettings, StreamSettings
+    from pipeline.httpserver import start
+    from pipeline.streams import Streams
+    from pipeline.transfer import Sources, fetch_version
+    from pipeline.weightserver import ServeCounters, WeightStore, add_routes
+
+    dest = Path(spec["dest"])
+    dest.mkdir(parents=True, exist_ok=True)
+    relay = bool(spec.get("redis"))
+    streams = (
+        Streams(RedisSettings(url=spec["redis"]), RunSettings(name="bench"), StreamSettings())
+        if relay
+        else None
+    )
+    counters = ServeCounters()
+    runner, url = None, ""
+    if relay:
+        app = web.Application()
+        add_routes(app, WeightStore(dest), slots=LEARNER_SLOTS, counters=counters)
+        runner, port = await start(app, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{port}/weights/{spec['version']}"
+    peers: list[str] = []
+
+    async def refresh() -> None:
+        assert streams is not None
+        while True:
+            found = await streams.weight_sources(spec["version"])
+            peers[:] = [u for u in found if u != url]
+            await asyncio.sleep(0.05)
+
+    local = {int(k): Path(v) for k, v in spec.get("local", {}).items()}
+    await asyncio.to_thread(sys.stdin.readline)
+    started = time.perf_counter()
+    task = asyncio.ensure_future(refresh()) if relay else None
+    try:
+        _, _, stats = await asyncio.to_thread(
+            fetch_version,
+            Sources(spec["url"], lambda: list(peers)),
+            spec["sha"],
+            dest,
+            local=local,
+            parallel=PARALLEL,
+            allow_link=bool(spec.get("link")),
+            recycle=Path(spec["recycle"]) if spec.get("recycle") else None,
+        )
+    finally:
+        if task is not None:
+            task.cancel()
+    seconds = time.perf_counter() - started
+    if relay and streams is not None:
+        await streams.advertise_weights(spec["id"], spec["version"], url)
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "method": stats.method,
+                "from_learner": stats.bytes_by_source.get(spec["url"], 0),
+                "received": stats.bytes_received,
+                "busy": stats.busy_answers,
+            }
+        ),
+        flush=True,
+    )
+    if relay:  # serve the peers until the parent closes stdin
+        await asyncio.to_thread(sys.stdin.read)
+        await runner.cleanup()  # type: ignore[union-attr]
+        await streams.close()  # type: ignore[union-attr]
     return 0
 
 
-async def _run_receivers(commands: list[list[str]]) -> float:
-    """Start receivers, let them import, release them together; seconds until the last is done."""
+async def _run_receivers(specs: list[list[str]]) -> tuple[float, list[dict[str, Any]]]:
+    """Start receivers, let them import, release them together; seconds until the last one
+    reported (and every report)."""
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "bench.weight_sync",
             "--receive",
-            *cmd,
+            *spec,
             cwd=ROOT,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
-        for cmd in commands
+        for spec in specs
     ]
-    await asyncio.sleep(2.0)  # interpreter start and imports are not part of the transfer
+    await asyncio.sleep(3.0)  # interpreter start and imports are not part of the transfer
     started = time.perf_counter()
     for p in procs:
         assert p.stdin is not None
         p.stdin.write(b"go\n")
         await p.stdin.drain()
+    reports = []
     for p in procs:
         assert p.stdout is not None
         line = await p.stdout.readline()
-        if await p.wait() != 0 or not line:
-            raise RuntimeError(f"receiver {p.pid} failed")
-    return time.perf_counter() - started
+        if not line:
+            raise RuntimeError(f"receiver {p.pid} failed (exit {await p.wait()})")
+        reports.append(json.loads(line))
+    seconds = time.perf_counter() - started
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.close()
+    for p in procs:
+        if await p.wait() != 0:
+            raise RuntimeError(f"receiver {p.pid} exited with {p.returncode}")
+    return seconds, reports
 
 
 def _raw_server(path: Path, receivers: int) -> tuple[int, threading.Thread]:
@@ -122,277 +212,368 @@ def _raw_server(path: Path, receivers: int) -> tuple[int, threading.Thread]:
     return port, thread
 
 
-async def raw_copy(files: list[Path], receivers: int) -> float:
-    """Seconds to send the bytes of ``files`` to ``receivers`` processes over loopback TCP."""
-    blob = files[0] if len(files) == 1 else _concat(files)
+async def raw_copy(blob: Path, receivers: int) -> float:
+    """Seconds to send ``blob`` to ``receivers`` processes over loopback TCP."""
     port, thread = _raw_server(blob, receivers)
-    seconds = await _run_receivers([["raw", str(port), str(blob.stat().st_size)]] * receivers)
-    thread.join(timeout=30)
+    seconds, _ = await _run_receivers([["raw", str(port), str(blob.stat().st_size)]] * receivers)
+    thread.join(timeout=60)
     return seconds
 
 
-def _concat(files: list[Path]) -> Path:
-    out = files[0].parent.parent / "raw-concat.bin"
-    with out.open("wb") as f:
-        for p in files:
-            with p.open("rb") as src:
-                shutil.copyfileobj(src, f, 1 << 20)
-    return out
-
-
-# -- the weight server ----------------------------------------------------------------------------
+# -- the learner's side ----------------------------------------------------------------------------
 
 
 class Publisher:
-    """The learner's side: a WeightStore served by the same aiohttp routes as the learner."""
+    """A WeightStore served by the learner's own routes."""
 
     def __init__(self, root: Path) -> None:
-        from learner.weight_server import WeightStore
+        from pipeline.weightserver import ServeCounters, WeightStore
 
-        self.store = WeightStore(root, keep=2)
+        self.store = WeightStore(root, keep=4, full_every=0)
+        self.counters = ServeCounters()
         self.url = ""
         self.runner: Any = None
+        self.app: Any = None
 
-    async def start(self) -> None:
+    async def start(self, slots: int) -> None:
         from aiohttp import web
 
-        from learner.weight_server import add_routes
         from pipeline.httpserver import start
+        from pipeline.weightserver import add_routes
 
-        app = web.Application()
-        add_routes(app, self.store)
-        self.runner, port = await start(app, "127.0.0.1", 0)
+        self.app = web.Application()
+        add_routes(self.app, self.store, slots=slots, counters=self.counters)
+        self.runner, port = await start(self.app, "127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{port}"
 
-    def publish(self, version: int, sources: list[Path]) -> tuple[float, bytes, int]:
+    def publish(
+        self, version: int, sources: list[Path], delta_every: int = 0
+    ) -> tuple[float, bytes]:
         started = time.perf_counter()
+        self.store.full_every = delta_every
 
         def write(d: Path) -> None:
             for s in sources:
                 shutil.copy(s, d / s.name)
 
-        manifest, data = self.store.publish(version, write)
-        return time.perf_counter() - started, data, sum(f.size for f in manifest.files)
+        _, data = self.store.publish(version, write)
+        return time.perf_counter() - started, data
 
 
-def sync_row(
-    weights: str, n: int, repeat: int, total: int, publish_s: float, sync_s: float, raw_s: float
+def synthetic_weights(out: Path, gigabytes: float, seed: int = 0, scale: float = 0.0) -> list[Path]:
+    """One safetensors file of ``gigabytes`` of float32 (random; ``scale`` > 0: the seed-0
+    weights moved by a relative step of that size, like one optimizer step)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    n = int(gigabytes * 1e9) // 4 // 1024 * 1024
+    rng = np.random.default_rng(0)
+    tensors, left, i = {}, n, 0
+    while left > 0:
+        k = min(left, 32 * 2**20)
+        w = rng.standard_normal(k, dtype=np.float32)
+        if scale:
+            step = np.random.default_rng(seed + i).standard_normal(k, dtype=np.float32)
+            w = (w + scale * np.abs(w) * step).astype(np.float32)
+        tensors[f"layer{i}.weight"] = w.reshape(-1, 1024)
+        left -= k
+        i += 1
+    path = out / "model.safetensors"
+    save_file(tensors, str(path))
+    return [path]
+
+
+async def run_fetch(
+    pub: Publisher,
+    version: int,
+    data: bytes,
+    work: Path,
+    n: int,
+    *,
+    relay: bool,
+    redis: str = "",
+    link: bool = False,
+    local: dict[int, str] | None = None,
+    warm: bool = True,
+) -> tuple[float, list[dict[str, Any]], int]:
+    """``n`` receivers of one version; (seconds until all verified, reports, learner bytes).
+    ``warm``: each receiver holds an older version whose files it overwrites (a sampler from
+    its third update on); cold receivers write into memory never used before."""
+    from pipeline.weights import sha256_bytes
+
+    before = pub.counters.bytes_sent
+    specs = []
+    for i in range(n):
+        dest = work / f"r{version}-{i}"
+        spare = dest / "v0"
+        if warm:
+            spare.mkdir(parents=True, exist_ok=True)
+            for f in pub.store.path(version).glob("*.safetensors"):
+                shutil.copyfile(f, spare / f.name)
+        spec = {
+            "url": f"{pub.url}/weights/{version}",
+            "sha": sha256_bytes(data),
+            "dest": str(dest),
+            "version": version,
+            "id": f"r{i}",
+            "link": link,
+            "redis": redis if relay else "",
+            "local": local or {},
+            "recycle": str(spare) if warm else "",
+        }
+        specs.append(["fetch", json.dumps(spec)])
+    seconds, reports = await _run_receivers(specs)
+    for i in range(n):
+        shutil.rmtree(work / f"r{version}-{i}", ignore_errors=True)
+    return seconds, reports, pub.counters.bytes_sent - before
+
+
+async def synthetic(work: Path, gigabytes: float, repeats: int, quick: bool) -> dict[str, Any]:
+    from tests.services import RedisServer, free_port
+
+    files = synthetic_weights(work / "src", gigabytes)
+    size = files[0].stat().st_size
+    redis = RedisServer(work / "redis", free_port()).start()
+    pub = Publisher(work / "store")
+    await pub.start(0)
+    rows: list[dict[str, Any]] = []
+    version = 0
+    counts = [1, 2] if quick else [1, 4, 8]
+    try:
+        for r in range(repeats):
+            version += 1
+            publish_s, data = pub.publish(version, files)
+            raw = {n: await raw_copy(files[0], n) for n in counts}
+            for mode in ("single", "cold", "link"):
+                seconds, reports, egress = await run_fetch(
+                    pub,
+                    version,
+                    data,
+                    work,
+                    1,
+                    relay=False,
+                    link=mode == "link",
+                    warm=mode != "cold",
+                )
+                rows.append(_row(mode, 1, r, size, seconds, raw[1], egress, reports, publish_s))
+            for n in counts:
+                for mode in ("full", "relay"):
+                    if mode == "relay" and n == 1:
+                        continue
+                    pub.counters.busy = 0
+                    await _set_slots(pub, LEARNER_SLOTS if mode == "relay" else 0)
+                    await _clear_sources(redis.url)
+                    seconds, reports, egress = await run_fetch(
+                        pub, version, data, work, n, relay=mode == "relay", redis=redis.url
+                    )
+                    await _set_slots(pub, 0)
+                    rows.append(_row(mode, n, r, size, seconds, raw[n], egress, reports, publish_s))
+            # delta: receivers hold this version; the next one is published as a delta
+            held = work / "held"
+            shutil.rmtree(held, ignore_errors=True)
+            shutil.copytree(pub.store.path(version), held / f"v{version}")
+            version += 1
+            step = synthetic_weights(work / f"step{version}", gigabytes, seed=version, scale=1e-3)
+            publish_s, data = pub.publish(version, step, delta_every=1_000_000)
+            seconds, reports, egress = await run_fetch(
+                pub,
+                version,
+                data,
+                work,
+                1,
+                relay=False,
+                local={version - 1: str(held / f"v{version - 1}")},
+            )
+            rows.append(_row("delta", 1, r, size, seconds, raw[1], egress, reports, publish_s))
+            shutil.rmtree(work / f"step{version}", ignore_errors=True)
+            for row in rows[-(len(counts) * 2 + 3) :]:
+                print(_brief(row), flush=True)
+    finally:
+        await pub.runner.cleanup()
+        redis.kill()
+    return {"rows": rows, "summary": _summary(rows)}
+
+
+async def _set_slots(pub: Publisher, slots: int) -> None:
+    """Change the learner server's slot limit between measurements (rebuilds its routes)."""
+    from aiohttp import web
+
+    from pipeline.httpserver import start
+    from pipeline.weightserver import add_routes
+
+    await pub.runner.cleanup()
+    port = int(pub.url.rsplit(":", 1)[1])
+    pub.app = web.Application()
+    add_routes(pub.app, pub.store, slots=slots, counters=pub.counters)
+    pub.runner, _ = await start(pub.app, "127.0.0.1", port)
+
+
+async def _clear_sources(redis_url: str) -> None:
+    from pipeline.config import RedisSettings, RunSettings, StreamSettings
+    from pipeline.streams import Streams
+
+    s = Streams(RedisSettings(url=redis_url), RunSettings(name="bench"), StreamSettings())
+    await s.client.delete(s.keys.weight_sources)
+    await s.close()
+
+
+def _row(
+    mode: str,
+    n: int,
+    repeat: int,
+    size: int,
+    seconds: float,
+    raw_s: float,
+    egress: int,
+    reports: list[dict[str, Any]],
+    publish_s: float,
 ) -> dict[str, Any]:
-    """One measurement: ``n`` receivers of ``total`` bytes each."""
     return {
-        "weights": weights,
+        "mode": mode,
         "receivers": n,
         "repeat": repeat,
-        "bytes": total,
-        "publish_seconds": publish_s,
-        "sync_seconds": sync_s,
+        "bytes": size,
+        "seconds": seconds,
         "raw_copy_seconds": raw_s,
-        "sync_gb_per_second": n * total / 1e9 / sync_s,
-        "raw_gb_per_second": n * total / 1e9 / raw_s,
+        "gb_per_second": n * size / 1e9 / seconds,
+        "raw_gb_per_second": n * size / 1e9 / raw_s,
+        "learner_egress_bytes": egress,
+        "egress_vs_size": egress / size,
+        "publish_seconds": publish_s,
+        "methods": sorted({r["method"] for r in reports}),
+        "slowest_receiver_seconds": max(r["seconds"] for r in reports),
     }
 
 
-def synthetic_weights(out: Path, gigabytes: float) -> list[Path]:
-    """Safetensors files totalling ``gigabytes`` (float32 tensors of 64M elements at most)."""
-    import torch
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    total = int(gigabytes * 1e9) // 4
-    files, i = [], 0
-    while total > 0:
-        n = min(total, 64 * 2**20)
-        path = out / f"model-{i:05d}.safetensors"
-        save_file({f"layer{i}.weight": torch.randn(n // 1024, 1024)}, str(path))
-        files.append(path)
-        total -= n
-        i += 1
-    return files
+def _brief(r: dict[str, Any]) -> str:
+    return (
+        f"{r['mode']:6s} x{r['receivers']}: {r['seconds']:6.2f}s ({r['gb_per_second']:5.2f} GB/s) "
+        f"raw {r['raw_copy_seconds']:5.2f}s ({r['raw_gb_per_second']:5.2f} GB/s) "
+        f"learner sent {r['egress_vs_size']:.2f}x"
+    )
 
 
-async def synthetic(
-    work: Path, gigabytes: float, counts: list[int], repeats: int
-) -> list[dict[str, Any]]:
-    from pipeline.weights import sha256_bytes
-
-    files = synthetic_weights(work / "src", gigabytes)
-    pub = Publisher(work / "store")
-    await pub.start()
-    rows = []
-    version = 0
-    try:
-        for n in counts:
-            for r in range(repeats):
-                version += 1
-                publish_s, data, total = pub.publish(version, files)
-                sha = sha256_bytes(data)
-                dests = [work / f"recv{version}-{i}" for i in range(n)]
-                sync_s = await _run_receivers(
-                    [["http", f"{pub.url}/weights/{version}", sha, str(d)] for d in dests]
-                )
-                raw_s = await raw_copy(files, n)
-                for d in dests:
-                    shutil.rmtree(d, ignore_errors=True)
-                row = sync_row("synthetic", n, r, total, publish_s, sync_s, raw_s)
-                print(row, flush=True)
-                rows.append(row)
-    finally:
-        await pub.runner.cleanup()
-    return rows
-
-
-# -- real samplers --------------------------------------------------------------------------------
-
-
-def _wait_started(proc: subprocess.Popen[bytes], port: int, timeout: float = 600) -> None:
-    from tests.services import wait_port
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"sampler exited with {proc.returncode} before serving (see its log)"
-            )
-        try:
-            wait_port(port, timeout=1.0)
-            return
-        except TimeoutError:
-            continue
-    raise TimeoutError(f"sampler on port {port} not up after {timeout}s")
-
-
-def _health(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-        return dict(json.loads(r.read()))
-
-
-async def toy(work: Path, model: Path, counts: list[int], repeats: int) -> list[dict[str, Any]]:
-    from learner.weight_server import announce
-    from pipeline.config import RedisSettings, RunSettings, StreamSettings
-    from pipeline.streams import Streams
-    from tests.services import RedisServer, free_port
-
-    redis = RedisServer(work / "redis", free_port()).start()
-    pub = Publisher(work / "store")
-    await pub.start()
-    streams = Streams(RedisSettings(url=redis.url), RunSettings(name="bench"), StreamSettings())
-    procs: list[subprocess.Popen[bytes]] = []
-    ports: list[int] = []
-    rows = []
-    version = 0
-    sources = [model / "model.safetensors"]
-    try:
-        for n in counts:
-            while len(procs) < n:
-                port = free_port()
-                env = {
-                    **os.environ,
-                    "TREEPO_REDIS__URL": redis.url,
-                    "TREEPO_RUN__NAME": "bench",
-                    "TREEPO_SAMPLER__MODEL": str(model),
-                    "TREEPO_SAMPLER__WORK_DIR": str(work / f"sampler{len(procs)}"),
-                    "TREEPO_SAMPLER__WEIGHTS_POLL_S": "0.05",
-                    "TREEPO_STREAMS__BLOCK_MS": "50",
-                    "TREEPO_RUN__MAX_STALENESS": "64",
-                }
-                log = (work / f"sampler{len(procs)}.log").open("wb")
-                procs.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "workers.sampler", "--port", str(port)],
-                        env=env,
-                        stdout=subprocess.DEVNULL,
-                        stderr=log,
-                        cwd=ROOT,
-                    )
-                )
-                ports.append(port)
-            for proc, port in zip(procs, ports):
-                await asyncio.to_thread(_wait_started, proc, port)
-            for r in range(repeats):
-                version += 1
-                publish_s, data, total = pub.publish(version, sources)
-                started = time.perf_counter()
-                await announce(streams, version, pub.url, data, total)
-                pending = set(ports)
-                while pending:
-                    for port in list(pending):
-                        if _health(port)["policy_version"] >= version:
-                            pending.discard(port)
-                    await asyncio.sleep(0.01)
-                sync_s = time.perf_counter() - started
-                raw_s = await raw_copy(sources, n)
-                row = sync_row("toy", n, r, total, publish_s, sync_s, raw_s)
-                row["poll_interval_s"] = 0.05
-                print(row, flush=True)
-                rows.append(row)
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        await streams.close()
-        await pub.runner.cleanup()
-        redis.kill()
-    return rows
-
-
-def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["weights"], r["receivers"]), []).append(r)
+        groups.setdefault((r["mode"], r["receivers"]), []).append(r)
     out = []
-    for (weights, n), rs in groups.items():
+    for (mode, n), rs in groups.items():
         med = {
             k: statistics.median(r[k] for r in rs)
             for k in rs[0]
-            if k.endswith(("seconds", "per_second"))
+            if isinstance(rs[0][k], (int, float)) and k not in ("repeat", "receivers")
         }
         out.append(
             {
-                "weights": weights,
+                "mode": mode,
                 "receivers": n,
-                "bytes": rs[0]["bytes"],
                 **med,
-                "sync_vs_raw_ratio": ratio(med["raw_copy_seconds"], med["sync_seconds"]),
+                "vs_raw_ratio": statistics.median(r["raw_copy_seconds"] / r["seconds"] for r in rs),
             }
         )
     return out
+
+
+# -- what compresses a real step --------------------------------------------------------------------
+
+
+def codec_study(model: Path) -> dict[str, Any]:
+    """Two AdamW steps of the toy model at the demo's learning rate; each encoding of the
+    second version against the first, in fp32 and in bf16."""
+    import numpy as np
+    import torch
+    import zstandard
+    from safetensors.torch import save
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline import delta
+    from pipeline.tasks import ArithTask
+    from toy.demo import DEMO_SETTINGS
+
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(model))
+    lr = float(DEMO_SETTINGS["TREEPO_LEARNER__LR"])
+    opt = torch.optim.AdamW(m.parameters(), lr=lr)
+    problems = ArithTask().problems("train", 16, seed=1)
+    batch = tok([p.prompt for p in problems], return_tensors="pt", padding=True)
+    versions = []
+    for _ in range(3):
+        out = m(**batch, labels=batch["input_ids"])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        versions.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+    result: dict[str, Any] = {
+        "learning_rate": lr,
+        "parameters": sum(p.numel() for p in m.parameters()),
+    }
+    for dtype in (torch.float32, torch.bfloat16):
+        a = save({k: v.to(dtype).contiguous() for k, v in versions[1].items()})
+        b = save({k: v.to(dtype).contiguous() for k, v in versions[2].items()})
+        x = np.bitwise_xor(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8))
+        z = zstandard.ZstdCompressor(level=3)
+        shipped = delta.encode(a, b)
+        if delta.apply(a, shipped) != b:
+            raise RuntimeError("the delta does not rebuild the file bit for bit")
+        result["fp32" if dtype == torch.float32 else "bf16"] = {
+            "bytes": len(b),
+            "xor_byteplanes_zstd": len(shipped) / len(b),
+            "xor_zstd": len(z.compress(x.tobytes())) / len(b),
+            "zstd_of_new": len(z.compress(b)) / len(b),
+            "unchanged_bytes": float((x == 0).mean()),
+            "bit_identical": True,
+        }
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--receive":
         return _receiver(sys.argv[2:])
     p = parser(__doc__.split("\n")[0])
-    add_model_option(p)
-    p.add_argument("--gigabytes", type=float, default=None, help="synthetic size (1.0; 0.01 quick)")
+    p.add_argument("--gigabytes", type=float, default=None, help="synthetic size (1.0; 0.02 quick)")
     p.add_argument("--repeats", type=int, default=None, help="repeats (3; 1 quick)")
     args = p.parse_args(argv)
-    gigabytes = args.gigabytes or (0.01 if args.quick else 1.0)
+    gigabytes = args.gigabytes or (0.02 if args.quick else 1.0)
     repeats = args.repeats or (1 if args.quick else 3)
-    counts = [1, 2] if args.quick else [1, 4]
-    args.model = toy_model(args)
     (ROOT / "runs").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / "runs") as tmp:
-        work = Path(tmp)
-        rows = asyncio.run(synthetic(work / "synthetic", gigabytes, counts, repeats))
-        rows += asyncio.run(toy(work / "toy", args.model, [1] if args.quick else counts, repeats))
+        synth = asyncio.run(synthetic(Path(tmp), gigabytes, repeats, args.quick))
+    from bench.common import toy_model
+
+    args.model = None
+    codec = codec_study(toy_model(args))
+    by = {(s["mode"], s["receivers"]): s for s in synth["summary"]}
+    single = by[("single", 1)]
+    widest = max(n for m, n in by if m == "relay")
+    relay = by[("relay", widest)]
     result = {
         "synthetic_gigabytes": gigabytes,
-        "summary": summarize(rows),
-        "rows": rows,
-        "note": "sync = announcement (toy) or release (synthetic) until every receiver has verified "
-        "(and, for toy, swapped); ratio = raw copy seconds / sync seconds",
+        "parallel_pieces": PARALLEL,
+        "learner_receivers_at_once_in_relay": LEARNER_SLOTS,
+        "single_receiver_vs_raw_ratio": single["vs_raw_ratio"],
+        "same_machine_link_vs_raw_ratio": by[("link", 1)]["vs_raw_ratio"],
+        f"fanout{widest}_time_vs_single": ratio(relay["seconds"], single["seconds"]),
+        f"fanout{widest}_egress_vs_size": relay["egress_vs_size"],
+        f"fanout{widest}_full_time_vs_single": ratio(
+            by[("full", widest)]["seconds"], single["seconds"]
+        ),
+        "delta_time_vs_single": ratio(by[("delta", 1)]["seconds"], single["seconds"]),
+        "codec": codec,
+        **synth,
+        "note": "seconds = release until every receiver verified its copy (ready to load); "
+        "vs_raw_ratio = raw copy seconds / seconds for the same receivers",
     }
     write_result("weight_sync", args, result)
-    for s in result["summary"]:
-        print(
-            f"{s['weights']:9s} x{s['receivers']}: {s['bytes'] / 1e6:.1f} MB sync {s['sync_seconds']:.2f}s "
-            f"({s['sync_gb_per_second']:.2f} GB/s) vs raw {s['raw_copy_seconds']:.2f}s "
-            f"({s['raw_gb_per_second']:.2f} GB/s)"
-        )
+    for s in synth["summary"]:
+        print(_brief(s))
+    print(
+        f"single vs raw {result['single_receiver_vs_raw_ratio']:.2f}; fanout{widest} "
+        f"{result[f'fanout{widest}_time_vs_single']:.2f}x the single time, learner sent "
+        f"{result[f'fanout{widest}_egress_vs_size']:.2f}x the version"
+    )
     return 0
 
 

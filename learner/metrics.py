@@ -136,6 +136,17 @@ class LearnerMetrics:
             registry=r,
         )
         self.publish_bytes = Counter(p + "publish_bytes", "Bytes of weights published.", registry=r)
+        self.publish_delta_bytes = Counter(
+            p + "publish_delta_bytes",
+            "Bytes of the deltas offered with published versions (receivers at the previous "
+            "version fetch these instead of the full files).",
+            registry=r,
+        )
+        self.weight_bytes_served = Gauge(
+            p + "weight_bytes_served",
+            "Weight bytes the learner's server sent (manifests and files, all versions).",
+            registry=r,
+        )
         self.checkpoint_seconds = Histogram(
             p + "checkpoint_seconds",
             "Seconds to write a checkpoint.",

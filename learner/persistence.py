@@ -8,6 +8,7 @@ crash neither loses nor double-trains one (the checkpoint lists every trained tr
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -20,11 +21,12 @@ from learner.ranks import control
 from learner.state import LearnerState
 from learner.steplog import cut_step_log
 from learner.trainer import Engine, save_pretrained
-from learner.weight_server import WeightStore, announce
 from pipeline.config import LearnerSettings
 from pipeline.errors import Stopping, TransportError
 from pipeline.export import latest_checkpoint
 from pipeline.streams import TREE_GROUP, Streams
+from pipeline.weights import Manifest
+from pipeline.weightserver import WeightStore, announce
 
 log = logging.getLogger("learner.process")
 
@@ -45,7 +47,11 @@ class Persistence:
         self.stop = stop
         self.work = Path(settings.learner.work_dir)
         self.ckpt_root = self.work / "checkpoints"
-        self.store = WeightStore(self.work / "weights", keep=settings.weights.keep_versions)
+        self.store = WeightStore(
+            self.work / "weights",
+            keep=settings.weights.keep_versions,
+            full_every=settings.weights.full_every,
+        )
         self.ctl = control()
 
     def resume(self, rng: random.Random) -> LearnerState | None:
@@ -116,7 +122,7 @@ class Persistence:
         if version not in self.store.versions():
             await asyncio.to_thread(self.store.publish, version, self._export)
         data = self.store.manifest_bytes(version)
-        total = sum(p.stat().st_size for p in self.store.path(version).glob("*.safetensors"))
+        total = Manifest.from_bytes(data).total_bytes
         token = self.settings.weights.token
         secret = token.get_secret_value() if token else None
         try:
@@ -130,6 +136,18 @@ class Persistence:
             return
         self.metrics.publish_seconds.observe(time.perf_counter() - started)
         self.metrics.publish_bytes.inc(total)
+        delta = Manifest.from_bytes(data).delta
+        delta_bytes = sum(f.size for f in delta.files) if delta is not None else 0
+        self.metrics.publish_delta_bytes.inc(delta_bytes)
+        record = {
+            "version": version,
+            "bytes": total,
+            "delta_base": delta.base if delta is not None else None,
+            "delta_bytes": delta_bytes if delta is not None else None,
+            "seconds": time.perf_counter() - started,
+        }
+        with (self.work / "weights.jsonl").open("a") as f:  # what every update cost on the wire
+            f.write(json.dumps(record) + "\n")
 
     def save_final_model(self, tokenizer: Any, step: int) -> Path:
         """The trained policy as a normal Hugging Face model directory (``<work>/model``)."""

@@ -39,7 +39,6 @@ from learner.rules import leaf_summary, staleness
 from learner.state import LearnerState, Resolved
 from learner.steplog import StepRecord, write_step
 from learner.trainer import Engine, StepStats, build_engine, train_on_batch
-from learner.weight_server import add_routes
 from pipeline.config import LearnerSettings
 from pipeline.entry import ProcessSpec, exit_now, process_main
 from pipeline.errors import ConfigError, Stopping
@@ -47,6 +46,7 @@ from pipeline.httpserver import make_app, start
 from pipeline.messages import TreeRollout, encode
 from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Streams
 from pipeline.tasks import Problem
+from pipeline.weightserver import add_routes
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +126,15 @@ class Learner:
         )
         await self.streams.ensure_group(keys.prompts, PROMPT_GROUP)
         await self.streams.ensure_group(keys.trees, TREE_GROUP)
-        app = make_app(self.metrics.registry, self.health)
+        app = make_app(self.metrics.registry, self.health, {"run": self.settings.run.name})
         token = self.settings.weights.token
-        add_routes(app, self.durable.store, token.get_secret_value() if token else None)
+        served = add_routes(
+            app,
+            self.durable.store,
+            token.get_secret_value() if token else None,
+            slots=self.settings.weights.serve_slots,
+        )
+        self.metrics.weight_bytes_served.set_function(lambda: served.bytes_sent)
         runner, self.port = await start(app, opts.host, opts.port)
         self.base_url = self.base_url or f"http://{opts.host}:{self.port}"
         log.info("learner serving weights and /metrics at %s", self.base_url)

@@ -19,10 +19,12 @@ from pydantic import BaseModel
 
 from pipeline import __version__
 from pipeline.config import (
+    CONFIG_FILE_ENV,
     ENV_PREFIX,
     PROCESS_SETTINGS,
     LearnerSettings,
     SamplerSettings,
+    config_file,
     load_env_file,
     load_settings,
     warn_unknown_env,
@@ -251,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="settings file read as honcho reads it (default .env, when present); variables "
         "already in the environment win",
     )
+    parser.add_argument(
+        "--config",
+        help="TOML settings file (default: $TREEPO_CONFIG_FILE); the environment and .env "
+        "override it",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     config = sub.add_parser("config", help="show, check or document settings").add_subparsers(
@@ -309,6 +316,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_env_file(env_file)
         elif args.env_file != ".env":
             raise ConfigError(f"--env-file {args.env_file}: no such file")
+        if args.config:
+            config_file(args.config)  # a bad file fails here, in one line
+            os.environ[CONFIG_FILE_ENV] = args.config
         code: int = args.func(args)
         sys.stdout.flush()
         return code

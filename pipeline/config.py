@@ -15,7 +15,9 @@ import logging
 import os
 import re
 import shlex
+import tomllib
 from collections.abc import Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -28,7 +30,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from pipeline.errors import ConfigError
 
@@ -245,8 +252,13 @@ class SamplerOptions(_Section):
     own binding (one engine per machine); or a core list such as ``0-3``."""
     heartbeat_ttl_s: float = Field(10.0, ge=1.0, le=3600.0)
     """Heartbeat key time-to-live; refreshed every third of it."""
-    weights_poll_s: float = Field(0.5, gt=0.0, le=60.0)
-    """How often the weight announcement key is checked."""
+    weights_poll_s: float = Field(5.0, gt=0.0, le=600.0)
+    """How often the weight announcement key is read besides the pub/sub channel (which is
+    followed at once): the fallback when a message was missed."""
+    public_url: str = ""
+    """Base URL other samplers use to fetch weights this sampler relays; empty =
+    ``http://<host>:<port>`` (loopback by default: set ``host`` and this when samplers run on
+    several machines)."""
     unhealthy_after_s: float = Field(120.0, gt=0.0, le=86_400.0)
     """``/healthz`` answers 503 once the sampler has been unable to take the newest announced
     weights (more than ``max_staleness`` versions behind) for this long, or its loop has made no
@@ -265,6 +277,22 @@ class WeightSettings(_Section):
     """Weight versions the learner keeps serving (older ones are deleted)."""
     download_timeout_s: float = Field(600.0, gt=0, le=86_400)
     """Time limit of one version download."""
+    parallel: int = Field(4, ge=1, le=64)
+    """Pieces of a file a sampler downloads at once (each its own HTTP range request)."""
+    serve_slots: int = Field(2, ge=0, le=4096)
+    """Receivers one process (the learner or a relaying sampler) serves at once; the others get
+    HTTP 503 and take their pieces from a peer that has the version, so the learner sends each
+    version about this many times however many samplers there are. 0 = unlimited."""
+    relay: bool = True
+    """Samplers serve the versions they verified to other samplers (``sampler.public_url``), and
+    fetch from such peers before the learner."""
+    full_every: int = Field(10, ge=0, le=1_000_000)
+    """The learner offers each version as a delta against the previous one (when smaller),
+    except every this many versions (0: never a delta). A sampler more than one version behind
+    fetches the full files."""
+    link_same_machine: bool = True
+    """A sampler on the learner's machine hard-links the published files instead of
+    downloading them."""
 
 
 class LearnerOptions(_Section):
@@ -398,8 +426,13 @@ class LossSettings(_Section):
     """Instead of truncating, mask tokens whose weight lies outside [lo, hi] (e.g. [0.5, 2])."""
 
 
+CONFIG_FILE_ENV = "TREEPO_CONFIG_FILE"
+"""Names a TOML settings file (as ``--config`` does); the environment overrides it."""
+_config_file: ContextVar[Path | None] = ContextVar("treepo_config_file", default=None)
+
+
 class ProcessSettings(BaseSettings):
-    """The sections every process reads (one .env serves the whole run)."""
+    """The sections every process reads (one .env, or one TOML file, serves the whole run)."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -407,6 +440,21 @@ class ProcessSettings(BaseSettings):
         extra="ignore",
         use_attribute_docstrings=True,
     )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Command-line overrides, then the environment (``.env`` included), then the TOML
+        file, then the defaults."""
+        path = _config_file.get()
+        toml = (TomlConfigSettingsSource(settings_cls, toml_file=path),) if path else ()
+        return (init_settings, env_settings, dotenv_settings, file_secret_settings, *toml)
 
     redis: RedisSettings = RedisSettings()
     """Redis connection."""
@@ -442,7 +490,7 @@ S = TypeVar("S", bound=BaseSettings)
 
 def known_env_names() -> set[str]:
     """Every ``TREEPO_*`` variable some process reads (whole sections and their fields)."""
-    names: set[str] = set()
+    names: set[str] = {CONFIG_FILE_ENV}
     for cls in PROCESS_SETTINGS:
         for fname, finfo in cls.model_fields.items():
             top = f"{ENV_PREFIX}{fname.upper()}"
@@ -507,11 +555,53 @@ def load_env_file(path: Path) -> list[str]:
     return [name for name, _ in added]
 
 
-def load_settings(cls: type[S], warn: bool = True, **overrides: Any) -> S:
-    """Build ``cls`` from the environment, warning about unknown ``TREEPO_*`` variables and
-    turning validation failures into one ``ConfigError`` that names each variable."""
+def config_file(path: str | Path | None = None) -> Path | None:
+    """The TOML settings file: ``path`` (``--config``), else ``$TREEPO_CONFIG_FILE``, else
+    none. A named file that is missing, is not TOML, or holds a section or key no process reads
+    is a ``ConfigError`` naming it."""
+    given = path if path is not None else os.environ.get(CONFIG_FILE_ENV) or None
+    if given is None:
+        return None
+    file = Path(given)
+    try:
+        data = tomllib.loads(file.read_text())
+    except OSError as exc:
+        raise ConfigError(f"settings file {file}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"settings file {file}: not TOML ({exc})") from None
+    sections: dict[str, set[str]] = {}
+    for cls in PROCESS_SETTINGS:
+        for name, info in cls.model_fields.items():
+            sub = info.annotation
+            fields = (
+                set(sub.model_fields)
+                if isinstance(sub, type) and issubclass(sub, BaseModel)
+                else set()
+            )
+            sections.setdefault(name, set()).update(fields)
+    for section, body in data.items():
+        if section not in sections:
+            raise ConfigError(f"settings file {file}: unknown section [{section}]")
+        if not isinstance(body, dict):
+            raise ConfigError(f"settings file {file}: [{section}] must be a table")
+        for key in body:
+            if key not in sections[section]:
+                close = difflib.get_close_matches(key, sorted(sections[section]), n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise ConfigError(f"settings file {file}: unknown key {section}.{key}{hint}")
+    return file
+
+
+def load_settings(
+    cls: type[S], warn: bool = True, config: str | Path | None = None, **overrides: Any
+) -> S:
+    """Build ``cls`` from the command-line ``overrides``, the environment and the TOML settings
+    file (``config`` or ``$TREEPO_CONFIG_FILE``), in that order of precedence, warning about
+    unknown ``TREEPO_*`` variables and turning validation failures into one ``ConfigError``
+    that names each variable."""
     if warn:
         warn_unknown_env()
+    token = _config_file.set(config_file(config))
     try:
         return cls(**overrides)
     except ValidationError as exc:
@@ -519,6 +609,8 @@ def load_settings(cls: type[S], warn: bool = True, **overrides: Any) -> S:
             f"{env_name(e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()
         ]
         raise ConfigError("invalid settings:\n  " + "\n  ".join(problems)) from None
+    finally:
+        _config_file.reset(token)
 
 
 def stream_key(run: RunSettings, what: str) -> str:

@@ -51,6 +51,10 @@ def process_parser(prog: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--port", type=int, help="HTTP port (default: $PORT, else the settings)")
     parser.add_argument("--model", help="model directory (default: the settings)")
+    parser.add_argument(
+        "--config",
+        help="TOML settings file (default: $TREEPO_CONFIG_FILE); the environment overrides it",
+    )
     return parser
 
 
@@ -58,7 +62,7 @@ def process_settings(cls: type[S], section: str, args: argparse.Namespace) -> S:
     """Settings of one process, with ``--port`` (or ``$PORT``, set by honcho) and ``--model``
     applied to its own section. Raises ``ConfigError`` on bad settings."""
     setup_logging(os.environ.get("LOG_LEVEL", "INFO"))
-    settings = load_settings(cls)
+    settings = load_settings(cls, config=getattr(args, "config", None))
     updates: dict[str, Any] = {}
     port = args.port if args.port is not None else os.environ.get("PORT")
     if port is not None:

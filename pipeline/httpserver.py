@@ -6,21 +6,42 @@ Processes add their own routes (the learner's weight server) to the app this fac
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from pipeline.streams import DEADLETTER_REASONS
 
 
-def make_app(registry: CollectorRegistry, health: Callable[[], dict[str, Any]]) -> web.Application:
-    """An app serving ``registry`` on /metrics and ``health()`` as JSON on /healthz (HTTP 503
-    when it reports ``ok: False``)."""
+class Labelled:
+    """A view of a registry whose every sample carries some constant labels (the run's name, so
+    one Prometheus and one dashboard serve several runs)."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
+        self.registry = registry
+        self.labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            out.samples = [s._replace(labels={**self.labels, **s.labels}) for s in family.samples]
+            yield out
+
+
+def make_app(
+    registry: CollectorRegistry,
+    health: Callable[[], dict[str, Any]],
+    labels: dict[str, str] | None = None,
+) -> web.Application:
+    """An app serving ``registry`` on /metrics (every sample with ``labels`` added) and
+    ``health()`` as JSON on /healthz (HTTP 503 when it reports ``ok: False``)."""
+    source: Any = Labelled(registry, labels) if labels else registry
 
     async def metrics(_: web.Request) -> web.Response:
-        body = generate_latest(registry)
+        body = generate_latest(source)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:

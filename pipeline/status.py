@@ -36,7 +36,7 @@ async def scrape(urls: list[str]) -> dict[str, float]:
             try:
                 async with http.get(url) as resp:
                     text = await resp.text()
-            except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 continue
             for family in text_string_to_metric_families(text):
                 for sample in family.samples:

@@ -21,11 +21,13 @@ them lives in ``workers/`` and ``learner/``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -76,6 +78,8 @@ class Keys:
     deadletter: str
     weights: str
     """Key holding the latest WeightAnnouncement; also the pub/sub channel announcing it."""
+    weight_sources: str
+    """Hash: worker id -> the version it serves as a relay and where (``advertise_weights``)."""
     heartbeat_prefix: str
 
     @classmethod
@@ -85,6 +89,7 @@ class Keys:
             trees=stream_key(run, "trees"),
             deadletter=stream_key(run, "deadletter"),
             weights=stream_key(run, "weights"),
+            weight_sources=stream_key(run, "weight-sources"),
             heartbeat_prefix=stream_key(run, "heartbeat:"),
         )
 
@@ -569,6 +574,47 @@ class Streams:
         key = self.keys.weights
         raw: Any = await self.call(lambda: self.client.get(key), "GET weights")
         return bytes(raw) if raw else None
+
+    async def weight_announcements(self, timeout_s: float) -> AsyncIterator[bytes | None]:
+        """Announcements as they are published on the weights channel (pub/sub), yielding None
+        every ``timeout_s`` without one, so the caller can poll the key as well. Ends when the
+        subscription breaks (Redis away): the caller falls back to polling and subscribes again."""
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.keys.weights)
+            while True:
+                msg = await pubsub.get_message(timeout=timeout_s)
+                yield bytes(msg["data"]) if msg and msg.get("type") == "message" else None
+        except _RETRYABLE as exc:
+            log.info("weights channel: %s; polling the key until subscribed again", exc)
+        finally:
+            with contextlib.suppress(*_RETRYABLE):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def advertise_weights(self, worker_id: str, version: int, url: str) -> None:
+        """Tell receivers that ``worker_id`` serves ``version`` at ``url`` (a relay)."""
+        value = json.dumps({"version": version, "url": url, "at": time.time()})
+        key = self.keys.weight_sources
+        await self.call(lambda: self.client.hset(key, worker_id, value), "HSET weight-sources")
+
+    async def withdraw_weights(self, worker_id: str) -> None:
+        key = self.keys.weight_sources
+        await self.call(lambda: self.client.hdel(key, worker_id), "HDEL weight-sources")
+
+    async def weight_sources(self, version: int, max_age_s: float = 3600.0) -> list[str]:
+        """URLs of the relays advertising ``version`` (advertised within ``max_age_s``)."""
+        key = self.keys.weight_sources
+        raw: Any = await self.call(lambda: self.client.hgetall(key), "HGETALL weight-sources")
+        out = []
+        now = time.time()
+        for value in (raw or {}).values():
+            try:
+                entry = json.loads(value)
+                if int(entry["version"]) == version and now - float(entry["at"]) < max_age_s:
+                    out.append(str(entry["url"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        return out
 
     async def heartbeats(self) -> list[Heartbeat]:
         """Every heartbeat key of the run that decodes as a heartbeat (live or ``stopped``)."""

@@ -15,27 +15,45 @@ nothing behind. No pickle: safetensors and JSON only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
+import os
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import WeightDownloadError, WeightVerificationError
-from pipeline.fsutil import staged_dir
+from pipeline.errors import WeightVerificationError
 from pipeline.messages import WeightAnnouncement
 
 MANIFEST = "manifest.json"
 _MAX_HEADER = 100 * 1024 * 1024
+RECEIVER_HEADER = "X-Treepo-Receiver"
+"""Names the downloading sampler to a weight server (its slot is per receiver, not per piece)."""
+CHUNK_BYTES = 64 << 20
+"""Files are hashed (and downloaded, and verified) in pieces of this size."""
 
 
 @dataclass(frozen=True)
 class FileEntry:
     name: str
     size: int
-    sha256: str
+    digest: str
+    """``blake3:<hex>`` of the concatenated piece digests (a one-level hash list)."""
+    pieces: tuple[str, ...] = ()
+    """blake3 (hex) of each ``chunk_bytes`` piece: pieces are fetched in parallel, from any
+    source, and each is verified on its own as it arrives."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    """The version as a delta against ``base`` (``pipeline.delta``): one delta file per full
+    file, ``delta_name(base, name)``, for receivers that hold the base version."""
+
+    base: int
+    files: tuple[FileEntry, ...]
 
 
 @dataclass(frozen=True)
@@ -43,30 +61,56 @@ class Manifest:
     version: int
     files: tuple[FileEntry, ...]
     format: str = "safetensors"
+    chunk_bytes: int = CHUNK_BYTES
+    origin: tuple[str, str] | None = None
+    """(machine id, directory) where the publisher wrote the version: a sampler on the same
+    machine hard-links the files instead of downloading them."""
+    delta: Delta | None = None
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+    def served_names(self) -> set[str]:
+        names = {f.name for f in self.files}
+        if self.delta is not None:
+            names |= {f.name for f in self.delta.files}
+        return names
+
     def to_bytes(self) -> bytes:
-        body = {
+        body: dict[str, Any] = {
             "version": self.version,
             "format": self.format,
+            "chunk_bytes": self.chunk_bytes,
             "files": [asdict(f) for f in self.files],
         }
+        if self.origin is not None:
+            body["origin"] = {"machine": self.origin[0], "path": self.origin[1]}
+        if self.delta is not None:
+            body["delta"] = {
+                "base": self.delta.base,
+                "files": [asdict(f) for f in self.delta.files],
+            }
         return json.dumps(body, sort_keys=True, indent=1).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
         try:
             body = json.loads(data)
-            files = tuple(
-                FileEntry(str(f["name"]), int(f["size"]), str(f["sha256"])) for f in body["files"]
+            files = _entries(body["files"])
+            origin = body.get("origin")
+            delta = body.get("delta")
+            manifest = cls(
+                int(body["version"]),
+                files,
+                str(body.get("format", "safetensors")),
+                int(body.get("chunk_bytes", CHUNK_BYTES)),
+                (str(origin["machine"]), str(origin["path"])) if origin else None,
+                Delta(int(delta["base"]), _entries(delta["files"])) if delta else None,
             )
-            manifest = cls(int(body["version"]), files, str(body.get("format", "safetensors")))
         except (ValueError, KeyError, TypeError) as exc:
             raise WeightVerificationError(f"manifest is malformed: {exc}") from None
-        for f in files:
+        for f in (*files, *(manifest.delta.files if manifest.delta else ())):
             if (
                 "/" in f.name
                 or "\\" in f.name
@@ -76,21 +120,67 @@ class Manifest:
                 raise WeightVerificationError(
                     f"manifest file name {f.name!r} is not a plain .safetensors name"
                 )
-        if manifest.format != "safetensors" or not files:
+            if not f.digest.startswith("blake3:") or len(f.pieces) != pieces_of(
+                f.size, manifest.chunk_bytes
+            ):
+                raise WeightVerificationError(f"manifest entry {f.name!r} has no valid digests")
+        if manifest.format != "safetensors" or not files or manifest.chunk_bytes <= 0:
             raise WeightVerificationError("manifest must list safetensors files")
         return manifest
+
+
+def _entries(raw: Any) -> tuple[FileEntry, ...]:
+    return tuple(
+        FileEntry(str(f["name"]), int(f["size"]), str(f["digest"]), tuple(map(str, f["pieces"])))
+        for f in raw
+    )
+
+
+def pieces_of(size: int, chunk_bytes: int) -> int:
+    return max(1, -(-size // chunk_bytes))
+
+
+def delta_name(base: int, name: str) -> str:
+    """The delta file of full file ``name`` against version ``base``."""
+    return f"delta{base}-{name}"
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def digest_of(pieces: tuple[str, ...]) -> str:
+    """A file's digest from its piece digests."""
+    import blake3
+
+    return "blake3:" + blake3.blake3(b"".join(bytes.fromhex(p) for p in pieces)).hexdigest()
+
+
+def hash_piece(data: bytes | memoryview) -> str:
+    import blake3
+
+    return str(blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest())
+
+
+def hash_file(path: Path, chunk_bytes: int = CHUNK_BYTES) -> FileEntry:
+    """Size, digest and piece digests of one file (pieces hashed in parallel: blake3 releases
+    the GIL)."""
+    import mmap
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = path.stat().st_size
+    if size == 0:
+        pieces: tuple[str, ...] = (hash_piece(b""),)
+    else:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            view = memoryview(m)
+            try:
+                spans = [(a, min(a + chunk_bytes, size)) for a in range(0, size, chunk_bytes)]
+                with ThreadPoolExecutor(min(4, len(spans))) as pool:
+                    pieces = tuple(pool.map(lambda s: hash_piece(view[s[0] : s[1]]), spans))
+            finally:
+                view.release()
+    return FileEntry(path.name, size, digest_of(pieces), pieces)
 
 
 def announcement_signature(ann: WeightAnnouncement, token: str) -> str:
@@ -119,16 +209,51 @@ def check_announcement(ann: WeightAnnouncement, token: str | None, trusted_url: 
         )
 
 
-def write_manifest(directory: Path, version: int) -> tuple[Manifest, bytes]:
-    """Describe every ``*.safetensors`` file of ``directory`` in its ``manifest.json``."""
+def write_manifest(
+    directory: Path,
+    version: int,
+    *,
+    origin: tuple[str, str] | None = None,
+    delta: Delta | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> tuple[Manifest, bytes]:
+    """Describe every full ``*.safetensors`` file of ``directory`` (delta files are described
+    by ``delta``) in its ``manifest.json``."""
+    skip = {f.name for f in delta.files} if delta else set()
     files = tuple(
-        FileEntry(p.name, p.stat().st_size, sha256_file(p))
+        hash_file(p, chunk_bytes)
         for p in sorted(directory.glob("*.safetensors"))
+        if p.name not in skip
     )
-    manifest = Manifest(version, files)
+    manifest = Manifest(version, files, chunk_bytes=chunk_bytes, origin=origin, delta=delta)
     data = manifest.to_bytes()
     (directory / MANIFEST).write_bytes(data)
     return manifest, data
+
+
+def machine_id() -> str:
+    """What identifies this machine (and boot) to a sampler deciding whether the learner's
+    directory is its own: a sampler in another container or host never matches."""
+    for p in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            text = Path(p).read_text().strip()
+        except OSError:
+            continue
+        if text:
+            boot = ""
+            with contextlib.suppress(OSError):
+                boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+            return f"{text}:{boot}:{_mount_ns()}"
+    import socket
+
+    return f"host:{socket.gethostname()}:{_mount_ns()}"
+
+
+def _mount_ns() -> str:
+    try:
+        return os.readlink("/proc/self/ns/mnt")
+    except OSError:
+        return ""
 
 
 def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -189,60 +314,3 @@ def check_compatible(
     for name, spec in reference.items():
         if candidate[name] != spec:
             raise WeightVerificationError(f"tensor {name}: {candidate[name]} != expected {spec}")
-
-
-async def download_version(
-    url: str,
-    manifest_sha256: str,
-    dest_root: Path,
-    *,
-    reference: dict[str, tuple[str, tuple[int, ...]]] | None = None,
-    token: str | None = None,
-    timeout_s: float = 600.0,
-) -> tuple[Manifest, Path]:
-    """Fetch and verify one version from the weight server into ``dest_root/v<version>``."""
-    import aiohttp
-
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    try:
-        async with aiohttp.ClientSession(timeout=timeout, headers=headers) as http:
-            async with http.get(f"{url}/{MANIFEST}") as resp:
-                if resp.status != 200:
-                    raise WeightVerificationError(f"GET {url}/{MANIFEST}: HTTP {resp.status}")
-                data = await resp.read()
-            if sha256_bytes(data) != manifest_sha256:
-                raise WeightVerificationError("manifest sha256 does not match the announcement")
-            manifest = Manifest.from_bytes(data)
-            final = dest_root / f"v{manifest.version}"
-            with staged_dir(final) as tmp:
-                for entry in manifest.files:
-                    await _fetch_file(http, f"{url}/{entry.name}", tmp / entry.name, entry)
-                if reference is not None:
-                    check_compatible(tensor_specs(tmp), reference)
-                (tmp / MANIFEST).write_bytes(data)
-        return manifest, final
-    except WeightVerificationError:
-        raise
-    except (OSError, aiohttp.ClientError, TimeoutError) as exc:
-        raise WeightDownloadError(f"download from {url} failed: {exc}") from exc
-
-
-async def _fetch_file(http: Any, url: str, path: Path, entry: FileEntry) -> None:
-    h, size = hashlib.sha256(), 0
-    async with http.get(url) as resp:
-        if resp.status != 200:
-            raise WeightVerificationError(f"GET {url}: HTTP {resp.status}")
-        with path.open("wb") as f:
-            async for block in resp.content.iter_chunked(1 << 20):
-                size += len(block)
-                if size > entry.size:
-                    raise WeightVerificationError(
-                        f"{entry.name}: more than the {entry.size} bytes announced"
-                    )
-                h.update(block)
-                f.write(block)
-    if size != entry.size:
-        raise WeightVerificationError(f"{entry.name}: {size} bytes, manifest says {entry.size}")
-    if h.hexdigest() != entry.sha256:
-        raise WeightVerificationError(f"{entry.name}: sha256 mismatch")

@@ -47,11 +47,12 @@ DASHBOARD = (
 )
 
 
-def dashboard_exprs() -> list[tuple[str, str, bool]]:
-    """(panel title, PromQL expression, is a core panel) of every target of the dashboard."""
+def dashboard_exprs(run: str = ".*") -> list[tuple[str, str, bool]]:
+    """(panel title, PromQL expression, is a core panel) of every target of the dashboard, with
+    its ``$run`` variable set to ``run`` (a regular expression, as Grafana substitutes it)."""
     panels = json.loads(DASHBOARD.read_text())["panels"]
     return [
-        (p["title"], t["expr"], p.get("description") == "core panel")
+        (p["title"], t["expr"].replace("$run", run), p.get("description") == "core panel")
         for p in panels
         for t in p["targets"]
     ]

@@ -38,9 +38,13 @@ def test_cost_model_never_goes_negative() -> None:
     assert model.estimate(Work(50, 100, 8)) > 0
 
 
-def test_independent_work_of_a_batch() -> None:
-    w = independent_work([5, 7], [[10, 12], [3]])
-    assert (w.prefill_tokens, w.decoded_tokens, w.steps) == (12, 25, 12)
+def test_independent_work_of_one_prompt() -> None:
+    """8 samples of a 5-token prompt: each computes the prompt, decodes the mean length, and the
+    request's 12 steps are shared with the 3 other prompts in flight."""
+    w = independent_work(5, 8, 10.5, 12, 4.0)
+    assert (w.prefill_tokens, w.decoded_tokens, w.steps) == (40, 84, 3)
+    assert independent_work(5, 8, 10.5, 12, 0.2).steps == 12  # never less than one prompt
+    assert (w + w).vector() == (80, 168, 6)
 
 
 def _safetensors(path: Path, tensors: dict[str, tuple[str, list[int], int]]) -> None:
@@ -76,12 +80,16 @@ def test_manifest_and_header_checks(tmp_path: Path) -> None:
         safetensors_header(bad)
     for evil in ("../x.safetensors", "model.bin", ".hidden.safetensors"):
         body = json.dumps(
-            {"version": 1, "files": [{"name": evil, "size": 1, "sha256": "0"}]}
+            {"version": 1, "files": [{"name": evil, "size": 1, "digest": "blake3:0", "pieces": ["0"]}]}
         ).encode()
         with pytest.raises(WeightVerificationError, match="not a plain"):
             Manifest.from_bytes(body)
     with pytest.raises(WeightVerificationError, match="malformed"):
         Manifest.from_bytes(b"not json")
+    piece_count_wrong = json.loads(data)
+    piece_count_wrong["files"][0]["pieces"] = []
+    with pytest.raises(WeightVerificationError, match="no valid digests"):
+        Manifest.from_bytes(json.dumps(piece_count_wrong).encode())
 
 
 def test_tree_view_shows_segments_and_rewards() -> None:

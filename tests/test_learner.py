@@ -134,7 +134,7 @@ async def check_observability(learner_port: int, sampler_port: int, tmp: Path) -
             missing: list[str] = []
             while time.monotonic() < deadline:
                 missing = []
-                for title, expr, core in dashboard_exprs():
+                for title, expr, core in dashboard_exprs(run="test"):  # the run label works
                     async with http.get(f"{prom.url}/api/v1/query", params={"query": expr}) as resp:
                         body = await resp.json()
                     assert body["status"] == "success", (title, body)

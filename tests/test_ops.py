@@ -32,6 +32,28 @@ def test_dashboard_uses_only_declared_metrics() -> None:
     assert not used - declared, f"undeclared: {sorted(used - declared)}"
 
 
+def test_every_dashboard_query_filters_by_run() -> None:
+    """The ``run`` variable selects one run's series (every process labels its metrics with the
+    run name) in every metric selector of every panel."""
+    import json
+
+    board = json.loads((ROOT / "ops" / "grafana" / "dashboards" / "treepo.json").read_text())
+    assert [v["name"] for v in board["templating"]["list"]] == ["run"]
+    for _, expr, _ in dashboard_exprs(run="$run"):
+        for selector in re.findall(r"treepo_[a-z_]+(\{[^}]*\})?", expr):
+            assert 'run=~"$run"' in selector, expr
+
+
+def test_metrics_served_over_http_carry_the_run_label() -> None:
+    from prometheus_client import generate_latest
+
+    from pipeline.httpserver import Labelled
+
+    text = generate_latest(Labelled(SamplerMetrics().registry, {"run": "r1"})).decode()
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert samples and all('run="r1"' in line for line in samples)
+
+
 def test_metric_names_follow_the_convention() -> None:
     for metrics, process in ((SamplerMetrics(), "sampler"), (LearnerMetrics(), "learner")):
         for family in metrics.registry.collect():

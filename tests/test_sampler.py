@@ -17,7 +17,6 @@ from aiohttp import web
 from prometheus_client import generate_latest
 from pydantic import SecretStr
 
-from learner.weight_server import WeightStore, add_routes, announce
 from pipeline.config import (
     RedisSettings,
     RunSettings,
@@ -30,6 +29,7 @@ from pipeline.httpserver import start
 from pipeline.messages import PromptTask, TreeRollout
 from pipeline.streams import Streams
 from pipeline.tasks import ArithTask
+from pipeline.weightserver import WeightStore, add_routes, announce
 from tests.helpers import make_streams, restore_base_weights
 from tests.services import RedisServer, free_port, wait_port
 from tests.test_sampling import expected_independent

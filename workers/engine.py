@@ -184,6 +184,10 @@ def _stat_logger(meter: EngineMeter) -> Any:
     return MeterLogger
 
 
+def _version(label: str) -> int:
+    return int(label) if label.lstrip("-").isdigit() else -1
+
+
 class _Request:
     """One engine request on the engine's loop: the tokens streamed so far."""
 
@@ -195,10 +199,15 @@ class _Request:
         self.logprobs: list[float] = []
         self.versions: list[int] = []
         self.read = 0
+        self.need = 0
+        """Tokens the reader waits for (it is woken only once they are there)."""
         self.done = False
         self.stopped = False
         """The engine ended the request on its own (EOS or a stop), not on max_tokens."""
         self.error: BaseException | None = None
+        self.spans: list[tuple[int, int, int]] | None = None
+        """The engine's own record, once the request finished: (version, first token, end) of
+        the weights that sampled each run of tokens (a check of ``versions``)."""
         self.changed = asyncio.Event()
         gen.live.add(self)
         self.task = asyncio.ensure_future(self._run())
@@ -213,14 +222,17 @@ class _Request:
             params = gen.sampling_params(self.request.max_tokens)
             async for out in gen.llm.generate(prompt, params, self.request_id):
                 c = out.outputs[0]
-                version = gen.policy_version
-                for token, step in zip(c.token_ids, c.logprobs or []):
-                    self.tokens.append(int(token))
-                    self.logprobs.append(float(step[token].logprob))
-                    self.versions.append(version)
+                tokens = c.token_ids
+                self.tokens.extend(tokens)
+                self.logprobs.extend(step[t].logprob for t, step in zip(tokens, c.logprobs or ()))
+                self.versions.extend([gen.policy_version] * len(tokens))
                 if c.finish_reason is not None:
                     self.stopped = c.finish_reason == "stop"
-                self.changed.set()
+                    spans = getattr(c, "weight_versions", None)
+                    if spans:
+                        self.spans = [(_version(x.version), x.start, x.end) for x in spans]
+                if len(self.tokens) - self.read >= self.need:
+                    self.changed.set()
         except asyncio.CancelledError:
             pass  # the path ended: vLLM aborts the request
         except Exception as exc:  # surfaced by the next read
@@ -232,11 +244,13 @@ class _Request:
             gen.meter.ended()
 
     async def take(self, n: int) -> GeneratedSegment:
+        self.need = n
         while len(self.tokens) - self.read < n and not self.done:
             if self.gen.stopping:
                 raise GenerationStopped("sampler is stopping")
             self.changed.clear()
             await self.changed.wait()
+        self.need = 0
         if self.error is not None:
             raise self.error
         if self.gen.stopping:
@@ -270,6 +284,8 @@ class VLLMPath:
 
     async def next(self, max_tokens: int) -> GeneratedSegment:
         request = await self._resolved()
+        if self.gen.on_engine_loop():
+            return await request.take(max_tokens)
         return await self.gen.call(request.take(max_tokens))
 
     def cancel(self) -> None:
@@ -334,18 +350,32 @@ class VLLMPathGenerator:
         if o.block_size:
             kwargs["block_size"] = o.block_size
         config = AsyncEngineArgs(**kwargs).create_engine_config(UsageContext.ENGINE_CONTEXT)
-        return AsyncLLM.from_vllm_config(
+        llm = AsyncLLM.from_vllm_config(
             config, stat_loggers=[_stat_logger(self.meter)], disable_log_stats=True
         )
+        await llm.update_weight_version(str(self.policy_version))
+        return llm
 
     # -- bridging to the engine's loop ------------------------------------------------------------
 
     def _wait(self, work: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(work, self.loop).result()
 
+    def on_engine_loop(self) -> bool:
+        return threading.current_thread() is self._thread
+
     async def call(self, work: Coroutine[Any, Any, T]) -> T:
-        """Run ``work`` on the engine's loop and await it from the caller's loop."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(work, self.loop))
+        """Run ``work`` on the engine's loop and await it from the caller's loop. Tree growth
+        runs there too (``sampler.grow`` wrapped in ``call``): its many small reads then never
+        cross threads, so they never wait for the other thread to hand over the GIL."""
+        if self.on_engine_loop():
+            return await work
+        future = asyncio.run_coroutine_threadsafe(work, self.loop)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()  # cancels the task on the engine's loop (a tree's requests with it)
+            raise
 
     def soon(self, fn: Callable[[], Any]) -> None:
         if not self.loop.is_closed():
@@ -378,7 +408,7 @@ class VLLMPathGenerator:
         if self.stopping:
             raise GenerationStopped("sampler is stopping")
         request_id = f"p{next(self._ids)}"
-        if threading.current_thread() is self._thread:
+        if self.on_engine_loop():
             return VLLMPath(self, _Request(self, request, request_id))
         future: Future[_Request] = Future()
 
@@ -420,6 +450,7 @@ class VLLMPathGenerator:
             await self._drain_outputs()
             await llm.collective_rpc("reload_weights", kwargs={"weights_path": str(directory)})
             await llm.reset_prefix_cache(reset_running_requests=True)
+            await llm.update_weight_version(str(version))  # the engine labels its steps too
             self.policy_version = version  # every token from here on comes from the new weights
         finally:
             await llm.resume_generation()
@@ -480,6 +511,11 @@ class VLLMPathGenerator:
         exit within 5 s) and end the engine's loop."""
         llm, self.llm = self.llm, None
         if llm is not None:
+            handler = getattr(llm, "output_handler", None)
+            if handler is not None and not self.loop.is_closed():
+                # stopped first, so that it does not report the engine's exit as a failure
+                self.loop.call_soon_threadsafe(handler.cancel)
+                time.sleep(0.05)
             try:
                 llm.shutdown(timeout=timeout_s)
             except Exception as exc:  # shutdown is best-effort

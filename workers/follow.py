@@ -27,12 +27,14 @@ from pipeline.aio import wait_or_stop
 from pipeline.config import SamplerSettings
 from pipeline.errors import (
     MessageDecodeError,
+    TransportError,
     WeightDownloadError,
     WeightVerificationError,
 )
 from pipeline.messages import WeightAnnouncement, decode_as
 from pipeline.streams import Streams
-from pipeline.weights import check_announcement, download_version, tensor_specs
+from pipeline.transfer import FetchStats, Sources, fetch_version
+from pipeline.weights import MANIFEST, check_announcement, tensor_specs
 from workers.engine import VLLMPathGenerator
 from workers.metrics import SamplerMetrics
 
@@ -67,6 +69,10 @@ class WeightFollower:
         download_timeout_s: float,
         max_staleness: int,
         unhealthy_after_s: float,
+        worker_id: str = "",
+        relay_url: str = "",
+        parallel: int = 4,
+        link: bool = True,
     ) -> None:
         self.streams = streams
         self.engine = engine
@@ -78,6 +84,12 @@ class WeightFollower:
         self.download_timeout_s = download_timeout_s
         self.max_staleness = max_staleness
         self.unhealthy_after_s = unhealthy_after_s
+        self.worker_id = worker_id
+        self.relay_url = relay_url
+        """Where this sampler serves the versions it verified ('' = no relaying)."""
+        self.parallel = parallel
+        self.link = link
+        self.last_fetch: FetchStats | None = None
         self.verified = engine.policy_version
         """Newest version fetched, verified and staged (the staleness reference)."""
         self.announced = engine.policy_version
@@ -94,10 +106,13 @@ class WeightFollower:
         engine: VLLMPathGenerator,
         metrics: SamplerMetrics,
         work_dir: Path,
+        worker_id: str = "",
+        relay_url: str = "",
     ) -> WeightFollower:
         """The follower of a sampler process configured by ``settings``; downloads are checked
         against the tensors of the engine's model directory."""
         token = settings.weights.token
+        w = settings.weights
         return cls(
             streams,
             engine,
@@ -105,10 +120,14 @@ class WeightFollower:
             work_dir,
             tensor_specs(Path(engine.options.model)),
             token=token.get_secret_value() if token else None,
-            trusted_url=settings.weights.public_url,
-            download_timeout_s=settings.weights.download_timeout_s,
+            trusted_url=w.public_url,
+            download_timeout_s=w.download_timeout_s,
             max_staleness=settings.run.max_staleness,
             unhealthy_after_s=settings.sampler.unhealthy_after_s,
+            worker_id=worker_id,
+            relay_url=relay_url if w.relay else "",
+            parallel=w.parallel,
+            link=w.link_same_machine,
         )
 
     async def poll(self) -> None:
@@ -145,22 +164,78 @@ class WeightFollower:
         ):
             return
         started = time.perf_counter()
+        peers: list[str] = []
+        refresh = asyncio.ensure_future(self._refresh_peers(ann.version, peers))
         try:
-            _, directory = await download_version(
-                ann.url,
+            _, directory, stats = await asyncio.to_thread(
+                fetch_version,
+                Sources(ann.url, lambda: list(peers)),
                 ann.manifest_sha256,
                 self.work_dir,
+                local=self.local_versions(),
                 reference=self.reference,
                 token=self.token,
                 timeout_s=self.download_timeout_s,
+                parallel=self.parallel,
+                allow_link=self.link,
+                recycle=self._spare(),
             )
         except (WeightDownloadError, WeightVerificationError) as exc:
             self._failed(ann, exc)
             return
+        finally:
+            refresh.cancel()
+        self.last_fetch = stats
         self.metrics.weight_download_seconds.observe(time.perf_counter() - started)
+        self.metrics.weight_fetches.labels(stats.method).inc()
+        for source, n in stats.bytes_by_source.items():
+            self.metrics.weight_bytes_received.labels(
+                "learner" if source == ann.url else "peer"
+            ).inc(n)
+        log.info(
+            "weights v%d verified by %s in %.2fs (%d bytes received)",
+            ann.version,
+            stats.method,
+            time.perf_counter() - started,
+            stats.bytes_received,
+        )
         self.engine.stage_weights(ann.version, directory)
         self.verified = ann.version
         self.failing = {v: f for v, f in self.failing.items() if v > ann.version}
+        if self.relay_url:
+            try:
+                await self.streams.advertise_weights(
+                    self.worker_id, ann.version, f"{self.relay_url}/weights/{ann.version}"
+                )
+            except TransportError as exc:  # relaying is an optimisation: never fatal
+                log.warning("cannot advertise v%d as a relay: %s", ann.version, exc)
+
+    async def _refresh_peers(self, version: int, into: list[str], every_s: float = 0.1) -> None:
+        """Keep ``into`` the relays advertising ``version`` (not this sampler) while a fetch
+        runs: pieces waiting for a free source pick up peers that finished meanwhile."""
+        mine = f"{self.relay_url}/weights/{version}" if self.relay_url else None
+        while True:
+            try:
+                found = await self.streams.weight_sources(version)
+                into[:] = [u for u in found if u != mine]
+            except TransportError:
+                pass
+            await asyncio.sleep(every_s)
+
+    def _spare(self) -> Path | None:
+        """The oldest version held that the engine no longer runs (its files are overwritten by
+        the next download instead of being deleted)."""
+        held = self.local_versions()
+        old = [v for v in held if v < self.engine.policy_version]
+        return held[min(old)] if old else None
+
+    def local_versions(self) -> dict[int, Path]:
+        """Verified versions this sampler holds (bases for deltas)."""
+        out = {}
+        for d in self.work_dir.glob("v*"):
+            if d.name[1:].isdigit() and (d / MANIFEST).is_file():
+                out[int(d.name[1:])] = d
+        return out
 
     def _failed(self, ann: WeightAnnouncement, exc: Exception) -> None:
         kind = "verification" if isinstance(exc, WeightVerificationError) else "download"
@@ -207,11 +282,21 @@ class WeightFollower:
     # -- on the sampler's loop -------------------------------------------------------------------
 
     async def follow(self, stop: asyncio.Event, poll_s: float) -> None:
-        """Poll the announcement every ``poll_s`` until ``stop``; swap in what was verified."""
+        """Act on every announcement the moment it is published (pub/sub), and read the key
+        every ``poll_s`` as well (a message missed while Redis was away); swap in what
+        verified."""
         while not stop.is_set():
-            await self.poll()
+            polled = time.monotonic()
+            async for message in self.streams.weight_announcements(min(poll_s, 1.0)):
+                if stop.is_set():
+                    return
+                if message is not None or time.monotonic() - polled >= poll_s:
+                    await self.poll()
+                    polled = time.monotonic()
+                    await self.apply_staged()
+            await self.poll()  # the subscription broke: poll until it is back
             await self.apply_staged()
-            await wait_or_stop(stop, poll_s)
+            await wait_or_stop(stop, min(poll_s, 1.0))
 
     async def apply_staged(self) -> None:
         """Swap staged weights into the engine (between engine steps) and delete older versions."""

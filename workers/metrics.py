@@ -138,6 +138,27 @@ class SamplerMetrics:
         )
         for kind in ("announcement", "download", "verification"):
             self.weight_failures.labels(kind)
+        self.weight_fetches = Counter(
+            p + "weight_fetches",
+            "Weight versions taken, by how: link (same machine), delta, full.",
+            ["method"],
+            registry=r,
+        )
+        for method in ("link", "delta", "full"):
+            self.weight_fetches.labels(method)
+        self.weight_bytes_received = Counter(
+            p + "weight_bytes_received",
+            "Weight bytes received, by source (learner or a peer sampler).",
+            ["source"],
+            registry=r,
+        )
+        for source in ("learner", "peer"):
+            self.weight_bytes_received.labels(source)
+        self.weight_bytes_relayed = Gauge(
+            p + "weight_bytes_relayed",
+            "Weight bytes this sampler served to other samplers.",
+            registry=r,
+        )
         self.idle_seconds = Counter(
             p + "idle_seconds", "Seconds with no tree growing (waiting for prompts).", registry=r
         )

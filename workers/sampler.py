@@ -17,6 +17,7 @@ What the learner does with the trees is in ``learner/``; the algorithm is ``pipe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ from pipeline.rewards import WRONG
 from pipeline.sampling import TreeSampler
 from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Delivery, Streams
 from pipeline.tasks import reward_fn
+from pipeline.weightserver import ServeCounters, WeightStore, add_routes
 from workers.accounting import Accounting
 from workers.engine import EngineOptions, GenerationStopped, VLLMPathGenerator
 from workers.follow import WeightFollower
@@ -45,6 +47,10 @@ from workers.metrics import SamplerMetrics
 from workers.prompts import prompt_problem
 
 log = logging.getLogger(__name__)
+
+DECIDE_AFTER_S = 0.002
+"""How long a path's boundary waits for other boundaries of the same engine step (they arrive
+from the engine's thread one by one) before its tree decides how many new paths to fork."""
 
 
 class Sampler:
@@ -79,14 +85,17 @@ class Sampler:
             tree_cfg,
             rng=random.Random(f"{settings.run.seed}-{self.worker_id}"),
             decode=decode_text,
+            decide_after_s=DECIDE_AFTER_S,
         )
         self.work_dir = Path(opts.work_dir) / self.worker_id
         self.accounting = Accounting(self.metrics, self.work_dir / "summary.json")
         engine.meter.listeners.append(self.accounting.on_step)
         self._growing: dict[asyncio.Task[None], Delivery] = {}
         self.follower = WeightFollower.for_sampler(
-            settings, self.streams, engine, self.metrics, self.work_dir
+            settings, self.streams, engine, self.metrics, self.work_dir, self.worker_id
         )
+        self.relay = ServeCounters()
+        self.metrics.weight_bytes_relayed.set_function(lambda: self.relay.bytes_sent)
         self.heartbeat = HeartbeatSender(
             self.streams,
             self.worker_id,
@@ -137,10 +146,17 @@ class Sampler:
         self.accounting.started = time.monotonic()
         await self.streams.ensure_group(keys.prompts, PROMPT_GROUP)
         await self.streams.ensure_group(keys.trees, TREE_GROUP)
-        runner, self.port = await start(
-            make_app(self.metrics.registry, self.health),
-            self.settings.sampler.host,
-            self.settings.sampler.port,
+        app = make_app(self.metrics.registry, self.health, {"run": self.settings.run.name})
+        w = self.settings.weights
+        if w.relay:  # serve the versions this sampler verified to its peers
+            token = w.token.get_secret_value() if w.token else None
+            add_routes(
+                app, WeightStore(self.work_dir), token, slots=w.serve_slots, counters=self.relay
+            )
+        runner, self.port = await start(app, self.settings.sampler.host, self.settings.sampler.port)
+        opts = self.settings.sampler
+        self.follower.relay_url = (
+            (opts.public_url or f"http://{opts.host}:{self.port}").rstrip("/") if w.relay else ""
         )
         log.info(
             "sampler %s serving /metrics on %s:%d",
@@ -162,6 +178,9 @@ class Sampler:
             self.stop.set()
             await background.close()
             self.write_summary()
+            if self.follower.relay_url:
+                with contextlib.suppress(TransportError, Stopping):
+                    await self.streams.withdraw_weights(self.worker_id)
             await self.heartbeat.send("stopped")
             await runner.cleanup()
             await self.streams.close()
@@ -277,7 +296,7 @@ class Sampler:
         if task.created_at > 0:
             self.metrics.prompt_wait_seconds.observe(max(0.0, time.time() - task.created_at))
         try:
-            tree = await self.tree_sampler.grow(task.prompt_token_ids)
+            tree = await self.engine.call(self.tree_sampler.grow(task.prompt_token_ids))
         except GenerationStopped as exc:
             raise Stopping(str(exc)) from exc
         except (ValueError, TypeError) as exc:  # the engine refused the request

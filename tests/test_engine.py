@@ -1,0 +1,142 @@
+"""The vLLM path engine on the real CPU engine: weight swaps between steps with every token's
+version exact (checked against the engine's own record), siblings finding their parent's context
+in the prefix cache, stopping, and trees grown without barriers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import TreeConfig
+from pipeline.sampling import PathRequest, TreeSampler
+from tests.helpers import restore_base_weights
+from workers.engine import GenerationStopped, VLLMPathGenerator
+
+pytestmark = pytest.mark.slow
+
+
+def prompt(tokenizer, text: str = "12+34+5=") -> list[int]:  # type: ignore[no-untyped-def]
+    return list(tokenizer(text)["input_ids"])
+
+
+def test_a_swap_lands_between_steps_and_every_token_carries_its_version(
+    engine: VLLMPathGenerator,
+    tokenizer,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    """Paths running across a swap: the tokens before it carry the old version, those after it
+    the new one, exactly where vLLM's own per-step labels put the change."""
+    start = engine.policy_version
+    new = start + 7
+
+    async def main() -> list[object]:
+        paths = [engine.open(PathRequest(prompt(tokenizer), 40)) for _ in range(6)]
+        firsts = [await p.next(2) for p in paths]
+        assert all(s.policy_version == start for s in firsts)
+        d = tmp_path / "same-weights"
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(
+            (Path(engine.options.model) / "model.safetensors").read_bytes()
+        )
+        engine.stage_weights(new, d)
+        assert await engine.apply_staged() is not None
+        assert engine.policy_version == new
+        requests = [await p._resolved() for p in paths]
+        for p, r in zip(paths, requests):  # read each to its end
+            while not (r.done and r.read == len(r.tokens)):
+                await p.next(1)
+        return requests  # type: ignore[return-value]
+
+    try:
+        requests = asyncio.run(main())
+    finally:
+        restore_base_weights(engine, tmp_path, start)
+    straddled = 0
+    for r in requests:
+        versions = r.versions  # type: ignore[attr-defined]
+        assert versions == sorted(versions) and set(versions) <= {start, new}
+        assert r.spans is not None, "the engine reports its own version spans"  # type: ignore[attr-defined]
+        engine_view = [v for v, a, b in r.spans for _ in range(a, b)]  # type: ignore[attr-defined]
+        assert versions == engine_view
+        straddled += len(set(versions)) == 2
+    assert straddled >= 1, "no request ran across the swap"
+
+
+def test_a_sibling_finds_its_parents_context_in_the_prefix_cache(
+    engine: VLLMPathGenerator,
+    tokenizer,  # type: ignore[no-untyped-def]
+) -> None:
+    """A path that goes on keeps its KV; a new sibling at its boundary computes only what lies
+    past the last full KV block of the shared context."""
+    context = prompt(tokenizer, "+".join(str(10 + i) for i in range(16)) + "=")
+    assert len(context) > 2 * engine.block_size
+
+    async def main() -> tuple[int, int]:
+        engine.reset_prefix_cache()
+        parent = engine.open(PathRequest(context, 8))
+        first = await parent.next(4)
+        before = engine.meter.snapshot()
+        sibling = engine.open(PathRequest(context + first.token_ids, 4))
+        await sibling.next(1)
+        after = engine.meter.snapshot()
+        parent.cancel()
+        sibling.cancel()
+        return int(after["cached_tokens"] - before["cached_tokens"]), int(
+            after["prefill_tokens"] - before["prefill_tokens"]
+        )
+
+    cached, computed = asyncio.run(main())
+    full_blocks = (len(context) // engine.block_size) * engine.block_size
+    assert cached >= full_blocks
+    assert computed <= len(context) + 4 - full_blocks
+
+
+def test_stopping_ends_every_read(engine: VLLMPathGenerator, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        path = engine.open(PathRequest(prompt(tokenizer), 40))
+        await path.next(1)
+        engine.request_stop()
+        with pytest.raises(GenerationStopped):
+            await path.next(30)
+        with pytest.raises(GenerationStopped):
+            engine.open(PathRequest(prompt(tokenizer), 4))
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.stopping = False
+
+
+def test_trees_grow_on_the_engine_loop_with_no_barrier(
+    engine: VLLMPathGenerator,
+    tokenizer,  # type: ignore[no-untyped-def]
+) -> None:
+    """Many trees at once through ``call`` (as the sampler runs them): every tree is complete,
+    the engine ran paths of several trees in the same steps, and every request ended."""
+    cfg = TreeConfig(
+        width=4,
+        segment_tokens=4,
+        max_depth=8,
+        initial_divergence=2,
+        eos_token_id=engine.eos_token_id,
+    )
+    sampler = TreeSampler(
+        engine, cfg, rng=0, decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    )
+    steps: list[object] = []
+    engine.meter.listeners.append(steps.append)
+
+    async def main() -> list[object]:
+        return list(
+            await asyncio.gather(*(engine.call(sampler.grow(prompt(tokenizer))) for _ in range(6)))
+        )
+
+    try:
+        trees = asyncio.run(main())
+    finally:
+        engine.meter.listeners.remove(steps.append)
+    assert all(len(t.leaves) == 4 for t in trees)  # type: ignore[attr-defined]
+    assert max(s.decoded_tokens for s in steps) > cfg.width  # type: ignore[attr-defined]
+    assert not engine.live and engine.meter.in_flight == 0
