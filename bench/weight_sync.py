@@ -16,7 +16,9 @@ Parts (``--gigabytes`` of synthetic float32 safetensors, 1 GB by default):
   advertises it in Redis and serves it to the others). Seconds until all hold it, bytes the
   learner sent. Receivers are download-only processes (no vLLM engine: eight engines do not fit
   this machine next to each other); what they run is the samplers' fetch and relay code.
-* ``delta``: one receiver holding version v fetches v+1 published as a delta.
+* ``delta``: one receiver holding version v fetches v+1 published as a delta (bf16 weights, what
+  a GPU run publishes; one step of relative size 1e-3; seconds include the rebuild and its
+  verification, bytes are the delta's).
 * ``codec``: what compresses a real optimizer step best, fp32 and bf16: the toy model trained two
   AdamW steps at the demo's learning rate; XOR + byte planes + zstd (what ships) against XOR +
   zstd and zstd of the new weights; every encoding decoded and compared bit for bit.
@@ -260,11 +262,17 @@ class Publisher:
         return time.perf_counter() - started, data
 
 
-def synthetic_weights(out: Path, gigabytes: float, seed: int = 0, scale: float = 0.0) -> list[Path]:
+def synthetic_weights(
+    out: Path, gigabytes: float, seed: int = 0, scale: float = 0.0, bf16: bool = False
+) -> list[Path]:
     """One safetensors file of ``gigabytes`` of float32 (random; ``scale`` > 0: the seed-0
-    weights moved by a relative step of that size, like one optimizer step)."""
+    weights moved by a relative step of that size, like one optimizer step; ``bf16``: stored
+    as bfloat16, what a GPU run publishes)."""
     import numpy as np
     from safetensors.numpy import save_file
+
+    if bf16:
+        return _bf16_weights(out, gigabytes, seed, scale)
 
     out.mkdir(parents=True, exist_ok=True)
     n = int(gigabytes * 1e9) // 4 // 1024 * 1024
@@ -281,6 +289,42 @@ def synthetic_weights(out: Path, gigabytes: float, seed: int = 0, scale: float =
         i += 1
     path = out / "model.safetensors"
     save_file(tensors, str(path))
+    return [path]
+
+
+def _bf16_weights(out: Path, gigabytes: float, seed: int, scale: float) -> list[Path]:
+    """``synthetic_weights`` in bfloat16 (the top 16 bits of the float32 values; written with
+    the safetensors format by hand: numpy has no bfloat16)."""
+    import numpy as np
+
+    out.mkdir(parents=True, exist_ok=True)
+    n = int(gigabytes * 1e9) // 2 // 1024 * 1024
+    rng = np.random.default_rng(0)
+    header, blobs, offset, left, i = {}, [], 0, n, 0
+    while left > 0:
+        k = min(left, 64 * 2**20)
+        w = rng.standard_normal(k, dtype=np.float32)
+        if scale:
+            step = np.random.default_rng(seed + i).standard_normal(k, dtype=np.float32)
+            w = (w + scale * np.abs(w) * step).astype(np.float32)
+        raw = (w.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+        header[f"layer{i}.weight"] = {
+            "dtype": "BF16",
+            "shape": [k // 1024, 1024],
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        blobs.append(raw)
+        offset += len(raw)
+        left -= k
+        i += 1
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    path = out / "model.safetensors"
+    with path.open("wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for raw in blobs:
+            f.write(raw)
     return [path]
 
 
@@ -369,12 +413,18 @@ async def synthetic(work: Path, gigabytes: float, repeats: int, quick: bool) -> 
                     )
                     await _set_slots(pub, 0)
                     rows.append(_row(mode, n, r, size, seconds, raw[n], egress, reports, publish_s))
-            # delta: receivers hold this version; the next one is published as a delta
+            # delta: a receiver holds a bf16 version; the next one (one step of relative size
+            # 1e-3) is published as a delta against it
+            base = synthetic_weights(work / "bf16base", gigabytes, bf16=True)
+            version += 1
+            pub.publish(version, base)
             held = work / "held"
             shutil.rmtree(held, ignore_errors=True)
             shutil.copytree(pub.store.path(version), held / f"v{version}")
             version += 1
-            step = synthetic_weights(work / f"step{version}", gigabytes, seed=version, scale=1e-3)
+            step = synthetic_weights(
+                work / f"step{version}", gigabytes, seed=version, scale=1e-3, bf16=True
+            )
             publish_s, data = pub.publish(version, step, delta_every=1_000_000)
             seconds, reports, egress = await run_fetch(
                 pub,

@@ -142,6 +142,17 @@ class LearnerMetrics:
             "version fetch these instead of the full files).",
             registry=r,
         )
+        self.eval_accuracy = Gauge(
+            p + "eval_accuracy",
+            "Greedy accuracy of the newest published policy on the evaluation split.",
+            registry=r,
+        )
+        self.eval_seconds = Histogram(
+            p + "eval_seconds",
+            "Seconds one held-out evaluation took.",
+            buckets=(1, 5, 10, 30, 60, 300, 1800),
+            registry=r,
+        )
         self.weight_bytes_served = Gauge(
             p + "weight_bytes_served",
             "Weight bytes the learner's server sent (manifests and files, all versions).",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import random
@@ -30,6 +31,7 @@ from typing import Any
 
 from learner.admission import Admission, load_problems
 from learner.batch import TrainBatch, build_batch
+from learner.evaluate import Evaluator, eval_problems
 from learner.follower import Follower
 from learner.intake import Intake
 from learner.metrics import LearnerMetrics
@@ -37,7 +39,7 @@ from learner.persistence import Persistence
 from learner.ranks import control, launch, rank
 from learner.rules import leaf_summary, staleness
 from learner.state import LearnerState, Resolved
-from learner.steplog import StepRecord, write_step
+from learner.steplog import StepRecord, TensorBoardLog, write_step
 from learner.trainer import Engine, StepStats, build_engine, train_on_batch
 from pipeline.config import LearnerSettings
 from pipeline.entry import ProcessSpec, exit_now, process_main
@@ -95,6 +97,11 @@ class Learner:
         """When the first tree arrived (the training clock of ``max_seconds`` starts here)."""
         self.wait_seconds = 0.0
         """Seconds spent waiting for trees after the first one arrived (idle time)."""
+        self.tensorboard = TensorBoardLog(opts.tensorboard_dir) if opts.tensorboard_dir else None
+        held_out = eval_problems(settings)
+        self.evaluator = Evaluator(settings, tokenizer, held_out) if held_out else None
+        self.last_eval: tuple[float, int] | None = None
+        """(accuracy, step) of the newest held-out evaluation."""
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -207,6 +214,8 @@ class Learner:
         self.metrics.observe_step(record, lags, stats.tokens)
         self.since_step = Resolved()
         write_step(self.work, record)
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
         if (
             self.state.step % opts.checkpoint_every == 0
             or self.state.step >= opts.total_steps
@@ -215,6 +224,8 @@ class Learner:
             await self._checkpoint()
         if self.state.step % opts.publish_every == 0:
             await self._publish()
+        if self.evaluator is not None and self.state.step % opts.eval_every == 0:
+            await self._evaluate()
 
     def _train(self, trees: list[TreeRollout], batch: TrainBatch) -> StepStats:
         """The update, on every rank: the others get the trees and build the same batch."""
@@ -261,6 +272,8 @@ class Learner:
             readmitted_ids=self.since_step.readmitted,
             outstanding=len(self.state.ledger.outstanding),
             **StepRecord.loss_fields(stats),
+            eval_accuracy=self.last_eval[0] if self.last_eval else None,
+            eval_step=self.last_eval[1] if self.last_eval else None,
         )
         return record
 
@@ -271,6 +284,33 @@ class Learner:
 
     async def _publish(self) -> None:
         await self.durable.publish(self.version, self.base_url)
+
+    async def _evaluate(self) -> None:
+        """Greedy held-out accuracy of the weights just published (their version's files)."""
+        assert self.evaluator is not None
+        if self.version not in self.durable.store.versions():
+            await self._publish()
+        weights = self.durable.store.path(self.version)
+        accuracy, seconds = await asyncio.to_thread(self.evaluator.accuracy, weights)
+        self.last_eval = (accuracy, self.state.step)
+        self.metrics.eval_accuracy.set(accuracy)
+        self.metrics.eval_seconds.observe(seconds)
+        with (self.work / "evals.jsonl").open("a") as f:
+            record = {
+                "step": self.state.step,
+                "version": self.version,
+                "accuracy": accuracy,
+                "problems": len(self.evaluator.problems),
+                "seconds": seconds,
+            }
+            f.write(json.dumps(record) + "\n")
+        log.info(
+            "evaluation at step %d: greedy accuracy %.3f on %d held-out problems (%.1fs)",
+            self.state.step,
+            accuracy,
+            len(self.evaluator.problems),
+            seconds,
+        )
 
 
 # -- entry point ---------------------------------------------------------------------------------
@@ -283,6 +323,7 @@ def build_learner(settings: LearnerSettings) -> Learner | Follower:
     if not model or not Path(model).is_dir():
         raise ConfigError(f"TREEPO_LEARNER__MODEL: {model!r} is not a model directory")
     problems = load_problems(settings)  # a bad dataset or reward fails before DeepSpeed starts
+    eval_problems(settings)  # so does a bad evaluation split
     engine = build_engine(model, settings.learner)
     if rank() != 0:
         return Follower(settings, engine)

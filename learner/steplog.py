@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from learner.trainer import StepStats
+from pipeline.errors import ConfigError
 
 log = logging.getLogger("learner.process")
 
@@ -50,6 +51,10 @@ class StepRecord:
     """Token positions the step's forward passes computed (packed trees: each token once)."""
     tokens_per_leaf: float
     """What one row per leaf (no padding) would have computed for the same passes."""
+    eval_accuracy: float | None = None
+    """Greedy held-out accuracy of the newest evaluation (``eval_every``), None before one."""
+    eval_step: int | None = None
+    """The step whose published weights that evaluation scored."""
 
     @staticmethod
     def loss_fields(stats: StepStats) -> dict[str, float]:
@@ -86,6 +91,30 @@ def write_step(work: Path, r: StepRecord) -> None:
         r.is_ess,
         r.tokens_per_second,
     )
+
+
+class TensorBoardLog:
+    """The step log's numbers as TensorBoard scalars (``TREEPO_LEARNER__TENSORBOARD_DIR``;
+    needs the ``tracking`` extra: ``pip install 'treepo[tracking]'``)."""
+
+    def __init__(self, directory: str) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError(
+                "TREEPO_LEARNER__TENSORBOARD_DIR needs the tensorboard package "
+                "(pip install 'treepo[tracking]')"
+            ) from None
+        self.writer = SummaryWriter(log_dir=directory)
+
+    def write(self, r: StepRecord) -> None:
+        for name, value in asdict(r).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
+                self.writer.add_scalar(name, value, r.step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def cut_step_log(work: Path, step: int) -> None:

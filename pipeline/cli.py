@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -67,7 +68,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
         print(line)
     if problems:
         return 2
-    print("models, dataset and Redis: ok")
+    print("models, tokenizers, dataset, rewards, Redis and weight URL: ok")
     return 0
 
 
@@ -241,6 +242,25 @@ def _add_data_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     gsm8k.set_defaults(func=_cmd_data_gsm8k)
 
 
+def _add_watch_commands(sub: Any) -> None:
+    """``treepo status`` and ``treepo tree show``."""
+    status = sub.add_parser("status", help="live view of a running pipeline (Redis + /metrics)")
+    status.add_argument("--metrics", nargs="*", help="metrics URLs (default: the Procfile ports)")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes")
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.set_defaults(func=_cmd_status)
+    tree = sub.add_parser("tree", help="look at published trees").add_subparsers(
+        dest="tree_command", required=True, metavar="ACTION"
+    )
+    show = tree.add_parser("show", help="render one tree as HTML (nodes, text, leaf rewards)")
+    show.add_argument(
+        "file", nargs="?", help="a TreeRollout msgpack file (default: newest on the stream)"
+    )
+    show.add_argument("--model", help="model directory whose tokenizer.json decodes the tokens")
+    show.add_argument("--out", default="tree.html")
+    show.set_defaults(func=_cmd_tree_show)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="treepo", description="TreePO actor-learner pipeline tools"
@@ -276,23 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     for plugin in entry_points(group=COMMAND_PLUGINS):  # e.g. ``toy`` from the toy kit
         plugin.load()(sub)
 
-    status = sub.add_parser("status", help="live view of a running pipeline (Redis + /metrics)")
-    status.add_argument("--metrics", nargs="*", help="metrics URLs (default: the Procfile ports)")
-    status.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes")
-    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
-    status.set_defaults(func=_cmd_status)
-
-    tree = sub.add_parser("tree", help="look at published trees").add_subparsers(
-        dest="tree_command", required=True, metavar="ACTION"
-    )
-    show = tree.add_parser("show", help="render one tree as HTML (nodes, text, leaf rewards)")
-    show.add_argument(
-        "file", nargs="?", help="a TreeRollout msgpack file (default: newest on the stream)"
-    )
-    show.add_argument("--model", help="model directory whose tokenizer.json decodes the tokens")
-    show.add_argument("--out", default="tree.html")
-    show.set_defaults(func=_cmd_tree_show)
-
+    _add_watch_commands(sub)
     _add_data_commands(sub)
     export = sub.add_parser(
         "export", help="a learner checkpoint as a Hugging Face model directory (any step)"

@@ -394,6 +394,21 @@ class LearnerOptions(_Section):
     counted (``treepo_learner_prompts_too_long_total``) and logged, never sent to a sampler
     whose engine cannot hold them. Set it to the engine's context length minus the tree's
     ``max_response_tokens``; 0 = no limit."""
+    tensorboard_dir: str = ""
+    """Also write every step record's numbers as TensorBoard scalars here (needs the
+    ``tracking`` extra); empty = no TensorBoard."""
+    eval_every: int = Field(0, ge=0, le=1_000_000)
+    """Evaluate the published policy every this many steps (greedy accuracy on the evaluation
+    split, in the step log as ``eval_accuracy`` and in ``treepo_learner_eval_accuracy``); 0 =
+    never."""
+    eval_dataset: str = ""
+    """The evaluation split: a local ``.jsonl``/``.parquet`` file or ``save_to_disk`` directory
+    with the training dataset's fields; empty = the built-in task's held-out split (with
+    ``dataset = arith``)."""
+    eval_size: int = Field(64, ge=1, le=1_000_000)
+    """Problems of the evaluation split used (its first ones)."""
+    eval_max_tokens: int = Field(64, ge=1, le=1_000_000)
+    """Most tokens one evaluation answer may have."""
     dynamic_sampling: bool = True
     """Drop trees whose leaves all have the same reward (no signal)."""
     readmit_after_s: float = Field(300.0, gt=0, le=86_400)

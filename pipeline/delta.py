@@ -67,21 +67,21 @@ def apply_blocks(
     import zstandard
 
     b = np.frombuffer(base, dtype=np.uint8)
-    out = np.empty(min(BLOCK, len(b)), dtype=np.uint8)
+    raw = np.empty(min(BLOCK, len(b)), dtype=np.uint8)
     try:
-        reader = zstandard.ZstdDecompressor().stream_reader(delta)
+        reader = zstandard.ZstdDecompressor().stream_reader(delta, read_size=1 << 20)
         for start in range(0, len(b), BLOCK):
             end = min(len(b), start + BLOCK)
-            raw = reader.read(end - start)
-            while len(raw) < end - start:
-                more = reader.read(end - start - len(raw))
-                if not more:
+            view = raw[: end - start]
+            got = 0
+            while got < len(view):  # readinto fills part of the buffer at a time
+                n = reader.readinto(view[got:].data)
+                if not n:
                     raise WeightVerificationError(
-                        f"delta ends at byte {start + len(raw)}, the base has {len(b)}"
+                        f"delta ends at byte {start + got}, the base has {len(b)}"
                     )
-                raw += more
-            view = out[: end - start]
-            np.bitwise_xor(np.frombuffer(raw, dtype=np.uint8), b[start:end], out=view)
+                got += n
+            np.bitwise_xor(view, b[start:end], out=view)
             write(start, view.data)
         if reader.read(1):
             raise WeightVerificationError("delta is longer than the base")

@@ -1,4 +1,5 @@
-"""Tasks and datasets: the built-in arithmetic-chain task and local JSONL/Parquet datasets.
+"""Tasks and datasets: the built-in arithmetic-chain task and local datasets (JSONL, Parquet,
+or a Hugging Face ``save_to_disk`` directory).
 
 A ``Problem`` is a prompt text, a reference answer and a reward function name. The built-in
 task ``arith`` asks for the sum of a few numbers, written as one intermediate step per addition
@@ -126,12 +127,17 @@ def reward_fn(task: str) -> Callable[[str, str], float]:
 def load_dataset(
     path: str | Path, prompt_field: str = "prompt", answer_field: str = "answer", task: str = "math"
 ) -> list[Problem]:
-    """Read a local JSONL or Parquet file into problems. Each row needs a non-empty string (or
-    number) in ``prompt_field`` and ``answer_field``; any other row is an error naming the file,
-    the (1-based) row and the field."""
+    """Read a local JSONL or Parquet file, or a Hugging Face ``datasets`` directory written by
+    ``save_to_disk``, into problems. Each row needs a non-empty string (or number) in
+    ``prompt_field`` and ``answer_field``; any other row is an error naming the file, the
+    (1-based) row and the field."""
     path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file")
+    if not path.is_file() and not _is_saved_dataset(path):
+        raise DatasetError(
+            f"{path}: no such file"
+            if not path.is_dir()
+            else f"{path}: a directory but not a saved dataset (no dataset_info.json / state.json)"
+        )
     reward_fn(task)
     rows = _read_rows(path)
     out = []
@@ -152,8 +158,36 @@ def load_dataset(
     return out
 
 
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+    )
+
+
+def _read_saved(path: Path) -> list[tuple[int, object]]:
+    """Rows of a ``save_to_disk`` directory (a ``DatasetDict``: its ``train`` split)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError(
+            f"{path}: reading a saved Hugging Face dataset needs the datasets package "
+            "(pip install 'treepo[data]')"
+        ) from None
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, FileNotFoundError) as exc:
+        raise DatasetError(f"{path}: not a readable saved dataset ({exc})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DatasetError(f"{path}: a dataset dict without a 'train' split ({list(loaded)})")
+        loaded = loaded["train"]
+    return list(enumerate(loaded.to_list(), start=1))
+
+
 def _read_rows(path: Path) -> list[tuple[int, object]]:
     """(row number, row) pairs; for JSONL the row number is the line number."""
+    if _is_saved_dataset(path):
+        return _read_saved(path)
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq

@@ -25,7 +25,6 @@ and the socket and file calls release the GIL, so pieces proceed in parallel.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import logging
 import os
 import queue
@@ -35,6 +34,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http.client import HTTPConnection, HTTPException, HTTPResponse, HTTPSConnection
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -86,12 +86,14 @@ class Sources:
     prefer_peers: bool = True
 
     def order(self, bad: set[str]) -> list[str]:
+        """Sources to try for a piece: the peers that have the version (in random order) while
+        any is left, so the learner sends a version only to the first receivers and to those
+        whose peers all failed; otherwise the learner."""
         peers = [p for p in self.peers() if p not in bad and p != self.learner]
         random.shuffle(peers)
-        learner = [] if self.learner in bad else [self.learner]
         if self.prefer_peers and peers:
-            return peers + learner  # the learner only after every peer was tried
-        return learner + peers
+            return peers  # busy peers are waited for, not bypassed
+        return ([] if self.learner in bad else [self.learner]) + peers
 
 
 def fetch_version(
@@ -138,7 +140,7 @@ def fetch_version(
         return manifest, final, stats
     except (WeightVerificationError, WeightDownloadError):
         raise
-    except (OSError, http.client.HTTPException, TimeoutError) as exc:
+    except (OSError, HTTPException, TimeoutError) as exc:
         raise WeightDownloadError(f"download of {sources.learner} failed: {exc}") from exc
     finally:
         client.close()
@@ -281,20 +283,16 @@ class _Client:
             self.headers["Authorization"] = f"Bearer {token}"
         self.deadline = deadline
         self.local = threading.local()
-        self.all: list[http.client.HTTPConnection] = []
+        self.all: list[HTTPConnection] = []
         self.lock = threading.Lock()
 
-    def _conn(self, base: str) -> tuple[http.client.HTTPConnection, str]:
+    def _conn(self, base: str) -> tuple[HTTPConnection, str]:
         parts = urlsplit(base)
-        conns: dict[str, http.client.HTTPConnection] = self.local.__dict__.setdefault("conns", {})
+        conns: dict[str, HTTPConnection] = self.local.__dict__.setdefault("conns", {})
         key = parts.netloc
         if key not in conns:
             left = max(1.0, self.deadline - time.monotonic())
-            cls = (
-                http.client.HTTPSConnection
-                if parts.scheme == "https"
-                else http.client.HTTPConnection
-            )
+            cls = HTTPSConnection if parts.scheme == "https" else HTTPConnection
             conns[key] = cls(parts.netloc, timeout=min(60.0, left))
             with self.lock:
                 self.all.append(conns[key])
@@ -306,16 +304,14 @@ class _Client:
         if conn is not None:
             conn.close()
 
-    def get(
-        self, base: str, name: str, headers: dict[str, str] | None = None
-    ) -> http.client.HTTPResponse:
+    def get(self, base: str, name: str, headers: dict[str, str] | None = None) -> HTTPResponse:
         if time.monotonic() > self.deadline:
             raise WeightDownloadError("download timed out")
         conn, path = self._conn(base)
         try:
             conn.request("GET", f"{path}/{name}", headers={**self.headers, **(headers or {})})
             resp = conn.getresponse()
-        except (OSError, http.client.HTTPException):
+        except (OSError, HTTPException):
             self._drop(base)
             raise
         if resp.status == 503:
@@ -335,7 +331,7 @@ class _Client:
                     body = resp.read()
                 except Busy:
                     continue
-                except (OSError, http.client.HTTPException) as exc:
+                except (OSError, HTTPException) as exc:
                     errors.append(f"{base}: {exc}")
                     continue
                 if resp.status == 200:
@@ -432,7 +428,7 @@ class _Client:
                     with self.lock:
                         stats.busy_answers += 1
                     continue
-                except (OSError, http.client.HTTPException, WeightDownloadError) as exc:
+                except (OSError, HTTPException, WeightDownloadError) as exc:
                     failures.append(f"{base}: {exc}")
                     bad.add(base)
                     with self.lock:

@@ -59,7 +59,7 @@ class WeightStore:
         root: Path,
         keep: int = 3,
         full_every: int = 10,
-        delta_max_ratio: float = 0.8,
+        delta_max_ratio: float = 0.5,
         chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self.root = Path(root)
@@ -68,7 +68,9 @@ class WeightStore:
         self.full_every = full_every
         """Every this many versions no delta is offered (0: never a delta)."""
         self.delta_max_ratio = delta_max_ratio
-        """A delta is offered only when it is at most this fraction of the full bytes."""
+        """A delta is offered only when it is at most this fraction of the full bytes: rebuilding
+        costs a pass over the whole file, which a small delta repays on any link and a large one
+        does not (bench/weight_sync.py)."""
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, version: int) -> Path:

@@ -24,9 +24,8 @@ def make_streams(server: RedisServer, run: str = "test", **stream_kw: object) ->
 
 
 TOY_TEST_SPEC = {
-    "max_steps": 300,
+    "worked_steps": 300,
     "eval_every": 300,
-    "target_accuracy": 1.1,
     "eval_problems": 50,
     "mix_steps": 0,
 }

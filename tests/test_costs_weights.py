@@ -80,7 +80,10 @@ def test_manifest_and_header_checks(tmp_path: Path) -> None:
         safetensors_header(bad)
     for evil in ("../x.safetensors", "model.bin", ".hidden.safetensors"):
         body = json.dumps(
-            {"version": 1, "files": [{"name": evil, "size": 1, "digest": "blake3:0", "pieces": ["0"]}]}
+            {
+                "version": 1,
+                "files": [{"name": evil, "size": 1, "digest": "blake3:0", "pieces": ["0"]}],
+            }
         ).encode()
         with pytest.raises(WeightVerificationError, match="not a plain"):
             Manifest.from_bytes(body)

@@ -182,7 +182,14 @@ def test_learner_trains_publishes_survives_a_kill(
     async def main() -> tuple[dict, dict, dict]:  # type: ignore[type-arg]
         sampling = asyncio.create_task(sampler.run())
         port = free_port()
-        proc = start_learner(learner_env(redis_server, toy_model, work, port, 50), log)
+        env = learner_env(redis_server, toy_model, work, port, 50)
+        env.update(
+            TREEPO_LEARNER__EVAL_EVERY="2",
+            TREEPO_LEARNER__EVAL_SIZE="8",
+            TREEPO_LEARNER__EVAL_MAX_TOKENS="32",
+            TREEPO_LEARNER__TENSORBOARD_DIR=str(tmp_path / "tb"),
+        )
+        proc = start_learner(env, log)
         try:
             deadline = time.monotonic() + 300
             while time.monotonic() < deadline:
@@ -235,6 +242,18 @@ def test_learner_trains_publishes_survives_a_kill(
     # every field of the step log is documented
     ops_doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
     assert not [k for k in steps[0] if f"`{k}`" not in ops_doc]
+    # periodic held-out evaluation: in its own log, in the step log, as TensorBoard scalars
+    evals = [json.loads(line) for line in (work / "evals.jsonl").read_text().splitlines()]
+    assert evals and all(e["problems"] == 8 and 0 <= e["accuracy"] <= 1 for e in evals)
+    assert all(e["step"] % 2 == 0 for e in evals)
+    later = [r for r in steps if r["step"] > evals[0]["step"]]
+    assert later and later[0]["eval_accuracy"] is not None and later[0]["eval_step"] >= 2
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "tb"))
+    board.Reload()
+    assert {"reward", "loss", "is_weight_mean"} <= set(board.Tags()["scalars"])
+    assert len(board.Scalars("reward")) >= 3
     # the sampler picked up published weights: later trees carry newer policy versions
     trees: list[TreeRollout] = seen["trees"]  # type: ignore[assignment]
     versions = {n.policy_version for t in trees for n in t.nodes}

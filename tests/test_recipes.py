@@ -64,3 +64,189 @@ def test_gsm8k_preparation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     source.write_text(json.dumps({"question": "q", "answer": "no marker"}) + "\n")
     assert main(["data", "gsm8k", str(source), str(out)]) == 2
     assert "row 1: field 'answer': no '#### answer' line" in capsys.readouterr().err
+
+
+QWEN_CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def random_qwen2(out: Path) -> Path:
+    """A small random-weight Qwen2-architecture model with a byte-level BPE tokenizer and the
+    Qwen chat template (what a downloaded instruct model directory looks like)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["Tom has 3 apples and buys 4 more. How many apples? \\boxed{7} #### 7"] * 20
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=QWEN_CHAT,
+    )
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(fast),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    Qwen2ForCausalLM(config).save_pretrained(str(out))
+    fast.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_gsm8k_recipe_runs_end_to_end(tmp_path: Path) -> None:
+    """The qwen2.5-math-gsm8k recipe's own settings (chat template, system prompt, math-verify
+    reward, data command), with only what a CPU needs changed, through the real learner and
+    sampler processes for two steps; the trained directory loads in transformers and vLLM."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.services import RedisServer, free_port, wait_port
+
+    model = random_qwen2(tmp_path / "qwen")
+    raw = tmp_path / "gsm8k-train.jsonl"
+    rows = [
+        {
+            "question": f"Tom has {a} apples and buys {b} more. How many apples?",
+            "answer": f"{a}+{b}={a + b}\n#### {a + b}",
+        }
+        for a, b in ((3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1))
+    ]
+    raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = tmp_path / "train.jsonl"
+    assert main(["data", "gsm8k", str(raw), str(data)]) == 0
+    redis = RedisServer(tmp_path / "redis", free_port()).start()
+    recipe = read_env_file(ROOT / "recipes" / "qwen2.5-math-gsm8k" / "recipe.env")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TREEPO_")}
+    env.update({k: v for k, v in recipe.items() if k.startswith("TREEPO_")})
+    cpu = {  # what a 2-core machine without a GPU needs instead
+        "TREEPO_REDIS__URL": redis.url,
+        "TREEPO_LEARNER__MODEL": str(model),
+        "TREEPO_SAMPLER__MODEL": str(model),
+        "TREEPO_LEARNER__DATASET": str(data),
+        "TREEPO_LEARNER__EVAL_DATASET": str(data),
+        "TREEPO_LEARNER__EVAL_EVERY": "2",
+        "TREEPO_LEARNER__EVAL_SIZE": "2",
+        "TREEPO_LEARNER__EVAL_MAX_TOKENS": "8",
+        "TREEPO_LEARNER__WORK_DIR": str(tmp_path / "learner"),
+        "TREEPO_SAMPLER__WORK_DIR": str(tmp_path / "samplers"),
+        "TREEPO_LEARNER__PRECISION": "fp32",
+        "TREEPO_LEARNER__ZERO_STAGE": "0",
+        "TREEPO_LEARNER__BATCH_PROMPTS": "2",
+        "TREEPO_LEARNER__MINI_BATCHES": "1",
+        "TREEPO_LEARNER__TOTAL_STEPS": "2",
+        "TREEPO_LEARNER__MICRO_BATCH_TOKENS": "0",
+        "TREEPO_LEARNER__GRADIENT_CHECKPOINTING": "false",
+        "TREEPO_LEARNER__CHECKPOINT_EVERY": "1",
+        "TREEPO_LEARNER__HOST": "127.0.0.1",
+        "TREEPO_LEARNER__DYNAMIC_SAMPLING": "false",
+        "TREEPO_SAMPLER__DTYPE": "float32",
+        "TREEPO_SAMPLER__ENFORCE_EAGER": "true",
+        "TREEPO_SAMPLER__GPU_MEMORY_UTILIZATION": "0.3",
+        "TREEPO_SAMPLER__TREES_IN_FLIGHT": "4",
+        "TREEPO_TREE__WIDTH": "4",
+        "TREEPO_TREE__SEGMENT_TOKENS": "32",
+        "TREEPO_TREE__MAX_DEPTH": "2",
+        "TREEPO_TREE__MAX_RESPONSE_TOKENS": "64",
+        "TREEPO_STREAMS__BLOCK_MS": "200",
+    }
+    env.update(cpu)
+    kept = {k for k in recipe if k.startswith("TREEPO_") and k not in cpu}
+    assert {"TREEPO_LEARNER__CHAT_TEMPLATE", "TREEPO_LEARNER__SYSTEM_PROMPT"} <= kept
+    check = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "--env-file", "/dev/null", "config", "check"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("learner", "sampler")}
+    lport, sport = free_port(), free_port()
+    procs = {
+        "learner": subprocess.Popen(
+            [sys.executable, "-m", "learner.process", "--port", str(lport)],
+            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=logs["learner"],
+        ),
+        "sampler": subprocess.Popen(
+            [sys.executable, "-m", "workers.sampler", "--port", str(sport)],
+            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=logs["sampler"],
+        ),
+    }  # fmt: skip
+    try:
+        assert procs["learner"].wait(timeout=600) == 0, (tmp_path / "learner.log").read_text()[
+            -3000:
+        ]
+        wait_port(sport, timeout=10)
+        import urllib.request
+
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{sport}/metrics", timeout=5).read()
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for f in logs.values():
+            f.close()
+        redis.kill()
+    steps = [json.loads(x) for x in (tmp_path / "learner" / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    # every leaf was scored by the math reward (math-verify): +1 or -1, no reward errors
+    assert all(s["reward"] in (-1.0, 1.0) or -1 <= s["reward"] <= 1 for s in steps)
+    text = metrics.decode()
+    assert 'treepo_sampler_reward_errors_total{run="gsm8k"} 0.0' in text
+    assert "treepo_sampler_leaves_total" in text
+    evals = (tmp_path / "learner" / "evals.jsonl").read_text().splitlines()
+    assert len(evals) == 1 and json.loads(evals[0])["problems"] == 2
+    # the trained model is a normal Hugging Face directory ...
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trained = tmp_path / "learner" / "model"
+    AutoModelForCausalLM.from_pretrained(str(trained))
+    tok = AutoTokenizer.from_pretrained(str(trained))
+    assert tok.chat_template == QWEN_CHAT
+    # ... that vLLM serves
+    import asyncio
+
+    from pipeline.sampling import PathRequest
+    from workers.engine import EngineOptions, VLLMPathGenerator
+
+    engine = VLLMPathGenerator(EngineOptions(model=str(trained), dtype="float32"))
+    try:
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": "2+2?"}], add_generation_prompt=True, tokenize=True
+        )
+        ids = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+
+        async def one() -> int:
+            return len((await engine.open(PathRequest(list(ids), 4)).next(4)).token_ids)
+
+        assert asyncio.run(one()) >= 1
+    finally:
+        engine.close()

@@ -83,3 +83,24 @@ def test_missing_file_and_parquet_without_pyarrow(tmp_path: Path) -> None:
     except ImportError:
         with pytest.raises(DatasetError, match="needs pyarrow"):
             load_dataset(parquet)
+
+
+def test_saved_hugging_face_datasets(tmp_path: Path) -> None:
+    """A ``save_to_disk`` directory (a Dataset, or a DatasetDict's train split) reads like a
+    file; a bad row is named; a directory that is not a saved dataset says so."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"q": "1+1?", "a": "2"}, {"q": "2+3?", "a": "5"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "plain"))
+    problems = load_dataset(tmp_path / "plain", "q", "a")
+    assert [(p.prompt, p.answer) for p in problems] == [("1+1?", "2"), ("2+3?", "5")]
+    split = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:1]), "test": datasets.Dataset.from_list(rows)}
+    )
+    split.save_to_disk(str(tmp_path / "dict"))
+    assert [p.prompt for p in load_dataset(tmp_path / "dict", "q", "a")] == ["1+1?"]
+    datasets.Dataset.from_list([{"q": "x", "a": ""}]).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(DatasetError, match="row 1: field 'a'"):
+        load_dataset(tmp_path / "bad", "q", "a")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="not a saved dataset"):
+        load_dataset(tmp_path / "empty", "q", "a")

@@ -61,13 +61,18 @@ def test_warm_up_batches_mix_direct_and_worked_answers(direct_fraction: float) -
 @pytest.mark.slow
 def test_build_runs_both_phases_and_reuses_a_finished_model(tmp_path: Path) -> None:
     tiny = {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 64, "batch": 8}
-    spec = ToySpec(
-        **tiny, max_steps=3, eval_every=1, target_accuracy=1.1, eval_problems=4, mix_steps=2
-    )  # type: ignore[arg-type]
+    spec = ToySpec(**tiny, worked_steps=3, eval_every=1, eval_problems=4, mix_steps=2)  # type: ignore[arg-type]
     out = build_toy_model(tmp_path / "toy", seed=0, spec=spec)
     meta = json.loads((out / "toy_meta.json").read_text())
-    # phase 1 stops at max_steps (the target is unreachable), then phase 2 adds mix_steps
+    # phase 1's fixed steps, then phase 2's mix_steps
     assert (meta["worked_solution_steps"], meta["steps"]) == (3, 5)
+    # reproducible: a second build from scratch gives the same bytes
+    again = build_toy_model(tmp_path / "again", seed=0, spec=spec)
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert (
+        json.loads((again / "toy_meta.json").read_text())["weights_sha256"]
+        == meta["weights_sha256"]
+    )
     assert meta["kit_version"] == KIT_VERSION and meta["spec"]["direct_fraction"] == 0.5
     weights = out / "model.safetensors"
     stamp = weights.stat().st_mtime_ns

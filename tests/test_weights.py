@@ -122,7 +122,9 @@ class Server:
 
 @pytest.fixture
 def published(tmp_path: Path) -> Iterator[tuple[WeightStore, Server, list[bytes]]]:
-    store = WeightStore(tmp_path / "learner", keep=5, full_every=100, chunk_bytes=256 << 10)
+    store = WeightStore(
+        tmp_path / "learner", keep=5, full_every=100, delta_max_ratio=0.9, chunk_bytes=256 << 10
+    )
     files = [safetensors_bytes(weights(0)), safetensors_bytes(weights(1, step=1e-3))]
     for v, blob in enumerate(files, start=1):
         store.publish(v, lambda d, blob=blob: (d / "model.safetensors").write_bytes(blob))  # type: ignore[misc]

@@ -4,8 +4,8 @@
 (``tokenizers``), a small Qwen2 causal LM, and warm-starts it with supervised training on the
 task's train split in two phases:
 
-1. worked solutions only (``12+34=46;46+7=53;\\boxed{53}``) until greedy held-out accuracy first
-   reaches ``target_accuracy``, so the model can add step by step, but not reliably;
+1. ``worked_steps`` steps of worked solutions only (``12+34=46;46+7=53;\\boxed{53}``), so the
+   model can add step by step, but not reliably (about a quarter of held-out problems right);
 2. ``mix_steps`` more steps where a ``direct_fraction`` of the examples answer at once
    (``\\boxed{53}``), a habit of guessing that is usually wrong for a model this small.
 
@@ -13,6 +13,12 @@ The start is therefore neither hopeless nor solved, and reward has two things to
 prefer working the sum out over guessing, and to add more reliably. The kit saves a normal
 Hugging Face model directory that vLLM and transformers both load. A finished directory is
 reused (``toy_meta.json`` records the seed, spec and kit version), so a second call is instant.
+
+The build is reproducible: a fixed schedule (kit 2 stopped phase 1 at the first evaluation
+reaching an accuracy, so a tiny numeric difference between machines could add or drop 50 steps
+and change the model's accuracy from 0.17 to 0.30), two compute threads whatever the machine
+has, and deterministic kernels. ``toy_meta.json`` records the weights' sha256: the same package
+versions on the same CPU family give the same bytes (a test builds twice and compares).
 """
 
 from __future__ import annotations
@@ -22,13 +28,16 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.fsutil import staged_dir
 from pipeline.tasks import BOX_OPEN, ArithTask
 
 log = logging.getLogger(__name__)
 
-KIT_VERSION = 2
+KIT_VERSION = 3
+BUILD_THREADS = 2
+"""Compute threads of a build, whatever the machine has (reductions split by thread count)."""
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 SYMBOLS = [*"0123456789+=;", "\\boxed{", "}"]
 PAD_ID, EOS_ID = 0, 1
@@ -47,14 +56,15 @@ class ToySpec:
     vocab: int = 32
     batch: int = 64
     lr: float = 2e-3
-    target_accuracy: float = 0.25
-    """Phase 1 (worked solutions) ends once greedy held-out accuracy reaches this."""
+    worked_steps: int = 950
+    """Phase 1 steps (worked solutions only): where held-out greedy accuracy first reached 0.25
+    on the reference machine with kit 2, now a fixed schedule."""
     mix_steps: int = 300
     """Phase 2 steps, where ``direct_fraction`` of the examples answer without working."""
     direct_fraction: float = 0.5
     eval_every: int = 50
+    """Progress lines (with held-out accuracy) every this many steps."""
     eval_problems: int = 200
-    max_steps: int = 3000
 
 
 def build_tokenizer():  # type: ignore[no-untyped-def]
@@ -161,13 +171,13 @@ def _batches(task: ArithTask, tokenizer, spec: ToySpec, seed: int, direct_fracti
 
 
 def _progress(spec: ToySpec, step: int, loss: float, acc: float, elapsed: float) -> None:
-    left = elapsed / step * (spec.max_steps - step + spec.mix_steps)
+    total = spec.worked_steps + spec.mix_steps
+    left = elapsed / step * (total - step)
     log.info(
-        "toy warm-up step %d of at most %d (ends at held-out accuracy %.2f): loss %.3f "
-        "accuracy %.3f; %.0f s so far, at most %.0f s to go",
+        "toy warm-up step %d of %d: loss %.3f held-out accuracy %.3f; %.0f s so far, about %.0f s "
+        "to go",
         step,
-        spec.max_steps,
-        spec.target_accuracy,
+        total,
         loss,
         acc,
         elapsed,
@@ -188,6 +198,42 @@ def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = N
         if {k: meta.get(k) for k in want} == want:
             return out
     started = time.monotonic()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        model, tokenizer, meta = _train(spec, seed, started)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+    meta = {**want, **meta}
+    save_model(model, tokenizer, out, meta)
+    meta["weights_sha256"] = sha256_of(out / "model.safetensors")
+    (out / "toy_meta.json").write_text(json.dumps(meta, indent=2))
+    log.info(
+        "toy model ready in %s: %d warm-up steps, accuracy %.3f, weights sha256 %s",
+        out,
+        meta["steps"],
+        meta["heldout_greedy_accuracy"],
+        meta["weights_sha256"][:16],
+    )
+    return out
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _train(spec: ToySpec, seed: int, started: float) -> tuple[Any, Any, dict[str, Any]]:
+    """The two warm-up phases; returns the model, the tokenizer and the build's record."""
+    import torch
+
     torch.manual_seed(seed)
     task = ArithTask()
     tokenizer = build_tokenizer()
@@ -203,30 +249,23 @@ def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = N
         opt.step()
         return float(loss.item())
 
-    acc, step = 0.0, 0
-    for step, batch in enumerate(_batches(task, tokenizer, spec, seed, 0.0), start=1):
-        loss = train_step(batch)
+    acc, loss, step = 0.0, 0.0, 0
+    worked = _batches(task, tokenizer, spec, seed, 0.0)
+    mixed = _batches(task, tokenizer, spec, seed + 1, spec.direct_fraction)
+    for step in range(1, spec.worked_steps + spec.mix_steps + 1):
+        loss = train_step(next(worked if step <= spec.worked_steps else mixed))
         if step % spec.eval_every == 0:
             acc = greedy_eval(model, tokenizer, heldout)["accuracy"]
             _progress(spec, step, loss, acc, time.monotonic() - started)
-            if acc >= spec.target_accuracy or step >= spec.max_steps:
-                break
-    worked_steps = step
-    mixed = _batches(task, tokenizer, spec, seed + 1, spec.direct_fraction)
-    for _ in range(spec.mix_steps):
-        loss = train_step(next(mixed))
-        step += 1
-    if spec.mix_steps:
-        acc = greedy_eval(model, tokenizer, heldout)["accuracy"]
-        log.info("toy warm-up mixed phase done: loss %.3f held-out greedy accuracy %.3f", loss, acc)
-    meta = {
-        **want,
-        "steps": step,
-        "worked_solution_steps": worked_steps,
-        "heldout_greedy_accuracy": acc,
-        "seconds": round(time.monotonic() - started, 1),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-    save_model(model, tokenizer, out, meta)
-    log.info("toy model ready in %s: %d warm-up steps, accuracy %.3f", out, step, acc)
-    return out
+    acc = greedy_eval(model, tokenizer, heldout)["accuracy"]
+    return (
+        model,
+        tokenizer,
+        {
+            "steps": step,
+            "worked_solution_steps": spec.worked_steps,
+            "heldout_greedy_accuracy": acc,
+            "seconds": round(time.monotonic() - started, 1),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+    )
