@@ -116,3 +116,21 @@ def write_result(name: str, args: argparse.Namespace, data: dict[str, Any]) -> P
 def ratio(a: float, b: float) -> float:
     """a / b, or 0.0 when b is 0 (JSON has no infinity)."""
     return a / b if b else 0.0
+
+
+class Progress:
+    """Progress lines of a long benchmark: ``[i/N] what; elapsed, about how long to go``."""
+
+    def __init__(self, total: int, name: str) -> None:
+        self.total, self.name, self.done = total, name, 0
+        self.started = time.monotonic()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        elapsed = time.monotonic() - self.started
+        left = elapsed / self.done * (self.total - self.done)
+        print(
+            f"[{self.name} {self.done}/{self.total}] {what}; {elapsed:.0f} s so far, "
+            f"about {left:.0f} s to go",
+            flush=True,
+        )

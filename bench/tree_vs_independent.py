@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, parser, ratio, write_result
+from bench.common import ROOT, Progress, parser, ratio, write_result
 from pipeline.config import TreeConfig
 from pipeline.costs import CostModel, Work, independent_work
 from pipeline.messages import TreeRollout
@@ -318,6 +318,7 @@ def measure(
             run_independent(gen, prompts[:2], answers[:2], ctx)
             run_trees(gen, shapes[0], prompts[:2], answers[:2], ctx)
             mine = [s for s in shapes if s.width == width]
+            progress = Progress(repeats * (len(mine) + 1), model.name)
             for r in range(repeats):
                 ctx["seed"] = r
                 runs: list[Any] = [None, *mine]  # None: the independent baseline
@@ -327,7 +328,7 @@ def measure(
                     else:
                         out = run_trees(gen, what, prompts, answers, ctx)
                     rows.append({"repeat": r, **out})
-                    print(_brief(rows[-1]), flush=True)
+                    progress.step(_brief(rows[-1]))
     finally:
         gen.close()
     return summarize(rows, shapes)

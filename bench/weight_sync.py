@@ -43,7 +43,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, parser, ratio, write_result
+from bench.common import (
+    ROOT,
+    Progress,
+    add_model_option,
+    parser,
+    ratio,
+    toy_model,
+    write_result,
+)
 
 LEARNER_SLOTS = 2
 """Receivers the learner (and each relay) serves at once in relay mode."""
@@ -384,6 +392,7 @@ async def synthetic(work: Path, gigabytes: float, repeats: int, quick: bool) -> 
     rows: list[dict[str, Any]] = []
     version = 0
     counts = [1, 2] if quick else [1, 4, 8]
+    progress = Progress(repeats, "weight_sync")
     try:
         for r in range(repeats):
             version += 1
@@ -439,6 +448,7 @@ async def synthetic(work: Path, gigabytes: float, repeats: int, quick: bool) -> 
             shutil.rmtree(work / f"step{version}", ignore_errors=True)
             for row in rows[-(len(counts) * 2 + 3) :]:
                 print(_brief(row), flush=True)
+            progress.step(f"repeat {r + 1}")
     finally:
         await pub.runner.cleanup()
         redis.kill()
@@ -583,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--receive":
         return _receiver(sys.argv[2:])
     p = parser(__doc__.split("\n")[0])
+    add_model_option(p)
     p.add_argument("--gigabytes", type=float, default=None, help="synthetic size (1.0; 0.02 quick)")
     p.add_argument("--repeats", type=int, default=None, help="repeats (3; 1 quick)")
     args = p.parse_args(argv)
@@ -591,9 +602,6 @@ def main(argv: list[str] | None = None) -> int:
     (ROOT / "runs").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / "runs") as tmp:
         synth = asyncio.run(synthetic(Path(tmp), gigabytes, repeats, args.quick))
-    from bench.common import toy_model
-
-    args.model = None
     codec = codec_study(toy_model(args))
     by = {(s["mode"], s["receivers"]): s for s in synth["summary"]}
     single = by[("single", 1)]

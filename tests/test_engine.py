@@ -70,7 +70,7 @@ def test_a_sibling_finds_its_parents_context_in_the_prefix_cache(
 ) -> None:
     """A path that goes on keeps its KV; a new sibling at its boundary computes only what lies
     past the last full KV block of the shared context."""
-    context = prompt(tokenizer, "+".join(str(10 + i) for i in range(16)) + "=")
+    context = prompt(tokenizer, "+".join(str(10 + i) for i in range(25)) + "=")
     assert len(context) > 2 * engine.block_size
 
     async def main() -> tuple[int, int]:

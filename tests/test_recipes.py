@@ -178,8 +178,10 @@ def test_the_gsm8k_recipe_runs_end_to_end(tmp_path: Path) -> None:
     env.update(cpu)
     kept = {k for k in recipe if k.startswith("TREEPO_") and k not in cpu}
     assert {"TREEPO_LEARNER__CHAT_TEMPLATE", "TREEPO_LEARNER__SYSTEM_PROMPT"} <= kept
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
     check = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "--env-file", "/dev/null", "config", "check"],
+        [sys.executable, "-m", "pipeline.cli", "--env-file", str(empty), "config", "check"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr

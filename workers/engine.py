@@ -520,7 +520,8 @@ class VLLMPathGenerator:
                 llm.shutdown(timeout=timeout_s)
             except Exception as exc:  # shutdown is best-effort
                 log.warning("engine shutdown: %s", exc)
-            del llm  # its __del__ runs now, not at interpreter exit
+            llm.shutdown = lambda *args, **kwargs: None  # its __del__ must not shut down twice
+            del llm
         if not self.loop.is_closed():
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=2)

@@ -27,7 +27,6 @@ from pipeline.aio import wait_or_stop
 from pipeline.config import SamplerSettings
 from pipeline.errors import (
     MessageDecodeError,
-    TransportError,
     WeightDownloadError,
     WeightVerificationError,
 )
@@ -207,7 +206,7 @@ class WeightFollower:
                 await self.streams.advertise_weights(
                     self.worker_id, ann.version, f"{self.relay_url}/weights/{ann.version}"
                 )
-            except TransportError as exc:  # relaying is an optimisation: never fatal
+            except Exception as exc:  # relaying is an optimisation: never fatal (ACL, Redis)
                 log.warning("cannot advertise v%d as a relay: %s", ann.version, exc)
 
     async def _refresh_peers(self, version: int, into: list[str], every_s: float = 0.1) -> None:
@@ -218,7 +217,7 @@ class WeightFollower:
             try:
                 found = await self.streams.weight_sources(version)
                 into[:] = [u for u in found if u != mine]
-            except TransportError:
+            except Exception:  # no peers known: the learner serves (relaying is optional)
                 pass
             await asyncio.sleep(every_s)
 

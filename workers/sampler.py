@@ -90,6 +90,7 @@ class Sampler:
         self.work_dir = Path(opts.work_dir) / self.worker_id
         self.accounting = Accounting(self.metrics, self.work_dir / "summary.json")
         engine.meter.listeners.append(self.accounting.on_step)
+        engine.meter.listeners.append(self._stepped)
         self._growing: dict[asyncio.Task[None], Delivery] = {}
         self.follower = WeightFollower.for_sampler(
             settings, self.streams, engine, self.metrics, self.work_dir, self.worker_id
@@ -121,6 +122,10 @@ class Sampler:
     def close(self) -> None:
         """End the engine's processes (after ``run``)."""
         self.engine.close()
+
+    def _stepped(self, _: object) -> None:
+        """An engine step: the trees are progressing (health), also while no slot frees."""
+        self.progress_at = time.monotonic()
 
     def exit_code(self) -> int:
         return 1 if self.failed is not None else 0
@@ -179,7 +184,7 @@ class Sampler:
             await background.close()
             self.write_summary()
             if self.follower.relay_url:
-                with contextlib.suppress(TransportError, Stopping):
+                with contextlib.suppress(Exception):  # best effort: a relay may just vanish
                     await self.streams.withdraw_weights(self.worker_id)
             await self.heartbeat.send("stopped")
             await runner.cleanup()
