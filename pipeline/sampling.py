@@ -62,6 +62,9 @@ class PathRequest:
 
     token_ids: list[int]
     max_tokens: int
+    read_size: int = 1
+    """The reader takes the tokens in pieces of this many (a segment): the engine may deliver
+    them in batches of that size instead of one by one."""
 
 
 @dataclass
@@ -214,7 +217,7 @@ class TreeSampler:
         depth = 0 if parent == -1 else tree.depth(parent)
         budget = min(cfg.response_cap - done, (cfg.max_depth - depth) * cfg.segment_tokens)
         context = [*tree.prompt_token_ids.tolist(), *tree.response_tokens(parent).tolist()]
-        stream = self.generator.open(PathRequest(context, budget))
+        stream = self.generator.open(PathRequest(context, budget, cfg.segment_tokens))
         g.streams.append(stream)
         tree.stats.engine_calls += 1
         tree.stats.prefill_tokens += len(context)

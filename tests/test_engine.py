@@ -27,12 +27,14 @@ def test_a_swap_lands_between_steps_and_every_token_carries_its_version(
     tmp_path: Path,
 ) -> None:
     """Paths running across a swap: the tokens before it carry the old version, those after it
-    the new one, exactly where vLLM's own per-step labels put the change."""
+    the new one, exactly where vLLM's own per-step labels put the change, also when the tokens
+    reach the sampler in batches that straddle the swap."""
     start = engine.policy_version
     new = start + 7
 
     async def main() -> list[object]:
-        paths = [engine.open(PathRequest(prompt(tokenizer), 40)) for _ in range(6)]
+        # tokens come in batches of 8 (as a tree's segments do): some batches straddle the swap
+        paths = [engine.open(PathRequest(prompt(tokenizer), 40, 8)) for _ in range(6)]
         firsts = [await p.next(2) for p in paths]
         assert all(s.policy_version == start for s in firsts)
         d = tmp_path / "same-weights"

@@ -13,8 +13,9 @@ on any event loop (the sampler's, a test's, a benchmark's) reach the engine's lo
 Weight swaps (``swap``) happen between engine steps: the scheduler is paused with its requests
 kept, the engine reloads the verified directory (``collective_rpc("reload_weights")``), the
 prefix cache is reset (running requests recompute their context under the new weights), and the
-scheduler resumes. Every token is stamped with the version in force when it reached this process;
-tokens of steps before the pause all arrive before the version changes, so the stamp is exact.
+scheduler resumes. The engine labels every step with the version it ran (``update_weight_version``),
+and every token is stamped from those labels (its output processor's spans), so the stamp is
+exact even when tokens are delivered in batches of a segment across a swap.
 
 ``EngineMeter`` records what the engine did, step by step (vLLM's per-iteration statistics:
 tokens prefilled, tokens decoded, and the wall seconds since the previous step while requests
@@ -188,6 +189,20 @@ def _version(label: str) -> int:
     return int(label) if label.lstrip("-").isdigit() else -1
 
 
+def _stamp(starts: list[tuple[str, int]] | None, first: int, n: int, current: int) -> list[int]:
+    """The policy version of output tokens ``first .. first + n - 1`` of a request, from the
+    engine's per-step labels (``[(version label, first token index)]``); the version in force
+    now when the engine recorded none."""
+    if not starts:
+        return [current] * n
+    out, k = [], 0
+    for i in range(first, first + n):
+        while k + 1 < len(starts) and starts[k + 1][1] <= i:
+            k += 1
+        out.append(_version(starts[k][0]))
+    return out
+
+
 class _Request:
     """One engine request on the engine's loop: the tokens streamed so far."""
 
@@ -219,18 +234,22 @@ class _Request:
         gen.meter.started()
         try:
             prompt = TokensPrompt(prompt_token_ids=list(self.request.token_ids))
-            params = gen.sampling_params(self.request.max_tokens)
+            params = gen.sampling_params(self.request.max_tokens, every=self.request.read_size)
             async for out in gen.llm.generate(prompt, params, self.request_id):
                 c = out.outputs[0]
                 tokens = c.token_ids
+                first = len(self.tokens)
                 self.tokens.extend(tokens)
                 self.logprobs.extend(step[t].logprob for t, step in zip(tokens, c.logprobs or ()))
-                self.versions.extend([gen.policy_version] * len(tokens))
+                spans = getattr(c, "weight_versions", None) if c.finish_reason else None
+                if spans:  # the engine's own record of which weights sampled each token
+                    self.spans = [(_version(x.version), x.start, x.end) for x in spans]
+                    starts = [(x.version, x.start) for x in spans]
+                else:
+                    starts = gen.version_starts(self.request_id)
+                self.versions.extend(_stamp(starts, first, len(tokens), gen.policy_version))
                 if c.finish_reason is not None:
                     self.stopped = c.finish_reason == "stop"
-                    spans = getattr(c, "weight_versions", None)
-                    if spans:
-                        self.spans = [(_version(x.version), x.start, x.end) for x in spans]
                 if len(self.tokens) - self.read >= self.need:
                     self.changed.set()
         except asyncio.CancelledError:
@@ -361,6 +380,16 @@ class VLLMPathGenerator:
     def _wait(self, work: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(work, self.loop).result()
 
+    def version_starts(self, request_id: str) -> list[tuple[str, int]] | None:
+        """The engine's record so far of which weight version sampled a running request's
+        tokens (its output processor's spans; they label every engine step, so the stamp stays
+        exact when outputs are delivered in batches across a swap)."""
+        processor = self.llm.output_processor
+        internal = getattr(processor, "external_req_ids", {}).get(request_id) or [request_id]
+        state = getattr(processor, "request_states", {}).get(internal[0])
+        starts = getattr(state, "weight_version_starts", None)
+        return list(starts) if starts else None
+
     def on_engine_loop(self) -> bool:
         return threading.current_thread() is self._thread
 
@@ -388,7 +417,9 @@ class VLLMPathGenerator:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return int(eos) if eos is not None else None
 
-    def sampling_params(self, max_tokens: int, n: int = 1) -> Any:
+    def sampling_params(self, max_tokens: int, n: int = 1, every: int | None = 1) -> Any:
+        """Sampling as the sampler's settings say; outputs streamed every ``every`` tokens
+        (fewer outputs, less work in this process), or only at the end (``None``)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -400,7 +431,8 @@ class VLLMPathGenerator:
             logprobs=0,
             ignore_eos=self.options.ignore_eos,
             detokenize=False,
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.FINAL_ONLY if every is None else RequestOutputKind.DELTA,
+            stream_interval=every if every and every > 1 else None,
         )
 
     def open(self, request: PathRequest) -> VLLMPath:
@@ -481,7 +513,7 @@ class VLLMPathGenerator:
         out: list[list[int]] = [[] for _ in range(n)]
         self.meter.started()
         try:
-            params = self.sampling_params(max_tokens, n=n)
+            params = self.sampling_params(max_tokens, n=n, every=None)  # the whole answers
             async for o in self.llm.generate(
                 TokensPrompt(prompt_token_ids=prompt), params, f"i{next(self._ids)}"
             ):
