@@ -13,7 +13,8 @@ Two models, each on its own engine, one after the other:
 Both methods run the way the sampler does: ``--in-flight`` prompts at a time, a new one started
 the moment one finishes. Trees: ``TreeSampler.grow`` on ``VLLMPathGenerator`` (every path its own
 request, no barrier between trees or levels). Independent: one ``n = width`` request per prompt
-(vLLM's parallel sampling), its own samples and lengths. Every repeat runs the independent
+(vLLM's parallel sampling) returning whole answers, its cheapest form, with its own samples and
+lengths. Every repeat runs the independent
 baseline and each tree shape, in reverse order every other repeat, so drift affects all alike;
 ratios are taken within each repeat and their median over repeats counts. Measured per run: wall seconds, the engine's busy seconds (step by step), engine
 steps, tokens decoded and prefilled.

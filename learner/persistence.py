@@ -144,6 +144,7 @@ class Persistence:
             "bytes": total,
             "delta_base": delta.base if delta is not None else None,
             "delta_bytes": delta_bytes if delta is not None else None,
+            "delta_computed_bytes": self.store.last_delta_bytes,
             "seconds": time.perf_counter() - started,
         }
         with (self.work / "weights.jsonl").open("a") as f:  # what every update cost on the wire

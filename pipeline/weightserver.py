@@ -64,6 +64,9 @@ class WeightStore:
     ) -> None:
         self.root = Path(root)
         self.chunk_bytes = chunk_bytes
+        self.last_delta_bytes: int | None = None
+        """Size of the delta the newest ``publish`` computed, offered or not (None: none was
+        computed: a full version by schedule, or a different layout)."""
         self.keep = keep
         self.full_every = full_every
         """Every this many versions no delta is offered (0: never a delta)."""
@@ -113,6 +116,7 @@ class WeightStore:
     def _delta(self, tmp: Path, version: int) -> Delta | None:
         """Delta files of the new version against the newest older one, when all files have one
         and together they are small enough."""
+        self.last_delta_bytes = None
         older = [v for v in self.versions() if v < version]
         if not older or not self.full_every or version % self.full_every == 0:
             return None
@@ -131,7 +135,14 @@ class WeightStore:
             patches.append(patch)
             total += len(new_bytes)
             sent += patch.stat().st_size
+        self.last_delta_bytes = sent
         if sent > self.delta_max_ratio * total:
+            log.info(
+                "v%d: no delta offered (it would be %.0f%% of the bytes, above %.0f%%)",
+                version,
+                100 * sent / max(1, total),
+                100 * self.delta_max_ratio,
+            )
             for patch in patches:
                 patch.unlink()
             return None

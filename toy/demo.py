@@ -175,10 +175,15 @@ def weight_updates(run: Path) -> dict[str, Any]:
     path = run / "learner" / "weights.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
     deltas = [r["delta_bytes"] for r in rows if r.get("delta_bytes")]
+    computed = sorted(
+        r["delta_computed_bytes"] / r["bytes"] for r in rows if r.get("delta_computed_bytes")
+    )
     full = [r["bytes"] for r in rows]
     return {
         "weight_versions_published": len(rows),
         "weight_bytes_per_version": full[-1] if full else 0,
+        "weight_deltas_offered": len(deltas),
+        "weight_delta_computed_fraction_median": computed[len(computed) // 2] if computed else None,
         "weight_delta_bytes_per_update_median": sorted(deltas)[len(deltas) // 2]
         if deltas
         else None,
@@ -356,11 +361,19 @@ def report(summary: dict[str, Any], png: Path) -> None:
         print(
             f"[demo] time from claim to publish per tree: p50 {ttp['p50']:.2f}s, p99 {ttp['p99']:.2f}s"
         )
-    if summary.get("weight_delta_bytes_per_update_median"):
+    if summary.get("weight_versions_published"):
+        computed = summary.get("weight_delta_computed_fraction_median")
         print(
-            f"[demo] weight updates: {summary['weight_bytes_per_version'] / 1e6:.2f} MB a version, "
-            f"{summary['weight_delta_bytes_per_update_median'] / 1e6:.2f} MB as a delta "
-            f"(median {summary['weight_delta_fraction_median']:.0%})"
+            f"[demo] weight updates: {summary['weight_versions_published']} versions of "
+            f"{summary['weight_bytes_per_version'] / 1e6:.2f} MB; a delta against the previous "
+            f"version is {computed:.0%} of that (median), "
+            + (
+                f"offered {summary['weight_deltas_offered']} times"
+                if summary["weight_deltas_offered"]
+                else "above the 50% at which it is offered: samplers took full versions"
+            )
+            if computed is not None
+            else f"[demo] weight updates: {summary['weight_versions_published']} full versions"
         )
     print(
         f"[demo] tree-packed learner computed {summary['learner_tokens_computed']:.0f} token "
