@@ -132,10 +132,13 @@ def save_checkpoint(
     save_file(tensors, str(tmp / f"optimizer-rank{r}.safetensors"))
     (tmp / f"optimizer-rank{r}.json").write_text(json.dumps(meta))
     save_file({"torch": torch.get_rng_state()}, str(tmp / f"rng-rank{r}.safetensors"))
-    for f in tmp.iterdir():
-        if f.name.endswith((f"rank{r}.safetensors", f"rank{r}.json")) or r == 0:
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
+    mine = [f"optimizer-rank{r}.safetensors", f"optimizer-rank{r}.json", f"rng-rank{r}.safetensors"]
+    if r == 0:
+        mine += ["model.safetensors", "state.json", "ranks.json"]
+    # only this rank's own files: another rank may be mid-write (its writer's temporary files)
+    for name in mine:
+        with (tmp / name).open("rb") as fh:
+            os.fsync(fh.fileno())
     ctl.barrier()  # every rank's files are on disk
     if ctl.rank == 0:
         if final.exists():

@@ -122,10 +122,10 @@ def test_the_gsm8k_recipe_runs_end_to_end(tmp_path: Path) -> None:
     """The qwen2.5-math-gsm8k recipe's own settings (chat template, system prompt, math-verify
     reward, data command), with only what a CPU needs changed, through the real learner and
     sampler processes for two steps; the trained directory loads in transformers and vLLM."""
-    import os
     import subprocess
     import sys
 
+    from pipeline.entry import child_env
     from tests.services import RedisServer, free_port, wait_port
 
     model = random_qwen2(tmp_path / "qwen")
@@ -142,7 +142,8 @@ def test_the_gsm8k_recipe_runs_end_to_end(tmp_path: Path) -> None:
     assert main(["data", "gsm8k", str(raw), str(data)]) == 0
     redis = RedisServer(tmp_path / "redis", free_port()).start()
     recipe = read_env_file(ROOT / "recipes" / "qwen2.5-math-gsm8k" / "recipe.env")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TREEPO_")}
+    # no TREEPO_* of ours, and no MASTER_PORT an engine built earlier in this pytest process set
+    env = child_env()
     env.update({k: v for k, v in recipe.items() if k.startswith("TREEPO_")})
     cpu = {  # what a 2-core machine without a GPU needs instead
         "TREEPO_REDIS__URL": redis.url,
