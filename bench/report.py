@@ -231,7 +231,7 @@ def weight_sync(d: dict[str, Any]) -> str:
     codec_rows = [
         [
             kind,
-            f"{c['xor_byteplanes_zstd']:.3f}",
+            f"{c['shipped']:.3f}",
             f"{c['xor_zstd']:.3f}",
             f"{c['zstd_of_new']:.3f}",
             f"{c['unchanged_bytes']:.0%}",
@@ -250,7 +250,7 @@ def weight_sync(d: dict[str, Any]) -> str:
         + _table(
             [
                 "one AdamW step",
-                "XOR + byte planes + zstd (shipped)",
+                "shipped delta (XOR + zstd, container)",
                 "XOR + zstd",
                 "zstd of new",
                 "bytes unchanged",

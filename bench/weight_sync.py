@@ -20,8 +20,9 @@ Parts (``--gigabytes`` of synthetic float32 safetensors, 1 GB by default):
   a GPU run publishes; one step of relative size 1e-3; seconds include the rebuild and its
   verification, bytes are the delta's).
 * ``codec``: what compresses a real optimizer step best, fp32 and bf16: the toy model trained two
-  AdamW steps at the demo's learning rate; XOR + byte planes + zstd (what ships) against XOR +
-  zstd and zstd of the new weights; every encoding decoded and compared bit for bit.
+  AdamW steps at the demo's learning rate; what ships (XOR + zstd in a safetensors container)
+  against bare XOR + zstd and zstd of the new weights; every encoding decoded and compared bit for
+  bit.
 
 Raw baselines: the same bytes over loopback TCP (``socket.sendfile``) to the same number of
 processes.
@@ -580,7 +581,7 @@ def codec_study(model: Path) -> dict[str, Any]:
             raise RuntimeError("the delta does not rebuild the file bit for bit")
         result["fp32" if dtype == torch.float32 else "bf16"] = {
             "bytes": len(b),
-            "xor_byteplanes_zstd": len(shipped) / len(b),
+            "shipped": len(shipped) / len(b),
             "xor_zstd": len(z.compress(x.tobytes())) / len(b),
             "zstd_of_new": len(z.compress(b)) / len(b),
             "unchanged_bytes": float((x == 0).mean()),
