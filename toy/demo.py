@@ -197,6 +197,36 @@ def weight_updates(run: Path) -> dict[str, Any]:
     }
 
 
+def weight_line(summary: dict[str, Any]) -> str:
+    """The demo's line on weight updates: their size, what a delta would be, how samplers took
+    them (samplers on the learner's machine hard-link the published files: no bytes move)."""
+    line = (
+        f"[demo] weight updates: {summary['weight_versions_published']} versions of "
+        f"{summary['weight_bytes_per_version'] / 1e6:.2f} MB"
+    )
+    computed = summary.get("weight_delta_computed_fraction_median")
+    if computed is not None:
+        line += f"; a delta against the previous version is {computed:.0%} of that (median), " + (
+            f"offered {summary['weight_deltas_offered']} times"
+            if summary["weight_deltas_offered"]
+            else "above the 50% at which it is offered"
+        )
+    taken = summary.get("weight_fetches") or {}
+    if any(taken.values()):
+        how = ", ".join(f"{k} {v:.0f}" for k, v in taken.items() if v)
+        line += f"; samplers took them by {how}"
+    return line
+
+
+def weight_fetches(run: Path) -> dict[str, float]:
+    """How the samplers took the weight versions: hard link, delta or full download."""
+    total = {"link": 0.0, "delta": 0.0, "full": 0.0}
+    for path in sorted((run / "samplers").glob("*/summary.json")):
+        for method, n in json.loads(path.read_text()).get("weight_fetches", {}).items():
+            total[method] = total.get(method, 0.0) + float(n)
+    return total
+
+
 def publish_times(run: Path) -> dict[str, float | None]:
     """The samplers' time-to-publish quantiles (each sampler's own; the slowest is reported)."""
     out: dict[str, float | None] = {"p50": None, "p99": None}
@@ -328,6 +358,7 @@ def summarise(
         ),
         "time_to_publish_seconds": publish_times(run),
         **weight_updates(run),
+        "weight_fetches": weight_fetches(run),
         "trees": sav["treepo_sampler_trees_total"],
         "leaves": sav["treepo_sampler_leaves_total"],
         "staleness_mean": sum(s["staleness_mean"] for s in steps) / n,
@@ -362,19 +393,7 @@ def report(summary: dict[str, Any], png: Path) -> None:
             f"[demo] time from claim to publish per tree: p50 {ttp['p50']:.2f}s, p99 {ttp['p99']:.2f}s"
         )
     if summary.get("weight_versions_published"):
-        computed = summary.get("weight_delta_computed_fraction_median")
-        print(
-            f"[demo] weight updates: {summary['weight_versions_published']} versions of "
-            f"{summary['weight_bytes_per_version'] / 1e6:.2f} MB; a delta against the previous "
-            f"version is {computed:.0%} of that (median), "
-            + (
-                f"offered {summary['weight_deltas_offered']} times"
-                if summary["weight_deltas_offered"]
-                else "above the 50% at which it is offered: samplers took full versions"
-            )
-            if computed is not None
-            else f"[demo] weight updates: {summary['weight_versions_published']} full versions"
-        )
+        print(weight_line(summary))
     print(
         f"[demo] tree-packed learner computed {summary['learner_tokens_computed']:.0f} token "
         f"positions where one row per leaf needs {summary['learner_tokens_per_leaf']:.0f}; "

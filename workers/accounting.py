@@ -127,7 +127,8 @@ class Accounting:
 
     def write_summary(self, version: int) -> Path:
         """Every unlabelled counter of the sampler, wall seconds, the cost model, time to
-        publish and the policy version, as JSON."""
+        publish, the policy version and how weight versions were taken (link, delta, full), as
+        JSON."""
         values: dict[str, object] = {
             sample.name: sample.value
             for family in self.metrics.registry.collect()
@@ -142,6 +143,11 @@ class Accounting:
         values["mean_trees_in_flight"] = self.in_flight.mean
         values["time_to_publish_seconds"] = self._publish_quantiles()
         values["policy_version"] = version
+        values["weight_fetches"] = {
+            s.labels["method"]: s.value
+            for s in self.metrics.weight_fetches.collect()[0].samples
+            if s.name.endswith("_total")
+        }
         self.summary.parent.mkdir(parents=True, exist_ok=True)
         self.summary.write_text(json.dumps(values, indent=2))
         return self.summary
