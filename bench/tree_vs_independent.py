@@ -38,7 +38,7 @@ from typing import Any
 
 from bench.common import ROOT, Progress, parser, ratio, write_result
 from pipeline.config import TreeConfig
-from pipeline.costs import CostModel, Work, independent_work
+from pipeline.costs import CostModel, StepConcurrency, Work, independent_work
 from pipeline.messages import TreeRollout
 from pipeline.sampling import TreeSampler
 from pipeline.tasks import ArithTask, arith_reward
@@ -198,14 +198,29 @@ def run_trees(
         gen, cfg, rng=ctx["seed"], decode=ctx["decode"], decide_after_s=DECIDE_AFTER_S
     )
     run = Run(gen)
+    growing = StepConcurrency()  # what the sampler prices independent steps with
+
+    async def counted(prompt: list[int]) -> TreeRollout:
+        growing.started()
+        try:
+            return await sampler.grow(prompt)
+        finally:
+            growing.ended()
 
     async def grow(prompt: list[int]) -> TreeRollout:
         tree: TreeRollout = await gen.call(
-            sampler.grow(prompt)
-        )  # on the engine's loop, as the sampler does
+            counted(prompt)
+        )  # on the engine's loop, as in the sampler
         return tree
 
-    trees, concurrency = asyncio.run(_in_flight(prompts, ctx["in_flight"], grow))
+    def step(_: Any) -> None:  # the meter calls it on the engine's loop too
+        growing.step()
+
+    gen.meter.listeners.append(step)
+    try:
+        trees, concurrency = asyncio.run(_in_flight(prompts, ctx["in_flight"], grow))
+    finally:
+        gen.meter.listeners.remove(step)
     measured = run.finish()
     rewards = [
         arith_reward(ctx["decode"](t.response_tokens(x.node).tolist()), a)
@@ -217,7 +232,8 @@ def run_trees(
     out["leaf_sum_tokens"] = sum(t.response_length(x.node) for t in trees for x in t.leaves)
     out["fallbacks_per_tree"] = statistics.fmean(t.stats.fallbacks for t in trees)
     out["mean_trees_in_flight"] = concurrency
-    out["predicted"] = predict_independent(run.steps, trees, concurrency)
+    out["mean_trees_growing_per_step"] = growing.mean
+    out["predicted"] = predict_independent(run.steps, trees, growing.mean)
     return out
 
 

@@ -14,8 +14,9 @@ request, as vLLM runs ``SamplingParams(n=...)``: each sample computes the prompt
 start in the same step, before any of them could be cached), decodes its own response (the
 tree's estimate of an independent sample's mean length, ``TreeRollout.mean_leaf_length``), and
 the group occupies the engine for as many steps as its longest sample, shared with the other
-prompts in flight. ``bench/tree_vs_independent.py`` checks the prediction against a real
-independent run of the same prompts on the same engine. On CPU machines these are CPU-seconds of
+prompts in flight (``StepConcurrency``: as many as the trees growing at the average engine
+step). ``bench/tree_vs_independent.py`` checks the prediction against a real independent run of
+the same prompts on the same engine. On CPU machines these are CPU-seconds of
 the engine; the formula is the same.
 """
 
@@ -102,6 +103,38 @@ class CostModel:
     @property
     def prefill_tokens_per_second(self) -> float:
         return 1.0 / self.coef[0] if self.coef[0] > 0 else 0.0
+
+
+class StepConcurrency:
+    """How many trees were growing at each engine step, averaged over the steps that had any.
+
+    Every engine step advances each growing tree by one step, so the sum over steps of the
+    trees growing equals the sum over trees of the engine steps each lived: the step-weighted
+    mean is the number of neighbours a tree's step was shared with. An independent group would
+    share its steps the same way, so its ``longest`` steps cost ``longest / mean`` engine steps.
+    (A mean over wall time is biased: it also counts trees being scored, published, or waiting
+    for the sampler's loop while the engine has nothing to do.) Not thread-safe: callers hold
+    their own lock, or call everything from the engine's thread."""
+
+    def __init__(self) -> None:
+        self.growing = 0
+        self.tree_steps = 0
+        self.steps = 0
+
+    def started(self) -> None:
+        self.growing += 1
+
+    def ended(self) -> None:
+        self.growing -= 1
+
+    def step(self) -> None:
+        if self.growing > 0:
+            self.tree_steps += self.growing
+            self.steps += 1
+
+    @property
+    def mean(self) -> float:
+        return self.tree_steps / self.steps if self.steps else float(max(1, self.growing))
 
 
 def independent_work(

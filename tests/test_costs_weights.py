@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.costs import CostModel, Work, independent_work
+from pipeline.costs import CostModel, StepConcurrency, Work, independent_work
 from pipeline.errors import WeightVerificationError
 from pipeline.messages import decode
 from pipeline.treeview import render_html
@@ -54,6 +54,37 @@ def _safetensors(path: Path, tensors: dict[str, tuple[str, list[int], int]]) -> 
         offset += nbytes
     raw = json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * offset)
+
+
+def test_step_concurrency_prices_an_engine_schedule_exactly() -> None:
+    """A random schedule of groups on an engine that advances every running group one token per
+    step: the steps it takes equal the sum of ``independent_work`` steps priced with the
+    step-weighted number of groups growing (``StepConcurrency``), whatever the arrival pattern;
+    engine steps with nothing growing (another job) do not count."""
+    rng = random.Random(3)
+    for _ in range(20):
+        lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 30))]
+        pending = list(lengths)
+        limit = rng.randint(1, 8)
+        conc = StepConcurrency()
+        running: list[int] = []
+        steps = 0
+        while pending or running:
+            while pending and len(running) < limit and rng.random() < 0.7:
+                running.append(pending.pop())
+                conc.started()
+            conc.step()
+            if not running:
+                continue
+            steps += 1
+            running = [r - 1 for r in running]
+            for _ in range(running.count(0)):
+                conc.ended()
+            running = [r for r in running if r > 0]
+        assert conc.growing == 0
+        priced = sum(independent_work(1, 1, 1.0, n, conc.mean).steps for n in lengths)
+        assert priced == pytest.approx(steps)
+    assert StepConcurrency().mean == 1.0  # nothing measured yet: one group alone
 
 
 def test_manifest_and_header_checks(tmp_path: Path) -> None:

@@ -12,19 +12,22 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
-from pipeline.costs import CostModel, Work, independent_work
+from pipeline.costs import CostModel, StepConcurrency, Work, independent_work
 from pipeline.messages import PromptTask, TreeRollout
 from workers.engine import StepStats
 from workers.metrics import SamplerMetrics
 
 log = logging.getLogger("workers.sampler")
+T = TypeVar("T")
 
 
 class InFlight:
-    """Trees growing now, and their time average (the concurrency independent sampling would run
-    at: as many prompts in flight as the trees had)."""
+    """Trees in flight (claimed, not yet done) now, and their average over wall time (the
+    ``trees_in_flight`` gauge and the summary; pricing uses ``StepConcurrency``)."""
 
     def __init__(self) -> None:
         self.now = 0
@@ -55,6 +58,8 @@ class Accounting:
         self.summary = summary
         self.cost = CostModel()
         self.in_flight = InFlight()
+        self.concurrency = StepConcurrency()
+        """Trees growing on the engine at each step (what prices independent steps)."""
         self.used_seconds = 0.0
         self.independent_seconds = 0.0
         self.independent = Work(0.0, 0.0, 0.0)
@@ -67,12 +72,24 @@ class Accounting:
         m = self.metrics
         with self._lock:
             self.cost.observe(Work(step.prefill_tokens, step.decoded_tokens, 1), step.seconds)
+            self.concurrency.step()
             self.used_seconds += step.seconds
         m.engine_steps.inc()
         m.generation_seconds.inc(step.seconds)
         m.gpu_seconds_used.inc(step.seconds)
         m.prefill_tokens.inc(step.prefill_tokens + step.cached_tokens)
         m.prefill_cached_tokens.inc(step.cached_tokens)
+
+    async def growing(self, grow: Coroutine[Any, Any, T]) -> T:
+        """``grow`` counted as growing on the engine while it runs (run it on the engine's
+        loop: the engine's steps are counted there too)."""
+        with self._lock:
+            self.concurrency.started()
+        try:
+            return await grow
+        finally:
+            with self._lock:
+                self.concurrency.ended()
 
     def tree_started(self) -> None:
         self.in_flight.change(+1)
@@ -86,14 +103,14 @@ class Accounting:
         """A published tree of ``task``, ``seconds`` after its prompt was claimed."""
         m = self.metrics
         longest = max((tree.response_length(leaf.node) for leaf in tree.leaves), default=0)
-        work = independent_work(
-            len(task.prompt_token_ids),
-            len(tree.leaves),
-            tree.mean_leaf_length(),
-            longest,
-            self.in_flight.mean,
-        )
         with self._lock:
+            work = independent_work(
+                len(task.prompt_token_ids),
+                len(tree.leaves),
+                tree.mean_leaf_length(),
+                longest,
+                self.concurrency.mean,
+            )
             independent = self.cost.estimate(work)
             self.independent += work
             self.independent_seconds += independent
@@ -141,6 +158,7 @@ class Accounting:
             values["cost_model"] = list(self.cost.coef)
             values["independent_work"] = list(self.independent.vector())
         values["mean_trees_in_flight"] = self.in_flight.mean
+        values["mean_trees_growing_per_step"] = self.concurrency.mean
         values["time_to_publish_seconds"] = self._publish_quantiles()
         values["policy_version"] = version
         values["weight_fetches"] = {

@@ -301,7 +301,9 @@ class Sampler:
         if task.created_at > 0:
             self.metrics.prompt_wait_seconds.observe(max(0.0, time.time() - task.created_at))
         try:
-            tree = await self.engine.call(self.tree_sampler.grow(task.prompt_token_ids))
+            tree = await self.engine.call(
+                self.accounting.growing(self.tree_sampler.grow(task.prompt_token_ids))
+            )
         except GenerationStopped as exc:
             raise Stopping(str(exc)) from exc
         except (ValueError, TypeError) as exc:  # the engine refused the request
