@@ -13,8 +13,10 @@ Parts (``--gigabytes`` of synthetic float32 safetensors, 1 GB by default):
   the learner's machine (hard links).
 * ``fanout``: 1, 4 and 8 receivers at once, ``full`` (everyone from the learner, no limit) and
   ``relay`` (the learner answers two receivers at a time; a receiver that verified the version
-  advertises it in Redis and serves it to the others). Seconds until all hold it, bytes the
-  learner sent. Receivers are download-only processes (no vLLM engine: eight engines do not fit
+  advertises it in Redis and serves it to the others), both as between machines, and ``host``:
+  the receivers as samplers of one machine (not the learner's) with ``pipeline.hostshare`` on,
+  the default: one takes the machine's lease and fetches (relays as in ``relay``), the others
+  link its verified copy. Seconds until all hold it, bytes the learner sent. Receivers are download-only processes (no vLLM engine: eight engines do not fit
   this machine next to each other); what they run is the samplers' fetch and relay code.
 * ``delta``: one receiver holding version v fetches v+1 published as a delta (bf16 weights, what
   a GPU run publishes; one step of relative size 1e-3; seconds include the rebuild and its
@@ -33,6 +35,7 @@ processes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -54,6 +57,8 @@ from bench.common import (
     write_result,
 )
 
+SAMPLER_HOST = "bench-sampler-host"
+"""The machine the receivers share in ``host`` mode (not the learner's: they download from it)."""
 LEARNER_SLOTS = 2
 """Receivers the learner (and each relay) serves at once in relay mode."""
 PARALLEL = 4
@@ -89,6 +94,7 @@ async def _fetch_receiver(spec: dict[str, Any]) -> int:
     from aiohttp import web
 
     from pipeline.config import RedisSettings, RunSettings, StreamSettings
+    from pipeline.hostshare import HostShare
     from pipeline.httpserver import start
     from pipeline.streams import Streams
     from pipeline.transfer import Sources, fetch_version
@@ -118,27 +124,46 @@ async def _fetch_receiver(spec: dict[str, Any]) -> int:
             peers[:] = [u for u in found if u != url]
             await asyncio.sleep(0.05)
 
+    share = (
+        HostShare(streams, spec["id"], machine=SAMPLER_HOST)
+        if streams is not None and spec.get("share")
+        else None
+    )
     local = {int(k): Path(v) for k, v in spec.get("local", {}).items()}
     await asyncio.to_thread(sys.stdin.readline)
     started = time.perf_counter()
     task = asyncio.ensure_future(refresh()) if relay else None
+    copies = await share.wait_or_claim(spec["version"], 600) if share is not None else []
+    lease = (
+        share.fetching(spec["version"])
+        if share is not None and not copies
+        else contextlib.nullcontext()
+    )
     try:
-        _, _, stats = await asyncio.to_thread(
-            fetch_version,
-            Sources(spec["url"], lambda: list(peers)),
-            spec["sha"],
-            dest,
-            local=local,
-            parallel=PARALLEL,
-            allow_link=bool(spec.get("link")),
-            recycle=Path(spec["recycle"]) if spec.get("recycle") else None,
-        )
+        async with lease:
+            _, path, stats = await asyncio.to_thread(
+                fetch_version,
+                Sources(spec["url"], lambda: list(peers)),
+                spec["sha"],
+                dest,
+                local=local,
+                parallel=PARALLEL,
+                allow_link=bool(spec.get("link")),
+                recycle=Path(spec["recycle"]) if spec.get("recycle") else None,
+                host_copies=copies,
+            )
+            if relay and streams is not None:
+                await streams.advertise_weights(
+                    spec["id"],
+                    spec["version"],
+                    url,
+                    machine=SAMPLER_HOST if share is not None else "",
+                    directory=str(path.resolve()) if share is not None else "",
+                )
     finally:
         if task is not None:
             task.cancel()
     seconds = time.perf_counter() - started
-    if relay and streams is not None:
-        await streams.advertise_weights(spec["id"], spec["version"], url)
     print(
         json.dumps(
             {
@@ -346,6 +371,7 @@ async def run_fetch(
     *,
     relay: bool,
     redis: str = "",
+    share: bool = False,
     link: bool = False,
     local: dict[int, str] | None = None,
     warm: bool = True,
@@ -372,6 +398,7 @@ async def run_fetch(
             "id": f"r{i}",
             "link": link,
             "redis": redis if relay else "",
+            "share": share,
             "local": local or {},
             "recycle": str(spare) if warm else "",
         }
@@ -412,14 +439,21 @@ async def synthetic(work: Path, gigabytes: float, repeats: int, quick: bool) -> 
                 )
                 rows.append(_row(mode, 1, r, size, seconds, raw[1], egress, reports, publish_s))
             for n in counts:
-                for mode in ("full", "relay"):
-                    if mode == "relay" and n == 1:
+                for mode in ("full", "relay", "host"):
+                    if mode != "full" and n == 1:
                         continue
                     pub.counters.busy = 0
-                    await _set_slots(pub, LEARNER_SLOTS if mode == "relay" else 0)
+                    await _set_slots(pub, LEARNER_SLOTS if mode != "full" else 0)
                     await _clear_sources(redis.url)
                     seconds, reports, egress = await run_fetch(
-                        pub, version, data, work, n, relay=mode == "relay", redis=redis.url
+                        pub,
+                        version,
+                        data,
+                        work,
+                        n,
+                        relay=mode != "full",
+                        redis=redis.url,
+                        share=mode == "host",
                     )
                     await _set_slots(pub, 0)
                     rows.append(_row(mode, n, r, size, seconds, raw[n], egress, reports, publish_s))
@@ -447,7 +481,7 @@ async def synthetic(work: Path, gigabytes: float, repeats: int, quick: bool) -> 
             )
             rows.append(_row("delta", 1, r, size, seconds, raw[1], egress, reports, publish_s))
             shutil.rmtree(work / f"step{version}", ignore_errors=True)
-            for row in rows[-(len(counts) * 2 + 3) :]:
+            for row in rows[-(len(counts) * 3 + 2) :]:
                 print(_brief(row), flush=True)
             progress.step(f"repeat {r + 1}")
     finally:
@@ -619,6 +653,10 @@ def main(argv: list[str] | None = None) -> int:
         f"fanout{widest}_full_time_vs_single": ratio(
             by[("full", widest)]["seconds"], single["seconds"]
         ),
+        f"fanout{widest}_same_host_time_vs_single": ratio(
+            by[("host", widest)]["seconds"], single["seconds"]
+        ),
+        f"fanout{widest}_same_host_egress_vs_size": by[("host", widest)]["egress_vs_size"],
         "delta_time_vs_single": ratio(by[("delta", 1)]["seconds"], single["seconds"]),
         "codec": codec,
         **synth,
@@ -631,7 +669,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"single vs raw {result['single_receiver_vs_raw_ratio']:.2f}; fanout{widest} "
         f"{result[f'fanout{widest}_time_vs_single']:.2f}x the single time, learner sent "
-        f"{result[f'fanout{widest}_egress_vs_size']:.2f}x the version"
+        f"{result[f'fanout{widest}_egress_vs_size']:.2f}x the version; {widest} on one machine "
+        f"{result[f'fanout{widest}_same_host_time_vs_single']:.2f}x, learner sent "
+        f"{result[f'fanout{widest}_same_host_egress_vs_size']:.2f}x"
     )
     return 0
 

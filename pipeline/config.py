@@ -293,6 +293,9 @@ class WeightSettings(_Section):
     link_same_machine: bool = True
     """A sampler on the learner's machine hard-links the published files instead of
     downloading them."""
+    share_same_machine: bool = True
+    """Samplers on one machine fetch each version once: the first to see it fetches it (a lease
+    in Redis), the others hard-link its verified copy."""
 
 
 class LearnerOptions(_Section):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -79,7 +80,10 @@ class Keys:
     weights: str
     """Key holding the latest WeightAnnouncement; also the pub/sub channel announcing it."""
     weight_sources: str
-    """Hash: worker id -> the version it serves as a relay and where (``advertise_weights``)."""
+    """Hash: worker id -> the version it holds, where it serves it (a relay) and, for samplers
+    of its machine, its directory (``advertise_weights``)."""
+    weight_fetch_prefix: str
+    """Leases: which sampler of a machine fetches a version (``claim_weight_fetch``)."""
     heartbeat_prefix: str
 
     @classmethod
@@ -90,6 +94,7 @@ class Keys:
             deadletter=stream_key(run, "deadletter"),
             weights=stream_key(run, "weights"),
             weight_sources=stream_key(run, "weight-sources"),
+            weight_fetch_prefix=stream_key(run, "weight-fetch:"),
             heartbeat_prefix=stream_key(run, "heartbeat:"),
         )
 
@@ -591,9 +596,20 @@ class Streams:
             with contextlib.suppress(*_RETRYABLE):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def advertise_weights(self, worker_id: str, version: int, url: str) -> None:
-        """Tell receivers that ``worker_id`` serves ``version`` at ``url`` (a relay)."""
-        value = json.dumps({"version": version, "url": url, "at": time.time()})
+    async def advertise_weights(
+        self, worker_id: str, version: int, url: str, machine: str = "", directory: str = ""
+    ) -> None:
+        """Tell receivers that ``worker_id`` holds a verified ``version``: served at ``url`` (a
+        relay; '' = not served) and, for samplers of the same ``machine``, in ``directory``."""
+        value = json.dumps(
+            {
+                "version": version,
+                "url": url,
+                "machine": machine,
+                "dir": directory,
+                "at": time.time(),
+            }
+        )
         key = self.keys.weight_sources
         await self.call(lambda: self.client.hset(key, worker_id, value), "HSET weight-sources")
 
@@ -601,8 +617,7 @@ class Streams:
         key = self.keys.weight_sources
         await self.call(lambda: self.client.hdel(key, worker_id), "HDEL weight-sources")
 
-    async def weight_sources(self, version: int, max_age_s: float = 3600.0) -> list[str]:
-        """URLs of the relays advertising ``version`` (advertised within ``max_age_s``)."""
+    async def _holders(self, version: int, max_age_s: float) -> list[dict[str, Any]]:
         key = self.keys.weight_sources
         raw: Any = await self.call(lambda: self.client.hgetall(key), "HGETALL weight-sources")
         out = []
@@ -611,10 +626,58 @@ class Streams:
             try:
                 entry = json.loads(value)
                 if int(entry["version"]) == version and now - float(entry["at"]) < max_age_s:
-                    out.append(str(entry["url"]))
+                    out.append(entry)
             except (ValueError, KeyError, TypeError):
                 continue
         return out
+
+    async def weight_sources(self, version: int, max_age_s: float = 3600.0) -> list[str]:
+        """URLs of the relays advertising ``version`` (advertised within ``max_age_s``)."""
+        return [str(e["url"]) for e in await self._holders(version, max_age_s) if e.get("url")]
+
+    async def weight_copies(
+        self, version: int, machine: str, max_age_s: float = 3600.0
+    ) -> list[str]:
+        """Directories of the verified copies of ``version`` that samplers of ``machine`` hold."""
+        return [
+            str(e["dir"])
+            for e in await self._holders(version, max_age_s)
+            if e.get("dir") and e.get("machine") == machine
+        ]
+
+    def _fetch_lease_key(self, machine: str, version: int) -> str:
+        tag = hashlib.sha256(machine.encode()).hexdigest()[:16]
+        return f"{self.keys.weight_fetch_prefix}{tag}:{version}"
+
+    async def claim_weight_fetch(
+        self, machine: str, version: int, owner: str, ttl_s: float
+    ) -> bool:
+        """Take the lease to fetch ``version`` for ``machine`` (its other samplers wait for the
+        copy); False when another sampler holds it. It lapses after ``ttl_s`` unless renewed.
+        (SET and GET only: what the sampler's ACL user may run.)"""
+        key = self._fetch_lease_key(machine, version)
+        ok = await self.call(
+            lambda: self.client.set(key, owner, nx=True, px=int(ttl_s * 1000)), "SET fetch lease"
+        )
+        return bool(ok)
+
+    async def renew_weight_fetch(
+        self, machine: str, version: int, owner: str, ttl_s: float, *, release: bool = False
+    ) -> bool:
+        """Extend a lease ``owner`` holds by ``ttl_s`` (``release``: let it lapse at once);
+        False when it lapsed or is another's. Not atomic: a lease taken over between the read
+        and the write costs at most one extra fetch of the version."""
+        key = self._fetch_lease_key(machine, version)
+        held: Any = await self.call(lambda: self.client.get(key), "GET fetch lease")
+        if held is None or held.decode() != owner:
+            return False
+        px = 1 if release else int(ttl_s * 1000)
+        ok = await self.call(lambda: self.client.set(key, owner, xx=True, px=px), "SET fetch lease")
+        return bool(ok)
+
+    async def release_weight_fetch(self, machine: str, version: int, owner: str) -> None:
+        """Give a lease ``owner`` holds back (another sampler of the machine may take it)."""
+        await self.renew_weight_fetch(machine, version, owner, 0.0, release=True)
 
     async def heartbeats(self) -> list[Heartbeat]:
         """Every heartbeat key of the run that decodes as a heartbeat (live or ``stopped``)."""

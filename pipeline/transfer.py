@@ -5,7 +5,9 @@ the cheapest way that verifies:
 
 1. **same machine**: the manifest names the machine and directory the learner wrote the version
    to; a sampler on that machine hard-links the files (no bytes move; the files are the
-   publisher's own, hashed when they were published) and only checks their sizes and headers;
+   publisher's own, hashed when they were published) and only checks their sizes and headers.
+   Likewise a verified copy another sampler of this machine holds (``host_copies``, found by
+   ``pipeline.hostshare``): its manifest must be the announced one, byte for byte;
 2. **delta**: when the manifest offers a delta against a version this sampler holds, it fetches
    the small delta file, rebuilds the full file (``pipeline.delta``) and checks the rebuilt
    file against the full file's piece digests;
@@ -64,7 +66,8 @@ class Busy(Exception):
 @dataclass
 class FetchStats:
     method: str = "full"
-    """``link``, ``delta`` or ``full``."""
+    """``link`` (the learner's files), ``host`` (another sampler's copy on this machine),
+    ``delta`` or ``full``."""
     bytes_by_source: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     busy_answers: int = 0
@@ -108,11 +111,13 @@ def fetch_version(
     parallel: int = 4,
     allow_link: bool = True,
     recycle: Path | None = None,
+    host_copies: list[Path] | None = None,
 ) -> tuple[Manifest, Path, FetchStats]:
     """Fetch and verify one version into ``dest_root/v<version>`` (blocking: run it in a
     thread). ``local`` maps versions this sampler already holds to their directories;
     ``recycle`` is an old version's directory whose files may be overwritten in place (their
-    memory pages are reused: writing into fresh pages costs several times the transfer)."""
+    memory pages are reused: writing into fresh pages costs several times the transfer);
+    ``host_copies`` are verified copies of the version other samplers on this machine hold."""
     started = time.perf_counter()
     deadline = time.monotonic() + timeout_s
     client = _Client(token, deadline)
@@ -124,8 +129,10 @@ def fetch_version(
         manifest = Manifest.from_bytes(data)
         final = dest_root / f"v{manifest.version}"
         with staged_dir(final) as tmp:
-            if not (allow_link and _link(manifest, tmp, stats)) and not _rebuild(
-                manifest, tmp, local or {}, sources, client, stats, recycle
+            if (
+                not (allow_link and _link(manifest, tmp, stats))
+                and not _link_copy(manifest, data, host_copies or [], tmp, stats)
+                and not _rebuild(manifest, tmp, local or {}, sources, client, stats, recycle)
             ):
                 stats.method = "full"
                 for entry in manifest.files:
@@ -148,7 +155,9 @@ def fetch_version(
 
 def _reuse(old_dir: Path | None, name: str, path: Path) -> None:
     """Move an old version's file to ``path`` to be overwritten, if it is this sampler's own
-    (a file hard-linked to the learner's store is never written to)."""
+    (a file hard-linked to the learner's store or to another sampler's copy is never written
+    to). The link count is read after the move: a peer can link the file only while it is in
+    the old version's directory, so a count of one then means nobody else holds it."""
     if old_dir is None:
         return
     old = old_dir / name
@@ -156,25 +165,52 @@ def _reuse(old_dir: Path | None, name: str, path: Path) -> None:
         if old.is_file() and old.stat().st_nlink == 1:
             (old_dir / MANIFEST).unlink(missing_ok=True)  # no longer a verified version
             os.replace(old, path)
+            if path.stat().st_nlink != 1:  # linked by a peer just before the move
+                path.unlink()
 
 
 def _link(manifest: Manifest, tmp: Path, stats: FetchStats) -> bool:
     """Hard-link the publisher's files when they are on this machine."""
     if manifest.origin is None or manifest.origin[0] != machine_id():
         return False
-    src = Path(manifest.origin[1])
+    if not _link_files(manifest, Path(manifest.origin[1]), tmp):
+        return False
+    stats.method = "link"
+    return True
+
+
+def _link_copy(
+    manifest: Manifest, data: bytes, copies: list[Path], tmp: Path, stats: FetchStats
+) -> bool:
+    """Hard-link a verified copy another sampler of this machine holds: one whose manifest is
+    the announced one byte for byte (a sampler writes it only after every piece verified, and
+    removes it before it reuses the files)."""
+    for src in copies:
+        try:
+            if (src / MANIFEST).read_bytes() != data:
+                continue
+        except OSError:
+            continue
+        if _link_files(manifest, src, tmp):
+            stats.method = "host"
+            return True
+    return False
+
+
+def _link_files(manifest: Manifest, src: Path, tmp: Path) -> bool:
+    """Hard-link every file of the version from ``src`` (sizes checked); nothing left behind
+    when one is missing or cannot be linked."""
     try:
         for entry in manifest.files:
             path = src / entry.name
             if path.stat().st_size != entry.size:
-                return False
+                raise OSError(f"{path.name} is {path.stat().st_size} bytes, not {entry.size}")
             os.link(path, tmp / entry.name)
     except OSError as exc:  # gone, another filesystem, or no permission: download instead
         log.info("cannot link %s (%s); downloading", src, exc)
         for entry in manifest.files:
             (tmp / entry.name).unlink(missing_ok=True)
         return False
-    stats.method = "link"
     return True
 
 

@@ -74,11 +74,16 @@ def test_weight_sync_quick(tmp_path: Path, toy_model: Path) -> None:
     d = load(tmp_path, "weight_sync")
     got = {(s["mode"], s["receivers"]): s for s in d["summary"]}
     assert set(got) == {
-        ("single", 1), ("cold", 1), ("link", 1), ("full", 1), ("full", 2), ("relay", 2), ("delta", 1)
+        ("single", 1), ("cold", 1), ("link", 1), ("full", 1), ("full", 2), ("relay", 2),
+        ("host", 2), ("delta", 1)
     }  # fmt: skip
     assert got[("link", 1)]["learner_egress_bytes"] == 0  # same machine: nothing sent
     assert got[("full", 2)]["egress_vs_size"] == pytest.approx(2.0, rel=0.01)
     assert got[("delta", 1)]["egress_vs_size"] < 1.0  # the delta, not the version
+    # two samplers of one machine: the learner sends the version once, one links the other's
+    assert got[("host", 2)]["egress_vs_size"] == pytest.approx(1.0, rel=0.01)
+    host = [r for r in d["rows"] if r["mode"] == "host"]
+    assert all(sorted(r["methods"]) == ["full", "host"] for r in host), host
     assert all(s["seconds"] > 0 and s["raw_copy_seconds"] > 0 for s in d["summary"])
     for kind in ("fp32", "bf16"):
         c = d["codec"][kind]

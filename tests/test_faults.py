@@ -164,6 +164,22 @@ async def acl_denials(cluster: Cluster) -> list[str]:
     return refused
 
 
+async def sampler_shares_weights(cluster: Cluster) -> tuple[bool, bool, bool, list[str]]:
+    """What the sampler's credentials must allow to share versions with its machine's samplers:
+    take, renew and give back a fetch lease, and advertise a copy."""
+    s = streams_as(cluster, "sampler")
+    taken = await s.claim_weight_fetch("node", 1, "a", 5.0)
+    renewed = await s.renew_weight_fetch("node", 1, "a", 5.0)
+    await s.release_weight_fetch("node", 1, "a")
+    await asyncio.sleep(0.05)
+    again = await s.claim_weight_fetch("node", 1, "b", 5.0)
+    await s.advertise_weights("acl-check", 1, "", machine="node", directory="/copy")
+    copies = await s.weight_copies(1, "node")
+    await s.withdraw_weights("acl-check")
+    await s.close()
+    return taken, renewed, again, copies
+
+
 @pytest.mark.timeout(1200)
 def test_pipeline_survives_poison_and_kills_and_loses_nothing(
     tmp_path: Path, toy_model: Path
@@ -222,6 +238,7 @@ def test_pipeline_survives_poison_and_kills_and_loses_nothing(
         assert sorted(asyncio.run(acl_denials(cluster))) == sorted(
             ["FLUSHALL", "XADD prompts", "DEL trees", "SET weights"]
         )
+        assert asyncio.run(sampler_shares_weights(cluster)) == (True, True, True, ["/copy"])
     finally:
         cluster.stop()
     # the replacement sampler, started beside a busy one, became ready and took work

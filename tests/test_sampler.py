@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,6 +305,59 @@ def test_weight_swap_changes_outputs_and_corrupt_weights_are_refused(
         asyncio.run(main())
     finally:
         restore_base_weights(engine, tmp_path, start_version)
+
+
+def test_samplers_sharing_a_machine_take_one_download(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    engine: VLLMPathGenerator,
+    tokenizer,  # type: ignore[no-untyped-def]
+) -> None:
+    """Two samplers of one machine see a version at once (the learner treated as remote): one
+    downloads it, the other links that verified copy; the learner sends it once and both
+    samplers' metrics say how they took it."""
+    from pipeline.weightserver import ServeCounters
+
+    start_version = engine.policy_version
+
+    async def main() -> tuple[list[Sampler], int, int]:
+        s = make_streams(redis_server)
+        store = WeightStore(tmp_path / "weights", keep=5)
+        counters = ServeCounters()
+        app = web.Application()
+        add_routes(app, store, counters=counters)
+        runner, port = await start(app, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{port}"
+        samplers = []
+        for worker in ("a", "b"):
+            settings = settings_for(redis_server, tmp_path, worker_id=worker)
+            settings.weights.link_same_machine = False
+            samplers.append(Sampler(settings, engine, lambda ids: tokenizer.decode(ids)))
+        v = start_version + 1
+        model = Path(engine.options.model) / "model.safetensors"
+        manifest, data = store.publish(v, lambda d: shutil.copy(model, d / "model.safetensors"))
+        await announce(s, v, url, data, manifest.total_bytes)
+        await asyncio.gather(*(x.follower.poll() for x in samplers))
+        for x in samplers:
+            await x.streams.close()
+        await runner.cleanup()
+        await s.close()
+        return samplers, counters.bytes_sent, manifest.total_bytes
+
+    try:
+        samplers, sent, size = asyncio.run(main())
+    finally:
+        restore_base_weights(engine, tmp_path, start_version)
+    fetches = [x.follower.last_fetch for x in samplers]
+    assert all(f is not None for f in fetches)
+    assert sorted(f.method for f in fetches) == ["full", "host"]  # type: ignore[union-attr]
+    assert sent == size  # the learner sent the version once
+    inodes = {
+        (x.work_dir / f"v{start_version + 1}" / "model.safetensors").stat().st_ino for x in samplers
+    }
+    assert len(inodes) == 1
+    taken = [x.metrics.weight_fetches.labels("host")._value.get() for x in samplers]
+    assert sorted(taken) == [0, 1]
 
 
 def leaf_tokens(r: TreeRollout, leaf) -> list[int]:  # type: ignore[no-untyped-def]

@@ -5,10 +5,12 @@ links, and announcements followed over pub/sub (real aiohttp servers, real redis
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -310,3 +312,114 @@ def test_an_old_version_is_overwritten_in_place_but_never_the_learners(
         Sources(server.url(2)), sha2, tmp_path / "linked", allow_link=False, recycle=linked
     )
     assert (store.path(1) / "model.safetensors").read_bytes() == files[0]
+
+
+def test_a_sampler_links_the_verified_copy_of_another_sampler_on_its_machine(
+    tmp_path: Path,
+    published,  # type: ignore[no-untyped-def]
+) -> None:
+    """A copy whose manifest is the announced one is linked (no bytes move); a copy of another
+    version, or one that vanished, is passed over for a download; a recycled file never
+    overwrites what a peer linked."""
+    store, server, files = published
+    sha1, sha2 = (sha256_bytes(store.manifest_bytes(v)) for v in (1, 2))
+    _, a, _ = fetch_version(Sources(server.url(1)), sha1, tmp_path / "a", allow_link=False)
+    _, b, stats = fetch_version(
+        Sources(server.url(1)), sha1, tmp_path / "b", allow_link=False, host_copies=[a]
+    )
+    assert stats.method == "host" and stats.bytes_received == 0
+    assert (b / "model.safetensors").stat().st_ino == (a / "model.safetensors").stat().st_ino
+    # a copy of version 1 offered for version 2, and a directory that is gone: downloaded
+    _, c, stats = fetch_version(
+        Sources(server.url(2)),
+        sha2,
+        tmp_path / "c",
+        allow_link=False,
+        host_copies=[tmp_path / "gone", a],
+    )
+    assert stats.method == "full" and (c / "model.safetensors").read_bytes() == files[1]
+    # sampler a recycles its version-1 file for version 2: b linked it, so a writes a new file
+    _, a2, _ = fetch_version(
+        Sources(server.url(2)), sha2, tmp_path / "a", allow_link=False, recycle=a
+    )
+    assert (b / "model.safetensors").read_bytes() == files[0]
+    assert (a2 / "model.safetensors").read_bytes() == files[1]
+
+
+@pytest.mark.slow
+def test_samplers_of_one_machine_fetch_a_version_once(
+    tmp_path: Path,
+    published,  # type: ignore[no-untyped-def]
+    redis_server: RedisServer,
+) -> None:
+    """Four receivers of one machine at once: one takes the lease and downloads, the other
+    three wait and link its copy; the learner sends the version once. A lease holder that
+    dies (never renews, never releases) holds the others back only until its lease lapses, one
+    whose fetch fails gives it back at once, and without Redis a sampler fetches on its own."""
+    from pipeline.hostshare import HostShare
+    from tests.helpers import make_streams
+
+    store, server, files = published
+    sha = sha256_bytes(store.manifest_bytes(2))
+
+    async def receive(share: HostShare, dest: Path) -> FetchStats:
+        copies = await share.wait_or_claim(2, timeout_s=30)
+        lease = share.fetching(2) if not copies else contextlib.nullcontext()
+        async with lease:
+            _, path, stats = await asyncio.to_thread(
+                fetch_version,
+                Sources(server.url(2)),
+                sha,
+                dest,
+                allow_link=False,
+                host_copies=copies,
+            )
+            await share.streams.advertise_weights(
+                share.worker_id, 2, "", machine=share.machine, directory=str(path)
+            )
+        assert (path / "model.safetensors").read_bytes() == files[1]
+        return stats
+
+    async def main() -> tuple[list[FetchStats], float, FetchStats]:
+        s = make_streams(redis_server)
+        shares = [HostShare(s, f"w{i}", machine="node-1", lease_s=0.6) for i in range(4)]
+        stats = list(await asyncio.gather(*(receive(h, tmp_path / h.worker_id) for h in shares)))
+        # a holder that died: its lease on node-2 lapses, then the waiter fetches itself
+        assert await s.claim_weight_fetch("node-2", 2, "dead", ttl_s=0.6)
+        waiter = HostShare(s, "late", machine="node-2", lease_s=0.6)
+        started = asyncio.get_running_loop().time()
+        late = await receive(waiter, tmp_path / "late")
+        waited = asyncio.get_running_loop().time() - started
+        # a holder whose fetch fails gives the lease back at once: the next one takes it
+        failing = HostShare(s, "failing", machine="node-3", lease_s=30)
+        assert await failing.wait_or_claim(2, timeout_s=5) == []
+        with contextlib.suppress(RuntimeError):
+            async with failing.fetching(2):
+                raise RuntimeError("download failed")
+        await asyncio.sleep(0.01)  # a lease given back lapses within a millisecond
+        assert await s.claim_weight_fetch("node-3", 2, "next", ttl_s=30)
+        # Redis out of reach: the sampler fetches on its own instead of waiting
+        from pipeline.config import RedisSettings, RunSettings, StreamSettings
+        from pipeline.streams import Streams
+        from tests.services import free_port
+
+        away = Streams(
+            RedisSettings(url=f"redis://127.0.0.1:{free_port()}/0", retry_attempts=1),
+            RunSettings(name="test"),
+            StreamSettings(),
+        )
+        assert await HostShare(away, "alone", machine="node-4").wait_or_claim(2, 5) == []
+        await away.close()
+        await s.close()
+        return stats, waited, late
+
+    sent = server.counters.bytes_sent
+    stats, waited, late = asyncio.run(main())
+    assert sorted(s.method for s in stats) == ["full", "host", "host", "host"]
+    assert sum(s.bytes_received for s in stats) == len(files[1])
+    for _ in range(100):  # the server counts a response once it has ended on its side
+        if server.counters.bytes_sent - sent >= 2 * len(files[1]):
+            break
+        time.sleep(0.02)
+    assert server.counters.bytes_sent - sent == 2 * len(files[1])  # node-1 once, node-2 once
+    assert late.method == "full" and 0.3 < waited < 10

@@ -219,8 +219,9 @@ def weight_line(summary: dict[str, Any]) -> str:
 
 
 def weight_fetches(run: Path) -> dict[str, float]:
-    """How the samplers took the weight versions: hard link, delta or full download."""
-    total = {"link": 0.0, "delta": 0.0, "full": 0.0}
+    """How the samplers took the weight versions: hard link (the learner's files or another
+    sampler's copy), delta or full download."""
+    total = {"link": 0.0, "host": 0.0, "delta": 0.0, "full": 0.0}
     for path in sorted((run / "samplers").glob("*/summary.json")):
         for method, n in json.loads(path.read_text()).get("weight_fetches", {}).items():
             total[method] = total.get(method, 0.0) + float(n)

@@ -17,6 +17,7 @@ weights.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
@@ -30,6 +31,7 @@ from pipeline.errors import (
     WeightDownloadError,
     WeightVerificationError,
 )
+from pipeline.hostshare import HostShare
 from pipeline.messages import WeightAnnouncement, decode_as
 from pipeline.streams import Streams
 from pipeline.transfer import FetchStats, Sources, fetch_version
@@ -72,6 +74,7 @@ class WeightFollower:
         relay_url: str = "",
         parallel: int = 4,
         link: bool = True,
+        share: HostShare | None = None,
     ) -> None:
         self.streams = streams
         self.engine = engine
@@ -88,6 +91,8 @@ class WeightFollower:
         """Where this sampler serves the versions it verified ('' = no relaying)."""
         self.parallel = parallel
         self.link = link
+        self.share = share
+        """Fetch each version once per machine (``pipeline.hostshare``); None = on its own."""
         self.last_fetch: FetchStats | None = None
         self.verified = engine.policy_version
         """Newest version fetched, verified and staged (the staleness reference)."""
@@ -127,6 +132,7 @@ class WeightFollower:
             relay_url=relay_url if w.relay else "",
             parallel=w.parallel,
             link=w.link_same_machine,
+            share=HostShare(streams, worker_id) if w.share_same_machine else None,
         )
 
     async def poll(self) -> None:
@@ -163,22 +169,33 @@ class WeightFollower:
         ):
             return
         started = time.perf_counter()
+        copies: list[Path] = []
+        if self.share is not None:  # another sampler of this machine may be fetching it
+            copies = await self.share.wait_or_claim(ann.version, self.download_timeout_s)
         peers: list[str] = []
         refresh = asyncio.ensure_future(self._refresh_peers(ann.version, peers))
+        lease = (
+            self.share.fetching(ann.version)
+            if self.share is not None and not copies
+            else contextlib.nullcontext()
+        )
         try:
-            _, directory, stats = await asyncio.to_thread(
-                fetch_version,
-                Sources(ann.url, lambda: list(peers)),
-                ann.manifest_sha256,
-                self.work_dir,
-                local=self.local_versions(),
-                reference=self.reference,
-                token=self.token,
-                timeout_s=self.download_timeout_s,
-                parallel=self.parallel,
-                allow_link=self.link,
-                recycle=self._spare(),
-            )
+            async with lease:
+                _, directory, stats = await asyncio.to_thread(
+                    fetch_version,
+                    Sources(ann.url, lambda: list(peers)),
+                    ann.manifest_sha256,
+                    self.work_dir,
+                    local=self.local_versions(),
+                    reference=self.reference,
+                    token=self.token,
+                    timeout_s=self.download_timeout_s,
+                    parallel=self.parallel,
+                    allow_link=self.link,
+                    recycle=self._spare(),
+                    host_copies=copies,
+                )
+                await self._advertise(ann.version, directory)  # before the lease is given back
         except (WeightDownloadError, WeightVerificationError) as exc:
             self._failed(ann, exc)
             return
@@ -201,13 +218,22 @@ class WeightFollower:
         self.engine.stage_weights(ann.version, directory)
         self.verified = ann.version
         self.failing = {v: f for v, f in self.failing.items() if v > ann.version}
-        if self.relay_url:
-            try:
-                await self.streams.advertise_weights(
-                    self.worker_id, ann.version, f"{self.relay_url}/weights/{ann.version}"
-                )
-            except Exception as exc:  # relaying is an optimisation: never fatal (ACL, Redis)
-                log.warning("cannot advertise v%d as a relay: %s", ann.version, exc)
+
+    async def _advertise(self, version: int, directory: Path) -> None:
+        """Offer a verified version to peers: over HTTP (a relay) and, to the samplers of this
+        machine, as a directory to link."""
+        if not self.relay_url and self.share is None:
+            return
+        try:
+            await self.streams.advertise_weights(
+                self.worker_id,
+                version,
+                f"{self.relay_url}/weights/{version}" if self.relay_url else "",
+                machine=self.share.machine if self.share is not None else "",
+                directory=str(directory.resolve()) if self.share is not None else "",
+            )
+        except Exception as exc:  # sharing is an optimisation: never fatal (ACL, Redis)
+            log.warning("cannot advertise v%d to peers: %s", version, exc)
 
     async def _refresh_peers(self, version: int, into: list[str], every_s: float = 0.1) -> None:
         """Keep ``into`` the relays advertising ``version`` (not this sampler) while a fetch

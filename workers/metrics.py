@@ -140,11 +140,12 @@ class SamplerMetrics:
             self.weight_failures.labels(kind)
         self.weight_fetches = Counter(
             p + "weight_fetches",
-            "Weight versions taken, by how: link (same machine), delta, full.",
+            "Weight versions taken, by how: link (the learner's files on this machine), host (another "
+            "sampler's copy on this machine), delta, full.",
             ["method"],
             registry=r,
         )
-        for method in ("link", "delta", "full"):
+        for method in ("link", "host", "delta", "full"):
             self.weight_fetches.labels(method)
         self.weight_bytes_received = Counter(
             p + "weight_bytes_received",

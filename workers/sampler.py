@@ -183,7 +183,7 @@ class Sampler:
             self.stop.set()
             await background.close()
             self.write_summary()
-            if self.follower.relay_url:
+            if self.follower.relay_url or self.follower.share is not None:
                 with contextlib.suppress(Exception):  # best effort: a relay may just vanish
                     await self.streams.withdraw_weights(self.worker_id)
             await self.heartbeat.send("stopped")
