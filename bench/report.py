@@ -241,12 +241,25 @@ def weight_sync(d: dict[str, Any]) -> str:
     ]
     return (
         table
-        + f"\n\nOne receiver over HTTP: **{d['single_receiver_vs_raw_ratio']:.2f}x** the raw copy; "
+        + f"\n\nOne receiver over HTTP: **{d['single_receiver_vs_raw_ratio']:.2f}x** the raw copy"
+        + (
+            f" ({d['single_receiver_blake3_vs_raw_ratio']:.2f}x with blake3 pieces)"
+            if "single_receiver_blake3_vs_raw_ratio" in d
+            else ""
+        )
+        + "; "
         f"same machine (hard links): {d['same_machine_link_vs_raw_ratio']:.1f}x. {n} receivers "
         f"with relays: **{d[fan]:.2f}x** the single-receiver time, the learner sent "
         f"**{d[f'fanout{n}_egress_vs_size']:.2f}x** the version (without relays: "
-        f"{d[f'fanout{n}_full_time_vs_single']:.2f}x the time). A delta: "
-        f"{d['delta_time_vs_single']:.2f}x the single full time.\n\n"
+        f"{d[f'fanout{n}_full_time_vs_single']:.2f}x the time)"
+        + (
+            f"; {n} samplers of one machine (one fetches, the others link its copy): "
+            f"**{d[f'fanout{n}_same_host_time_vs_single']:.2f}x** the time, the learner sent "
+            f"**{d[f'fanout{n}_same_host_egress_vs_size']:.2f}x**"
+            if f"fanout{n}_same_host_time_vs_single" in d
+            else ""
+        )
+        + f". A delta: {d['delta_time_vs_single']:.2f}x the single full time.\n\n"
         + _table(
             [
                 "one AdamW step",

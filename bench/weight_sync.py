@@ -4,8 +4,9 @@ the same bytes, side by side in one run.
 Parts (``--gigabytes`` of synthetic float32 safetensors, 1 GB by default):
 
 * ``single``: one receiver over HTTP as between machines (same-machine linking off): the
-  sampler's own ``fetch_version`` (parallel ranged pieces, blake3 while receiving, ``pwrite`` in
-  place, header check) from the learner's aiohttp routes (``sendfile``). Publish excluded;
+  sampler's own ``fetch_version`` (parallel ranged pieces, xxh3-128 while receiving, ``pwrite``
+  in place, header check) from the learner's aiohttp routes (``sendfile``); ``blake3``: the same
+  with blake3 pieces (``weights.piece_digest = "blake3"``, the cryptographic option). Publish excluded;
   download + verify + ready to load included. Against a plain TCP ``sendfile`` of the same bytes
   to one process that discards them. The receiver holds an older version whose file it
   overwrites, as a sampler does from its third update on (``cold``: the same into new memory;
@@ -73,6 +74,7 @@ def _receiver(argv: list[str]) -> int:
     kind = argv[0]
     if kind == "raw":
         port, total = int(argv[1]), int(argv[2])
+        print(json.dumps({"ready": True}), flush=True)
         sys.stdin.readline()
         started = time.perf_counter()
         got, buf = 0, bytearray(1 << 20)
@@ -130,6 +132,7 @@ async def _fetch_receiver(spec: dict[str, Any]) -> int:
         else None
     )
     local = {int(k): Path(v) for k, v in spec.get("local", {}).items()}
+    print(json.dumps({"ready": True}), flush=True)
     await asyncio.to_thread(sys.stdin.readline)
     started = time.perf_counter()
     task = asyncio.ensure_future(refresh()) if relay else None
@@ -184,8 +187,8 @@ async def _fetch_receiver(spec: dict[str, Any]) -> int:
 
 
 async def _run_receivers(specs: list[list[str]]) -> tuple[float, list[dict[str, Any]]]:
-    """Start receivers, let them import, release them together; seconds until the last one
-    reported (and every report)."""
+    """Start receivers, wait until every one has imported and set up, release them together;
+    seconds until the last one reported (and every report)."""
     procs = [
         await asyncio.create_subprocess_exec(
             sys.executable,
@@ -199,7 +202,11 @@ async def _run_receivers(specs: list[list[str]]) -> tuple[float, list[dict[str, 
         )
         for spec in specs
     ]
-    await asyncio.sleep(3.0)  # interpreter start and imports are not part of the transfer
+    for p in procs:  # interpreter start, imports and setup are not part of the transfer
+        assert p.stdout is not None
+        line = await p.stdout.readline()
+        if not line or not json.loads(line).get("ready"):
+            raise RuntimeError(f"receiver {p.pid} did not start (exit {await p.wait()})")
     started = time.perf_counter()
     for p in procs:
         assert p.stdin is not None
@@ -410,6 +417,7 @@ async def run_fetch(
 
 
 async def synthetic(work: Path, gigabytes: float, repeats: int, quick: bool) -> dict[str, Any]:
+    from pipeline.weights import DIGESTS
     from tests.services import RedisServer, free_port
 
     files = synthetic_weights(work / "src", gigabytes)
@@ -481,7 +489,14 @@ async def synthetic(work: Path, gigabytes: float, repeats: int, quick: bool) -> 
             )
             rows.append(_row("delta", 1, r, size, seconds, raw[1], egress, reports, publish_s))
             shutil.rmtree(work / f"step{version}", ignore_errors=True)
-            for row in rows[-(len(counts) * 3 + 2) :]:
+            # ``single`` with blake3 piece digests (the cryptographic option): what hashing costs
+            version += 1
+            pub.store.digest = "blake3"
+            publish_s, data = pub.publish(version, files)
+            pub.store.digest = DIGESTS[0]
+            seconds, reports, egress = await run_fetch(pub, version, data, work, 1, relay=False)
+            rows.append(_row("blake3", 1, r, size, seconds, raw[1], egress, reports, publish_s))
+            for row in rows[-(len(counts) * 3 + 3) :]:
                 print(_brief(row), flush=True)
             progress.step(f"repeat {r + 1}")
     finally:
@@ -647,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         "parallel_pieces": PARALLEL,
         "learner_receivers_at_once_in_relay": LEARNER_SLOTS,
         "single_receiver_vs_raw_ratio": single["vs_raw_ratio"],
+        "single_receiver_blake3_vs_raw_ratio": by[("blake3", 1)]["vs_raw_ratio"],
         "same_machine_link_vs_raw_ratio": by[("link", 1)]["vs_raw_ratio"],
         f"fanout{widest}_time_vs_single": ratio(relay["seconds"], single["seconds"]),
         f"fanout{widest}_egress_vs_size": relay["egress_vs_size"],

@@ -51,6 +51,7 @@ class Persistence:
             self.work / "weights",
             keep=settings.weights.keep_versions,
             full_every=settings.weights.full_every,
+            digest=settings.weights.piece_digest,
         )
         self.ctl = control()
 

@@ -1,7 +1,8 @@
 """Fetching one weight version: linked, rebuilt from a delta, or downloaded in verified pieces.
 
 ``fetch_version`` reads the manifest (its sha256 must match the signed announcement), then takes
-the cheapest way that verifies:
+the cheapest way that verifies (pieces are checked with the manifest's digest,
+``pipeline.weights.DIGESTS``):
 
 1. **same machine**: the manifest names the machine and directory the learner wrote the version
    to; a sampler on that machine hard-links the files (no bytes move; the files are the
@@ -20,8 +21,8 @@ the cheapest way that verifies:
 
 Everything lands in a staging directory that becomes ``<dest_root>/v<version>`` only when every
 file verified and every safetensors header matches the engine's tensors: nothing corrupt is ever
-loaded. The transfer runs on plain sockets in worker threads (``http.client``): hashing (blake3)
-and the socket and file calls release the GIL, so pieces proceed in parallel.
+loaded. The transfer runs on plain sockets in worker threads (``http.client``): hashing and the
+socket and file calls release the GIL, so pieces proceed in parallel.
 """
 
 from __future__ import annotations
@@ -50,13 +51,14 @@ from pipeline.weights import (
     Manifest,
     check_compatible,
     machine_id,
+    piece_hasher,
     sha256_bytes,
     tensor_specs,
 )
 
 log = logging.getLogger(__name__)
 
-BUFFER_BYTES = 4 << 20
+BUFFER_BYTES = 1 << 20
 
 
 class Busy(Exception):
@@ -270,14 +272,12 @@ def _rebuild_file(
     every piece matches the manifest."""
     import mmap
 
-    import blake3
-
     from pipeline import delta as codec
 
     if base.stat().st_size != entry.size:
         return False
     digests: list[str] = []
-    hasher = blake3.blake3(max_threads=1)
+    hasher = piece_hasher(entry.algorithm)
     filled = 0
 
     with base.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
@@ -296,7 +296,7 @@ def _rebuild_file(
                     at += take
                     if filled == chunk_bytes:
                         digests.append(hasher.hexdigest())
-                        hasher, filled = blake3.blake3(max_threads=1), 0
+                        hasher, filled = piece_hasher(entry.algorithm), 0
 
             view = memoryview(m)
             try:
@@ -488,8 +488,6 @@ class _Client:
     def _receive(
         self, base: str, entry: FileEntry, i: int, start: int, end: int, fd: int, buf: bytearray
     ) -> int:
-        import blake3
-
         resp = self.get(base, entry.name, {"Range": f"bytes={start}-{end - 1}"})
         if resp.status not in (200, 206) or (
             resp.status == 200 and (start, end) != (0, entry.size)
@@ -497,7 +495,7 @@ class _Client:
             resp.read()
             raise WeightDownloadError(f"HTTP {resp.status} for a range of {entry.name}")
         view = memoryview(buf)
-        h = blake3.blake3(max_threads=1)
+        h = piece_hasher(entry.algorithm)
         at = start
         try:
             while at < end:

@@ -3,7 +3,7 @@
 ``WeightStore.publish(version, write)`` lets ``write(dir)`` put safetensors files (HF layout)
 into a fresh directory, encodes each file as a delta against the previous version when that is
 smaller (``pipeline.delta``; a full version only every ``full_every`` versions), hashes
-everything once (blake3 pieces) into ``manifest.json`` with the machine and directory it was
+everything once (piece digests, ``weights.piece_digest``) into ``manifest.json`` with the machine and directory it was
 written to, moves the directory into place atomically as ``<root>/v<version>`` and deletes
 versions beyond the last ``keep``.
 
@@ -36,6 +36,7 @@ from pipeline.messages import WeightAnnouncement, encode
 from pipeline.streams import Streams
 from pipeline.weights import (
     CHUNK_BYTES,
+    DIGESTS,
     MANIFEST,
     RECEIVER_HEADER,
     Delta,
@@ -61,9 +62,12 @@ class WeightStore:
         full_every: int = 10,
         delta_max_ratio: float = 0.5,
         chunk_bytes: int = CHUNK_BYTES,
+        digest: str = DIGESTS[0],
     ) -> None:
         self.root = Path(root)
         self.chunk_bytes = chunk_bytes
+        self.digest = digest
+        """Piece digest of the manifests this store writes (``pipeline.weights.DIGESTS``)."""
         self.last_delta_bytes: int | None = None
         """Size of the delta the newest ``publish`` computed, offered or not (None: none was
         computed: a full version by schedule, or a different layout)."""
@@ -98,6 +102,7 @@ class WeightStore:
                 origin=(machine_id(), str(final.resolve())),
                 delta=delta,
                 chunk_bytes=self.chunk_bytes,
+                algorithm=self.digest,
             )
         for old in self.versions()[: -self.keep]:
             shutil.rmtree(self.path(old), ignore_errors=True)
@@ -146,7 +151,7 @@ class WeightStore:
             for patch in patches:
                 patch.unlink()
             return None
-        return Delta(base, tuple(hash_file(p, self.chunk_bytes) for p in patches))
+        return Delta(base, tuple(hash_file(p, self.chunk_bytes, self.digest) for p in patches))
 
     def manifest_bytes(self, version: int) -> bytes:
         return (self.path(version) / MANIFEST).read_bytes()

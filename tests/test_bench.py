@@ -75,7 +75,7 @@ def test_weight_sync_quick(tmp_path: Path, toy_model: Path) -> None:
     got = {(s["mode"], s["receivers"]): s for s in d["summary"]}
     assert set(got) == {
         ("single", 1), ("cold", 1), ("link", 1), ("full", 1), ("full", 2), ("relay", 2),
-        ("host", 2), ("delta", 1)
+        ("host", 2), ("delta", 1), ("blake3", 1)
     }  # fmt: skip
     assert got[("link", 1)]["learner_egress_bytes"] == 0  # same machine: nothing sent
     assert got[("full", 2)]["egress_vs_size"] == pytest.approx(2.0, rel=0.01)

@@ -124,6 +124,10 @@ def test_manifest_and_header_checks(tmp_path: Path) -> None:
     piece_count_wrong["files"][0]["pieces"] = []
     with pytest.raises(WeightVerificationError, match="no valid digests"):
         Manifest.from_bytes(json.dumps(piece_count_wrong).encode())
+    unknown_digest = json.loads(data)
+    unknown_digest["files"][0]["digest"] = "crc32:" + unknown_digest["files"][0]["digest"]
+    with pytest.raises(WeightVerificationError, match="no valid digests"):
+        Manifest.from_bytes(json.dumps(unknown_digest).encode())
 
 
 def test_tree_view_shows_segments_and_rewards() -> None:

@@ -81,16 +81,24 @@ def test_a_delta_rebuilds_the_new_file_bit_for_bit(kind: str) -> None:
         delta.encode(other, new)
 
 
-def test_pieces_and_digest_match_an_independent_hash(tmp_path: Path) -> None:
+@pytest.mark.parametrize("algorithm", ["xxh3-128", "blake3"])
+def test_pieces_and_digest_match_an_independent_hash(tmp_path: Path, algorithm: str) -> None:
+    import xxhash
+
+    def independent(b: bytes) -> str:
+        return (
+            blake3.blake3(b).hexdigest() if algorithm == "blake3" else xxhash.xxh3_128_hexdigest(b)
+        )
+
     data = os.urandom(2 * 4096 + 100)
     (tmp_path / "m.safetensors").write_bytes(data)
-    entry = hash_file(tmp_path / "m.safetensors", chunk_bytes=4096)
-    expected = [blake3.blake3(data[i : i + 4096]).hexdigest() for i in range(0, len(data), 4096)]
+    entry = hash_file(tmp_path / "m.safetensors", chunk_bytes=4096, algorithm=algorithm)
+    expected = [independent(data[i : i + 4096]) for i in range(0, len(data), 4096)]
     assert list(entry.pieces) == expected and entry.size == len(data)
-    assert (
-        entry.digest
-        == "blake3:" + blake3.blake3(b"".join(bytes.fromhex(p) for p in expected)).hexdigest()
+    assert entry.digest == f"{algorithm}:" + independent(
+        b"".join(bytes.fromhex(p) for p in expected)
     )
+    assert entry.algorithm == algorithm
 
 
 class Server:
@@ -122,10 +130,18 @@ class Server:
         self.thread.join()
 
 
-@pytest.fixture
-def published(tmp_path: Path) -> Iterator[tuple[WeightStore, Server, list[bytes]]]:
+@pytest.fixture(params=["xxh3-128", "blake3"])
+def published(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[WeightStore, Server, list[bytes]]]:
+    """Two versions published with each piece digest (every transfer test runs with both)."""
     store = WeightStore(
-        tmp_path / "learner", keep=5, full_every=100, delta_max_ratio=0.9, chunk_bytes=256 << 10
+        tmp_path / "learner",
+        keep=5,
+        full_every=100,
+        delta_max_ratio=0.9,
+        chunk_bytes=256 << 10,
+        digest=request.param,
     )
     files = [safetensors_bytes(weights(0)), safetensors_bytes(weights(1, step=1e-3))]
     for v, blob in enumerate(files, start=1):
