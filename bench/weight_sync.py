@@ -422,7 +422,9 @@ async def synthetic(work: Path, gigabytes: float, repeats: int, quick: bool) -> 
 
     files = synthetic_weights(work / "src", gigabytes)
     size = files[0].stat().st_size
-    redis = RedisServer(work / "redis", free_port()).start()
+    # fsync as ops/redis.conf ships it (everysec): with ``always`` every advertisement and lease
+    # waits for the disk, which is busy writing back the gigabytes just received
+    redis = RedisServer(work / "redis", free_port(), appendfsync="everysec").start()
     pub = Publisher(work / "store")
     await pub.start(0)
     rows: list[dict[str, Any]] = []

@@ -59,6 +59,9 @@ from pipeline.weights import (
 log = logging.getLogger(__name__)
 
 BUFFER_BYTES = 1 << 20
+BUSY_WAIT_MAX_S = 0.25
+"""Longest wait before asking busy sources again (each of a receiver's workers asks on its own:
+eight receivers asking every 20 ms cost the learner more than the transfer they wait for)."""
 
 
 class Busy(Exception):
@@ -449,6 +452,7 @@ class _Client:
         start = i * chunk_bytes
         end = min(entry.size, start + chunk_bytes)
         failures: list[str] = []
+        waits = 0
         while True:
             order = sources.order(bad)
             if not order:
@@ -482,8 +486,9 @@ class _Client:
                 return
             if time.monotonic() > self.deadline:
                 raise WeightDownloadError(f"{entry.name} piece {i}: timed out ({failures[-1:]})")
-            if busy:
-                time.sleep(0.02 + random.random() * 0.03)  # every source is serving others
+            if busy:  # every source is serving others: ask again, less often the longer it lasts
+                waits += 1
+                time.sleep(min(BUSY_WAIT_MAX_S, 0.02 * 1.5**waits) * (0.5 + random.random()))
 
     def _receive(
         self, base: str, entry: FileEntry, i: int, start: int, end: int, fd: int, buf: bytearray

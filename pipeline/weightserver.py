@@ -181,7 +181,7 @@ class ServeCounters:
         return False
 
 
-LEASE_S = 1.0
+LEASE_S = 0.2
 """How long a receiver keeps its slot after its last piece (it is about to ask for the next)."""
 
 

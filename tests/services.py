@@ -38,6 +38,9 @@ class RedisServer:
     data_dir: Path
     port: int
     proc: subprocess.Popen[bytes] | None = None
+    appendfsync: str = "always"
+    """``always`` (tests: nothing acknowledged is ever lost) or ``everysec`` (what
+    ``ops/redis.conf`` ships)."""
 
     @property
     def url(self) -> str:
@@ -59,7 +62,7 @@ class RedisServer:
             "--appendonly",
             "yes",
             "--appendfsync",
-            "always",
+            self.appendfsync,
             "--save",
             "",
             "--daemonize",
