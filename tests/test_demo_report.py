@@ -11,23 +11,24 @@ from workers.accounting import Accounting
 from workers.metrics import SamplerMetrics
 
 
-def sampler_summary(path: Path, link: int, full: int) -> None:
+def sampler_summary(path: Path, link: int, full: int, host: int = 0) -> None:
     metrics = SamplerMetrics()
     metrics.weight_fetches.labels("link").inc(link)
     metrics.weight_fetches.labels("full").inc(full)
-    Accounting(metrics, path).write_summary(version=link + full)
+    metrics.weight_fetches.labels("host").inc(host)
+    Accounting(metrics, path).write_summary(version=link + full + host)
 
 
 def test_the_demo_counts_how_samplers_took_each_version(tmp_path: Path) -> None:
     run = tmp_path / "run"
     sampler_summary(run / "samplers" / "a" / "summary.json", link=5, full=1)
-    sampler_summary(run / "samplers" / "b" / "summary.json", link=2, full=0)
+    sampler_summary(run / "samplers" / "b" / "summary.json", link=2, full=0, host=3)
     saved = json.loads((run / "samplers" / "a" / "summary.json").read_text())
-    assert saved["weight_fetches"] == {"link": 5.0, "delta": 0.0, "full": 1.0}
+    assert saved["weight_fetches"] == {"link": 5.0, "host": 0.0, "delta": 0.0, "full": 1.0}
     assert saved["policy_version"] == 6
 
     taken = weight_fetches(run)
-    assert taken == {"link": 7.0, "delta": 0.0, "full": 1.0}
+    assert taken == {"link": 7.0, "host": 3.0, "delta": 0.0, "full": 1.0}
     line = weight_line(
         {
             "weight_versions_published": 8,
@@ -39,7 +40,7 @@ def test_the_demo_counts_how_samplers_took_each_version(tmp_path: Path) -> None:
     )
     assert "8 versions of 3.18 MB" in line
     assert "67% of that (median), above the 50% at which it is offered" in line
-    assert line.endswith("samplers took them by link 7, full 1")  # no 'delta 0'
+    assert line.endswith("samplers took them by link 7, host 3, full 1")  # no 'delta 0'
 
 
 def test_a_run_without_deltas_or_sampler_summaries_still_reports_its_versions(
