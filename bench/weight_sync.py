@@ -6,8 +6,8 @@ Parts (``--gigabytes`` of synthetic float32 safetensors, 1 GB by default):
 * ``single``: one receiver over HTTP as between machines (same-machine linking off): the
   sampler's own ``fetch_version`` (parallel ranged pieces, xxh3-128 while receiving, ``pwrite``
   in place, header check) from the learner's aiohttp routes (``sendfile``); ``blake3``: the same
-  with blake3 pieces (``weights.piece_digest = "blake3"``, the cryptographic option). Publish excluded;
-  download + verify + ready to load included. Against a plain TCP ``sendfile`` of the same bytes
+  with blake3 pieces (``weights.piece_digest = "blake3"``, the cryptographic option). Publish
+  excluded; download + verify + ready to load included. Against a plain TCP ``sendfile`` of the same bytes
   to one process that discards them. The receiver holds an older version whose file it
   overwrites, as a sampler does from its third update on (``cold``: the same into new memory;
   on this virtual machine first-touch pages cost several times the copy). ``link``: the same on
@@ -17,8 +17,9 @@ Parts (``--gigabytes`` of synthetic float32 safetensors, 1 GB by default):
   advertises it in Redis and serves it to the others), both as between machines, and ``host``:
   the receivers as samplers of one machine (not the learner's) with ``pipeline.hostshare`` on,
   the default: one takes the machine's lease and fetches (relays as in ``relay``), the others
-  link its verified copy. Seconds until all hold it, bytes the learner sent. Receivers are download-only processes (no vLLM engine: eight engines do not fit
-  this machine next to each other); what they run is the samplers' fetch and relay code.
+  link its verified copy. Seconds until all hold it, bytes the learner sent. Receivers are
+  download-only processes (no vLLM engine: eight engines do not fit this machine next to each
+  other); what they run is the samplers' fetch, relay and sharing code.
 * ``delta``: one receiver holding version v fetches v+1 published as a delta (bf16 weights, what
   a GPU run publishes; one step of relative size 1e-3; seconds include the rebuild and its
   verification, bytes are the delta's).
@@ -36,7 +37,6 @@ processes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import shutil
 import socket
@@ -96,7 +96,7 @@ async def _fetch_receiver(spec: dict[str, Any]) -> int:
     from aiohttp import web
 
     from pipeline.config import RedisSettings, RunSettings, StreamSettings
-    from pipeline.hostshare import HostShare
+    from pipeline.hostshare import HostShare, shared_fetch
     from pipeline.httpserver import start
     from pipeline.streams import Streams
     from pipeline.transfer import Sources, fetch_version
@@ -136,14 +136,8 @@ async def _fetch_receiver(spec: dict[str, Any]) -> int:
     await asyncio.to_thread(sys.stdin.readline)
     started = time.perf_counter()
     task = asyncio.ensure_future(refresh()) if relay else None
-    copies = await share.wait_or_claim(spec["version"], 600) if share is not None else []
-    lease = (
-        share.fetching(spec["version"])
-        if share is not None and not copies
-        else contextlib.nullcontext()
-    )
     try:
-        async with lease:
+        async with shared_fetch(share, spec["version"], 600) as copies:
             _, path, stats = await asyncio.to_thread(
                 fetch_version,
                 Sources(spec["url"], lambda: list(peers)),

@@ -107,3 +107,23 @@ class HostShare:
             task.cancel()
             with contextlib.suppress(Exception):
                 await self.streams.release_weight_fetch(self.machine, version, self.worker_id)
+
+
+@contextlib.asynccontextmanager
+async def shared_fetch(
+    share: HostShare | None, version: int, timeout_s: float
+) -> AsyncIterator[list[Path]]:
+    """What a sampler does around fetching ``version``: yields the copies of it on this machine
+    to link (after waiting while another sampler fetches it), or ``[]`` when this sampler is to
+    fetch it, holding the machine's lease until the block ends (advertise the copy inside the
+    block, so that the waiters find it before the lease is given back). ``share`` None: ``[]``,
+    no lease."""
+    if share is None:
+        yield []
+        return
+    copies = await share.wait_or_claim(version, timeout_s)
+    if copies:
+        yield copies
+        return
+    async with share.fetching(version):
+        yield []

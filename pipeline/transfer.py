@@ -208,8 +208,9 @@ def _link_files(manifest: Manifest, src: Path, tmp: Path) -> bool:
     try:
         for entry in manifest.files:
             path = src / entry.name
-            if path.stat().st_size != entry.size:
-                raise OSError(f"{path.name} is {path.stat().st_size} bytes, not {entry.size}")
+            size = path.stat().st_size
+            if size != entry.size:
+                raise OSError(f"{path.name} is {size} bytes, not {entry.size}")
             os.link(path, tmp / entry.name)
     except OSError as exc:  # gone, another filesystem, or no permission: download instead
         log.info("cannot link %s (%s); downloading", src, exc)

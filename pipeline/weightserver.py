@@ -3,9 +3,9 @@
 ``WeightStore.publish(version, write)`` lets ``write(dir)`` put safetensors files (HF layout)
 into a fresh directory, encodes each file as a delta against the previous version when that is
 smaller (``pipeline.delta``; a full version only every ``full_every`` versions), hashes
-everything once (piece digests, ``weights.piece_digest``) into ``manifest.json`` with the machine and directory it was
-written to, moves the directory into place atomically as ``<root>/v<version>`` and deletes
-versions beyond the last ``keep``.
+everything once (piece digests, ``weights.piece_digest``) into ``manifest.json`` with the
+machine and directory it was written to, moves the directory into place atomically as
+``<root>/v<version>`` and deletes versions beyond the last ``keep``.
 
 ``add_routes`` serves ``/weights/{version}/{file}`` (bearer token when configured; HTTP ranges;
 the file's bytes go out by ``sendfile``, never through Python) from the same aiohttp app that

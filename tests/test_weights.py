@@ -372,16 +372,14 @@ def test_samplers_of_one_machine_fetch_a_version_once(
     three wait and link its copy; the learner sends the version once. A lease holder that
     dies (never renews, never releases) holds the others back only until its lease lapses, one
     whose fetch fails gives it back at once, and without Redis a sampler fetches on its own."""
-    from pipeline.hostshare import HostShare
+    from pipeline.hostshare import HostShare, shared_fetch
     from tests.helpers import make_streams
 
     store, server, files = published
     sha = sha256_bytes(store.manifest_bytes(2))
 
     async def receive(share: HostShare, dest: Path) -> FetchStats:
-        copies = await share.wait_or_claim(2, timeout_s=30)
-        lease = share.fetching(2) if not copies else contextlib.nullcontext()
-        async with lease:
+        async with shared_fetch(share, 2, timeout_s=30) as copies:
             _, path, stats = await asyncio.to_thread(
                 fetch_version,
                 Sources(server.url(2)),

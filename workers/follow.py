@@ -17,7 +17,6 @@ weights.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import time
@@ -31,7 +30,7 @@ from pipeline.errors import (
     WeightDownloadError,
     WeightVerificationError,
 )
-from pipeline.hostshare import HostShare
+from pipeline.hostshare import HostShare, shared_fetch
 from pipeline.messages import WeightAnnouncement, decode_as
 from pipeline.streams import Streams
 from pipeline.transfer import FetchStats, Sources, fetch_version
@@ -169,38 +168,31 @@ class WeightFollower:
         ):
             return
         started = time.perf_counter()
-        copies: list[Path] = []
-        if self.share is not None:  # another sampler of this machine may be fetching it
-            copies = await self.share.wait_or_claim(ann.version, self.download_timeout_s)
-        peers: list[str] = []
-        refresh = asyncio.ensure_future(self._refresh_peers(ann.version, peers))
-        lease = (
-            self.share.fetching(ann.version)
-            if self.share is not None and not copies
-            else contextlib.nullcontext()
-        )
-        try:
-            async with lease:
-                _, directory, stats = await asyncio.to_thread(
-                    fetch_version,
-                    Sources(ann.url, lambda: list(peers)),
-                    ann.manifest_sha256,
-                    self.work_dir,
-                    local=self.local_versions(),
-                    reference=self.reference,
-                    token=self.token,
-                    timeout_s=self.download_timeout_s,
-                    parallel=self.parallel,
-                    allow_link=self.link,
-                    recycle=self._spare(),
-                    host_copies=copies,
-                )
+        try:  # another sampler of this machine may be fetching it: link its copy
+            async with shared_fetch(self.share, ann.version, self.download_timeout_s) as copies:
+                peers: list[str] = []
+                refresh = asyncio.ensure_future(self._refresh_peers(ann.version, peers))
+                try:
+                    _, directory, stats = await asyncio.to_thread(
+                        fetch_version,
+                        Sources(ann.url, lambda: list(peers)),
+                        ann.manifest_sha256,
+                        self.work_dir,
+                        local=self.local_versions(),
+                        reference=self.reference,
+                        token=self.token,
+                        timeout_s=self.download_timeout_s,
+                        parallel=self.parallel,
+                        allow_link=self.link,
+                        recycle=self._spare(),
+                        host_copies=copies,
+                    )
+                finally:
+                    refresh.cancel()
                 await self._advertise(ann.version, directory)  # before the lease is given back
         except (WeightDownloadError, WeightVerificationError) as exc:
             self._failed(ann, exc)
             return
-        finally:
-            refresh.cancel()
         self.last_fetch = stats
         self.metrics.weight_download_seconds.observe(time.perf_counter() - started)
         self.metrics.weight_fetches.labels(stats.method).inc()
