@@ -362,6 +362,33 @@ def test_a_sampler_links_the_verified_copy_of_another_sampler_on_its_machine(
     assert (a2 / "model.safetensors").read_bytes() == files[1]
 
 
+def test_a_file_a_peer_links_during_the_recycling_move_is_not_overwritten(
+    tmp_path: Path,
+    published,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer links the old file after the link count was read but before it moved: the
+    count read after the move catches it and the download goes to a new file."""
+    store, server, files = published
+    sha1, sha2 = (sha256_bytes(store.manifest_bytes(v)) for v in (1, 2))
+    _, own, _ = fetch_version(Sources(server.url(1)), sha1, tmp_path / "own", allow_link=False)
+    peer = tmp_path / "peer.safetensors"
+    replace = os.replace
+
+    def linked_first(src: str | Path, dst: str | Path) -> None:
+        if Path(src) == own / "model.safetensors" and not peer.exists():
+            os.link(src, peer)  # the peer's link lands between the check and the move
+        replace(src, dst)
+
+    monkeypatch.setattr("pipeline.transfer.os.replace", linked_first)
+    _, new, _ = fetch_version(
+        Sources(server.url(2)), sha2, tmp_path / "own", allow_link=False, recycle=own
+    )
+    assert peer.read_bytes() == files[0]
+    assert (new / "model.safetensors").read_bytes() == files[1]
+    assert (new / "model.safetensors").stat().st_ino != peer.stat().st_ino
+
+
 @pytest.mark.slow
 def test_samplers_of_one_machine_fetch_a_version_once(
     tmp_path: Path,
