@@ -54,3 +54,24 @@ def test_a_run_without_deltas_or_sampler_summaries_still_reports_its_versions(
         "weight_fetches": weight_fetches(tmp_path),
     }
     assert weight_line(summary) == "[demo] weight updates: 3 versions of 1.00 MB"
+
+
+def test_the_demo_reports_engine_steps_and_request_start_lag(tmp_path: Path) -> None:
+    """Steps run and priced add up over samplers; the start lag is the mean over all requests
+    (weighted by each sampler's request count, not a mean of the samplers' means)."""
+    from pipeline.costs import Work
+    from toy.demo import engine_steps
+
+    run = tmp_path / "run"
+    for name, steps, priced, lags in (("a", 100, 80.0, [2, 2, 3]), ("b", 50, 45.5, [1])):
+        metrics = SamplerMetrics()
+        metrics.engine_steps.inc(steps)
+        acc = Accounting(metrics, run / "samplers" / name / "summary.json")
+        acc.independent = Work(10.0, 20.0, priced)
+        for lag in lags:
+            acc.on_request_started(lag)
+        acc.write_summary(version=0)
+    got = engine_steps(run)
+    assert got["engine_steps"] == 150 and got["independent_engine_steps"] == 125.5
+    assert got["mean_request_start_steps"] == (2 + 2 + 3 + 1) / 4
+    assert engine_steps(tmp_path / "none")["mean_request_start_steps"] is None

@@ -171,6 +171,12 @@ def test_prompt_in_tree_out(
         )
         assert values["treepo_sampler_engine_requests_total"] == 3 * TREE.width
         assert values["treepo_sampler_engine_steps_total"] >= TREE.max_depth
+        # every path's request got its first token, no sooner than the step after it was sent
+        assert values["treepo_sampler_request_start_steps_count"] == 3 * TREE.width
+        assert (
+            values["treepo_sampler_request_start_steps_sum"]
+            >= values["treepo_sampler_request_start_steps_count"]
+        )
         assert values["treepo_sampler_generation_seconds_total"] > 0
         assert values["treepo_sampler_time_to_publish_seconds_count"] == 3
         assert values["treepo_sampler_gpu_seconds_used_total"] > 0

@@ -240,6 +240,24 @@ def publish_times(run: Path) -> dict[str, float | None]:
     return out
 
 
+def engine_steps(run: Path) -> dict[str, float | None]:
+    """Engine steps the samplers ran, the steps independent sampling was priced at, and the mean
+    steps from sending a request (a tree path) to its first token (1: the next step)."""
+    used = priced = start_sum = start_count = 0.0
+    for path in sorted((run / "samplers").glob("*/summary.json")):
+        data = json.loads(path.read_text())
+        used += float(data.get("treepo_sampler_engine_steps_total", 0.0))
+        priced += float((data.get("independent_work") or [0.0, 0.0, 0.0])[2])
+        start = data.get("request_start_steps", {})
+        start_sum += float(start.get("sum", 0.0))
+        start_count += float(start.get("count", 0.0))
+    return {
+        "engine_steps": used,
+        "independent_engine_steps": priced,
+        "mean_request_start_steps": start_sum / start_count if start_count else None,
+    }
+
+
 def savings(run: Path) -> dict[str, float]:
     keys = (
         "treepo_sampler_tokens_decoded_total",
@@ -350,6 +368,7 @@ def summarise(
         "gpu_seconds_used": used,
         "gpu_seconds_independent": alone,
         "gpu_seconds_saved": alone - used,
+        **engine_steps(run),
         "learner_tokens_computed": sum(s.get("tokens_computed", 0.0) for s in steps),
         "learner_tokens_per_leaf": sum(s.get("tokens_per_leaf", 0.0) for s in steps),
         "learner_seconds_saved": sum(
@@ -388,6 +407,13 @@ def report(summary: dict[str, Any], png: Path) -> None:
         f"{summary['gpu_seconds_used']:.1f}, independent sampling priced at "
         f"{summary['gpu_seconds_independent']:.1f} (saved {summary['gpu_seconds_saved']:.1f})"
     )
+    if summary.get("mean_request_start_steps") is not None:
+        print(
+            f"[demo] engine steps: {summary['engine_steps']:.0f} run, independent sampling priced "
+            f"at {summary['independent_engine_steps']:.0f}; a new path's first token came "
+            f"{summary['mean_request_start_steps']:.2f} steps after it was sent on average "
+            "(1 = the next step; a continuing path's next token comes in the next step)"
+        )
     ttp = summary["time_to_publish_seconds"]
     if ttp["p50"] is not None:
         print(

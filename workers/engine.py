@@ -19,7 +19,11 @@ exact even when tokens are delivered in batches of a segment across a swap.
 
 ``EngineMeter`` records what the engine did, step by step (vLLM's per-iteration statistics:
 tokens prefilled, tokens decoded, and the wall seconds since the previous step while requests
-were in flight): the engine-seconds the sampler used are measured, not estimated.
+were in flight): the engine-seconds the sampler used are measured, not estimated. It also counts,
+for every request, the engine steps from its submission to its first token as this process sees
+them (``request_started``): 1 would be the very next step. A sibling forked at a segment boundary
+is a new request, submitted only once the boundary's output reached this process, while the
+engine has already begun the next step; the path that goes on gets its next token in that step.
 """
 
 from __future__ import annotations
@@ -115,7 +119,12 @@ class EngineMeter:
         self.prefill_tokens = 0
         self.cached_tokens = 0
         self.decoded_tokens = 0
+        self.requests_started = 0
+        self.start_steps = 0
+        """Sum over started requests of the steps from submission to the first token."""
         self.listeners: list[Callable[[StepStats], None]] = []
+        self.start_listeners: list[Callable[[int], None]] = []
+        """Called with each request's steps from submission to its first token."""
         self._lock = threading.Lock()
 
     def started(self) -> None:
@@ -144,6 +153,14 @@ class EngineMeter:
         for listener in self.listeners:
             listener(stats)
 
+    def request_started(self, steps: int) -> None:
+        """A request's first token came ``steps`` engine steps after it was submitted."""
+        with self._lock:
+            self.requests_started += 1
+            self.start_steps += steps
+        for listener in self.start_listeners:
+            listener(steps)
+
     def snapshot(self) -> dict[str, float]:
         with self._lock:
             return {
@@ -152,6 +169,8 @@ class EngineMeter:
                 "prefill_tokens": self.prefill_tokens,
                 "cached_tokens": self.cached_tokens,
                 "decoded_tokens": self.decoded_tokens,
+                "requests_started": self.requests_started,
+                "start_steps": self.start_steps,
             }
 
 
@@ -224,6 +243,8 @@ class _Request:
         """The engine's own record, once the request finished: (version, first token, end) of
         the weights that sampled each run of tokens (a check of ``versions``)."""
         self.changed = asyncio.Event()
+        self.submitted_step = gen.meter.steps
+        """Engine steps seen when the request was submitted (its start lag is counted from it)."""
         gen.live.add(self)
         self.task = asyncio.ensure_future(self._run())
 
@@ -239,6 +260,12 @@ class _Request:
                 c = out.outputs[0]
                 tokens = c.token_ids
                 first = len(self.tokens)
+                # one token per step: the first came len - 1 steps ago (a step with more outputs
+                # than vLLM processes at once may be counted only after some are read: one less)
+                if first == 0 and tokens:
+                    gen.meter.request_started(
+                        gen.meter.steps - self.submitted_step - (len(tokens) - 1)
+                    )
                 self.tokens.extend(tokens)
                 self.logprobs.extend(step[t].logprob for t, step in zip(tokens, c.logprobs or ()))
                 spans = getattr(c, "weight_versions", None) if c.finish_reason else None

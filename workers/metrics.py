@@ -124,6 +124,13 @@ class SamplerMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
             registry=r,
         )
+        self.request_start_steps = Histogram(
+            p + "request_start_steps",
+            "Engine steps from submitting a request (a tree path) to its first token, as the "
+            "sampler sees them (1: the next step).",
+            buckets=(1, 2, 3, 4, 6, 8, 16, 32),
+            registry=r,
+        )
         self.deadletter = deadletter_counter(p, "Prompt entries", r)
         self.weight_announced_version = Gauge(
             p + "weight_announced_version",

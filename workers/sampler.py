@@ -91,6 +91,7 @@ class Sampler:
         self.accounting = Accounting(self.metrics, self.work_dir / "summary.json")
         engine.meter.listeners.append(self.accounting.on_step)
         engine.meter.listeners.append(self._stepped)
+        engine.meter.start_listeners.append(self.accounting.on_request_started)
         self._growing: dict[asyncio.Task[None], Delivery] = {}
         self.follower = WeightFollower.for_sampler(
             settings, self.streams, engine, self.metrics, self.work_dir, self.worker_id
