@@ -58,6 +58,7 @@ def tree_vs_independent(d: dict[str, Any]) -> str:
                     f"{base['engine_steps']:.0f}",
                     "-",
                     "-",
+                    "-",
                     f"{base['reward_mean']:.3f}",
                 ]
             )
@@ -74,6 +75,9 @@ def tree_vs_independent(d: dict[str, Any]) -> str:
                     f"{c['prefill_tokens']:.0f}",
                     f"{c['engine_steps']:.0f}",
                     f"{c['fallbacks_per_tree']:.2f}",
+                    f"{c['mean_request_start_steps']:.2f}"
+                    if "mean_request_start_steps" in c
+                    else "-",
                     f"{c['cost_model']['predicted_vs_measured']:.2f}",
                     f"{c['reward_mean']:.3f}",
                 ]
@@ -94,6 +98,7 @@ def tree_vs_independent(d: dict[str, Any]) -> str:
                     "prefill computed",
                     "engine steps",
                     "fallbacks/tree",
+                    "steps to a path's first token",
                     "priced / measured independent",
                     "leaf reward",
                 ],

@@ -142,6 +142,8 @@ class Run:
             "prefill_tokens": d["prefill_tokens"],
             "cached_prefill_tokens": d["cached_tokens"],
             "decoded_tokens": d["decoded_tokens"],
+            "requests_started": d["requests_started"],
+            "request_start_steps": d["start_steps"],
         }
 
 
@@ -231,6 +233,11 @@ def run_trees(
     out["estimated_independent_tokens"] = sum(t.stats.independent_tokens for t in trees)
     out["leaf_sum_tokens"] = sum(t.response_length(x.node) for t in trees for x in t.leaves)
     out["fallbacks_per_tree"] = statistics.fmean(t.stats.fallbacks for t in trees)
+    # steps from sending a path's request to its first token (1: the next step); a path that
+    # goes on past a boundary gets its next token in the next step
+    out["mean_request_start_steps"] = ratio(
+        measured["request_start_steps"], measured["requests_started"]
+    )
     out["mean_trees_in_flight"] = concurrency
     out["mean_trees_growing_per_step"] = growing.mean
     out["predicted"] = predict_independent(run.steps, trees, growing.mean)
