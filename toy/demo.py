@@ -218,12 +218,19 @@ def weight_line(summary: dict[str, Any]) -> str:
     return line
 
 
+def sampler_summaries(run: Path) -> list[dict[str, Any]]:
+    """Every sampler's ``summary.json`` of the run (written by ``workers.accounting``)."""
+    return [
+        json.loads(path.read_text()) for path in sorted((run / "samplers").glob("*/summary.json"))
+    ]
+
+
 def weight_fetches(run: Path) -> dict[str, float]:
     """How the samplers took the weight versions: hard link (the learner's files or another
     sampler's copy), delta or full download."""
     total = {"link": 0.0, "host": 0.0, "delta": 0.0, "full": 0.0}
-    for path in sorted((run / "samplers").glob("*/summary.json")):
-        for method, n in json.loads(path.read_text()).get("weight_fetches", {}).items():
+    for data in sampler_summaries(run):
+        for method, n in data.get("weight_fetches", {}).items():
             total[method] = total.get(method, 0.0) + float(n)
     return total
 
@@ -231,8 +238,8 @@ def weight_fetches(run: Path) -> dict[str, float]:
 def publish_times(run: Path) -> dict[str, float | None]:
     """The samplers' time-to-publish quantiles (each sampler's own; the slowest is reported)."""
     out: dict[str, float | None] = {"p50": None, "p99": None}
-    for path in sorted((run / "samplers").glob("*/summary.json")):
-        q = json.loads(path.read_text()).get("time_to_publish_seconds", {})
+    for data in sampler_summaries(run):
+        q = data.get("time_to_publish_seconds", {})
         for k in out:
             v = q.get(k)
             if v is not None:
@@ -244,8 +251,7 @@ def engine_steps(run: Path) -> dict[str, float | None]:
     """Engine steps the samplers ran, the steps independent sampling was priced at, and the mean
     steps from sending a request (a tree path) to its first token (1: the next step)."""
     used = priced = start_sum = start_count = 0.0
-    for path in sorted((run / "samplers").glob("*/summary.json")):
-        data = json.loads(path.read_text())
+    for data in sampler_summaries(run):
         used += float(data.get("treepo_sampler_engine_steps_total", 0.0))
         priced += float((data.get("independent_work") or [0.0, 0.0, 0.0])[2])
         start = data.get("request_start_steps", {})
@@ -270,8 +276,7 @@ def savings(run: Path) -> dict[str, float]:
         "treepo_sampler_generation_seconds_total",
     )
     total = dict.fromkeys(keys, 0.0)
-    for path in sorted((run / "samplers").glob("*/summary.json")):
-        data = json.loads(path.read_text())
+    for data in sampler_summaries(run):
         for k in keys:
             total[k] += float(data.get(k, 0.0))
     return total

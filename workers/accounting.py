@@ -165,7 +165,11 @@ class Accounting:
         values["mean_trees_in_flight"] = self.in_flight.mean
         values["mean_trees_growing_per_step"] = self.concurrency.mean
         values["time_to_publish_seconds"] = self._publish_quantiles()
-        values["request_start_steps"] = self._sum_count("treepo_sampler_request_start_steps")
+        values["request_start_steps"] = {
+            s.name.rsplit("_", 1)[1]: s.value
+            for s in self.metrics.request_start_steps.collect()[0].samples
+            if s.name.endswith(("_sum", "_count"))
+        }
         values["policy_version"] = version
         values["weight_fetches"] = {
             s.labels["method"]: s.value
@@ -175,16 +179,6 @@ class Accounting:
         self.summary.parent.mkdir(parents=True, exist_ok=True)
         self.summary.write_text(json.dumps(values, indent=2))
         return self.summary
-
-    def _sum_count(self, histogram: str) -> dict[str, float]:
-        """A histogram's ``sum`` and ``count`` of observations."""
-        return {
-            s.name.rsplit("_", 1)[1]: s.value
-            for fam in self.metrics.registry.collect()
-            if fam.name == histogram
-            for s in fam.samples
-            if s.name in (histogram + "_sum", histogram + "_count")
-        }
 
     def _publish_quantiles(self) -> dict[str, float | None]:
         """p50 and p99 of time to publish, interpolated in the histogram's buckets."""
