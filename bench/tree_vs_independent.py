@@ -193,12 +193,8 @@ def row(
 def run_trees(
     gen: Any, shape: TreeShape, prompts: list[list[int]], answers: list[str], ctx: dict[str, Any]
 ) -> dict[str, Any]:
-    from workers.sampler import DECIDE_AFTER_S
-
     cfg = shape.config(ctx["eos"], ctx["budget"], ctx["natural"])
-    sampler = TreeSampler(
-        gen, cfg, rng=ctx["seed"], decode=ctx["decode"], decide_after_s=DECIDE_AFTER_S
-    )
+    sampler = TreeSampler(gen, cfg, rng=ctx["seed"], decode=ctx["decode"])
     run = Run(gen)
     growing = StepConcurrency()  # what the sampler prices independent steps with
 

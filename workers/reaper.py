@@ -1,8 +1,8 @@
 """Ends a sampler's engine processes when the sampler dies without stopping them.
 
-vLLM's engine core runs in child processes that outlive a SIGKILLed parent (OOM killer, a
-crash, `kill -9`), keeping their memory, cores or GPU. ``watch_children`` starts this module as a
-small process, before the engine, holding the read end of a pipe whose write end only the
+vLLM's engine runs its model in child processes (its executor's workers) that outlive a
+SIGKILLed parent (OOM killer, a crash, `kill -9`), keeping their memory, cores or GPU.
+``watch_children`` starts this module as a small process, before the engine, holding the read end of a pipe whose write end only the
 sampler holds. The reaper keeps a fresh list of the sampler's descendants (every 0.2 s); when
 the sampler ends, by any means, the read returns end-of-file (or the sampler is found gone, when a
 forked child keeps the write end open) and the reaper kills the processes of its last list

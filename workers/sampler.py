@@ -48,10 +48,6 @@ from workers.prompts import prompt_problem
 
 log = logging.getLogger(__name__)
 
-DECIDE_AFTER_S = 0.002
-"""How long a path's boundary waits for other boundaries of the same engine step (they arrive
-from the engine's thread one by one) before its tree decides how many new paths to fork."""
-
 
 class Sampler:
     """One sampler worker around one engine. ``run`` is the process's main loop."""
@@ -85,7 +81,6 @@ class Sampler:
             tree_cfg,
             rng=random.Random(f"{settings.run.seed}-{self.worker_id}"),
             decode=decode_text,
-            decide_after_s=DECIDE_AFTER_S,
         )
         self.work_dir = Path(opts.work_dir) / self.worker_id
         self.accounting = Accounting(self.metrics, self.work_dir / "summary.json")
