@@ -75,3 +75,45 @@ def test_the_demo_reports_engine_steps_and_request_start_lag(tmp_path: Path) -> 
     assert got["engine_steps"] == 150 and got["independent_engine_steps"] == 125.5
     assert got["mean_request_start_steps"] == (2 + 2 + 3 + 1) / 4
     assert engine_steps(tmp_path / "none")["mean_request_start_steps"] is None
+
+
+def test_a_weight_swap_is_kept_out_of_the_steps_and_counted_on_both_sides(
+    tmp_path: Path,
+) -> None:
+    """A swap between two steps is not in the next step's seconds (nor in the cost model's
+    fit); the sampler's engine-seconds used and the independent price both include it, so it
+    moves no saving; the demo adds the samplers' swap seconds up."""
+    import time
+
+    from toy.demo import savings
+    from workers.engine import EngineMeter
+
+    meter = EngineMeter()
+    steps: list[float] = []
+    meter.listeners.append(lambda s: steps.append(s.seconds))
+    metrics = SamplerMetrics()
+    acc = Accounting(metrics, tmp_path / "run" / "samplers" / "a" / "summary.json")
+    meter.listeners.append(acc.on_step)
+    meter.swap_listeners.append(acc.on_swap)
+    meter.started()
+    meter.step(4, 0, 1)
+    time.sleep(0.05)  # the swap itself
+    meter.swapped(0.05)
+    meter.step(0, 0, 1)
+    started = time.perf_counter()
+    time.sleep(0.02)
+    meter.step(0, 0, 1)
+    reference = time.perf_counter() - started
+    meter.ended()
+    meter.swapped(0.5)  # a swap while idle: in no step, on both sides all the same
+    assert steps[1] < 0.04, steps  # the 50 ms swap is not in the step after it
+    assert 0.015 < steps[2] <= reference + 0.005
+    assert meter.swap_seconds == 0.55 and meter.snapshot()["swap_seconds"] == 0.55
+    assert abs(acc.used_seconds - (sum(steps) + 0.55)) < 1e-9
+    assert acc.independent_seconds == 0.55  # no tree priced yet: only the swaps
+    acc.write_summary(version=1)
+    summary = json.loads((tmp_path / "run" / "samplers" / "a" / "summary.json").read_text())
+    assert summary["weight_swap_seconds"] == 0.55
+    assert summary["treepo_sampler_gpu_seconds_used_total"] == acc.used_seconds
+    assert summary["treepo_sampler_gpu_seconds_independent_total"] == 0.55
+    assert savings(tmp_path / "run")["weight_swap_seconds"] == 0.55

@@ -274,6 +274,7 @@ def savings(run: Path) -> dict[str, float]:
         "treepo_sampler_leaves_total",
         "treepo_sampler_prefill_tokens_total",
         "treepo_sampler_generation_seconds_total",
+        "weight_swap_seconds",
     )
     total = dict.fromkeys(keys, 0.0)
     for data in sampler_summaries(run):
@@ -373,6 +374,7 @@ def summarise(
         "gpu_seconds_used": used,
         "gpu_seconds_independent": alone,
         "gpu_seconds_saved": alone - used,
+        "weight_swap_seconds": sav["weight_swap_seconds"],
         **engine_steps(run),
         "learner_tokens_computed": sum(s.get("tokens_computed", 0.0) for s in steps),
         "learner_tokens_per_leaf": sum(s.get("tokens_per_leaf", 0.0) for s in steps),
@@ -410,7 +412,8 @@ def report(summary: dict[str, Any], png: Path) -> None:
         f"sampling of the same prompts is expected to decode {summary['independent_tokens']:.0f} "
         f"({summary['token_savings']:.0%} saved); engine-seconds measured "
         f"{summary['gpu_seconds_used']:.1f}, independent sampling priced at "
-        f"{summary['gpu_seconds_independent']:.1f} (saved {summary['gpu_seconds_saved']:.1f})"
+        f"{summary['gpu_seconds_independent']:.1f} (saved {summary['gpu_seconds_saved']:.1f}; "
+        f"both include the {summary.get('weight_swap_seconds', 0.0):.1f} s of weight swaps)"
     )
     if summary.get("mean_request_start_steps") is not None:
         print(

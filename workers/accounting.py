@@ -2,8 +2,10 @@
 engine-seconds; every published tree adds its counters and prices independent sampling of its
 prompt with that model (``pipeline.costs``); ``summary.json`` holds the final counters.
 
-Engine-seconds used are measured (the engine's busy wall time, step by step). The independent
-side is a prediction: ``bench/tree_vs_independent.py`` checks it against a real independent run.
+Engine-seconds used are measured (the engine's busy wall time, step by step, and its weight
+swaps). The independent side is a prediction: ``bench/tree_vs_independent.py`` checks it against
+a real independent run. Weight swaps are on both sides: independent sampling would swap the same
+weights (they are kept out of the steps the cost model is fitted on).
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class Accounting:
         """Trees growing on the engine at each step (what prices independent steps)."""
         self.used_seconds = 0.0
         self.independent_seconds = 0.0
+        self.swap_seconds = 0.0
+        """Weight swaps, in both of the above."""
         self.independent = Work(0.0, 0.0, 0.0)
         """The priced independent work so far (for the summary)."""
         self.started = time.monotonic()
@@ -79,6 +83,17 @@ class Accounting:
         m.gpu_seconds_used.inc(step.seconds)
         m.prefill_tokens.inc(step.prefill_tokens + step.cached_tokens)
         m.prefill_cached_tokens.inc(step.cached_tokens)
+
+    def on_swap(self, seconds: float) -> None:
+        """A weight swap (the engine meter's listener): engine time used, and time independent
+        sampling would have used as well (it swaps the same weights), so it moves no saving."""
+        m = self.metrics
+        with self._lock:
+            self.used_seconds += seconds
+            self.independent_seconds += seconds
+            self.swap_seconds += seconds
+        m.gpu_seconds_used.inc(seconds)
+        m.gpu_seconds_independent.inc(seconds)
 
     def on_request_started(self, steps: int) -> None:
         """A request's first token, ``steps`` engine steps after it was submitted (the engine
@@ -162,6 +177,7 @@ class Accounting:
         with self._lock:
             values["cost_model"] = list(self.cost.coef)
             values["independent_work"] = list(self.independent.vector())
+            values["weight_swap_seconds"] = self.swap_seconds
         values["mean_trees_in_flight"] = self.in_flight.mean
         values["mean_trees_growing_per_step"] = self.concurrency.mean
         values["time_to_publish_seconds"] = self._publish_quantiles()

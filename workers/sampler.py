@@ -87,6 +87,7 @@ class Sampler:
         engine.meter.listeners.append(self.accounting.on_step)
         engine.meter.listeners.append(self._stepped)
         engine.meter.start_listeners.append(self.accounting.on_request_started)
+        engine.meter.swap_listeners.append(self.accounting.on_swap)
         self._growing: dict[asyncio.Task[None], Delivery] = {}
         self.follower = WeightFollower.for_sampler(
             settings, self.streams, engine, self.metrics, self.work_dir, self.worker_id
