@@ -69,13 +69,14 @@ class SamplerMetrics:
         )
         self.gpu_seconds_used = Counter(
             p + "gpu_seconds_used",
-            "Device-seconds tree sampling used (measured: the engine's busy seconds).",
+            "Device-seconds tree sampling used (measured: the engine's busy seconds and its "
+            "weight swaps).",
             registry=r,
         )
         self.gpu_seconds_independent = Counter(
             p + "gpu_seconds_independent",
             "Device-seconds independent sampling of the published trees' prompts would use "
-            "(cost model fitted on this engine's steps).",
+            "(cost model fitted on this engine's steps, plus the same weight swaps).",
             registry=r,
         )
         self.gpu_seconds_saved = Gauge(
