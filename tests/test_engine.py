@@ -12,7 +12,7 @@ import pytest
 from pipeline.config import TreeConfig
 from pipeline.sampling import PathRequest, TreeSampler
 from tests.helpers import restore_base_weights
-from workers.engine import GenerationStopped, VLLMPathGenerator
+from workers.engine import EngineFailed, GenerationStopped, VLLMPathGenerator
 
 pytestmark = pytest.mark.slow
 
@@ -142,3 +142,38 @@ def test_trees_grow_on_the_engine_loop_with_no_barrier(
     assert all(len(t.leaves) == 4 for t in trees)  # type: ignore[attr-defined]
     assert max(s.decoded_tokens for s in steps) > cfg.width  # type: ignore[attr-defined]
     assert not engine.live and engine.meter.in_flight == 0
+
+
+def test_a_failed_engine_step_fails_every_path_as_an_engine_failure(
+    engine: VLLMPathGenerator,
+    tokenizer,  # type: ignore[no-untyped-def]
+) -> None:
+    """A step that raises (as a dead engine does) fails the running paths and every later
+    request with ``EngineFailed``, a RuntimeError: never a ValueError, which the sampler would
+    take for a refused prompt and dead-letter."""
+    real_step = engine.engine.step
+    calls = 0
+
+    def broken() -> object:
+        nonlocal calls
+        calls += 1
+        if calls > 2:
+            raise ValueError("the engine died")
+        return real_step()
+
+    async def main() -> None:
+        path = engine.open(PathRequest(prompt(tokenizer), 40))
+        with pytest.raises(EngineFailed, match="ValueError: the engine died"):
+            await path.next(30)
+        with pytest.raises(EngineFailed):
+            await engine.open(PathRequest(prompt(tokenizer), 4)).next(1)
+
+    engine.engine.step = broken
+    try:
+        asyncio.run(main())
+        assert not engine.live and engine.meter.in_flight == 0
+        assert not isinstance(engine.failed, ValueError)
+    finally:  # the session's engine works again for the other tests
+        engine.engine.step = real_step
+        engine.failed = None
+        engine._driver = asyncio.run_coroutine_threadsafe(engine._drive(), engine.loop)

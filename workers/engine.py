@@ -58,6 +58,11 @@ class GenerationStopped(Exception):
     """Raised by a path's ``next`` once the engine is stopping."""
 
 
+class EngineFailed(RuntimeError):
+    """An engine step raised: every running request and every later one fails with this (the
+    sampler exits with an error, its prompts go back to the stream; none is dead-lettered)."""
+
+
 @dataclass
 class EngineOptions:
     """Engine arguments (see ``pipeline.config.SamplerOptions`` for the documented settings)."""
@@ -386,9 +391,13 @@ class VLLMPath:
         return await self.gen.call(request.take(max_tokens))
 
     def cancel(self) -> None:
+        """End the path now when called on the engine's loop (a tree ending a path: the engine
+        never decodes it again), else at the loop's next turn."""
         request = self._request
         if isinstance(request, Future):
             request.add_done_callback(lambda f: self.gen.soon(f.result().cancel))
+        elif self.gen.on_engine_loop():
+            request.cancel()
         else:
             self.gen.soon(request.cancel)
 
@@ -481,7 +490,7 @@ class VLLMPathGenerator:
     def submit(self, request: _Request | _Group, prompt: Any, params: Any) -> None:
         """Hand a request to the engine (on the engine's loop): it runs in the next step."""
         if self.failed is not None:
-            raise GenerationStopped(f"the engine failed: {self.failed}")
+            raise EngineFailed(str(self.failed)) from self.failed.__cause__
         self.engine.add_request(request.request_id, prompt, params)
         self.live[request.request_id] = request
         self.meter.started()
@@ -508,15 +517,31 @@ class VLLMPathGenerator:
                 outputs = engine.step()
             except Exception as exc:  # the engine is broken: every reader learns why
                 log.exception("engine step failed")
-                self.failed = exc
-                for request in list(self.live.values()):
-                    request.finish(exc)
+                failed = EngineFailed(f"engine step failed: {type(exc).__name__}: {exc}")
+                failed.__cause__ = exc
+                self.failed = failed
+                self._fail_all(failed)
                 return
             for out in outputs:
                 request = self.live.get(out.request_id)
-                if request is not None:
+                if request is None:
+                    continue
+                try:
                     request.deliver(out)
+                except Exception as exc:  # this request's reader fails, the engine goes on
+                    log.exception("delivering the output of %s failed", out.request_id)
+                    self.abort(out.request_id)
+                    request.finish(RuntimeError(f"output of {out.request_id}: {exc!r}"))
             await self._settle()
+
+    def _fail_all(self, error: BaseException) -> None:
+        requests = list(self.live.values())
+        try:
+            self.engine.abort_request([r.request_id for r in requests])
+        except Exception:  # best-effort: the engine is already broken
+            log.debug("abort after a failed step", exc_info=True)
+        for request in requests:
+            request.finish(error)
 
     async def _settle(self) -> None:
         """Run what is ready on this loop until it is quiet (readers woken by the step, the
