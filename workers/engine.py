@@ -535,11 +535,12 @@ class VLLMPathGenerator:
             await self._settle()
 
     def _fail_all(self, error: BaseException) -> None:
+        """End every live request with ``error`` (the engine failed, or is shutting down)."""
         requests = list(self.live.values())
         try:
             self.engine.abort_request([r.request_id for r in requests])
-        except Exception:  # best-effort: the engine is already broken
-            log.debug("abort after a failed step", exc_info=True)
+        except Exception:  # best-effort: the engine may be broken already
+            log.debug("abort of the live requests", exc_info=True)
         for request in requests:
             request.finish(error)
 
@@ -705,8 +706,7 @@ class VLLMPathGenerator:
             async def stop() -> None:
                 self._closing = True
                 self._work.set()
-                for request in list(self.live.values()):
-                    request.finish(GenerationStopped("the engine is shutting down"))
+                self._fail_all(GenerationStopped("the engine is shutting down"))
                 self.engine = None
 
             try:
