@@ -98,12 +98,15 @@ def test_a_sibling_finds_its_parents_context_in_the_prefix_cache(
 def test_stopping_ends_every_read(engine: VLLMPathGenerator, tokenizer) -> None:  # type: ignore[no-untyped-def]
     async def main() -> None:
         path = engine.open(PathRequest(prompt(tokenizer), 40))
-        await path.next(1)
-        engine.request_stop()
-        with pytest.raises(GenerationStopped):
-            await path.next(30)
-        with pytest.raises(GenerationStopped):
-            engine.open(PathRequest(prompt(tokenizer), 4))
+        try:
+            await path.next(1)
+            engine.request_stop()
+            with pytest.raises(GenerationStopped):
+                await path.next(30)
+            with pytest.raises(GenerationStopped):
+                engine.open(PathRequest(prompt(tokenizer), 4))
+        finally:  # the request would otherwise run on into the next test's engine steps
+            path.cancel()
 
     try:
         asyncio.run(main())
@@ -129,6 +132,7 @@ def test_trees_grow_on_the_engine_loop_with_no_barrier(
     )
     steps: list[object] = []
     engine.meter.listeners.append(steps.append)
+    before = engine.meter.snapshot()
 
     async def main() -> list[object]:
         return list(
@@ -139,8 +143,14 @@ def test_trees_grow_on_the_engine_loop_with_no_barrier(
         trees = asyncio.run(main())
     finally:
         engine.meter.listeners.remove(steps.append)
+    after = engine.meter.snapshot()
     assert all(len(t.leaves) == 4 for t in trees)  # type: ignore[attr-defined]
     assert max(s.decoded_tokens for s in steps) > cfg.width  # type: ignore[attr-defined]
+    # every path, a sibling forked at a boundary included, got its first token in the very next
+    # engine step (the trees decide and submit between steps)
+    started = after["requests_started"] - before["requests_started"]
+    assert started >= 6 * cfg.width
+    assert after["start_steps"] - before["start_steps"] == started
     assert not engine.live and engine.meter.in_flight == 0
 
 
