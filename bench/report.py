@@ -84,7 +84,10 @@ def tree_vs_independent(d: dict[str, Any]) -> str:
             )
         params = part.get("parameters")
         head = f"**{title}**" + (f" ({params / 1e6:.1f}M parameters" if params else " (")
-        out.append(f"{head}, {part.get('in_flight', '?')} prompts in flight)")
+        prompts = part.get("prompts", d.get("prompts"))
+        out.append(
+            f"{head}, {prompts} prompts, {part.get('in_flight', '?')} of them in flight at a time)"
+        )
         out.append(
             _table(
                 [

@@ -10,8 +10,11 @@ Two models, each on its own engine, one after the other:
   and the boxed answer end a path), the shape, trees in flight and engine threads ``make demo``
   trains with.
 
-Both methods run the way the sampler does: ``--in-flight`` prompts at a time, a new one started
-the moment one finishes. Trees: ``TreeSampler.grow`` on ``VLLMPathGenerator`` (every path its own
+Both methods run the way the sampler does: a fixed number of prompts in flight, a new one
+started the moment one finishes (compute model: ``--in-flight``, the sampler's default
+``TREEPO_SAMPLER__TREES_IN_FLIGHT`` unless given, over ``--prompts``, twice that by default, so
+most of the run is the sampler's steady state and not one wave that starts together and drains
+together; toy model: the demo's trees in flight). Trees: ``TreeSampler.grow`` on ``VLLMPathGenerator`` (every path its own
 request, no barrier between trees or levels). Independent: one ``n = width`` request per prompt
 (vLLM's parallel sampling) returning whole answers, its cheapest form, with its own samples and
 lengths. Every repeat runs the independent
@@ -429,39 +432,63 @@ def summarize(rows: list[dict[str, Any]], shapes: list[TreeShape]) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.split("\n")[0])
-    p.add_argument("--prompts", type=int, default=None, help="prompts per run (32; 4 quick)")
+    p.add_argument(
+        "--prompts", type=int, default=None, help="compute model: prompts per run (2 x in flight)"
+    )
+    p.add_argument(
+        "--in-flight",
+        type=int,
+        default=None,
+        help="compute model: prompts in flight (the sampler's default trees in flight; 2 quick)",
+    )
+    p.add_argument(
+        "--shapes",
+        default="",
+        help="compute model: comma-separated tree shapes to run (default: all)",
+    )
     p.add_argument("--budget", type=int, default=None, help="compute model: tokens per path (128)")
     p.add_argument("--repeats", type=int, default=None, help="repeats (3; 1 quick)")
     p.add_argument("--toy-repeats", type=int, default=None, help="toy model repeats (5)")
     p.add_argument("--toy-prompts", type=int, default=None, help="toy model: prompts (256)")
     p.add_argument("--skip-compute", action="store_true", help="only the toy model")
+    p.add_argument("--skip-toy", action="store_true", help="only the compute model")
     args = p.parse_args(argv)
+    from pipeline.config import SamplerOptions
     from toy.demo import DEMO_SETTINGS
 
-    prompts = args.prompts or (4 if args.quick else 32)
+    in_flight = args.in_flight or (2 if args.quick else SamplerOptions().trees_in_flight)
+    prompts = args.prompts or 2 * in_flight
     budget = args.budget or (16 if args.quick else 128)
     repeats = args.repeats or (1 if args.quick else 3)
     result: dict[str, Any] = {
         "branching": 2,
         "prompts": prompts,
+        "in_flight": in_flight,
         "budget_tokens": budget,
         "repeats": repeats,
     }
     if not args.skip_compute:
         cache = ROOT / ".cache" / ("bench-compute-quick" if args.quick else "bench-compute")
+        shapes = compute_shapes(budget, args.quick)
+        if args.shapes:
+            wanted = args.shapes.split(",")
+            unknown = sorted(set(wanted) - {s.name for s in shapes})
+            if unknown:
+                p.error(f"unknown --shapes {unknown}; known: {[s.name for s in shapes]}")
+            shapes = [s for s in shapes if s.name in wanted]
         compute = measure(
             build_compute_model(cache, args.quick),
-            compute_shapes(budget, args.quick),
+            shapes,
             prompts,
             budget,
             repeats,
             forced=True,
-            in_flight=prompts,
+            in_flight=in_flight,
         )
         result["compute_model"] = {
             "path": str(cache.relative_to(ROOT)),
             "parameters": _params(cache),
-            "in_flight": prompts,
+            "in_flight": in_flight,
             **compute,
         }
         best = next(c for c in compute["trees"] if c["config"] == compute["best"])
@@ -471,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         result["compute_cost_model_predicted_vs_measured"] = best["cost_model"][
             "predicted_vs_measured"
         ]
-    if not args.quick:
+    if not args.quick and not args.skip_toy:
         from toy.kit import build_toy_model
 
         toy = build_toy_model(ROOT / "runs" / "toy-model", seed=0)

@@ -51,7 +51,7 @@ def test_tree_vs_independent_quick(tmp_path: Path) -> None:
 
     assert tree_vs_independent.main(["--quick", "--out", str(tmp_path)]) == 0
     d = load(tmp_path, "tree_vs_independent")
-    assert d["budget_tokens"] == 16 and d["prompts"] == 4
+    assert d["budget_tokens"] == 16 and d["prompts"] == 4 and d["in_flight"] == 2
     base = d["compute_model"]["independent"]["n16"]
     (tree,) = d["compute_model"]["trees"]
     # forced lengths: n=16 decodes 16 x 16 tokens a prompt; the tree (4-token segments, fan-out 2,
@@ -64,6 +64,17 @@ def test_tree_vs_independent_quick(tmp_path: Path) -> None:
     assert tree["independent_tokens_estimate_vs_measured"] == pytest.approx(1.0)
     assert tree["engine_steps"] > 0 and tree["cost_model"]["predicted_vs_measured"] > 0
     assert d["trajectories_per_second_ratio"] > 0
+    # twice as many prompts as in flight: a new tree starts only when one finishes
+    assert 1.0 < tree["mean_trees_in_flight"] <= 2.0
+
+
+def test_tree_vs_independent_refuses_an_unknown_shape(tmp_path: Path) -> None:
+    from bench import tree_vs_independent
+
+    with pytest.raises(SystemExit) as stop:
+        tree_vs_independent.main(["--quick", "--out", str(tmp_path), "--shapes", "seg1-d99"])
+    assert stop.value.code == 2
+    assert not (tmp_path / "tree_vs_independent.json").exists()
 
 
 @pytest.mark.slow
