@@ -14,8 +14,8 @@ Both methods run the way the sampler does: a fixed number of prompts in flight, 
 started the moment one finishes (compute model: ``--in-flight``, the sampler's default
 ``TREEPO_SAMPLER__TREES_IN_FLIGHT`` unless given, over ``--prompts``, twice that by default, so
 most of the run is the sampler's steady state and not one wave that starts together and drains
-together; toy model: the demo's trees in flight). Trees: ``TreeSampler.grow`` on ``VLLMPathGenerator`` (every path its own
-request, no barrier between trees or levels). Independent: one ``n = width`` request per prompt
+together; toy model: the demo's trees in flight). Trees: ``TreeSampler.grow`` on
+``VLLMPathGenerator`` (every path its own request, no barrier between trees or levels). Independent: one ``n = width`` request per prompt
 (vLLM's parallel sampling) returning whole answers, its cheapest form, with its own samples and
 lengths. Every repeat runs the independent
 baseline and each tree shape, in reverse order every other repeat, so drift affects all alike;

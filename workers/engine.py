@@ -500,9 +500,11 @@ class VLLMPathGenerator:
         if self.live.pop(request_id, None) is not None:
             self.meter.ended()
 
-    def abort(self, request_id: str) -> None:
-        if request_id in self.live and self.engine is not None:
-            self.engine.abort_request([request_id])
+    def abort(self, *request_ids: str) -> None:
+        """Stop the engine decoding these requests (those still live)."""
+        live = [r for r in request_ids if r in self.live]
+        if live and self.engine is not None:
+            self.engine.abort_request(live)
 
     async def _drive(self) -> None:
         """Step the engine while it has requests: deliver each step's outputs, then let every
@@ -538,7 +540,7 @@ class VLLMPathGenerator:
         """End every live request with ``error`` (the engine failed, or is shutting down)."""
         requests = list(self.live.values())
         try:
-            self.engine.abort_request([r.request_id for r in requests])
+            self.abort(*self.live)
         except Exception:  # best-effort: the engine may be broken already
             log.debug("abort of the live requests", exc_info=True)
         for request in requests:
