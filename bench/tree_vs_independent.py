@@ -141,6 +141,7 @@ class Run:
         return {
             "seconds": wall,
             "engine_seconds": d["busy_seconds"],
+            "in_step_seconds": d["in_step_seconds"],
             "engine_steps": d["steps"],
             "prefill_tokens": d["prefill_tokens"],
             "cached_prefill_tokens": d["cached_tokens"],
@@ -186,6 +187,10 @@ def row(
         "trajectories": leaves,
         "trajectories_per_second": leaves / run["seconds"],
         "engine_seconds_per_trajectory": run["engine_seconds"] / leaves,
+        # per engine step: inside vLLM's step, and this process's own work between steps
+        "in_step_ms_per_step": 1000 * ratio(run["in_step_seconds"], run["engine_steps"]),
+        "between_steps_ms_per_step": 1000
+        * ratio(run["engine_seconds"] - run["in_step_seconds"], run["engine_steps"]),
         "prefix_cache_hit_rate": ratio(
             run["cached_prefill_tokens"], run["prefill_tokens"] + run["cached_prefill_tokens"]
         ),
@@ -361,7 +366,8 @@ def _brief(r: dict[str, Any]) -> str:
     return (
         f"{r['method']:11s} {r['config']:18s} {r['seconds']:7.2f}s engine {r['engine_seconds']:7.2f}s "
         f"steps {r['engine_steps']:6.0f} decoded {r['decoded_tokens']:7.0f} "
-        f"prefill {r['prefill_tokens']:7.0f} traj/s {r['trajectories_per_second']:7.1f}"
+        f"prefill {r['prefill_tokens']:7.0f} traj/s {r['trajectories_per_second']:7.1f} "
+        f"ms/step {r['in_step_ms_per_step']:.2f} + {r['between_steps_ms_per_step']:.2f}"
     )
 
 

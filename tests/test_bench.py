@@ -63,6 +63,12 @@ def test_tree_vs_independent_quick(tmp_path: Path) -> None:
     # the trees' own estimate of what independent sampling decodes is exact with forced lengths
     assert tree["independent_tokens_estimate_vs_measured"] == pytest.approx(1.0)
     assert tree["engine_steps"] > 0 and tree["cost_model"]["predicted_vs_measured"] > 0
+    # each engine step's time splits into vLLM's step and the sampler's work between steps
+    for r in (base, tree):
+        inside = r["in_step_ms_per_step"] * r["engine_steps"] / 1000
+        between = r["between_steps_ms_per_step"] * r["engine_steps"] / 1000
+        assert 0 < inside < r["engine_seconds"]
+        assert inside + between == pytest.approx(r["engine_seconds"])
     assert d["trajectories_per_second_ratio"] > 0
     # twice as many prompts as in flight: a new tree starts only when one finishes
     assert 1.0 < tree["mean_trees_in_flight"] <= 2.0

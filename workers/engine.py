@@ -127,6 +127,9 @@ class EngineMeter:
         self.last_step = 0.0
         self.steps = 0
         self.busy_seconds = 0.0
+        self.in_step_seconds = 0.0
+        """Seconds inside the engine's step calls; the rest of ``busy_seconds`` is this
+        process's own work between steps (reading outputs, forking paths, new requests)."""
         self.prefill_tokens = 0
         self.cached_tokens = 0
         self.decoded_tokens = 0
@@ -171,6 +174,11 @@ class EngineMeter:
         for listener in self.listeners:
             listener(stats)
 
+    def stepped(self, seconds: float) -> None:
+        """One call of the engine's step took ``seconds``."""
+        with self._lock:
+            self.in_step_seconds += seconds
+
     def swapped(self, seconds: float) -> None:
         """A weight swap took ``seconds`` between two steps: counted apart, not in the next
         step's seconds (independent sampling would swap the same weights; the cost model is
@@ -195,6 +203,7 @@ class EngineMeter:
             return {
                 "steps": self.steps,
                 "busy_seconds": self.busy_seconds,
+                "in_step_seconds": self.in_step_seconds,
                 "prefill_tokens": self.prefill_tokens,
                 "cached_tokens": self.cached_tokens,
                 "decoded_tokens": self.decoded_tokens,
@@ -515,6 +524,7 @@ class VLLMPathGenerator:
                 self._work.clear()
                 await self._work.wait()
                 continue
+            started = time.perf_counter()
             try:
                 outputs = engine.step()
             except Exception as exc:  # the engine is broken: every reader learns why
@@ -524,6 +534,7 @@ class VLLMPathGenerator:
                 self.failed = failed
                 self._fail_all(failed)
                 return
+            self.meter.stepped(time.perf_counter() - started)
             for out in outputs:
                 request = self.live.get(out.request_id)
                 if request is None:
