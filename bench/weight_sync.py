@@ -29,7 +29,11 @@ Parts (``--gigabytes`` of synthetic float32 safetensors, 1 GB by default):
   bit.
 
 Raw baselines: the same bytes over loopback TCP (``socket.sendfile``) to the same number of
-processes.
+processes that discard them, over one connection each and over ``PARALLEL`` (contiguous ranges,
+as many connections as the receivers use); the faster of the two counts (one loopback stream
+here runs anywhere from 2.5 to 5 GB/s from run to run; rows keep both). Before every timed
+window the setup's writes are flushed (``os.sync``): a sampler's old version, which it
+overwrites, was received an update earlier, not copied a moment ago.
 
     python -m bench.weight_sync [--quick]
 """
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import statistics
@@ -73,19 +78,31 @@ def _receiver(argv: list[str]) -> int:
     serve until stdin closes."""
     kind = argv[0]
     if kind == "raw":
-        port, total = int(argv[1]), int(argv[2])
+        port, total, streams = int(argv[1]), int(argv[2]), int(argv[3])
         print(json.dumps({"ready": True}), flush=True)
         sys.stdin.readline()
         started = time.perf_counter()
-        got, buf = 0, bytearray(1 << 20)
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            while got < total:
-                n = s.recv_into(buf)
-                if not n:
-                    break
-                got += n
-        if got != total:
-            raise SystemExit(f"raw receiver got {got} of {total} bytes")
+        bounds = [total * i // streams for i in range(streams + 1)]
+        got = [0] * streams
+
+        def stream(i: int) -> None:  # one connection, one contiguous range, bytes discarded
+            buf = bytearray(1 << 20)
+            want = bounds[i + 1] - bounds[i]
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(f"{bounds[i]} {bounds[i + 1]}\n".encode())
+                while got[i] < want:
+                    n = s.recv_into(buf)
+                    if not n:
+                        break
+                    got[i] += n
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if sum(got) != total:
+            raise SystemExit(f"raw receiver got {sum(got)} of {total} bytes")
         print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
         return 0
     spec = json.loads(argv[1])
@@ -223,19 +240,22 @@ async def _run_receivers(specs: list[list[str]]) -> tuple[float, list[dict[str, 
     return seconds, reports
 
 
-def _raw_server(path: Path, receivers: int) -> tuple[int, threading.Thread]:
+def _raw_server(path: Path, connections: int) -> tuple[int, threading.Thread]:
+    """A loopback server that answers each of ``connections`` connections with the byte range
+    it asks for (one line, ``start end``), sent with ``sendfile``."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
-    srv.listen(receivers)
+    srv.listen(connections)
     port = srv.getsockname()[1]
 
     def serve() -> None:
         def one(conn: socket.socket) -> None:
-            with conn, path.open("rb") as f:
-                conn.sendfile(f)
+            with conn, path.open("rb") as f, conn.makefile("rb") as lines:
+                start, end = map(int, lines.readline().split())
+                conn.sendfile(f, start, end - start)
 
         threads = []
-        for _ in range(receivers):
+        for _ in range(connections):
             conn, _ = srv.accept()
             t = threading.Thread(target=one, args=(conn,))
             t.start()
@@ -249,12 +269,23 @@ def _raw_server(path: Path, receivers: int) -> tuple[int, threading.Thread]:
     return port, thread
 
 
-async def raw_copy(blob: Path, receivers: int) -> float:
-    """Seconds to send ``blob`` to ``receivers`` processes over loopback TCP."""
-    port, thread = _raw_server(blob, receivers)
-    seconds, _ = await _run_receivers([["raw", str(port), str(blob.stat().st_size)]] * receivers)
+async def raw_copy(blob: Path, receivers: int, streams: int = 1) -> float:
+    """Seconds to send ``blob`` to ``receivers`` processes over loopback TCP, each over
+    ``streams`` connections (contiguous ranges, received at once)."""
+    os.sync()  # as before a fetch: no write-back of earlier runs inside the timed window
+    port, thread = _raw_server(blob, receivers * streams)
+    size = str(blob.stat().st_size)
+    seconds, _ = await _run_receivers([["raw", str(port), size, str(streams)]] * receivers)
     thread.join(timeout=60)
     return seconds
+
+
+async def wire(blob: Path, receivers: int) -> dict[str, float]:
+    """The raw baseline: the faster of one connection per receiver and ``PARALLEL`` (what the
+    receivers use); a single loopback stream here runs anywhere from 2.5 to 5 GB/s."""
+    one = await raw_copy(blob, receivers, 1)
+    many = await raw_copy(blob, receivers, PARALLEL)
+    return {"seconds": min(one, many), "one_stream": one, "parallel": many}
 
 
 # -- the learner's side ----------------------------------------------------------------------------
@@ -404,6 +435,9 @@ async def run_fetch(
             "recycle": str(spare) if warm else "",
         }
         specs.append(["fetch", json.dumps(spec)])
+    # the setup's writes (the published version, the old versions copied above) reach the disk
+    # before the clock starts: a sampler's old version was received an update earlier
+    os.sync()
     seconds, reports = await _run_receivers(specs)
     for i in range(n):
         shutil.rmtree(work / f"r{version}-{i}", ignore_errors=True)
@@ -429,7 +463,7 @@ async def synthetic(work: Path, gigabytes: float, repeats: int, quick: bool) -> 
         for r in range(repeats):
             version += 1
             publish_s, data = pub.publish(version, files)
-            raw = {n: await raw_copy(files[0], n) for n in counts}
+            walls = {n: await wire(files[0], n) for n in counts}
             for mode in ("single", "cold", "link"):
                 seconds, reports, egress = await run_fetch(
                     pub,
@@ -441,7 +475,7 @@ async def synthetic(work: Path, gigabytes: float, repeats: int, quick: bool) -> 
                     link=mode == "link",
                     warm=mode != "cold",
                 )
-                rows.append(_row(mode, 1, r, size, seconds, raw[1], egress, reports, publish_s))
+                rows.append(_row(mode, 1, r, size, seconds, walls[1], egress, reports, publish_s))
             for n in counts:
                 for mode in ("full", "relay", "host"):
                     if mode != "full" and n == 1:
@@ -460,7 +494,9 @@ async def synthetic(work: Path, gigabytes: float, repeats: int, quick: bool) -> 
                         share=mode == "host",
                     )
                     await _set_slots(pub, 0)
-                    rows.append(_row(mode, n, r, size, seconds, raw[n], egress, reports, publish_s))
+                    rows.append(
+                        _row(mode, n, r, size, seconds, walls[n], egress, reports, publish_s)
+                    )
             # delta: a receiver holds a bf16 version; the next one (one step of relative size
             # 1e-3) is published as a delta against it
             base = synthetic_weights(work / "bf16base", gigabytes, bf16=True)
@@ -483,7 +519,7 @@ async def synthetic(work: Path, gigabytes: float, repeats: int, quick: bool) -> 
                 relay=False,
                 local={version - 1: str(held / f"v{version - 1}")},
             )
-            rows.append(_row("delta", 1, r, size, seconds, raw[1], egress, reports, publish_s))
+            rows.append(_row("delta", 1, r, size, seconds, walls[1], egress, reports, publish_s))
             shutil.rmtree(work / f"step{version}", ignore_errors=True)
             # ``single`` with blake3 piece digests (the cryptographic option): what hashing costs
             version += 1
@@ -491,7 +527,7 @@ async def synthetic(work: Path, gigabytes: float, repeats: int, quick: bool) -> 
             publish_s, data = pub.publish(version, files)
             pub.store.digest = DIGESTS[0]
             seconds, reports, egress = await run_fetch(pub, version, data, work, 1, relay=False)
-            rows.append(_row("blake3", 1, r, size, seconds, raw[1], egress, reports, publish_s))
+            rows.append(_row("blake3", 1, r, size, seconds, walls[1], egress, reports, publish_s))
             for row in rows[-(len(counts) * 3 + 3) :]:
                 print(_brief(row), flush=True)
             progress.step(f"repeat {r + 1}")
@@ -530,7 +566,7 @@ def _row(
     repeat: int,
     size: int,
     seconds: float,
-    raw_s: float,
+    raw: dict[str, float],
     egress: int,
     reports: list[dict[str, Any]],
     publish_s: float,
@@ -541,9 +577,11 @@ def _row(
         "repeat": repeat,
         "bytes": size,
         "seconds": seconds,
-        "raw_copy_seconds": raw_s,
+        "raw_copy_seconds": raw["seconds"],
+        "raw_one_stream_seconds": raw["one_stream"],
+        "raw_parallel_seconds": raw["parallel"],
         "gb_per_second": n * size / 1e9 / seconds,
-        "raw_gb_per_second": n * size / 1e9 / raw_s,
+        "raw_gb_per_second": n * size / 1e9 / raw["seconds"],
         "learner_egress_bytes": egress,
         "egress_vs_size": egress / size,
         "publish_seconds": publish_s,
@@ -673,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
         "codec": codec,
         **synth,
         "note": "seconds = release until every receiver verified its copy (ready to load); "
-        "vs_raw_ratio = raw copy seconds / seconds for the same receivers",
+        "vs_raw_ratio = raw copy seconds / seconds for the same receivers; raw copy = the faster "
+        "of one and parallel_pieces loopback streams per receiver",
     }
     write_result("weight_sync", args, result)
     for s in synth["summary"]:

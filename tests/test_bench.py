@@ -102,6 +102,9 @@ def test_weight_sync_quick(tmp_path: Path, toy_model: Path) -> None:
     host = [r for r in d["rows"] if r["mode"] == "host"]
     assert all(sorted(r["methods"]) == ["full", "host"] for r in host), host
     assert all(s["seconds"] > 0 and s["raw_copy_seconds"] > 0 for s in d["summary"])
+    # the raw baseline is the faster of one stream and the receivers' parallel streams
+    for r in d["rows"]:
+        assert r["raw_copy_seconds"] == min(r["raw_one_stream_seconds"], r["raw_parallel_seconds"])
     for kind in ("fp32", "bf16"):
         c = d["codec"][kind]
         assert c["bit_identical"] and 0 < c["xor_zstd"] < 1
