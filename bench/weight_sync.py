@@ -31,7 +31,7 @@ Parts (``--gigabytes`` of synthetic float32 safetensors, 1 GB by default):
 Raw baselines: the same bytes over loopback TCP (``socket.sendfile``) to the same number of
 processes that discard them, over one connection each and over ``PARALLEL`` (contiguous ranges,
 as many connections as the receivers use); the faster of the two counts (one loopback stream
-here runs anywhere from 2.5 to 5 GB/s from run to run; rows keep both). Before every timed
+here runs anywhere from 2.3 to 5 GB/s from run to run; rows keep both). Before every timed
 window the setup's writes are flushed (``os.sync``): a sampler's old version, which it
 overwrites, was received an update earlier, not copied a moment ago.
 
@@ -218,6 +218,10 @@ async def _run_receivers(specs: list[list[str]]) -> tuple[float, list[dict[str, 
         line = await p.stdout.readline()
         if not line or not json.loads(line).get("ready"):
             raise RuntimeError(f"receiver {p.pid} did not start (exit {await p.wait()})")
+    # the setup's writes (a published version, the old versions receivers overwrite, copied a
+    # moment ago) reach the disk before the clock starts: a sampler's old version was received
+    # an update earlier, and nothing is written back inside the window
+    os.sync()
     started = time.perf_counter()
     for p in procs:
         assert p.stdin is not None
@@ -272,7 +276,6 @@ def _raw_server(path: Path, connections: int) -> tuple[int, threading.Thread]:
 async def raw_copy(blob: Path, receivers: int, streams: int = 1) -> float:
     """Seconds to send ``blob`` to ``receivers`` processes over loopback TCP, each over
     ``streams`` connections (contiguous ranges, received at once)."""
-    os.sync()  # as before a fetch: no write-back of earlier runs inside the timed window
     port, thread = _raw_server(blob, receivers * streams)
     size = str(blob.stat().st_size)
     seconds, _ = await _run_receivers([["raw", str(port), size, str(streams)]] * receivers)
@@ -282,7 +285,7 @@ async def raw_copy(blob: Path, receivers: int, streams: int = 1) -> float:
 
 async def wire(blob: Path, receivers: int) -> dict[str, float]:
     """The raw baseline: the faster of one connection per receiver and ``PARALLEL`` (what the
-    receivers use); a single loopback stream here runs anywhere from 2.5 to 5 GB/s."""
+    receivers use); a single loopback stream here runs anywhere from 2.3 to 5 GB/s."""
     one = await raw_copy(blob, receivers, 1)
     many = await raw_copy(blob, receivers, PARALLEL)
     return {"seconds": min(one, many), "one_stream": one, "parallel": many}
@@ -435,9 +438,6 @@ async def run_fetch(
             "recycle": str(spare) if warm else "",
         }
         specs.append(["fetch", json.dumps(spec)])
-    # the setup's writes (the published version, the old versions copied above) reach the disk
-    # before the clock starts: a sampler's old version was received an update earlier
-    os.sync()
     seconds, reports = await _run_receivers(specs)
     for i in range(n):
         shutil.rmtree(work / f"r{version}-{i}", ignore_errors=True)
