@@ -582,11 +582,14 @@ class Streams:
 
     async def weight_announcements(self, timeout_s: float) -> AsyncIterator[bytes | None]:
         """Announcements as they are published on the weights channel (pub/sub), yielding None
-        every ``timeout_s`` without one, so the caller can poll the key as well. Ends when the
-        subscription breaks (Redis away): the caller falls back to polling and subscribes again."""
+        once the subscription is in place (what was announced before it is only in the key: read
+        it now) and every ``timeout_s`` without an announcement, so the caller can poll the key
+        as well. Ends when the subscription breaks (Redis away): the caller falls back to polling
+        and subscribes again."""
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.keys.weights)
+            yield None
             while True:
                 msg = await pubsub.get_message(timeout=timeout_s)
                 yield bytes(msg["data"]) if msg and msg.get("type") == "message" else None

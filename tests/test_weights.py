@@ -306,6 +306,56 @@ def test_announcements_are_followed_over_pub_sub(redis_server: RedisServer) -> N
     assert got[-1] == b"hello" and None in got[:-1]
 
 
+def test_the_key_is_read_as_soon_as_the_weights_channel_is_subscribed(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """An announcement made before a subscription (while Redis was away and came back) is only
+    in the key: the follower reads it as soon as it is subscribed, not ``weights_poll_s`` later
+    (a sampler left on old weights that long makes every tree it sends stale)."""
+    from tests.helpers import make_streams
+    from workers.follow import WeightFollower
+    from workers.metrics import SamplerMetrics
+
+    class Engine:
+        policy_version = 0
+
+        async def apply_staged(self) -> None:
+            return None
+
+    async def main() -> tuple[list[float], float]:
+        s = make_streams(redis_server)
+        follower = WeightFollower(
+            s,
+            Engine(),  # type: ignore[arg-type]
+            SamplerMetrics(),
+            tmp_path,
+            {},
+            token=None,
+            trusted_url="",
+            download_timeout_s=5.0,
+            max_staleness=1,
+            unhealthy_after_s=60.0,
+        )
+        polls: list[float] = []
+
+        async def poll() -> None:
+            polls.append(time.monotonic())
+
+        follower.poll = poll  # type: ignore[method-assign]
+        stop = asyncio.Event()
+        started = time.monotonic()
+        task = asyncio.ensure_future(follower.follow(stop, poll_s=60.0))
+        await asyncio.sleep(1.5)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+        await s.close()
+        return polls, started
+
+    polls, started = asyncio.run(main())
+    assert polls, "the key was not read after subscribing"
+    assert polls[0] - started < 1.0
+
+
 def test_an_old_version_is_overwritten_in_place_but_never_the_learners(
     tmp_path: Path,
     published,  # type: ignore[no-untyped-def]

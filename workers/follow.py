@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -300,10 +301,11 @@ class WeightFollower:
 
     async def follow(self, stop: asyncio.Event, poll_s: float) -> None:
         """Act on every announcement the moment it is published (pub/sub), and read the key
-        every ``poll_s`` as well (a message missed while Redis was away); swap in what
+        as soon as each subscription is in place (an announcement made while Redis was away or
+        before the subscription is only there) and every ``poll_s`` after; swap in what
         verified."""
         while not stop.is_set():
-            polled = time.monotonic()
+            polled = -math.inf  # the subscription's first yield reads the key
             async for message in self.streams.weight_announcements(min(poll_s, 1.0)):
                 if stop.is_set():
                     return
