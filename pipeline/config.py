@@ -180,7 +180,8 @@ class StreamSettings(_Section):
     batch: int = Field(16, ge=1, le=10_000)
     """Most entries read by one XREADGROUP."""
     claim_idle_ms: int = Field(60_000, ge=100, le=86_400_000)
-    """Pending entries idle longer than this are reclaimed from dead consumers (XAUTOCLAIM)."""
+    """Pending entries idle longer than this are reclaimed (XAUTOCLAIM): a live sampler marks
+    the prompts of its growing trees as in work every third of it, so only a dead one's go idle."""
     max_message_bytes: int = Field(256 * 1024 * 1024, ge=1024, le=2**31 - 1)
     """Largest message accepted from a stream; larger ones go to the dead-letter stream."""
 

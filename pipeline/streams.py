@@ -342,7 +342,8 @@ class Streams:
         min_idle_ms: int | None = None,
         count: int | None = None,
     ) -> list[Delivery]:
-        """Take over entries that other (dead) consumers left pending for ``min_idle_ms``."""
+        """Take over entries left pending for ``min_idle_ms``: a dead consumer's (a live one
+        keeps its unfinished entries fresh with ``keep``)."""
         idle = self.stream_settings.claim_idle_ms if min_idle_ms is None else min_idle_ms
         count = count or self.stream_settings.batch
         reply: Any = await self._group_call(
@@ -449,15 +450,38 @@ class Streams:
     async def release(self, stream: str, group: str, consumer: str, entry_ids: list[str]) -> None:
         """Hand unfinished entries back: mark them idle for ``claim_idle_ms`` so that any other
         consumer's next reclaim takes them at once (used on shutdown)."""
+        await self._set_idle(stream, group, consumer, entry_ids, self.stream_settings.claim_idle_ms)
+
+    async def keep(self, stream: str, group: str, consumer: str, entry_ids: list[str]) -> None:
+        """Mark entries that ``consumer`` is still working on as just delivered (idle 0), so no
+        reclaim (which goes by idle time) takes them from a live consumer whose work takes longer
+        than ``claim_idle_ms``; call it more often than that (``keep_every_s``)."""
+        await self._set_idle(stream, group, consumer, entry_ids, 0)
+
+    async def _set_idle(
+        self, stream: str, group: str, consumer: str, entry_ids: list[str], idle: int
+    ) -> None:
+        """XCLAIM ... JUSTID: ``consumer`` owns the pending entries, idle ``idle`` ms (their
+        delivery count unchanged; acknowledged ids are no longer pending and are skipped; a group
+        that a Redis restart lost has nothing pending)."""
         if not entry_ids:
             return
-        idle = self.stream_settings.claim_idle_ms
-        await self.call(
-            lambda: self.client.xclaim(
-                stream, group, consumer, 0, list[Any](entry_ids), idle=idle, justid=True
-            ),
-            f"XCLAIM {stream}",
-        )
+        ids = list[Any](entry_ids)
+        try:
+            await self.call(
+                lambda: self.client.xclaim(stream, group, consumer, 0, ids, idle=idle, justid=True),
+                f"XCLAIM {stream}",
+            )
+        except rexc.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("%s/%s is gone (Redis lost it): nothing pending to mark", stream, group)
+
+    @property
+    def keep_every_s(self) -> float:
+        """How often a consumer marks its unfinished entries as in work: every third of
+        ``claim_idle_ms``."""
+        return self.stream_settings.claim_idle_ms / 3000
 
     @property
     def default_reclaim_s(self) -> float:

@@ -313,6 +313,66 @@ def test_weight_swap_changes_outputs_and_corrupt_weights_are_refused(
         restore_base_weights(engine, tmp_path, start_version)
 
 
+def test_a_sampler_catching_up_on_weights_claims_no_prompt(
+    redis_server: RedisServer,
+    tmp_path: Path,
+    engine: VLLMPathGenerator,
+    tokenizer,  # type: ignore[no-untyped-def]
+) -> None:
+    """While a version more than ``max_staleness`` ahead is downloading (slowly here), prompts
+    wait: every tree after the announcement is sampled on the new version, none on the old one
+    that the learner would drop as stale. And trees that grow for longer than ``claim_idle_ms``
+    (1 s here) keep their prompts: none is reclaimed and grown twice."""
+    from safetensors.torch import load_file, save_file
+
+    base = load_file(str(Path(engine.options.model) / "model.safetensors"))
+    start_version = engine.policy_version
+    delay_s = 1.0
+
+    @web.middleware
+    async def slow(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(delay_s)
+        return await handler(request)
+
+    async def main() -> None:
+        s = make_streams(redis_server)
+        store = WeightStore(tmp_path / "weights", keep=5)
+        app = web.Application(middlewares=[slow])
+        add_routes(app, store)
+        runner, port = await start(app, "127.0.0.1", 0)
+        sampler = make_sampler(redis_server, tmp_path, engine, tokenizer)
+        assert sampler.settings.streams.claim_idle_ms == 1000
+        running = asyncio.create_task(sampler.run(max_prompts=4))
+        await push(s, tasks(tokenizer, 2))
+        first = await read_trees(s, 2)
+        assert sorted(r.tree_id for r in first) == ["t-p0", "t-p1"]
+        assert all(n.policy_version == start_version for r in first for n in r.nodes)
+        ahead = start_version + 2  # beyond max_staleness 1: a tree on the old weights is stale
+        manifest, data = store.publish(
+            ahead, lambda d: save_file(dict(base), str(d / "model.safetensors"))
+        )
+        await announce(s, ahead, f"http://127.0.0.1:{port}", data, manifest.total_bytes)
+        deadline = time.monotonic() + 10
+        while sampler.follower.current != ahead and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # the announcement reached the follower; its fetch began
+        assert engine.policy_version == start_version, "fetched before the prompts came"
+        await push(s, tasks(tokenizer, 2, start=2))
+        later = await read_trees(s, 2)
+        assert await running == 4
+        assert sorted(r.tree_id for r in later) == ["t-p2", "t-p3"]
+        assert [sorted({n.policy_version for n in r.nodes}) for r in later] == [[ahead]] * 2
+        assert sampler.metrics.held_off_seconds._value.get() >= 0.5 * delay_s
+        assert await read_trees(s, 1, timeout=1) == []
+        assert sampler.streams.counters.reclaimed == 0
+        await runner.cleanup()
+        await s.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        restore_base_weights(engine, tmp_path, start_version)
+
+
 def test_samplers_sharing_a_machine_take_one_download(
     redis_server: RedisServer,
     tmp_path: Path,

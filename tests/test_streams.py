@@ -159,6 +159,34 @@ def test_killed_consumer_entries_are_reclaimed(redis_server: RedisServer) -> Non
     asyncio.run(survivor())
 
 
+def test_entries_a_live_consumer_keeps_are_not_reclaimed(redis_server: RedisServer) -> None:
+    """Reclaim goes by idle time: an entry that its consumer is still working on (marked with
+    ``keep`` more often than ``claim_idle_ms``) stays with it, with its delivery count; one it
+    stopped keeping is reclaimed; an acknowledged one is not taken back by ``keep``."""
+
+    async def main() -> None:
+        s = make_streams(redis_server, claim_idle_ms=300)
+        await s.ensure_group(s.keys.prompts, GROUP)
+        await publish_n(s, 3)
+        mine = await s.read(s.keys.prompts, GROUP, "worker", count=3)
+        kept, dropped, done = (d.entry_id for d in mine)
+        await s.ack(s.keys.prompts, GROUP, [done])
+        for _ in range(4):  # 0.6 s of work, twice claim_idle_ms
+            await asyncio.sleep(0.15)
+            await s.keep(s.keys.prompts, GROUP, "worker", [kept, done])
+        taken = await s.reclaim(s.keys.prompts, GROUP, "thief")
+        assert [d.entry_id for d in taken] == [dropped]
+        pending = await s.client.xpending_range(s.keys.prompts, GROUP, "-", "+", 10)
+        owners = {
+            p["message_id"].decode(): (p["consumer"].decode(), p["times_delivered"])
+            for p in pending
+        }
+        assert owners == {kept: ("worker", 1), dropped: ("thief", 2)}
+        await s.close()
+
+    asyncio.run(main())
+
+
 def test_malformed_entries_go_to_dead_letter_and_consumer_goes_on(
     redis_server: RedisServer,
 ) -> None:

@@ -4,7 +4,9 @@ Trust: an announcement is acted on only once it passes ``check_announcement`` (i
 the run's weight token when one is configured; its URL under ``weights.public_url`` when that is
 set), so a forged announcement neither triggers a download nor receives the bearer token. The
 version a sampler measures its staleness against is the newest one it *verified*, never merely
-the newest announced: an announcement that cannot be fetched or verified cannot stall sampling.
+the newest announced: an announcement that cannot be fetched or verified cannot stall sampling
+(while a version more than ``max_staleness`` ahead is still being fetched, the sampler claims no
+new prompt, ``too_far_behind``).
 A failing version is retried with exponential backoff (1 s doubling to 60 s) and reported in the
 metrics; ``trouble()`` turns the sampler's ``/healthz`` not-ok once the newest signed announcement
 has been out of reach for longer than ``unhealthy_after_s`` beyond the staleness bound.
@@ -98,6 +100,9 @@ class WeightFollower:
         """Newest version fetched, verified and staged (the staleness reference)."""
         self.announced = engine.policy_version
         """Newest version announced with a valid signature (for health and metrics only)."""
+        self.current = engine.policy_version
+        """The version in the announcement key when last read (a restarted learner announces
+        the version it resumed at, which may be lower than ``announced``)."""
         self.failing: dict[int, _Failing] = {}
         self._refused: set[tuple[int, str]] = set()
         self._behind_since: float | None = None
@@ -147,6 +152,7 @@ class WeightFollower:
             self._refuse_announcement(raw, str(exc))
             return
         self.announced = max(self.announced, ann.version)
+        self.current = ann.version
         self.metrics.weight_announced_version.set(self.announced)
         if ann.version > self.verified:
             await self._fetch(ann)
@@ -276,6 +282,16 @@ class WeightFollower:
             delay,
             self.engine.policy_version,
         )
+
+    def too_far_behind(self) -> bool:
+        """Whether a tree started now would be stale on arrival because this sampler is still
+        catching up: the learner's current version is more than ``max_staleness`` versions ahead
+        of the engine's and not (yet) failing to download or verify. The sampler claims no
+        prompt while this holds: the learner would drop the tree and admit its prompt again, and
+        a prompt admitted ``max_admissions`` times is abandoned. A version that failed does not
+        hold sampling (``trouble()`` reports it on /healthz)."""
+        behind = self.current - self.engine.policy_version > self.max_staleness
+        return behind and self.current not in self.failing
 
     def trouble(self) -> str | None:
         """Why this sampler is unhealthy, or None: the newest signed announcement has been more

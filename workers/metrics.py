@@ -171,3 +171,9 @@ class SamplerMetrics:
         self.idle_seconds = Counter(
             p + "idle_seconds", "Seconds with no tree growing (waiting for prompts).", registry=r
         )
+        self.held_off_seconds = Counter(
+            p + "held_off_seconds",
+            "Seconds this sampler claimed no prompt because the learner's announced weights were "
+            "more than max_staleness versions ahead of its engine's (a new tree would be stale).",
+            registry=r,
+        )

@@ -8,6 +8,9 @@ between trees or levels). A finished tree is scored, XADDed as one TreeRollout a
 XACKed at once, and the slot is claimed again. Background tasks keep a heartbeat key alive and
 follow the weight announcements (``workers.follow``), swapping verified weights into the engine
 between two engine steps; before its first prompt the sampler takes the newest verified weights.
+While the learner's announced version is more than ``max_staleness`` ahead of the engine's (a
+download under way or failing), the sampler claims no new prompt: its tree would be dropped as
+stale and its prompt's admissions used up; the prompts stay in the stream for other samplers.
 SIGTERM stops at once, also in the middle of a tree or while Redis is down: the unfinished
 prompts are handed back (``Streams.release``) and the process exits.
 
@@ -28,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.aio import Background
+from pipeline.aio import Background, wait_or_stop
 from pipeline.config import SamplerSettings
 from pipeline.entry import ProcessSpec, exit_now, process_main
 from pipeline.errors import ConfigError, Stopping, TransportError
@@ -45,6 +48,9 @@ from workers.follow import WeightFollower
 from workers.heartbeat import HeartbeatSender
 from workers.metrics import SamplerMetrics
 from workers.prompts import prompt_problem
+
+HOLD_OFF_POLL_S = 0.05
+"""How often a sampler held off by stale weights looks again (the swap is between steps)."""
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +95,8 @@ class Sampler:
         engine.meter.start_listeners.append(self.accounting.on_request_started)
         engine.meter.swap_listeners.append(self.accounting.on_swap)
         self._growing: dict[asyncio.Task[None], Delivery] = {}
+        self._holding: list[Delivery] = []
+        """Prompts read while the follower learned that the engine is too far behind."""
         self.follower = WeightFollower.for_sampler(
             settings, self.streams, engine, self.metrics, self.work_dir, self.worker_id
         )
@@ -171,6 +179,7 @@ class Sampler:
             await self.follower.poll()  # the newest verified weights before the first prompt
             await self.follower.apply_staged()
             background.start("heartbeat", self.heartbeat.loop())
+            background.start("claims", self._keep_claims())
             poll_s = self.settings.sampler.weights_poll_s
             background.start("weights", self.follower.follow(self.stop, poll_s))
             await self._loop(max_prompts)
@@ -224,11 +233,21 @@ class Sampler:
                 if growing and len(growing) >= opts.trees_in_flight:
                     await self._settle(growing, asyncio.FIRST_COMPLETED)
                     continue
+                if self.follower.too_far_behind():
+                    await self._hold_off(growing)
+                    continue
                 try:
                     batch = await prompts.__anext__()
                 except StopAsyncIteration:
                     break
-                for d in await self._usable(batch):
+                usable = self._holding = await self._usable(batch)
+                while usable and self.follower.too_far_behind() and not self.stop.is_set():
+                    await self._hold_off(growing)  # read while the announcement came in
+                self._holding = []
+                if self.stop.is_set():
+                    await self._release(usable)
+                    break
+                for d in usable:
                     task = asyncio.create_task(self._serve(d))
                     growing[task] = d
                     self.accounting.tree_started()
@@ -243,6 +262,24 @@ class Sampler:
         finally:
             if growing:
                 await self._abandon(growing)
+
+    async def _keep_claims(self) -> None:
+        """Mark the prompts of the growing trees as in work every ``keep_every_s``: a tree may
+        grow for longer than ``claim_idle_ms``, and an idle pending prompt is reclaimed (by any
+        sampler, this one included) and grown twice."""
+        s = self.streams
+        while not await wait_or_stop(self.stop, s.keep_every_s):
+            ids = [d.entry_id for d in [*self._growing.values(), *self._holding]]
+            await s.keep(s.keys.prompts, PROMPT_GROUP, self.worker_id, ids)
+
+    async def _hold_off(self, growing: dict[asyncio.Task[None], Delivery]) -> None:
+        """Claim nothing for a moment: the learner is too far ahead of this engine's weights for
+        a new tree to arrive in time (``WeightFollower.too_far_behind``); growing trees go on."""
+        started = time.monotonic()
+        self.progress_at = started  # waiting for weights is not being stuck
+        await wait_or_stop(self.stop, HOLD_OFF_POLL_S)
+        await self._settle(growing, None)
+        self.metrics.held_off_seconds.inc(time.monotonic() - started)
 
     async def _settle(self, growing: dict[asyncio.Task[None], Delivery], wait: str | None) -> None:
         """Forget finished tree tasks (waiting for one with ``FIRST_COMPLETED``, or until stop);
