@@ -25,6 +25,7 @@ def make_streams(server: RedisServer, run: str = "test", **stream_kw: object) ->
 
 TOY_TEST_SPEC = {
     "worked_steps": 300,
+    "worked_target": 0.0,
     "eval_every": 300,
     "eval_problems": 50,
     "mix_steps": 0,

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,16 @@ from toy.kit import (
     build_toy_model,
     shows_work,
 )
+
+TINY: dict[str, Any] = {
+    "hidden": 32,
+    "layers": 1,
+    "heads": 2,
+    "kv_heads": 1,
+    "intermediate": 64,
+    "batch": 8,
+}
+"""A model small enough to build in a second."""
 
 
 def test_shows_work() -> None:
@@ -60,12 +71,13 @@ def test_warm_up_batches_mix_direct_and_worked_answers(direct_fraction: float) -
 
 @pytest.mark.slow
 def test_build_runs_both_phases_and_reuses_a_finished_model(tmp_path: Path) -> None:
-    tiny = {"hidden": 32, "layers": 1, "heads": 2, "kv_heads": 1, "intermediate": 64, "batch": 8}
-    spec = ToySpec(**tiny, worked_steps=3, eval_every=1, eval_problems=4, mix_steps=2)  # type: ignore[arg-type]
+    # an unreachable phase-1 target: phase 1 runs its budget (3 steps) and the build goes on
+    budget: dict[str, Any] = {"worked_steps": 3, "eval_every": 1, "eval_problems": 4}
+    spec = ToySpec(**TINY, **budget, worked_target=1.0, mix_steps=2)
     out = build_toy_model(tmp_path / "toy", seed=0, spec=spec)
     meta = json.loads((out / "toy_meta.json").read_text())
-    # phase 1's fixed steps, then phase 2's mix_steps
     assert (meta["worked_solution_steps"], meta["steps"]) == (3, 5)
+    assert meta["mix_steps_kept"] in (1, 2)
     # reproducible: a second build from scratch gives the same bytes
     again = build_toy_model(tmp_path / "again", seed=0, spec=spec)
     assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
@@ -80,3 +92,38 @@ def test_build_runs_both_phases_and_reuses_a_finished_model(tmp_path: Path) -> N
     assert weights.stat().st_mtime_ns == stamp  # reused, not rebuilt
     build_toy_model(tmp_path / "toy", seed=0, spec=dataclasses.replace(spec, mix_steps=0))
     assert json.loads((out / "toy_meta.json").read_text())["steps"] == 3  # a new spec rebuilds
+    # a reachable target (0) ends phase 1 at its first evaluation
+    reached = dataclasses.replace(spec, worked_target=0.0, eval_every=2, mix_steps=0)
+    meta = json.loads((build_toy_model(tmp_path / "t0", 0, reached) / "toy_meta.json").read_text())
+    assert meta["worked_solution_steps"] == meta["steps"] == 2
+
+
+def test_phase_two_keeps_the_evaluated_state_nearest_the_start_accuracy(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Phase 2 keeps the weights of the evaluation whose accuracy is nearest ``start_accuracy``,
+    not the last ones: evaluations are scripted, and the saved weights must equal the model's
+    weights at the chosen evaluation."""
+    import torch
+
+    import toy.kit as kit
+
+    scripted = iter([0.5, 0.6, 0.35, 0.22, 0.05])  # phase 1 ends at 0.5; phase 2: 0.6 .. 0.05
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    def fake_eval(model, tokenizer, problems):  # type: ignore[no-untyped-def]
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return {"accuracy": next(scripted), "worked_fraction": 0.5}
+
+    monkeypatch.setattr(kit, "greedy_eval", fake_eval)
+    spec = ToySpec(**TINY, worked_steps=10, worked_target=0.4, eval_every=2, mix_steps=8)
+    out = build_toy_model(tmp_path / "toy", seed=0, spec=spec)
+    meta = json.loads((out / "toy_meta.json").read_text())
+    assert (meta["worked_solution_steps"], meta["worked_solution_accuracy"]) == (2, 0.5)
+    assert (meta["mix_steps_kept"], meta["heldout_greedy_accuracy"]) == (6, 0.22)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "model.safetensors"))
+    chosen = snapshots[3]  # phase 1's evaluation, then phase 2's at steps 2, 4, 6
+    assert all(torch.equal(saved[k], chosen[k]) for k in saved if k in chosen)
+    assert not all(torch.equal(saved[k], snapshots[-1][k]) for k in saved if k in chosen)

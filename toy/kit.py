@@ -4,21 +4,27 @@
 (``tokenizers``), a small Qwen2 causal LM, and warm-starts it with supervised training on the
 task's train split in two phases:
 
-1. ``worked_steps`` steps of worked solutions only (``12+34=46;46+7=53;\\boxed{53}``), so the
-   model can add step by step, but not reliably (about a quarter of held-out problems right);
+1. worked solutions only (``12+34=46;46+7=53;\\boxed{53}``) until held-out greedy accuracy
+   reaches ``worked_target`` (0.4: the model can add step by step, not reliably), at most
+   ``worked_steps`` steps;
 2. ``mix_steps`` more steps where a ``direct_fraction`` of the examples answer at once
-   (``\\boxed{53}``), a habit of guessing that is usually wrong for a model this small.
+   (``\\boxed{53}``), a habit of guessing that is usually wrong for a model this small. The model
+   kept is the phase-2 state, among those evaluated, whose held-out accuracy is nearest
+   ``start_accuracy`` (0.2).
 
 The start is therefore neither hopeless nor solved, and reward has two things to teach: to
 prefer working the sum out over guessing, and to add more reliably. The kit saves a normal
 Hugging Face model directory that vLLM and transformers both load. A finished directory is
 reused (``toy_meta.json`` records the seed, spec and kit version), so a second call is instant.
 
-The build is reproducible: a fixed schedule (kit 2 stopped phase 1 at the first evaluation
-reaching an accuracy, so a tiny numeric difference between machines could add or drop 50 steps
-and change the model's accuracy from 0.17 to 0.30), two compute threads whatever the machine
-has, and deterministic kernels. ``toy_meta.json`` records the weights' sha256: the same package
-versions on the same CPU family give the same bytes (a test builds twice and compares).
+Why targets and not a fixed schedule (kit 3): learning to add comes late and suddenly here
+(accuracy ~0.05 for a thousand steps, then 0.1 -> 0.6 within 300), and *when* moved by 600 steps
+between two package sets, so a fixed step count started the demo at 0.17 on one and 0.02 on
+the other. Phase 2's greedy accuracy swings between evaluations (the guess-or-work habit flips),
+so a fixed end is a lottery as well; choosing among the evaluated states is not. The build is
+reproducible on one package set: two compute threads whatever the machine has, deterministic
+kernels, and the same evaluations decide; ``toy_meta.json`` records the steps taken, the
+accuracy reached and the weights' sha256 (a test builds twice and compares).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from pipeline.tasks import BOX_OPEN, ArithTask
 
 log = logging.getLogger(__name__)
 
-KIT_VERSION = 3
+KIT_VERSION = 4
 BUILD_THREADS = 2
 """Compute threads of a build, whatever the machine has (reductions split by thread count)."""
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
@@ -56,14 +62,17 @@ class ToySpec:
     vocab: int = 32
     batch: int = 64
     lr: float = 2e-3
-    worked_steps: int = 950
-    """Phase 1 steps (worked solutions only): where held-out greedy accuracy first reached 0.25
-    on the reference machine with kit 2, now a fixed schedule."""
+    worked_target: float = 0.4
+    """Phase 1 ends at the first evaluation with at least this held-out greedy accuracy."""
+    worked_steps: int = 4000
+    """At most this many phase-1 steps (a warning if ``worked_target`` was not reached)."""
     mix_steps: int = 300
     """Phase 2 steps, where ``direct_fraction`` of the examples answer without working."""
     direct_fraction: float = 0.5
+    start_accuracy: float = 0.2
+    """The phase-2 state kept is the evaluated one whose accuracy is nearest this."""
     eval_every: int = 50
-    """Progress lines (with held-out accuracy) every this many steps."""
+    """Held-out evaluations (and progress lines) every this many steps."""
     eval_problems: int = 200
 
 
@@ -170,18 +179,19 @@ def _batches(task: ArithTask, tokenizer, spec: ToySpec, seed: int, direct_fracti
         yield ids, labels, (ids != PAD_ID).long()
 
 
-def _progress(spec: ToySpec, step: int, loss: float, acc: float, elapsed: float) -> None:
-    total = spec.worked_steps + spec.mix_steps
-    left = elapsed / step * (total - step)
+def _progress(
+    spec: ToySpec, phase: int, step: int, loss: float, acc: float, elapsed: float
+) -> None:
+    budget = spec.worked_steps if phase == 1 else spec.mix_steps
     log.info(
-        "toy warm-up step %d of %d: loss %.3f held-out accuracy %.3f; %.0f s so far, about %.0f s "
-        "to go",
+        "toy warm-up phase %d step %d (of at most %d): loss %.3f held-out accuracy %.3f; %.0f s "
+        "so far",
+        phase,
         step,
-        total,
+        budget,
         loss,
         acc,
         elapsed,
-        left,
     )
 
 
@@ -211,9 +221,10 @@ def build_toy_model(out_dir: str | Path, seed: int = 0, spec: ToySpec | None = N
     meta["weights_sha256"] = sha256_of(out / "model.safetensors")
     (out / "toy_meta.json").write_text(json.dumps(meta, indent=2))
     log.info(
-        "toy model ready in %s: %d warm-up steps, accuracy %.3f, weights sha256 %s",
+        "toy model ready in %s: %d + %d warm-up steps, accuracy %.3f, weights sha256 %s",
         out,
-        meta["steps"],
+        meta["worked_solution_steps"],
+        meta["mix_steps_kept"],
         meta["heldout_greedy_accuracy"],
         meta["weights_sha256"][:16],
     )
@@ -249,22 +260,52 @@ def _train(spec: ToySpec, seed: int, started: float) -> tuple[Any, Any, dict[str
         opt.step()
         return float(loss.item())
 
-    acc, loss, step = 0.0, 0.0, 0
+    def evaluate(phase: int, step: int, loss: float) -> dict[str, float]:
+        result = greedy_eval(model, tokenizer, heldout)
+        _progress(spec, phase, step, loss, result["accuracy"], time.monotonic() - started)
+        return result
+
     worked = _batches(task, tokenizer, spec, seed, 0.0)
+    phase1, result, reached = 0, {"accuracy": 0.0, "worked_fraction": 0.0}, False
+    while phase1 < spec.worked_steps and not reached:
+        phase1 += 1
+        loss = train_step(next(worked))
+        if phase1 % spec.eval_every == 0 or phase1 == spec.worked_steps:
+            result = evaluate(1, phase1, loss)
+            reached = result["accuracy"] >= spec.worked_target
+    if not reached:
+        log.warning(
+            "toy warm-up: held-out accuracy %.3f after %d worked-solution steps, short of %.2f; "
+            "going on (the demo may start weaker than documented)",
+            result["accuracy"],
+            phase1,
+            spec.worked_target,
+        )
+    phase1_accuracy = result["accuracy"]
+
+    def snapshot() -> dict[str, Any]:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    kept = (0, result, snapshot())
     mixed = _batches(task, tokenizer, spec, seed + 1, spec.direct_fraction)
-    for step in range(1, spec.worked_steps + spec.mix_steps + 1):
-        loss = train_step(next(worked if step <= spec.worked_steps else mixed))
-        if step % spec.eval_every == 0:
-            acc = greedy_eval(model, tokenizer, heldout)["accuracy"]
-            _progress(spec, step, loss, acc, time.monotonic() - started)
-    acc = greedy_eval(model, tokenizer, heldout)["accuracy"]
+    for step in range(1, spec.mix_steps + 1):
+        loss = train_step(next(mixed))
+        if step % spec.eval_every == 0 or step == spec.mix_steps:
+            result = evaluate(2, step, loss)
+            nearest = abs(result["accuracy"] - spec.start_accuracy)
+            if kept[0] == 0 or nearest < abs(kept[1]["accuracy"] - spec.start_accuracy):
+                kept = (step, result, snapshot())
+    model.load_state_dict(kept[2])
     return (
         model,
         tokenizer,
         {
-            "steps": step,
-            "worked_solution_steps": spec.worked_steps,
-            "heldout_greedy_accuracy": acc,
+            "steps": phase1 + spec.mix_steps,
+            "worked_solution_steps": phase1,
+            "worked_solution_accuracy": phase1_accuracy,
+            "mix_steps_kept": kept[0],
+            "heldout_greedy_accuracy": kept[1]["accuracy"],
+            "heldout_worked_fraction": kept[1]["worked_fraction"],
             "seconds": round(time.monotonic() - started, 1),
             "parameters": sum(p.numel() for p in model.parameters()),
         },
