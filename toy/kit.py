@@ -243,70 +243,91 @@ def sha256_of(path: Path) -> str:
 
 def _train(spec: ToySpec, seed: int, started: float) -> tuple[Any, Any, dict[str, Any]]:
     """The two warm-up phases; returns the model, the tokenizer and the build's record."""
-    import torch
-
-    torch.manual_seed(seed)
-    task = ArithTask()
-    tokenizer = build_tokenizer()
-    model = make_model(spec)
-    heldout = task.problems("heldout", spec.eval_problems, seed=seed + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
-
-    def train_step(batch) -> float:  # type: ignore[no-untyped-def]
-        ids, labels, mask = batch
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return float(loss.item())
-
-    def evaluate(phase: int, step: int, loss: float) -> dict[str, float]:
-        result = greedy_eval(model, tokenizer, heldout)
-        _progress(spec, phase, step, loss, result["accuracy"], time.monotonic() - started)
-        return result
-
-    worked = _batches(task, tokenizer, spec, seed, 0.0)
-    phase1, result, reached = 0, {"accuracy": 0.0, "worked_fraction": 0.0}, False
-    while phase1 < spec.worked_steps and not reached:
-        phase1 += 1
-        loss = train_step(next(worked))
-        if phase1 % spec.eval_every == 0 or phase1 == spec.worked_steps:
-            result = evaluate(1, phase1, loss)
-            reached = result["accuracy"] >= spec.worked_target
-    if not reached:
-        log.warning(
-            "toy warm-up: held-out accuracy %.3f after %d worked-solution steps, short of %.2f; "
-            "going on (the demo may start weaker than documented)",
-            result["accuracy"],
-            phase1,
-            spec.worked_target,
-        )
-    phase1_accuracy = result["accuracy"]
-
-    def snapshot() -> dict[str, Any]:
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    kept = (0, result, snapshot())
-    mixed = _batches(task, tokenizer, spec, seed + 1, spec.direct_fraction)
-    for step in range(1, spec.mix_steps + 1):
-        loss = train_step(next(mixed))
-        if step % spec.eval_every == 0 or step == spec.mix_steps:
-            result = evaluate(2, step, loss)
-            nearest = abs(result["accuracy"] - spec.start_accuracy)
-            if kept[0] == 0 or nearest < abs(kept[1]["accuracy"] - spec.start_accuracy):
-                kept = (step, result, snapshot())
-    model.load_state_dict(kept[2])
+    w = _Warmup(spec, seed, started)
+    phase1, reached = w.phase_one()
+    kept, result = w.phase_two(reached)
     return (
-        model,
-        tokenizer,
+        w.model,
+        w.tokenizer,
         {
             "steps": phase1 + spec.mix_steps,
             "worked_solution_steps": phase1,
-            "worked_solution_accuracy": phase1_accuracy,
-            "mix_steps_kept": kept[0],
-            "heldout_greedy_accuracy": kept[1]["accuracy"],
-            "heldout_worked_fraction": kept[1]["worked_fraction"],
+            "worked_solution_accuracy": reached["accuracy"],
+            "mix_steps_kept": kept,
+            "heldout_greedy_accuracy": result["accuracy"],
+            "heldout_worked_fraction": result["worked_fraction"],
             "seconds": round(time.monotonic() - started, 1),
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "parameters": sum(p.numel() for p in w.model.parameters()),
         },
     )
+
+
+class _Warmup:
+    """The model, its optimizer and the held-out problems of one build."""
+
+    def __init__(self, spec: ToySpec, seed: int, started: float) -> None:
+        import torch
+
+        torch.manual_seed(seed)
+        self.spec, self.seed, self.started = spec, seed, started
+        self.task = ArithTask()
+        self.tokenizer = build_tokenizer()
+        self.model = make_model(spec)
+        self.heldout = self.task.problems("heldout", spec.eval_problems, seed=seed + 1)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=spec.lr, weight_decay=0.0)
+
+    def train_step(self, batch) -> float:  # type: ignore[no-untyped-def]
+        ids, labels, mask = batch
+        loss = self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return float(loss.item())
+
+    def evaluate(self, phase: int, step: int, loss: float) -> dict[str, float]:
+        result = greedy_eval(self.model, self.tokenizer, self.heldout)
+        elapsed = time.monotonic() - self.started
+        _progress(self.spec, phase, step, loss, result["accuracy"], elapsed)
+        return result
+
+    def phase_one(self) -> tuple[int, dict[str, float]]:
+        """Worked solutions until the held-out target (or the step budget); returns the steps
+        taken and the last evaluation."""
+        spec = self.spec
+        worked = _batches(self.task, self.tokenizer, spec, self.seed, 0.0)
+        step, result, reached = 0, {"accuracy": 0.0, "worked_fraction": 0.0}, False
+        while step < spec.worked_steps and not reached:
+            step += 1
+            loss = self.train_step(next(worked))
+            if step % spec.eval_every == 0 or step == spec.worked_steps:
+                result = self.evaluate(1, step, loss)
+                reached = result["accuracy"] >= spec.worked_target
+        if not reached:
+            log.warning(
+                "toy warm-up: held-out accuracy %.3f after %d worked-solution steps, short of "
+                "%.2f; going on (the demo may start weaker than documented)",
+                result["accuracy"],
+                step,
+                spec.worked_target,
+            )
+        return step, result
+
+    def phase_two(self, start: dict[str, float]) -> tuple[int, dict[str, float]]:
+        """The mixed steps; loads the evaluated state nearest ``start_accuracy`` (phase 1's end
+        when there are no mixed steps) and returns its step and evaluation."""
+        spec = self.spec
+
+        def snapshot() -> dict[str, Any]:
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+        kept = (0, start, snapshot())
+        mixed = _batches(self.task, self.tokenizer, spec, self.seed + 1, spec.direct_fraction)
+        for step in range(1, spec.mix_steps + 1):
+            loss = self.train_step(next(mixed))
+            if step % spec.eval_every == 0 or step == spec.mix_steps:
+                result = self.evaluate(2, step, loss)
+                nearest = abs(result["accuracy"] - spec.start_accuracy)
+                if kept[0] == 0 or nearest < abs(kept[1]["accuracy"] - spec.start_accuracy):
+                    kept = (step, result, snapshot())
+        self.model.load_state_dict(kept[2])
+        return kept[0], kept[1]
