@@ -417,6 +417,10 @@ class VLLMPathGenerator:
     def __init__(self, options: EngineOptions, policy_version: int = 0) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.kv_cache_gib))
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", options.cpu_bind)
+        # On shutdown vLLM waits this long for its worker process before SIGTERM (default 5 s);
+        # a stopping sampler must exit within 5 s, and the worker holds nothing worth waiting
+        # for (weights are on disk, the KV cache is disposable).
+        os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", "1")
         self.options = options
         self.policy_version = policy_version
         self.stopping = False
