@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pipeline.config import RedisSettings, RunSettings, StreamSettings
 from pipeline.streams import Streams
 from tests.services import RedisServer
+
+T = TypeVar("T")
 
 
 def make_streams(server: RedisServer, run: str = "test", **stream_kw: object) -> Streams:
@@ -40,6 +45,15 @@ def restore_base_weights(engine, tmp: Path, version: int) -> None:  # type: igno
     shutil.copy(Path(engine.options.model) / "model.safetensors", d / "model.safetensors")
     engine.stage_weights(version, d)
     engine.swap_now()
+
+
+def run_restoring(engine, tmp: Path, version: int, main: Coroutine[Any, Any, T]) -> T:  # type: ignore[no-untyped-def]
+    """``asyncio.run(main)`` for a test that swaps weights into the session engine, then give
+    the engine its original weights back, also when the test fails."""
+    try:
+        return asyncio.run(main)
+    finally:
+        restore_base_weights(engine, tmp, version)
 
 
 DASHBOARD = (

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import TreeConfig
 from pipeline.sampling import PathRequest, TreeSampler
-from tests.helpers import restore_base_weights
+from tests.helpers import run_restoring
 from workers.engine import EngineFailed, GenerationStopped, VLLMPathGenerator
 
 pytestmark = pytest.mark.slow
@@ -52,10 +52,7 @@ def test_a_swap_lands_between_steps_and_every_token_carries_its_version(
                 await p.next(1)
         return requests  # type: ignore[return-value]
 
-    try:
-        requests = asyncio.run(main())
-    finally:
-        restore_base_weights(engine, tmp_path, start)
+    requests = run_restoring(engine, tmp_path, start, main())
     straddled = 0
     for r in requests:
         versions = r.versions  # type: ignore[attr-defined]

@@ -23,7 +23,7 @@ from pipeline.config import (
     TreeConfig,
 )
 from pipeline.messages import TreeRollout, decode
-from tests.helpers import make_streams, restore_base_weights
+from tests.helpers import make_streams, run_restoring
 from tests.services import PrometheusServer, RedisServer, free_port
 from workers.engine import VLLMPathGenerator
 from workers.sampler import Sampler
@@ -224,10 +224,7 @@ def test_learner_trains_publishes_survives_a_kill(
         await s.close()
         return at_kill, final, {"trees": trees}  # type: ignore[return-value]
 
-    try:
-        at_kill, final, seen = asyncio.run(main())
-    finally:
-        restore_base_weights(engine, tmp_path, start_version)
+    at_kill, final, seen = run_restoring(engine, tmp_path, start_version, main())
     # resumed and finished: step and version continue from the checkpoint
     assert final["step"] == at_kill["step"] + 3 and final["version"] == final["step"]
     # nothing lost: every tree trained before the crash is still recorded as trained

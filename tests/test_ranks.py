@@ -25,7 +25,7 @@ from learner.checkpoint import check_layout
 from learner.ranks import launcher_command
 from pipeline.entry import LAUNCHER_ENV
 from pipeline.errors import ConfigError
-from tests.helpers import restore_base_weights
+from tests.helpers import run_restoring
 from tests.services import RedisServer, free_port
 from tests.test_learner import checkpoint_state, learner_env, small_sampler
 from workers.engine import VLLMPathGenerator
@@ -209,10 +209,7 @@ def test_a_two_rank_learner_survives_losing_a_rank(
         await sampling
         return at_kill, final, exit_after  # type: ignore[return-value]
 
-    try:
-        at_kill, final, exit_after = asyncio.run(main())
-    finally:
-        restore_base_weights(engine, tmp_path, start_version)
+    at_kill, final, exit_after = run_restoring(engine, tmp_path, start_version, main())
     tail = log.read_text()[-3000:]
     assert exit_after < 60, (exit_after, tail)  # the launcher ends the job when a rank dies
     assert final["step"] == at_kill["step"] + 3, (at_kill["step"], final["step"], tail)

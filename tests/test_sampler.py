@@ -31,7 +31,7 @@ from pipeline.messages import PromptTask, TreeRollout
 from pipeline.streams import Streams
 from pipeline.tasks import ArithTask
 from pipeline.weightserver import WeightStore, add_routes, announce
-from tests.helpers import make_streams, restore_base_weights
+from tests.helpers import make_streams, run_restoring
 from tests.services import RedisServer, free_port, wait_port
 from tests.test_sampling import expected_independent
 from workers.engine import VLLMPathGenerator
@@ -307,10 +307,7 @@ def test_weight_swap_changes_outputs_and_corrupt_weights_are_refused(
         await runner.cleanup()
         await s.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        restore_base_weights(engine, tmp_path, start_version)
+    run_restoring(engine, tmp_path, start_version, main())
 
 
 def test_a_sampler_catching_up_on_weights_claims_no_prompt(
@@ -367,10 +364,7 @@ def test_a_sampler_catching_up_on_weights_claims_no_prompt(
         await runner.cleanup()
         await s.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        restore_base_weights(engine, tmp_path, start_version)
+    run_restoring(engine, tmp_path, start_version, main())
 
 
 def test_samplers_sharing_a_machine_take_one_download(
@@ -410,10 +404,7 @@ def test_samplers_sharing_a_machine_take_one_download(
         await s.close()
         return samplers, counters.bytes_sent, manifest.total_bytes
 
-    try:
-        samplers, sent, size = asyncio.run(main())
-    finally:
-        restore_base_weights(engine, tmp_path, start_version)
+    samplers, sent, size = run_restoring(engine, tmp_path, start_version, main())
     fetches = [x.follower.last_fetch for x in samplers]
     assert all(f is not None for f in fetches)
     assert sorted(f.method for f in fetches) == ["full", "host"]  # type: ignore[union-attr]
