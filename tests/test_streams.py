@@ -187,6 +187,30 @@ def test_entries_a_live_consumer_keeps_are_not_reclaimed(redis_server: RedisServ
     asyncio.run(main())
 
 
+def test_marking_entries_of_a_group_redis_lost_is_a_no_op(redis_server: RedisServer) -> None:
+    """After a Redis restart without persistence the group is gone with its pending entries:
+    ``keep`` and ``release`` have nothing to mark and must not fail the consumer; any other
+    error still reaches the caller."""
+    from redis.exceptions import ResponseError
+
+    async def main() -> None:
+        s = make_streams(redis_server, run="lost-group")
+        await s.ensure_group(s.keys.prompts, GROUP)
+        await publish_n(s, 1)
+        [d] = await s.read(s.keys.prompts, GROUP, "worker", count=1)
+        await s.client.xgroup_destroy(s.keys.prompts, GROUP)
+        await s.keep(s.keys.prompts, GROUP, "worker", [d.entry_id])
+        await s.release(s.keys.prompts, GROUP, "worker", [d.entry_id])
+        await s.client.delete(s.keys.prompts)
+        await s.client.set(s.keys.prompts, b"not a stream")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await s.keep(s.keys.prompts, GROUP, "worker", [d.entry_id])
+        await s.client.delete(s.keys.prompts)
+        await s.close()
+
+    asyncio.run(main())
+
+
 def test_malformed_entries_go_to_dead_letter_and_consumer_goes_on(
     redis_server: RedisServer,
 ) -> None:
