@@ -1,9 +1,10 @@
-"""Small asyncio helpers shared by the processes."""
+"""Small helpers shared by the processes: asyncio waits and retry jitter."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -11,6 +12,11 @@ from pipeline.errors import Stopping
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+jitter = random.Random()
+"""Randomness for retry jitter and the order of sources, apart from the global ``random``: an
+engine in the same process seeds that with the run's seed, the same in every sampler, which
+would make them all back off and pick sources in step."""
 
 
 async def wait_or_stop(stop: asyncio.Event, seconds: float) -> bool:

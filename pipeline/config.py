@@ -251,6 +251,13 @@ class SamplerOptions(_Section):
     """CPU backend: cores the engine's threads are bound to (``VLLM_CPU_OMP_THREADS_BIND``):
     ``nobind`` lets the OS schedule them, so several samplers share a machine; ``auto`` is vLLM's
     own binding (one engine per machine); or a core list such as ``0-3``."""
+    model_in_process: bool = True
+    """CPU backend, unbound (``cpu_bind=nobind``), one engine worker: run the model in the
+    sampler's own process instead of vLLM's worker process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+    The worker process gains nothing on CPU: the engine waits for every step, and while it waits
+    it spins on a core the model's threads need (measured on 2 cores: 1.5-1.6x the seconds per
+    step of the 25M-parameter benchmark model). GPU engines and bound or tensor-parallel CPU
+    engines keep vLLM's own choice."""
     heartbeat_ttl_s: float = Field(10.0, ge=1.0, le=3600.0)
     """Heartbeat key time-to-live; refreshed every third of it."""
     weights_poll_s: float = Field(5.0, gt=0.0, le=600.0)

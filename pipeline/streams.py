@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from typing import Any, TypeVar, cast
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
-from pipeline.aio import unless_stopped, wait_or_stop
+from pipeline.aio import jitter, unless_stopped, wait_or_stop
 from pipeline.config import (
     ProcessSettings,
     RedisSettings,
@@ -258,7 +257,7 @@ class Streams:
                         f"redis {what} failed after {attempt + 1} attempts: {exc}"
                     ) from exc
                 delay = min(self.settings.retry_max_delay_s, 0.05 * 2**attempt)
-                delay *= 0.5 + random.random() / 2
+                delay *= 0.5 + jitter.random() / 2
                 self.counters.retries += 1
                 log.warning(
                     "redis %s failed (%s); retry %d/%d in %.2fs",

@@ -31,7 +31,6 @@ import contextlib
 import logging
 import os
 import queue
-import random
 import threading
 import time
 import uuid
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pipeline.aio import jitter
 from pipeline.errors import WeightDownloadError, WeightVerificationError
 from pipeline.fsutil import staged_dir
 from pipeline.weights import (
@@ -98,7 +98,7 @@ class Sources:
         any is left, so the learner sends a version only to the first receivers and to those
         whose peers all failed; otherwise the learner."""
         peers = [p for p in self.peers() if p not in bad and p != self.learner]
-        random.shuffle(peers)
+        jitter.shuffle(peers)
         if self.prefer_peers and peers:
             return peers  # busy peers are waited for, not bypassed
         return ([] if self.learner in bad else [self.learner]) + peers
@@ -489,7 +489,7 @@ class _Client:
                 raise WeightDownloadError(f"{entry.name} piece {i}: timed out ({failures[-1:]})")
             if busy:  # every source is serving others: ask again, less often the longer it lasts
                 waits += 1
-                time.sleep(min(BUSY_WAIT_MAX_S, 0.02 * 1.5**waits) * (0.5 + random.random()))
+                time.sleep(min(BUSY_WAIT_MAX_S, 0.02 * 1.5**waits) * (0.5 + jitter.random()))
 
     def _receive(
         self, base: str, entry: FileEntry, i: int, start: int, end: int, fd: int, buf: bytearray

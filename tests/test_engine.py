@@ -190,3 +190,30 @@ def test_a_failed_engine_step_fails_every_path_as_an_engine_failure(
         engine.engine.step = real_step
         engine.failed = None
         engine._driver = asyncio.run_coroutine_threadsafe(engine._drive(), engine.loop)
+
+
+def test_the_cpu_engine_runs_its_model_in_this_process(
+    engine: VLLMPathGenerator,
+    tokenizer,  # type: ignore[no-untyped-def]
+) -> None:
+    """On the CPU backend the model runs in the sampler's process: no vLLM worker process among
+    this process's children while the engine decodes; a bound or multi-worker engine keeps
+    vLLM's worker processes."""
+    import psutil
+
+    from workers.engine import EngineOptions, _in_process
+
+    async def main() -> int:
+        path = engine.open(PathRequest(prompt(tokenizer), 30))
+        got = await path.next(30)
+        return len(got.token_ids)
+
+    assert asyncio.run(main()) > 0
+    names = [p.name() for p in psutil.Process().children(recursive=True)]
+    assert not [n for n in names if "VLLM" in n], names
+    executor = type(engine.engine.engine_core.engine_core.model_executor).__name__
+    assert executor == "UniProcExecutor", executor
+    assert not _in_process(EngineOptions(model="m", cpu_bind="auto"))
+    assert not _in_process(EngineOptions(model="m", extra={"tensor_parallel_size": 2}))
+    assert not _in_process(EngineOptions(model="m", model_in_process=False))
+    assert _in_process(EngineOptions(model="m"))

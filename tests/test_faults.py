@@ -205,7 +205,7 @@ def test_pipeline_survives_poison_and_kills_and_loses_nothing(
         assert all(cluster.running(n) for n in ("sampler-0", "sampler-1", "learner"))
         # a sampler killed mid-work, replaced; its engine processes do not outlive it
         engine_procs = psutil.Process(cluster.procs["sampler-0"].pid).children(recursive=True)
-        assert len(engine_procs) >= 2  # the engine's model worker and the reaper
+        assert engine_procs  # the reaper (and the engine's model workers, where it has any)
         cluster.restart("sampler-0")
         _, alive = psutil.wait_procs(engine_procs, timeout=15)
         assert alive == [], alive

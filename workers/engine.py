@@ -2,7 +2,8 @@
 
 ``VLLMPathGenerator`` runs one vLLM V1 ``LLMEngine`` (continuous batching, prefix caching) with
 its core in this process, and steps it from an event loop of its own, in a thread of the
-sampler process. Every path of every tree is one engine request (``open``); each step's new
+sampler process. On vLLM's CPU backend the model runs in this process too (``model_in_process``):
+vLLM's worker process adds a hop to every step and spins on a core while the step waits. Every path of every tree is one engine request (``open``); each step's new
 tokens (``RequestOutputKind.DELTA``) are delivered to their requests with the sampled token's
 log-prob after temperature (``logprobs_mode="processed_logprobs"``: the behavior policy mu the
 learner corrects against), and read by the tree sampler one segment at a time
@@ -81,6 +82,8 @@ class EngineOptions:
     """Most requests the engine runs in one step."""
     cpu_bind: str = "nobind"
     """CPU backend: ``VLLM_CPU_OMP_THREADS_BIND`` (``nobind``, ``auto`` or core lists)."""
+    model_in_process: bool = True
+    """CPU backend, unbound, one worker: the model runs in this process (no worker process)."""
     seed: int = 0
     ignore_eos: bool = False
     """Decode every request to its token budget (benchmarks with forced lengths)."""
@@ -102,6 +105,7 @@ class EngineOptions:
             block_size=o.block_size,
             max_num_seqs=o.max_num_seqs,
             cpu_bind=o.cpu_bind,
+            model_in_process=o.model_in_process,
             seed=settings.run.seed,
         )
 
@@ -241,6 +245,22 @@ def _stat_logger(meter: EngineMeter) -> Any:
             pass
 
     return MeterLogger
+
+
+def _cpu_backend() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _in_process(options: EngineOptions) -> bool:
+    """Whether the CPU engine runs its model in this process: vLLM's worker process only adds a
+    hop per step and a core spinning while the step waits (see ``model_in_process``). Not with
+    bound threads (vLLM binds them in the worker it starts) or several workers."""
+    workers = int(options.extra.get("tensor_parallel_size", 1)) * int(
+        options.extra.get("pipeline_parallel_size", 1)
+    )
+    return options.model_in_process and options.cpu_bind == "nobind" and workers == 1
 
 
 def _version(label: str) -> int:
@@ -421,6 +441,8 @@ class VLLMPathGenerator:
         # a stopping sampler must exit within 5 s, and the worker holds nothing worth waiting
         # for (weights are on disk, the KV cache is disposable).
         os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", "1")
+        if _cpu_backend():
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if _in_process(options) else "1"
         self.options = options
         self.policy_version = policy_version
         self.stopping = False
