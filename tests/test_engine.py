@@ -217,3 +217,13 @@ def test_the_cpu_engine_runs_its_model_in_this_process(
     assert not _in_process(EngineOptions(model="m", extra={"tensor_parallel_size": 2}))
     assert not _in_process(EngineOptions(model="m", model_in_process=False))
     assert _in_process(EngineOptions(model="m"))
+    # a second engine alive beside it gets vLLM's worker process, and closing it leaves the
+    # first one working (vLLM's distributed state is per process)
+    other = VLLMPathGenerator(EngineOptions(model=engine.options.model, dtype="float32"))
+    try:
+        assert engine.in_process and not other.in_process
+        kids = [p.name() for p in psutil.Process().children(recursive=True)]
+        assert [n for n in kids if "VLLM" in n], kids
+    finally:
+        other.close()
+    assert asyncio.run(main()) > 0

@@ -253,6 +253,26 @@ def _cpu_backend() -> bool:
     return bool(current_platform.is_cpu())
 
 
+_IN_PROCESS = threading.Lock()
+"""Held by the engine whose model runs in this process. vLLM keeps its distributed state per
+process (closing an in-process engine tears it down), so one engine of a process at a time runs
+its model in it; another engine alive at the same time (tests, tools) gets vLLM's worker
+process."""
+
+
+def _shutdown_beside(client: Any) -> None:
+    """Shut down an engine whose model runs in vLLM's worker processes while another engine runs
+    its model in this process: only its workers and scheduler. vLLM's ``EngineCore.shutdown``
+    would also tear down this process's distributed state, which the other engine uses."""
+    finalizer = getattr(client, "_finalizer", None)
+    core = getattr(client, "engine_core", None)
+    if finalizer is None or core is None or finalizer.detach() is None:
+        client.shutdown()  # not the in-process client this was written for: vLLM's own way
+        return
+    core.model_executor.shutdown()
+    core.scheduler.shutdown()
+
+
 def _in_process(options: EngineOptions) -> bool:
     """Whether the CPU engine runs its model in this process: vLLM's worker process only adds a
     hop per step and a core spinning while the step waits (see ``model_in_process``). Not with
@@ -441,8 +461,11 @@ class VLLMPathGenerator:
         # a stopping sampler must exit within 5 s, and the worker holds nothing worth waiting
         # for (weights are on disk, the KV cache is disposable).
         os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", "1")
+        self.in_process = False
+        """Whether the model runs in this process (see ``_in_process``)."""
         if _cpu_backend():
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if _in_process(options) else "1"
+            self.in_process = _in_process(options) and _IN_PROCESS.acquire(blocking=False)
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if self.in_process else "1"
         self.options = options
         self.policy_version = policy_version
         self.stopping = False
@@ -460,7 +483,14 @@ class VLLMPathGenerator:
         started = time.perf_counter()
         # engine processes (tensor-parallel workers, where there are any) end with this one
         self.reaper = watch_children()
-        self.engine: Any = self._wait(self._start_engine())
+        try:
+            self.engine: Any = self._wait(self._start_engine())
+        except BaseException:
+            if self.in_process:  # the next engine of this process may run in it
+                self.in_process = False
+                _IN_PROCESS.release()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            raise
         self._work = asyncio.Event()
         self._closing = False
         self._driver = asyncio.run_coroutine_threadsafe(self._drive(), self.loop)
@@ -757,6 +787,12 @@ class VLLMPathGenerator:
         self.engine = None
         if engine is not None:
             try:
-                engine.engine_core.shutdown()
+                if not self.in_process and _IN_PROCESS.locked():
+                    _shutdown_beside(engine.engine_core)
+                else:
+                    engine.engine_core.shutdown()
             except Exception as exc:  # shutdown is best-effort
                 log.warning("engine shutdown: %s", exc)
+        if self.in_process:
+            self.in_process = False
+            _IN_PROCESS.release()
