@@ -171,18 +171,23 @@ class Admission:
         self, state: LearnerState, since: Resolved, waiting: set[str]
     ) -> None:
         """Admit again every prompt whose tree is overdue: not ``waiting`` here for a batch, not
-        queued on the prompts stream, not held by a live sampler (checked every few seconds)."""
+        queued on the prompts stream, not held by a live sampler (checked every few seconds).
+        While trees wait unread on the stream, one of them may be an overdue prompt's: then only
+        prompts overdue twice over are admitted again. Samplers that outrun the learner keep
+        some trees unread at every check, and a lost prompt must not wait for that to end; a
+        tree that does arrive for it afterwards is one of two for the prompt, and the second of
+        them is dropped as a duplicate (never trained twice)."""
         after = self.settings.learner.readmit_after_s
         now = time.monotonic()
         if now - self.last_overdue_check < min(10.0, after / 4):
             return
         self.last_overdue_check = now
-        overdue = state.ledger.overdue(time.time(), after)
-        if not overdue:
+        if not state.ledger.overdue(time.time(), after):
             return
         keys = self.streams.keys
         if (await self.streams.group_info(keys.trees, TREE_GROUP)).lag > 0:
-            return  # trees not yet read may be the overdue ones
+            after *= 2
+        overdue = state.ledger.overdue(time.time(), after)
         for a in overdue:
             if a.prompt_id in waiting:
                 continue

@@ -97,3 +97,68 @@ def test_prompt_template_and_system_prompt() -> None:
     assert tok.decode(ids) == tok.decode(tok("[system]S[user]Q: 1+2 \\boxed{}=")["input_ids"])
     with pytest.raises(ValueError, match="prompt_template"):
         LearnerOptions(prompt_template="no placeholder")
+
+
+def test_a_lost_prompt_is_admitted_again_while_trees_wait_unread(redis_server) -> None:  # type: ignore[no-untyped-def]
+    """A prompt whose entry is gone (lost) is admitted again once overdue; while trees wait
+    unread on the stream (samplers ahead of the learner, as they stay) only once overdue twice
+    over, not never."""
+    import asyncio
+    import time
+
+    from learner.admission import Admission
+    from learner.metrics import LearnerMetrics
+    from learner.state import LearnerState, Resolved
+    from pipeline.config import LearnerOptions, LearnerSettings, RedisSettings, RunSettings
+    from pipeline.messages import RolloutLeaf, RolloutNode, TreeRollout
+    from pipeline.streams import PROMPT_GROUP, TREE_GROUP
+    from pipeline.tasks import Problem
+    from tests.helpers import make_streams
+
+    after = 100.0
+    settings = LearnerSettings(
+        redis=RedisSettings(url=redis_server.url),
+        run=RunSettings(name="test"),
+        learner=LearnerOptions(batch_prompts=2, shuffle=False, readmit_after_s=after),
+    )
+    problems = [Problem(f"{i}+1", str(i + 1), "arith") for i in range(4)]
+
+    async def check(
+        admission: Admission, state: LearnerState, age: float, lag: bool
+    ) -> list[str]:
+        s = admission.streams
+        await s.client.delete(s.keys.prompts, s.keys.trees)
+        await s.ensure_group(s.keys.prompts, PROMPT_GROUP)
+        await s.ensure_group(s.keys.trees, TREE_GROUP)
+        if lag:  # a tree published and not yet read by the learner
+            tree = TreeRollout(
+                [1, 2],
+                [RolloutNode(-1, [3], [-0.1], 0)],
+                [RolloutLeaf(0, 1.0, "eos")],
+                tree_id="t-other",
+                prompt_id="other",
+            )
+            await s.publish(s.keys.trees, tree)
+        state.ledger.admit("lost", 0, "1-1", time.time() - age)  # its entry is not in the stream
+        admission.last_overdue_check = 0.0
+        since = Resolved()
+        await admission.readmit_overdue(state, since, set())
+        readmitted = list(since.readmitted)
+        state.ledger.outstanding.clear()
+        return readmitted
+
+    async def main() -> list[list[str]]:
+        streams = make_streams(redis_server)
+        admission = Admission(settings, streams, LearnerMetrics(), build_tokenizer(), problems)
+        state = LearnerState()
+        try:
+            return [
+                await check(admission, state, 1.5 * after, lag=False),
+                await check(admission, state, 1.5 * after, lag=True),
+                await check(admission, state, 2.5 * after, lag=True),
+                await check(admission, state, 0.5 * after, lag=False),
+            ]
+        finally:
+            await streams.close()
+
+    assert asyncio.run(main()) == [["lost"], [], ["lost"], []]
