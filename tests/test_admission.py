@@ -123,9 +123,7 @@ def test_a_lost_prompt_is_admitted_again_while_trees_wait_unread(redis_server) -
     )
     problems = [Problem(f"{i}+1", str(i + 1), "arith") for i in range(4)]
 
-    async def check(
-        admission: Admission, state: LearnerState, age: float, lag: bool
-    ) -> list[str]:
+    async def check(admission: Admission, state: LearnerState, age: float, lag: bool) -> list[str]:
         s = admission.streams
         await s.client.delete(s.keys.prompts, s.keys.trees)
         await s.ensure_group(s.keys.prompts, PROMPT_GROUP)
