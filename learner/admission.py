@@ -182,12 +182,13 @@ class Admission:
         if now - self.last_overdue_check < min(10.0, after / 4):
             return
         self.last_overdue_check = now
-        if not state.ledger.overdue(time.time(), after):
+        wall = time.time()
+        overdue = state.ledger.overdue(wall, after)
+        if not overdue:
             return
         keys = self.streams.keys
         if (await self.streams.group_info(keys.trees, TREE_GROUP)).lag > 0:
-            after *= 2
-        overdue = state.ledger.overdue(time.time(), after)
+            overdue = [a for a in overdue if wall - a.admitted_at >= 2 * after]
         for a in overdue:
             if a.prompt_id in waiting:
                 continue

@@ -2,8 +2,9 @@
 
 ``VLLMPathGenerator`` runs one vLLM V1 ``LLMEngine`` (continuous batching, prefix caching) with
 its core in this process, and steps it from an event loop of its own, in a thread of the
-sampler process. On vLLM's CPU backend the model runs in this process too (``model_in_process``):
-vLLM's worker process adds a hop to every step and spins on a core while the step waits. Every path of every tree is one engine request (``open``); each step's new
+sampler process. On vLLM's CPU backend the model runs in this process too
+(``model_in_process``): vLLM's worker process adds a hop to every step and spins on a core while
+the step waits. Every path of every tree is one engine request (``open``); each step's new
 tokens (``RequestOutputKind.DELTA``) are delivered to their requests with the sampled token's
 log-prob after temperature (``logprobs_mode="processed_logprobs"``: the behavior policy mu the
 learner corrects against), and read by the tree sampler one segment at a time
@@ -486,9 +487,7 @@ class VLLMPathGenerator:
         try:
             self.engine: Any = self._wait(self._start_engine())
         except BaseException:
-            if self.in_process:  # the next engine of this process may run in it
-                self.in_process = False
-                _IN_PROCESS.release()
+            self._leave_process()  # the next engine of this process may run in it
             self.loop.call_soon_threadsafe(self.loop.stop)
             raise
         self._work = asyncio.Event()
@@ -793,6 +792,10 @@ class VLLMPathGenerator:
                     engine.engine_core.shutdown()
             except Exception as exc:  # shutdown is best-effort
                 log.warning("engine shutdown: %s", exc)
+        self._leave_process()
+
+    def _leave_process(self) -> None:
+        """Give up this process's in-process slot, if this engine holds it."""
         if self.in_process:
             self.in_process = False
             _IN_PROCESS.release()
