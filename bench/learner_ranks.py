@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, parser, ratio, write_result
-from learner.ranks import free_port, launcher_command
+from learner.ranks import free_port, launcher_command, leave
 
 STAGES = (0, 1, 2, 3)
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
         model, out, stage, precision, steps, trees, n = sys.argv[2:9]
         child(model, out, int(stage), precision, int(steps), trees, int(n))
-        return 0
+        leave(0)
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=None, help="learner steps per job (3; 2 quick)")
     p.add_argument(

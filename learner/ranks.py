@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 import torch
@@ -158,6 +158,18 @@ def follow(handlers: dict[str, Callable[[dict[str, Any]], None]], ctl: Control) 
         if handler is None:
             raise RuntimeError(f"rank {ctl.rank}: unknown command {kind!r} from rank 0")
         handler(command)
+
+
+def leave(code: int = 0) -> NoReturn:
+    """End a launched rank at once, after every rank has arrived here. The interpreter's own
+    teardown can abort after the work is done (gloo's threads: "terminate called without an
+    active exception"), which the launcher reports as a failed run; ``treepo-learner`` leaves
+    the same way (``pipeline.entry.exit_now``)."""
+    control().barrier()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def launch(ranks: int, module: str, argv: list[str]) -> int:

@@ -51,9 +51,12 @@ def optimizer_state(engine) -> dict[str, torch.Tensor]:  # type: ignore[no-untyp
 
 
 def main() -> None:
+    from learner.ranks import leave
+
     mode, model_dir, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     for stage in [int(s) for s in sys.argv[4].split(",")]:
         run(mode, model_dir, out, stage)
+    leave(0)
 
 
 def run(mode: str, model_dir: str, out: Path, stage: int) -> None:
