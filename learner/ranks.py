@@ -36,6 +36,8 @@ from typing import Any, NoReturn
 import msgpack
 import torch
 
+from pipeline.entry import exit_at_once
+
 log = logging.getLogger(__name__)
 
 PING_EVERY_S = 10.0
@@ -166,10 +168,7 @@ def leave(code: int = 0) -> NoReturn:
     active exception"), which the launcher reports as a failed run; ``treepo-learner`` leaves
     the same way (``pipeline.entry.exit_now``)."""
     control().barrier()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_at_once(code)
 
 
 def launch(ranks: int, module: str, argv: list[str]) -> int:

@@ -146,6 +146,13 @@ def exit_now(main: Callable[[], int]) -> NoReturn:
     """Console-script entry: ``main()``, then exit at once. The process shut down in order
     (checkpoint written, trees acknowledged, prompts handed back); skipping the interpreter's
     slow teardown of torch/vLLM/DeepSpeed keeps SIGTERM-to-exit under 5 s."""
-    code = main()
+    exit_at_once(main())
+
+
+def exit_at_once(code: int) -> NoReturn:
+    """Exit with ``code`` without the interpreter's teardown, once the logs and standard streams
+    are flushed (``os._exit`` flushes nothing)."""
     logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(code)
