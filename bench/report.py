@@ -367,6 +367,24 @@ def learner_packing(d: dict[str, Any]) -> str:
     )
 
 
+def learner_memory(d: dict[str, Any]) -> str:
+    rows = [
+        [f"{r['tokens']:,}", r["head"], f"{r['peak_mb']:.0f}", f"{r['seconds']:.1f}"]
+        for r in d["rows"]
+        if "peak_mb" in r
+    ]
+    slopes = d["mb_per_1k_tokens"]
+    lo, hi = d["slope_between"]
+    return _table(
+        ["packed tokens", "head", "peak MB above the model (proximal + fwd + bwd)", "seconds"],
+        rows,
+    ) + (
+        f"\n\nGrowth between {lo:,} and {hi:,} packed tokens: **{slopes['chunked']:.0f} MB per 1k "
+        f"tokens** with the recomputed chunks, {slopes.get('kept') or 0:.0f} MB per 1k with the "
+        f"head that kept its logits ({d['shape']}, {d['device']})."
+    )
+
+
 def learner_ranks(d: dict[str, Any]) -> str:
     rows = [
         [
@@ -424,6 +442,7 @@ SECTIONS = [
     ("treepo_vs_grpo", "TreePO vs GRPO-style training at an equal token budget", treepo_vs_grpo),
     ("transport", "Transport", transport),
     ("learner_packing", "Tree-packed vs per-leaf learner", learner_packing),
+    ("learner_memory", "Learner memory against packed tokens", learner_memory),
     ("learner_ranks", "Learner on 1 and 2 ranks, ZeRO 0-3", learner_ranks),
     ("weight_sync", "Weight sync", weight_sync),
     ("durability", "Redis durability: appendfsync always vs everysec", durability),

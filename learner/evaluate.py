@@ -1,10 +1,11 @@
 """Periodic held-out evaluation: greedy accuracy of the published policy on an evaluation split.
 
-Every ``TREEPO_LEARNER__EVAL_EVERY`` steps the learner (rank 0) loads the weights it has just
-published (gathered whole, so every ZeRO stage works the same) into a copy of the model (on its
-GPU in bf16 when there is one, else on the CPU) and
-answers ``eval_size`` problems of the evaluation split greedily, prompts rendered exactly as for
-training (prompt template, chat template, system prompt), each scored by its reward function.
+Every ``TREEPO_LEARNER__EVAL_EVERY`` steps, right after publishing, every learner rank answers
+its share of ``eval_size`` problems of the evaluation split greedily with the training model
+itself (the weights just published; no second copy of the model is loaded), prompts rendered
+exactly as for training (prompt template, chat template, system prompt), each scored by its
+reward function, and the ranks sum their counts. All ranks make as many generate calls, and
+under ZeRO-3 generate in step (``synced_gpus``), so none waits on another's evaluation.
 The accuracy goes into the step log (``eval_accuracy``) and ``treepo_learner_eval_accuracy``.
 
 The split: ``TREEPO_LEARNER__EVAL_DATASET`` (a JSONL/Parquet file or ``save_to_disk`` directory
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import LearnerSettings
@@ -62,56 +62,65 @@ class Evaluator:
         ]
         self.model: Any = None
 
-    def _load(self, weights: Path) -> Any:
-        import torch
-        from safetensors.torch import load_file
-        from transformers import AutoModelForCausalLM
-
-        if self.model is None:
-            cuda = torch.cuda.is_available()
-            self.model = AutoModelForCausalLM.from_pretrained(
-                self.settings.learner.model, dtype=torch.bfloat16 if cuda else torch.float32
-            ).to("cuda" if cuda else "cpu")
-            self.model.eval()
-        state: dict[str, Any] = {}
-        for f in sorted(weights.glob("*.safetensors")):
-            if not f.name.startswith("delta"):
-                state.update(load_file(str(f)))
-        missing, _ = self.model.load_state_dict(state, strict=False)
-        tied = {k for k in missing if "lm_head" in k}  # tied to the embeddings
-        if set(missing) - tied:
-            raise RuntimeError(f"evaluation weights lack {sorted(set(missing) - tied)[:3]}")
-        return self.model
-
-    def accuracy(self, weights: Path, batch: int = 32) -> tuple[float, float]:
-        """(greedy accuracy, seconds) of the weights in directory ``weights``."""
-        import torch
-
+    def accuracy(
+        self, module: Any, ctl: Any, zero3: bool = False, batch: int = 32
+    ) -> tuple[float, float]:
+        """(greedy accuracy, seconds) of ``module``: this rank answers its share of the
+        problems, every rank calls this at once (rank 0 sends ``evaluate`` first)."""
         started = time.perf_counter()
-        model = self._load(weights)
+        answers = self.answers(module, ctl, zero3, batch)
+        correct = 0
+        for j, text in answers.items():
+            problem = self.problems[j]
+            correct += reward_fn(problem.task)(text, problem.answer) > 0
+        total = ctl.sum([float(correct)])[0] if ctl.world > 1 else float(correct)
+        return total / max(1, len(self.problems)), time.perf_counter() - started
+
+    def answers(
+        self, module: Any, ctl: Any, zero3: bool = False, batch: int = 32
+    ) -> dict[int, str]:
+        """Problem index -> greedy answer, for this rank's share of the problems (contiguous).
+        Every rank makes as many generate calls; under ZeRO-3 they generate in step."""
+        import torch
+
+        from learner.ranks import share
+
+        mine = list(range(len(self.prompts)))[share(len(self.prompts), ctl.world, ctl.rank)]
+        parts = [mine[i : i + batch] for i in range(0, len(mine), batch)]
+        calls = ctl.max(len(parts)) if ctl.world > 1 else len(parts)
+        out: dict[int, str] = {}
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                for i in range(calls):
+                    part = parts[i] if i < len(parts) else []
+                    texts = self._answer(module, part or [0], zero3 and ctl.world > 1)
+                    out.update(zip(part, texts))
+                    if ctl.rank == 0:
+                        log.info("evaluation: %d of %d problems (rank 0)", len(out), len(mine))
+        finally:
+            module.train(was_training)
+        return out
+
+    def _answer(self, module: Any, which: list[int], synced: bool) -> list[str]:
+        """Greedy answers to the prompts ``which`` (left-padded into one batch)."""
+        import torch
+
+        chunk = [self.prompts[j] for j in which]
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
-        correct = 0
-        max_new = self.settings.learner.eval_max_tokens
-        with torch.no_grad():
-            for i in range(0, len(self.prompts), batch):
-                chunk = self.prompts[i : i + batch]
-                width = max(len(p) for p in chunk)
-                device = model.device
-                ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
-                mask = torch.tensor(
-                    [[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device
-                )
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=max_new,
-                    do_sample=False,
-                    pad_token_id=pad,
-                )
-                for j, problem in enumerate(self.problems[i : i + batch]):
-                    text = self.tokenizer.decode(out[j, width:], skip_special_tokens=True)
-                    correct += reward_fn(problem.task)(text, problem.answer) > 0
-                done = min(len(self.prompts), i + batch)
-                log.info("evaluation: %d of %d problems", done, len(self.prompts))
-        return correct / max(1, len(self.problems)), time.perf_counter() - started
+        width = max(len(p) for p in chunk)
+        device = next(module.parameters()).device
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        out = module.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=self.settings.learner.eval_max_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            use_cache=True,
+            synced_gpus=synced,
+        )
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]

@@ -10,6 +10,7 @@ from typing import Any
 
 from learner.batch import build_batch
 from learner.checkpoint import load_checkpoint, save_checkpoint
+from learner.evaluate import Evaluator, eval_problems
 from learner.ranks import Control, control, follow
 from learner.trainer import Engine, save_pretrained, train_on_batch
 from pipeline.config import LearnerSettings
@@ -26,6 +27,7 @@ class Follower:
         self.engine = engine
         self.ctl: Control = control()
         self.code = 1
+        self.evaluator: Evaluator | None = None
 
     def handlers(self) -> dict[str, Any]:
         return {
@@ -33,7 +35,17 @@ class Follower:
             "save": self.save,
             "resume": self.resume,
             "gather": lambda c: save_pretrained(self.engine, None, c["weights_only"]),
+            "evaluate": self.evaluate,
         }
+
+    def evaluate(self, command: dict[str, Any]) -> None:
+        """This rank's share of rank 0's held-out evaluation (``learner.evaluate``)."""
+        if self.evaluator is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.settings.learner.model)
+            self.evaluator = Evaluator(self.settings, tokenizer, eval_problems(self.settings))
+        self.evaluator.accuracy(self.engine.module, self.ctl, self.engine.zero_stage == 3)
 
     def step(self, command: dict[str, Any]) -> None:
         trees = [decode_as(data, TreeRollout) for data in command["trees"]]

@@ -12,15 +12,18 @@ a gather of those, so the per-leaf loss keeps its definition (a shared token con
 per leaf, with that leaf's advantage) and autograd sums the shared gradient.
 
 The attention is kept as an O(T) *group layout*: each position's group (the prompt or one node
-of one tree) and which groups each group sees. From it come the two masks the kernels take
-(``TREEPO_LEARNER__ATTENTION``): a dense 4-D boolean mask for the model's SDPA (or eager)
-attention, where every pair of a row is computed and the disallowed ones masked (a row costs its
-length squared; the default packs one tree a row), and on CUDA a FlexAttention ``BlockMask``
-whose ``mask_mod`` reads the group layout, so no [T, T] tensor exists and blocks nobody attends
-are skipped. Both are checked against the per-leaf path (the block mask on CPU forward here,
-forward and backward on CUDA in tests/test_devices.py). The
-vocabulary projection runs in chunks of ``chunk`` tokens, so no ``[tokens, vocab]`` float32
-log-softmax is ever held whole.
+of one tree) and which groups each group sees. From it come the masks the kernels take
+(``TREEPO_LEARNER__ATTENTION``): a dense 4-D mask for the model's SDPA attention (boolean) or
+eager attention (additive: 0 or the dtype's lowest value), where every pair of a row is computed
+and the disallowed ones masked (a row costs its length squared), and on CUDA a FlexAttention
+``BlockMask`` built from the group layout block by block (``block_layout``), so no [T, T]
+tensor exists and blocks nobody attends are skipped. All are checked against the per-leaf path
+(the block mask on CPU forward here, forward and backward on CUDA in tests/test_devices.py).
+Trees fill rows first fit in decreasing length up to max(row budget, the longest tree), so rows
+are about equally wide (``PackedBatch.padding_fraction`` says how much is padding).
+
+The vocabulary projection runs in chunks whose logits are recomputed in backward
+(``learner.logprobs``), so no ``[tokens, vocab]`` tensor is kept for backward.
 """
 
 from __future__ import annotations
@@ -31,12 +34,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from learner.logprobs import chunk_tokens, head_logprobs
 from learner.ranks import control
 from pipeline.messages import TreeRollout
 
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
-"""Attention implementations that take the tree mask: a dense 4-D mask (SDPA, eager) or a
-FlexAttention ``BlockMask`` (flash-attention takes neither)."""
+"""Attention implementations that take the tree mask: a dense 4-D mask (boolean for SDPA,
+additive for eager) or a FlexAttention ``BlockMask`` (flash-attention takes neither)."""
+
+HEAD_CHUNK_MB = 512
+"""Default memory budget of one head chunk (``learner.logprobs.chunk_tokens``)."""
 
 
 @dataclass
@@ -157,12 +164,29 @@ class PackedBatch:
 
     @property
     def attention(self) -> torch.Tensor:
-        """[rows, 1, T, T] True where query may attend key: the dense mask of SDPA/eager."""
-        width = self.group.shape[1]
-        rows = torch.arange(self.group.shape[0], device=self.group.device).view(-1, 1, 1)
-        allowed = self.sees[rows, self.group.unsqueeze(2), self.group.unsqueeze(1)]
-        causal = torch.ones(width, width, dtype=torch.bool, device=self.group.device).tril()
-        return (allowed & causal).unsqueeze(1)
+        """[rows, 1, T, T] True where query may attend key: the dense mask of SDPA (one byte a
+        pair, built row by row from the group layout without a wider intermediate)."""
+        rows, width = self.group.shape
+        out = torch.empty((rows, 1, width, width), dtype=torch.bool, device=self.group.device)
+        for r in range(rows):
+            g = self.group[r]
+            seen = self.sees[r][g]  # [T, G]: what each query's group sees
+            torch.gather(seen, 1, g.unsqueeze(0).expand(width, width), out=out[r, 0])
+            out[r, 0].tril_()
+        return out
+
+    def additive_attention(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense mask as 0 / the dtype's lowest value, added to the scores: the form
+        transformers' *eager* attention takes (it adds a boolean mask as 0/1)."""
+        allowed = self.attention
+        out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return out.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    @property
+    def padding_fraction(self) -> float:
+        """Share of the rows' positions that hold no token (padding at the rows' ends)."""
+        positions = self.group.numel()
+        return 1.0 - self.tokens / positions if positions else 0.0
 
     def mask_mod(self, device: torch.device) -> Any:
         """FlexAttention's ``mask_mod`` of this attention, reading the O(T) group layout."""
@@ -173,28 +197,81 @@ class PackedBatch:
 
         return mask_mod
 
-    def block_mask(self, device: torch.device) -> Any:
-        """The same attention as a FlexAttention ``BlockMask`` (never a dense [T, T] mask;
-        blocks no query of which may see are skipped, not computed)."""
-        from torch.nn.attention.flex_attention import create_block_mask
+    def block_mask(self, device: torch.device, block: int = 128) -> Any:
+        """The same attention as a FlexAttention ``BlockMask``, built from the group layout
+        (``block_layout``): no dense [T, T] mask is ever made, and blocks no query of which may
+        see are skipped, not computed."""
+        from torch.nn.attention.flex_attention import BlockMask
 
+        partial, full = self.block_layout(block)
+        width = self.group.shape[1]
+
+        def indices(which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            counts = which.sum(-1, dtype=torch.int32)
+            order = torch.argsort(which.to(torch.int8), dim=-1, descending=True, stable=True)
+            return counts.unsqueeze(1).to(device), order.to(torch.int32).unsqueeze(1).to(device)
+
+        kv_num, kv_idx = indices(partial)
+        full_num, full_idx = indices(full)
+        return BlockMask.from_kv_blocks(
+            kv_num,
+            kv_idx,
+            full_num,
+            full_idx,
+            BLOCK_SIZE=block,
+            mask_mod=self.mask_mod(device),
+            seq_lengths=(width, width),
+        )
+
+    def block_layout(self, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+        """([rows, nb, nb] partial, [rows, nb, nb] full) block pairs (query block, key block)
+        of the attention, from the group layout in O(nb x G + nb^2) per row (nb blocks of
+        ``block`` positions, G groups): a key block earlier than the query block is full when
+        every group in the query block sees every group in the key block and partial when
+        some does but not all; the diagonal block is always partial (causal inside it); later
+        key blocks are empty; a block the row's end cuts is never full (torch's convention)."""
         rows, width = self.group.shape
-        mod = self.mask_mod(device)
-        return create_block_mask(mod, rows, None, width, width, device=str(device))
+        nb = -(-width // block)
+        groups = self.sees.shape[1]
+        which = torch.arange(width, device=self.group.device) // block
+        below = torch.ones(nb, nb, dtype=torch.bool, device=self.group.device).tril(-1)
+        partial = torch.zeros((rows, nb, nb), dtype=torch.bool, device=self.group.device)
+        full = torch.zeros_like(partial)
+        for r in range(rows):
+            inc = torch.zeros((nb, groups), dtype=torch.float32, device=self.group.device)
+            inc[which, self.group[r]] = 1.0  # block x group: the block holds the group
+            sees = self.sees[r].float()
+            some = (inc @ sees @ inc.T) > 0
+            not_all = (inc @ (1.0 - sees) @ inc.T) > 0
+            full[r] = below & some & ~not_all
+            partial[r] = (below & some & not_all) | torch.eye(
+                nb, dtype=torch.bool, device=self.group.device
+            )
+        if width % block:  # a block cut by the row's end is never full (as torch counts it)
+            edge = torch.zeros(nb, nb, dtype=torch.bool, device=self.group.device)
+            edge[-1, :] = edge[:, -1] = True
+            partial |= full & edge
+            full &= ~edge
+        return partial, full
 
 
 def _fill_rows(lengths: list[int], budget: int) -> tuple[list[list[int]], list[int]]:
-    """Consecutive sequences grouped into rows of at most ``budget`` tokens (0: one per row)."""
+    """Sequences grouped into rows of at most max(``budget``, the longest) tokens, first fit
+    in decreasing length (each row in the sequences' order): so rows are about equally wide and
+    few positions are padding. ``budget`` 0 fills rows up to the longest sequence, which costs
+    no more attention than one sequence a row (every row is as wide as the widest anyway)."""
+    cap = max([budget, *lengths])
     rows: list[list[int]] = []
     used: list[int] = []
-    for i, n in enumerate(lengths):
-        if rows and budget and used[-1] + n <= budget:
-            rows[-1].append(i)
-            used[-1] += n
-        else:
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = next((r for r, u in enumerate(used) if u + lengths[i] <= cap), None)
+        if slot is None:
             rows.append([i])
-            used.append(n)
-    return rows, used
+            used.append(lengths[i])
+        else:
+            rows[slot].append(i)
+            used[slot] += lengths[i]
+    return [sorted(r) for r in rows], used
 
 
 def _cat(parts: list[Any], dtype: Any) -> torch.Tensor:
@@ -207,8 +284,8 @@ def pack(
     trees: list[TreeRollout], leaves: list[list[int]] | None = None, row_tokens: int = 0
 ) -> PackedBatch:
     """Pack ``trees`` (``leaves[i]``: the leaves of tree i to compute; all when None) into rows
-    of at most ``row_tokens`` tokens (0: one tree per row); a tree longer than the budget gets a
-    row of its own. Leaves come back in the order given."""
+    of at most max(``row_tokens``, the longest tree) tokens (``_fill_rows``). Leaves come back in
+    the order given."""
     packed = [pack_tree(t, None if leaves is None else leaves[i]) for i, t in enumerate(trees)]
     rows, used = _fill_rows([len(p.tokens) for p in packed], row_tokens)
     width, r, cpu = max(used), len(rows), torch.device("cpu")
@@ -304,39 +381,49 @@ def check_model(model: torch.nn.Module) -> None:
         )
 
 
+def dense_mask(model: torch.nn.Module, batch: PackedBatch, device: torch.device) -> Any:
+    """The attention mask the model's kernel takes: a FlexAttention ``BlockMask``, an additive
+    float mask for eager attention, or the boolean mask for SDPA."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl == "flex_attention":
+        return batch.block_mask(device)
+    if impl == "eager":
+        dtype = next(model.parameters()).dtype
+        return batch.additive_attention(dtype).to(device)
+    return batch.attention.to(device)
+
+
 def packed_token_logprobs(
-    model: torch.nn.Module, batch: PackedBatch, chunk: int = 4096
+    model: torch.nn.Module, batch: PackedBatch, chunk_mb: int = HEAD_CHUNK_MB
 ) -> torch.Tensor:
-    """[m] log p_T(token | its path) of every packed response token, each computed once."""
+    """[m] log p_T(token | its path) of every packed response token, each computed once (the
+    head in recomputed chunks: ``learner.logprobs``)."""
     device = next(model.parameters()).device
-    flex = getattr(model.config, "_attn_implementation", None) == "flex_attention"
-    mask = batch.block_mask(device) if flex else batch.attention.to(device)
     hidden = model.base_model(
         input_ids=batch.input_ids.to(device),
-        attention_mask=mask,
+        attention_mask=dense_mask(model, batch, device),
         position_ids=batch.position_ids.to(device),
     ).last_hidden_state
     head = model.get_output_embeddings()
-    out = []
+    chunk = chunk_tokens(int(model.config.vocab_size), chunk_mb)
     # ZeRO-3 gathers the head's weight at every call: every rank makes as many
     chunks = control().max(-(-len(batch.target) // chunk))
-    for lo in range(0, chunks * chunk, chunk):
-        sl = slice(lo, lo + chunk)
-        h = hidden[batch.pred_row[sl].to(device), batch.pred_col[sl].to(device)]
-        logits = head(h).float() / batch.temperature[sl].to(device).unsqueeze(-1)
-        target = batch.target[sl].to(device).unsqueeze(-1)
-        out.append(logits.gather(-1, target).squeeze(-1) - torch.logsumexp(logits, dim=-1))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    return head_logprobs(
+        head, hidden, batch.pred_row, batch.pred_col, batch.target, batch.temperature, chunk, chunks
+    )
 
 
 def leaf_logprobs(
-    model: torch.nn.Module, trees: list[TreeRollout], row_tokens: int = 0
+    model: torch.nn.Module,
+    trees: list[TreeRollout],
+    row_tokens: int = 0,
+    chunk_mb: int = HEAD_CHUNK_MB,
 ) -> list[list[torch.Tensor]]:
     """For each tree and each of its leaves (in the tree's leaf order), the log-probs of the
     leaf's response tokens under ``model`` at the tree's temperature, by the packed path."""
     check_model(model)
     batch = pack(trees, row_tokens=row_tokens)
-    token_lp = packed_token_logprobs(model, batch)
+    token_lp = packed_token_logprobs(model, batch, chunk_mb)
     flat = [token_lp[idx.to(token_lp.device)] for idx in batch.leaf_index]
     out, k = [], 0
     for tree in trees:
@@ -351,18 +438,19 @@ def packed_batch_logprobs(
     row_leaf: list[tuple[int, int]],
     mask: torch.Tensor,
     row_tokens: int = 0,
-) -> tuple[torch.Tensor, int]:
+    chunk_mb: int = HEAD_CHUNK_MB,
+) -> tuple[torch.Tensor, PackedBatch]:
     """The per-leaf layout of ``learner.batch.TrainBatch`` computed by the packed path: row r is
     leaf ``row_leaf[r] = (tree, leaf)``, its response log-probs go where ``mask[r]`` is 1 (the
-    targets of its response tokens), zeros elsewhere. Returns ([rows, L-1] log-probs, tokens
-    the packed forward computed)."""
+    targets of its response tokens), zeros elsewhere. Returns ([rows, L-1] log-probs, the packed
+    batch computed: its ``tokens`` and ``padding_fraction``)."""
     check_model(model)
     rows_of = rows_by_tree(row_leaf)
     order = list(rows_of)
     batch = pack(
         [trees[t] for t in order], [[row_leaf[r][1] for r in rows_of[t]] for t in order], row_tokens
     )
-    token_lp = packed_token_logprobs(model, batch)
+    token_lp = packed_token_logprobs(model, batch, chunk_mb)
     rows = [r for t in order for r in rows_of[t]]
     device = token_lp.device
     values = torch.cat([token_lp[idx.to(device)] for idx in batch.leaf_index])
@@ -372,4 +460,4 @@ def packed_batch_logprobs(
     row_idx = torch.cat([torch.full_like(w, r) for r, w in zip(rows, where)]).to(device)
     col_idx = torch.cat(where).to(device)
     out = torch.zeros(mask.shape, dtype=token_lp.dtype, device=device)
-    return out.index_put((row_idx, col_idx), values), batch.tokens
+    return out.index_put((row_idx, col_idx), values), batch

@@ -285,13 +285,17 @@ class Learner:
     async def _publish(self) -> None:
         await self.durable.publish(self.version, self.base_url)
 
+    def _evaluate_on_ranks(self) -> tuple[float, float]:
+        assert self.evaluator is not None
+        self.ctl.send("evaluate")
+        return self.evaluator.accuracy(self.engine.module, self.ctl, self.engine.zero_stage == 3)
+
     async def _evaluate(self) -> None:
         """Greedy held-out accuracy of the weights just published (their version's files)."""
         assert self.evaluator is not None
         if self.version not in self.durable.store.versions():
             await self._publish()
-        weights = self.durable.store.path(self.version)
-        accuracy, seconds = await asyncio.to_thread(self.evaluator.accuracy, weights)
+        accuracy, seconds = await asyncio.to_thread(self._evaluate_on_ranks)
         self.last_eval = (accuracy, self.state.step)
         self.metrics.eval_accuracy.set(accuracy)
         self.metrics.eval_seconds.observe(seconds)

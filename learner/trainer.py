@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from learner.batch import TrainBatch
+from learner.logprobs import chunk_tokens, head_logprobs
 from learner.loss import policy_loss
-from learner.packing import added_tokens, packed_batch_logprobs, rows_by_tree
+from learner.packing import HEAD_CHUNK_MB, added_tokens, packed_batch_logprobs, rows_by_tree
 from learner.ranks import Control, control, free_port, rank, share
 from pipeline.config import LearnerOptions, LossSettings
 
@@ -73,6 +74,10 @@ class Engine:
     zero_stage: int
     base_lr: float
     warmup_steps: int
+    publish_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    """Tensor name -> the dtype of the base model's file: published weights are cast to it, so
+    samplers (whose engines hold the base model) take every version whatever the training
+    precision."""
 
     @property
     def module(self) -> torch.nn.Module:
@@ -110,9 +115,12 @@ class StepStats:
     """Token positions the step's forward passes computed (packed: each tree token once)."""
     tokens_per_leaf: float = 0.0
     """What one padded row per leaf would have computed for the same passes (no padding)."""
+    padding_fraction: float = 0.0
+    """Share of the forwards' row positions that were padding (rows padded to the widest)."""
 
 
-def ds_config(opts: LearnerOptions) -> dict[str, Any]:
+def ds_config(opts: LearnerOptions, precision: str | None = None) -> dict[str, Any]:
+    precision = precision or (opts.precision if opts.precision != "auto" else "fp32")
     return {
         "train_micro_batch_size_per_gpu": 1,
         # by tokens the number of micro-batches varies: the trainer marks the boundary itself
@@ -128,8 +136,8 @@ def ds_config(opts: LearnerOptions) -> dict[str, Any]:
                 else {}
             ),
         },
-        "bf16": {"enabled": opts.precision == "bf16"},
-        "fp16": {"enabled": opts.precision == "fp16"},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1_000_000_000,
         "wall_clock_breakdown": False,
@@ -141,6 +149,33 @@ def attention_kernel(opts: LearnerOptions) -> str:
     if opts.attention != "auto":
         return opts.attention
     return "flex_attention" if torch.cuda.is_available() and opts.packing == "tree" else "sdpa"
+
+
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+}
+
+
+def base_dtypes(model_dir: str | Path) -> dict[str, torch.dtype]:
+    """Tensor name -> torch dtype of the floating-point tensors of the base model's files."""
+    from pipeline.weights import tensor_specs
+
+    specs = tensor_specs(Path(model_dir))
+    return {k: SAFETENSORS_DTYPES[d] for k, (d, _) in specs.items() if d in SAFETENSORS_DTYPES}
+
+
+def resolve_precision(opts: LearnerOptions, dtypes: dict[str, torch.dtype]) -> str:
+    """The training precision: ``opts.precision``, or for ``auto`` the base model's dtype on
+    CUDA (bf16 for a bf16 model, fp16 for fp16) and fp32 on CPU (no fast bf16 matmuls here)."""
+    if opts.precision != "auto":
+        return opts.precision
+    if not torch.cuda.is_available() or not dtypes:
+        return "fp32"
+    common = max(set(dtypes.values()), key=list(dtypes.values()).count)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(common, "fp32")
 
 
 def build_engine(model_dir: str | Path, opts: LearnerOptions) -> Engine:
@@ -155,13 +190,16 @@ def build_engine(model_dir: str | Path, opts: LearnerOptions) -> Engine:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
     optimizer = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    dtypes = base_dtypes(model_dir)
+    precision = resolve_precision(opts, dtypes)
     ds, ds_opt, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config(opts)
+        model=model, optimizer=optimizer, config=ds_config(opts, precision)
     )
     inner = ds_opt
     while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
         inner = inner.optimizer
-    return Engine(ds, inner, opts.zero_stage, opts.lr, opts.warmup_steps)
+    log.info("learner precision %s (weights published as the base model's dtypes)", precision)
+    return Engine(ds, inner, opts.zero_stage, opts.lr, opts.warmup_steps, dtypes)
 
 
 def _chunks(n: int, parts: int) -> list[torch.Tensor]:
@@ -202,10 +240,12 @@ def train_on_batch(
     lr = engine.set_lr(step)
     ds.eval()
     with torch.no_grad():
-        proximal, computed, own = _proximal(ds.module, batch, opts, ctl)
+        proximal, computed, own, positions = _proximal(ds.module, batch, opts, ctl)
     ds.train()
     gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
-    tally = _Tally(work={"tokens_computed": computed, "tokens_per_leaf": own})
+    tally = _Tally(
+        work={"tokens_computed": computed, "tokens_per_leaf": own, "positions": positions}
+    )
     updates = 0
     for _ in range(opts.ppo_epochs):
         order = _order(batch, opts, gen)
@@ -213,14 +253,16 @@ def train_on_batch(
             _mini_batch(engine, batch, order[mb], proximal, opts, loss, tally)
             updates += 1
     summed = ctl.sum([tally.tokens, *tally.work.values(), *tally.totals.values()])
-    work = dict(zip(tally.work, summed[1:3]))
+    work = dict(zip(tally.work, summed[1:4]))
+    positions = work.pop("positions")
+    work["padding_fraction"] = 1.0 - work["tokens_computed"] / positions if positions else 0.0
     norms = tally.norms
     return StepStats(
         tokens=float(batch.mask.sum().item()),
         updates=float(updates),
         lr=lr,
         grad_norm=sum(norms) / len(norms) if norms else float(ds.get_global_grad_norm() or 0.0),
-        **{k: v / max(1.0, summed[0]) for k, v in zip(STAT_KEYS, summed[3:])},
+        **{k: v / max(1.0, summed[0]) for k, v in zip(STAT_KEYS, summed[4:])},
         **work,
     )
 
@@ -268,7 +310,7 @@ def _mini_batch(
         pick = rows[part] if part.numel() else everyone[:1]  # an empty part computes one row x 0
         sub = batch.select(pick)
         prox = proximal[pick.to(proximal.device)]
-        lp_loss, stats, computed = _micro_loss(ds.module, sub, prox, loss, opts)
+        lp_loss, stats, computed, width = _micro_loss(ds.module, sub, prox, loss, opts)
         scale = stats["tokens"] / max(1.0, mb_tokens) if part.numel() else 0.0
         ds.backward(lp_loss * scale * factor)
         if engine.zero_stage == 0 and ds.is_gradient_accumulation_boundary():
@@ -278,27 +320,34 @@ def _mini_batch(
         if part.numel():
             tally.work["tokens_computed"] += computed
             tally.work["tokens_per_leaf"] += _real_tokens(sub)
+            tally.work["positions"] += width
             tally.add(stats)
 
 
 def _proximal(
     module: torch.nn.Module, batch: TrainBatch, opts: LearnerOptions, ctl: Control
-) -> tuple[torch.Tensor, float, float]:
+) -> tuple[torch.Tensor, float, float, float]:
     """pi_prox log-probs of every row, each rank computing a contiguous share (trees stay
-    mostly whole) and summing: ([rows, L-1], token positions this rank computed, the per-leaf
-    tokens of its share)."""
-    if ctl.world == 1:
-        lp, computed = batch_logprobs(module, batch, opts)
-        return lp, computed, _real_tokens(batch)
+    mostly whole) in the same token-budget micro-batches as training (``micro_batches``), and
+    summing: ([rows, L-1], token positions this rank computed, the per-leaf tokens of its share,
+    row positions its forwards took, padding included). Every rank makes as many forwards (ZeRO-3
+    gathers parameters in each)."""
     mine = torch.arange(batch.rows, device="cpu")[share(batch.rows, ctl.world, ctl.rank)]
-    sub = batch.select(mine if mine.numel() else torch.zeros(1, dtype=torch.long, device="cpu"))
-    lp, computed = batch_logprobs(module, sub, opts)
-    full = torch.zeros(batch.mask.shape, dtype=lp.dtype, device=lp.device)
-    if mine.numel():
-        full[mine.to(lp.device)] = lp
-    else:
-        computed = 0.0
-    return ctl.sum_tensor(full), computed, _real_tokens(sub) if mine.numel() else 0.0
+    micro = micro_batches(batch, mine, opts) if mine.numel() else []
+    calls = ctl.max(len(micro)) if ctl.world > 1 else len(micro)
+    full = torch.zeros(batch.mask.shape, dtype=torch.float32, device=batch.mask.device)
+    computed = positions = 0.0
+    for i in range(calls):
+        part = micro[i] if i < len(micro) else mine[:0]
+        pick = mine[part] if part.numel() else torch.zeros(1, dtype=torch.long, device="cpu")
+        lp, done, width = batch_logprobs(module, batch.select(pick), opts)
+        if part.numel():
+            full[pick.to(full.device)] = lp.to(full.dtype)
+            computed, positions = computed + done, positions + width
+    own = _real_tokens(batch.select(mine)) if mine.numel() else 0.0
+    if ctl.world > 1:
+        full = ctl.sum_tensor(full)
+    return full, computed, own, positions
 
 
 def micro_batches(
@@ -355,16 +404,24 @@ def _order(batch: TrainBatch, opts: LearnerOptions, gen: torch.Generator) -> tor
 
 def batch_logprobs(
     module: torch.nn.Module, batch: TrainBatch, opts: LearnerOptions
-) -> tuple[torch.Tensor, float]:
+) -> tuple[torch.Tensor, float, float]:
     """[rows, L-1] log-probs of the batch's targets under ``module`` (by the packed path unless
-    ``opts.packing == "leaf"``), and the token positions the forward computed."""
+    ``opts.packing == "leaf"``), the real token positions the forward computed, and the row
+    positions it took (padding included)."""
     if opts.packing == "tree" and batch.row_leaf:
-        lp, computed = packed_batch_logprobs(
-            module, batch.trees, batch.row_leaf, batch.mask, opts.pack_row_tokens
+        lp, packed = packed_batch_logprobs(
+            module,
+            batch.trees,
+            batch.row_leaf,
+            batch.mask,
+            opts.pack_row_tokens,
+            opts.head_chunk_mb,
         )
-        return lp, float(computed)
-    lp = token_logprobs(module, batch.input_ids, batch.attention_mask, batch.temperatures)
-    return lp, float(batch.input_ids.numel())
+        return lp, float(packed.tokens), float(packed.group.numel())
+    lp = token_logprobs(
+        module, batch.input_ids, batch.attention_mask, batch.temperatures, opts.head_chunk_mb
+    )
+    return lp, _real_tokens(batch), float(batch.input_ids.numel())
 
 
 def _micro_loss(
@@ -373,9 +430,10 @@ def _micro_loss(
     proximal: torch.Tensor,
     loss: LossSettings,
     opts: LearnerOptions,
-) -> tuple[torch.Tensor, dict[str, float], float]:
-    """The TreePO loss of one micro-batch under the current weights (and tokens computed)."""
-    logprobs, computed = batch_logprobs(module, sub, opts)
+) -> tuple[torch.Tensor, dict[str, float], float, float]:
+    """The TreePO loss of one micro-batch under the current weights (and the token and row
+    positions computed)."""
+    logprobs, computed, width = batch_logprobs(module, sub, opts)
     value, stats = policy_loss(
         logprobs,
         proximal,
@@ -390,7 +448,7 @@ def _micro_loss(
         is_cap=loss.is_cap,
         is_band=loss.is_band,
     )
-    return value, stats, computed
+    return value, stats, computed, width
 
 
 def token_logprobs(
@@ -398,15 +456,39 @@ def token_logprobs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     temperatures: torch.Tensor | None = None,
+    chunk_mb: int = HEAD_CHUNK_MB,
 ) -> torch.Tensor:
     """log p_T(token j+1 | tokens <= j) for every position: [rows, L-1], where p_T is the
     model's distribution at the row's sampling temperature (softmax of logits / T, as vLLM
-    samples; ``None`` = temperature 1)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    if temperatures is not None:
-        logits = logits / temperatures.to(logits.device, logits.dtype).view(-1, 1, 1)
-    targets = input_ids[:, 1:]
-    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    samples; ``None`` = temperature 1). The head runs in recomputed chunks
+    (``learner.logprobs``) unless the model transforms its logits (soft-capping)."""
+    rows, width = input_ids.shape
+    device = input_ids.device
+    temps = (
+        torch.ones(rows, device=device)
+        if temperatures is None
+        else temperatures.to(device, torch.float32)
+    )
+    if getattr(model.config, "final_logit_softcapping", None):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        logits = logits / temps.view(-1, 1, 1)
+        targets = input_ids[:, 1:]
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    r = torch.arange(rows, device=device).repeat_interleave(width - 1)
+    c = torch.arange(width - 1, device=device).repeat(rows)
+    chunk = chunk_tokens(int(model.config.vocab_size), chunk_mb)
+    lp = head_logprobs(
+        model.get_output_embeddings(),
+        hidden,
+        r,
+        c,
+        input_ids[:, 1:].reshape(-1),
+        temps.repeat_interleave(width - 1),
+        chunk,
+        control().max(-(-len(r) // chunk)),
+    )
+    return lp.view(rows, width - 1)
 
 
 def _grad_norm(module: torch.nn.Module) -> float:
@@ -436,16 +518,39 @@ def full_state_dict(engine: Engine) -> dict[str, torch.Tensor]:
 
 def save_pretrained(engine: Engine, directory: Path | None, weights_only: bool = False) -> None:
     """Write the model's full weights (and, unless ``weights_only``, its config) as an HF model
-    directory (tied weights stored once, as the original checkpoint has them). Every rank calls
-    it; rank 0 writes (``directory`` may be None elsewhere)."""
+    directory (tied weights stored once, as the original checkpoint has them), each tensor in
+    the base model's dtype. Every rank calls it; rank 0 writes (``directory`` may be None
+    elsewhere)."""
     module: Any = engine.module
     with full_parameters(engine):
         if rank() == 0 and directory is not None:
-            module.save_pretrained(str(directory), safe_serialization=True)
+            module.save_pretrained(
+                str(directory), state_dict=_publish_state(engine), safe_serialization=True
+            )
     if weights_only and directory is not None and rank() == 0:
         for extra in directory.iterdir():  # the weight server serves weights only
             if not extra.name.endswith(".safetensors"):
                 extra.unlink()
+
+
+def _publish_state(engine: Engine) -> dict[str, torch.Tensor]:
+    """The module's state in the base model's dtypes; tensors that share storage (tied
+    embeddings) still share it after the cast, so they are saved once as the base has them."""
+    state = engine.module.state_dict()
+
+    def storage(name: str, v: torch.Tensor) -> Any:
+        return (v.data_ptr(), tuple(v.shape)) if v.numel() else name
+
+    dtype_of: dict[Any, torch.dtype] = {}
+    for k, v in state.items():  # a storage takes the dtype of whichever of its names the base has
+        if k in engine.publish_dtypes:
+            dtype_of[storage(k, v)] = engine.publish_dtypes[k]
+    cast: dict[Any, torch.Tensor] = {}
+    for k, v in state.items():
+        key = storage(k, v)
+        if key not in cast:
+            cast[key] = v.detach().to(dtype_of.get(key, v.dtype))
+    return {k: cast[storage(k, v)] for k, v in state.items()}
 
 
 def export_weights(engine: Engine, directory: Path | None) -> None:

@@ -45,7 +45,9 @@ ENV_PREFIX = "TREEPO_"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-REWARD_PATTERN = r"^(arith|math|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
+REWARD_PATTERN = (
+    r"^(arith|math|rg|rg_boxed|rg_answer_is|rg_last_number|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$"
+)
 """A built-in reward name or ``package.module:function``."""
 
 Allocation = Literal["uniform", "logprob_high", "logprob_low", "entropy_high", "entropy_low"]
@@ -226,12 +228,17 @@ class SamplerOptions(_Section):
             )
         return value
 
-    dtype: str = "float32"
-    """Engine dtype (``float32`` on CPU; ``bfloat16`` on GPUs)."""
-    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
-    """Fraction of device memory vLLM may take (0.3 works on CPU machines)."""
-    enforce_eager: bool = True
-    """Skip graph capture/compilation (faster start; set false on GPUs for speed)."""
+    dtype: str = "auto"
+    """Engine dtype: ``auto`` is the model's own dtype on CUDA and ``float32`` on CPU."""
+    gpu_memory_utilization: float = Field(0.0, ge=0.0, le=1.0)
+    """Fraction of device memory vLLM may take; 0 = 0.85 on CUDA, 0.3 on CPU (vLLM's own 0.92
+    fails to start on these CPU machines)."""
+    enforce_eager: bool | None = None
+    """Skip graph capture/compilation; unset = eager on CPU (faster start), CUDA graphs on GPUs."""
+    fit_trees_to_kv: bool = True
+    """Cap ``trees_in_flight`` at the trees the engine's KV cache holds when each grows to its
+    full size (width x (max response tokens + a 512-token prompt allowance)), read from vLLM at
+    start and logged; beyond it vLLM preempts paths and computes them again."""
     max_model_len: int = Field(0, ge=0, le=1_000_000)
     """Engine context length; 0 = the model's own."""
     kv_cache_gib: int = Field(1, ge=1, le=1024)
@@ -330,7 +337,9 @@ class LearnerOptions(_Section):
     """Dataset field holding the reference answer."""
     task: str = Field("math", pattern=REWARD_PATTERN)
     """Reward function for file datasets (the built-in dataset always uses ``arith``):
-    ``math`` (math-verify equivalence of the last ``\\boxed{}``), ``arith`` (exact integer), or
+    ``math`` (math-verify equivalence of the last ``\\boxed{}``), ``arith`` (exact integer),
+    ``rg`` / ``rg_boxed`` / ``rg_answer_is`` / ``rg_last_number`` (reasoning-gym entries from
+    ``treepo data reasoning-gym``, scored by the dataset's own verifier: ``pipeline.gym``), or
     an import path ``package.module:function`` of your own ``f(response, reference) -> float``,
     importable by the learner and every sampler (checked at start)."""
     chat_template: bool = False
@@ -372,8 +381,9 @@ class LearnerOptions(_Section):
     rank_timeout_s: float = Field(600.0, ge=5, le=86_400)
     """With several ranks: a collective that waits this long for a rank fails and the ranks
     exit (a dead rank is usually noticed at once: its connections close)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Training precision (fp32 on CPU)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Training precision: ``auto`` follows the base model's dtype on CUDA (bf16 for a bf16
+    model) and is fp32 on CPU. Published weights always take the base model's dtypes."""
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     """Micro-batches per mini-batch (each mini-batch's rows are split into this many)."""
     gradient_checkpointing: bool = False
@@ -393,9 +403,15 @@ class LearnerOptions(_Section):
     single leaf longer than it is computed alone). 0: ``gradient_accumulation_steps`` parts by
     rows."""
     pack_row_tokens: int = Field(0, ge=0, le=10_000_000)
-    """Tokens per packed row: trees share a row up to this many (0 = one tree per row). On the
-    dense 4-D mask path (CPU, SDPA) attention inside a row costs its length squared, so sharing
-    a row pays only for trees much shorter than the padding they save (bench/learner_packing)."""
+    """Tokens per packed row: trees fill rows (first fit, longest first) up to this many or the
+    longest tree's length, whichever is more (0 = the longest tree's, which costs no attention
+    beyond one tree a row and pads least). On the dense 4-D mask path (CPU, SDPA) attention inside
+    a row costs its length squared; FlexAttention skips the blocks nobody attends, so long rows
+    cost it little (bench/learner_packing)."""
+    head_chunk_mb: int = Field(512, ge=16, le=65_536)
+    """Memory budget (MB) of one chunk of the vocabulary projection: the head and log-softmax
+    run over chunks of about ``head_chunk_mb / (16 x vocab)`` tokens whose logits are recomputed
+    in backward, so no ``[tokens, vocab]`` tensor is kept (``learner.logprobs``)."""
     publish_every: int = Field(1, ge=1, le=1_000_000)
     """Publish weights every this many steps (needs max_staleness >= publish_every - 1)."""
     checkpoint_every: int = Field(1, ge=1, le=1_000_000)

@@ -50,6 +50,19 @@ def optimizer_state(engine) -> dict[str, torch.Tensor]:  # type: ignore[no-untyp
     return tensors
 
 
+def evaluator(model_dir: str):  # type: ignore[no-untyped-def]
+    """The learner's held-out evaluation of 8 built-in problems (answers of 24 tokens)."""
+    from transformers import AutoTokenizer
+
+    from learner.evaluate import Evaluator
+    from pipeline.config import LearnerOptions, LearnerSettings
+    from pipeline.tasks import ArithTask
+
+    settings = LearnerSettings(learner=LearnerOptions(model=model_dir, eval_max_tokens=24))
+    problems = ArithTask().problems("heldout", 8, seed=1)
+    return Evaluator(settings, AutoTokenizer.from_pretrained(model_dir), problems)
+
+
 def main() -> None:
     from learner.ranks import leave
 
@@ -88,6 +101,8 @@ def run(mode: str, model_dir: str, out: Path, stage: int) -> None:
         checksum = float(sum(v.double().sum().item() for v in after.values()))
         (out / f"checksum-{tag}-rank{ctl.rank}.json").write_text(json.dumps(checksum))
         export_weights(engine, out / f"export-{tag}" if ctl.rank == 0 else None)
+        answers = evaluator(model_dir).answers(engine.module, ctl, zero3=stage == 3, batch=3)
+        (out / f"answers-{tag}-rank{ctl.rank}.json").write_text(json.dumps(answers))
         if ctl.rank == 0:
             save_file(before, str(out / f"before-{tag}.safetensors"))
             save_file(after, str(out / f"after-{tag}.safetensors"))

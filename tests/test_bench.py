@@ -127,6 +127,21 @@ def test_learner_packing_quick(tmp_path: Path, toy_model: Path) -> None:
 
 
 @pytest.mark.slow
+def test_learner_memory_quick(tmp_path: Path) -> None:
+    """1k and 2k packed tokens, both heads: the recomputed head keeps less than the head that
+    kept its [tokens, vocab] logits, and the kept head's growth is the vocabulary's."""
+    from bench import learner_memory
+
+    assert learner_memory.main(["--quick", "--out", str(tmp_path)]) == 0
+    d = load(tmp_path, "learner_memory")
+    peaks = {(r["tokens"] // 1000, r["head"]): r["peak_mb"] for r in d["rows"]}
+    assert peaks[(2, "chunked")] < peaks[(2, "kept")]
+    # 1k more tokens keep >= 1k x 151,936 x 4 bytes (600 MB) of logits in the old head
+    assert d["mb_per_1k_tokens"]["kept"] > 600
+    assert d["mb_per_1k_tokens"]["chunked"] < 300
+
+
+@pytest.mark.slow
 def test_learner_ranks_quick(tmp_path: Path) -> None:
     from bench import learner_ranks
 

@@ -227,3 +227,23 @@ def test_the_cpu_engine_runs_its_model_in_this_process(
     finally:
         other.close()
     assert asyncio.run(main()) > 0
+
+
+def test_engine_defaults_follow_the_device() -> None:
+    """``auto`` engine settings: the model's dtype, 0.85 of the GPU and CUDA graphs on CUDA;
+    float32, 0.3 and eager on CPU; explicit settings kept as given."""
+    from workers.engine import device_defaults
+
+    assert device_defaults("auto", 0.0, None, cuda=True) == ("auto", 0.85, False)
+    assert device_defaults("auto", 0.0, None, cuda=False) == ("float32", 0.3, True)
+    assert device_defaults("bfloat16", 0.5, True, cuda=True) == ("bfloat16", 0.5, True)
+
+
+def test_trees_in_flight_are_capped_by_the_kv_cache() -> None:
+    from workers.engine import trees_that_fit
+
+    # a 7B engine's ~1.9M-token cache, 16 paths of 4k tokens (+ 512 prompt allowance) a tree
+    assert trees_that_fit(64, 1_900_000, 16 * (4096 + 512)) == 25
+    assert trees_that_fit(8, 1_900_000, 16 * (4096 + 512)) == 8  # fewer wanted: kept
+    assert trees_that_fit(64, 1000, 10_000) == 1  # never 0
+    assert trees_that_fit(64, 0, 10_000) == 64  # capacity unknown: as asked

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from learner.batch import build_batch
-from learner.packing import check_model, leaf_logprobs, pack, pack_tree
+from learner.packing import _fill_rows, check_model, leaf_logprobs, pack, pack_tree
 from learner.trainer import token_logprobs
 from pipeline.messages import RolloutLeaf, TreeRollout
 
@@ -34,6 +34,16 @@ def model() -> torch.nn.Module:
         attn_implementation="sdpa",
     )
     return Qwen2ForCausalLM(config).float().eval()
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def kernel_model(request: pytest.FixtureRequest, model: torch.nn.Module) -> torch.nn.Module:
+    """The model under each dense-mask kernel the learner accepts (the same weights)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    out.config._attn_implementation = request.param
+    return out
 
 
 def random_tree(rng: random.Random, empty_nodes: bool = True) -> TreeRollout:
@@ -92,8 +102,9 @@ def test_layout_of_a_small_tree() -> None:
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("row_tokens", [0, 64])
 def test_packed_logprobs_equal_the_per_leaf_rows(
-    model: torch.nn.Module, seed: int, row_tokens: int
+    kernel_model: torch.nn.Module, seed: int, row_tokens: int
 ) -> None:
+    model = kernel_model
     rng = random.Random(seed)
     trees = [random_tree(rng) for _ in range(rng.randint(1, 4))]
     trees.append(random_tree(rng))  # always at least two trees
@@ -125,15 +136,15 @@ def test_the_group_layout_is_the_per_tree_mask(seed: int) -> None:
     rows, width = batch.group.shape
     want = torch.zeros_like(dense)
     lengths = [len(pack_tree(t).tokens) for t in trees]
-    # the rows as pack() fills them: consecutive trees up to 40 tokens
-    row, offset = 0, 0
-    for t, n in zip(trees, lengths):
-        if offset and offset + n > 40:
-            row, offset = row + 1, 0
-        want[row, offset : offset + n, offset : offset + n] = torch.from_numpy(
-            pack_tree(t).allowed()
-        )
-        offset += n
+    # the rows as pack() fills them (each row's trees in order, side by side)
+    for row, members in enumerate(_fill_rows(lengths, 40)[0]):
+        offset = 0
+        for i in members:
+            n = lengths[i]
+            want[row, offset : offset + n, offset : offset + n] = torch.from_numpy(
+                pack_tree(trees[i]).allowed()
+            )
+            offset += n
     for r in range(rows):
         real = int((want[r].sum(-1) > 0).sum())
         pad = torch.ones(width - real, width - real, dtype=torch.bool).tril()
@@ -175,6 +186,25 @@ def test_flex_attention_packing_equals_the_per_leaf_rows(
             assert torch.allclose(g, w, atol=1e-4, rtol=0), (g - w).abs().max()
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_rows_are_filled_first_fit_with_little_padding(seed: int) -> None:
+    """Every tree in exactly one row, no row over max(budget, longest), and the rows' padding
+    no more than the largest leftover a first fit can leave (each row but the emptiest holds
+    more than half the width, or could not take the next tree)."""
+    rng = random.Random(seed)
+    lengths = [rng.randint(5, 400) for _ in range(rng.randint(2, 40))]
+    for budget in (0, 300, 1000):
+        rows, used = _fill_rows(lengths, budget)
+        cap = max(budget, *lengths)
+        assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
+        assert all(u <= cap for u in used)
+        assert used == [sum(lengths[i] for i in r) for r in rows]
+        # first fit: no two rows both at most half full
+        assert sum(u <= cap / 2 for u in used) <= 1
+        one_a_row = len(lengths) * max(lengths)
+        assert len(rows) * cap <= one_a_row or budget > max(lengths)
+
+
 def test_packing_computes_each_shared_token_once() -> None:
     rng = random.Random(3)
     trees = [random_tree(rng, empty_nodes=False) for _ in range(5)]
@@ -187,8 +217,9 @@ def test_packing_computes_each_shared_token_once() -> None:
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_gradients_equal_the_per_leaf_path(model: torch.nn.Module, seed: int) -> None:
+def test_gradients_equal_the_per_leaf_path(kernel_model: torch.nn.Module, seed: int) -> None:
     """A per-leaf loss (random weight per leaf token): shared tokens count once per leaf."""
+    model = kernel_model
     rng = random.Random(100 + seed)
     trees = [random_tree(rng) for _ in range(3)]
     gen = torch.Generator().manual_seed(seed)
@@ -227,9 +258,10 @@ def test_models_the_packed_forward_would_get_wrong_are_refused(model: torch.nn.M
 
 
 @pytest.mark.slow
-def test_micro_batches_by_tokens_bound_the_work_and_keep_the_update(toy_model) -> None:  # type: ignore[no-untyped-def]
+def test_micro_batches_by_tokens_bound_the_work_and_keep_the_update(toy_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """One step with a small token budget (several accumulated micro-batches, each within the
-    budget) moves the weights as one step over the whole batch does."""
+    budget, the proximal pass's forwards too) moves the weights as one step over the whole batch
+    does."""
     from learner.trainer import build_engine, full_state_dict, micro_batches, train_on_batch
     from pipeline.config import LearnerOptions, LossSettings
 
@@ -243,10 +275,22 @@ def test_micro_batches_by_tokens_bound_the_work_and_keep_the_update(toy_model) -
         trees.append(t)
     batch = build_batch(trees)
     results = []
+    import learner.trainer as trainer
+
+    forwards: list[tuple[bool, int, int]] = []  # (gradient, real tokens, leaves) of each forward
+    packed_forward = trainer.packed_batch_logprobs
+
+    def recording(module, trees, row_leaf, mask, *args):  # type: ignore[no-untyped-def]
+        lp, packed = packed_forward(module, trees, row_leaf, mask, *args)
+        forwards.append((torch.is_grad_enabled(), packed.tokens, len(row_leaf)))
+        return lp, packed
+
+    monkeypatch.setattr(trainer, "packed_batch_logprobs", recording)
     for budget in (0, 24):
         opts = LearnerOptions(model=str(toy_model), lr=1e-3, micro_batch_tokens=budget)
         torch.manual_seed(0)
         engine = build_engine(toy_model, opts)
+        forwards.clear()
         if budget:
             parts = micro_batches(batch, torch.arange(batch.rows), opts)
             assert len(parts) > 2
@@ -259,6 +303,12 @@ def test_micro_batches_by_tokens_bound_the_work_and_keep_the_update(toy_model) -
         start = full_state_dict(engine)
         stats = train_on_batch(engine, batch, opts, LossSettings(), step=0)
         results.append((stats, full_state_dict(engine)))
+        proximal = [(tokens, leaves) for grad, tokens, leaves in forwards if not grad]
+        if budget:  # the proximal pass is token-budgeted like training: no forward over budget
+            assert len(proximal) == len(parts), proximal
+            assert all(t <= budget or leaves == 1 for t, leaves in proximal), proximal
+        else:
+            assert len(proximal) == 1
     (s0, w0), (s1, w1) = results
     assert s1.tokens_computed > 0 and abs(s0.loss - s1.loss) < 1e-5
     # the gradient before clipping (scale included: Adam's update alone would hide a scale)
@@ -270,3 +320,105 @@ def test_micro_batches_by_tokens_bound_the_work_and_keep_the_update(toy_model) -
     d1 = torch.cat([(w1[k] - start[k]).flatten() for k in w0])
     assert float(torch.nn.functional.cosine_similarity(d0, d1, dim=0)) > 0.99
     assert abs(float(d0.norm() / d1.norm()) - 1) < 0.01
+
+
+def _layout_truth(batch, r: int, qb: int, kb: int, block: int) -> tuple[bool, bool]:  # type: ignore[no-untyped-def]
+    """(some, all) pairs of query block qb x key block kb of row r allowed, by brute force on
+    the mask_mod over just those positions."""
+    width = batch.group.shape[1]
+    q = torch.arange(qb * block, min(width, (qb + 1) * block)).view(-1, 1)
+    k = torch.arange(kb * block, min(width, (kb + 1) * block)).view(1, -1)
+    g = batch.group[r]
+    allowed = (k <= q) & batch.sees[r][g[q], g[k]]
+    return bool(allowed.any()), bool(allowed.all())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_block_layout_is_create_block_masks(seed: int) -> None:
+    """The block mask built from the group layout has the blocks torch's own
+    ``create_block_mask`` finds by evaluating the mask everywhere: the same partial and full
+    key blocks of every query block."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rng = random.Random(seed)
+    trees = [random_tree(rng) for _ in range(6)]
+    batch = pack(trees, row_tokens=70)
+    rows, width = batch.group.shape
+    block = 8
+    mine = batch.block_mask(torch.device("cpu"), block=block)
+    theirs = create_block_mask(
+        batch.mask_mod(torch.device("cpu")), rows, None, width, width, "cpu", BLOCK_SIZE=block
+    )
+
+    def blocks(num: torch.Tensor, idx: torch.Tensor) -> list[list[set[int]]]:
+        return [
+            [set(idx[r, 0, i, : num[r, 0, i]].tolist()) for i in range(num.shape[2])]
+            for r in range(rows)
+        ]
+
+    assert blocks(mine.kv_num_blocks, mine.kv_indices) == blocks(
+        theirs.kv_num_blocks, theirs.kv_indices
+    )
+    assert blocks(mine.full_kv_num_blocks, mine.full_kv_indices) == blocks(
+        theirs.full_kv_num_blocks, theirs.full_kv_indices
+    )
+
+
+def test_block_mask_of_a_100k_token_tree_needs_no_dense_mask() -> None:
+    """A 100k-token tree (a dense boolean mask would be 10 GB, create_block_mask's ~11 bytes a
+    pair 110 GB): the block mask is built in a fresh process within 300 MB more peak memory,
+    and sampled block pairs agree with the mask evaluated on just their positions."""
+    import subprocess
+    import sys
+
+    code = """
+import random, torch, sys
+sys.path.insert(0, '.')
+from tests.test_packing import binary_tree, _layout_truth
+from learner.packing import pack
+batch = pack([binary_tree(depth=7, node_tokens=790)])
+width = batch.group.shape[1]
+def status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+before = status('VmRSS')
+open('/proc/self/clear_refs', 'w').write('5')  # peak (VmHWM) := now
+mask = batch.block_mask(torch.device('cpu'))
+grown = status('VmHWM') - before
+partial, full = batch.block_layout()
+nb = partial.shape[1]
+rng = random.Random(0)
+pairs = [(rng.randrange(nb), rng.randrange(nb)) for _ in range(300)]
+pairs += [(i, j) for i in range(nb) for j in range(nb) if full[0, i, j]][:50]
+for qb, kb in pairs:
+    some, every = _layout_truth(batch, 0, qb, kb, 128)
+    cut = width % 128 and nb - 1 in (qb, kb)
+    assert bool(full[0, qb, kb]) == (every and kb < qb and not cut), (qb, kb)
+    assert bool(partial[0, qb, kb] | full[0, qb, kb]) == some, (qb, kb)
+assert int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum()) < nb * nb / 2
+print(width, grown)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    width, grown = out.stdout.split()
+    assert int(width) > 100_000 and float(grown) < 300, out.stdout
+
+
+def binary_tree(depth: int, node_tokens: int, prompt: int = 100) -> TreeRollout:
+    """A full binary tree of ``depth`` levels of ``node_tokens``-token nodes (2^depth leaves)."""
+    rng = random.Random(depth)
+    tree = TreeRollout([rng.randrange(1, VOCAB) for _ in range(prompt)])
+    frontier = [-1]
+    for level in range(depth):
+        nxt = []
+        for parent in frontier:
+            for _ in range(1 if level == 0 else 2):
+                ids = [rng.randrange(VOCAB) for _ in range(node_tokens)]
+                nxt.append(tree.add_node(parent, ids, [-0.5] * node_tokens))
+        frontier = nxt
+    for node in frontier:
+        tree.leaves.append(RolloutLeaf(node, 1.0, "eos"))
+    return tree

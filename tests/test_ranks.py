@@ -83,6 +83,14 @@ def test_two_ranks_make_the_one_rank_update(toy_model: Path, tmp_path: Path) -> 
         assert s1["tokens"] == s2["tokens"] and s1["tokens_per_leaf"] == s2["tokens_per_leaf"]
         sums = {(tmp_path / f"checksum-w2-s{stage}-rank{r}.json").read_text() for r in (0, 1)}
         assert len(sums) == 1, sums  # both ranks hold the same weights
+        # held-out evaluation on the training model: two ranks answer half each, the same
+        # answers one rank gives (ZeRO-3: generating in step)
+        one_rank = json.loads((tmp_path / f"answers-w1-s{stage}-rank0.json").read_text())
+        halves = [
+            json.loads((tmp_path / f"answers-w2-s{stage}-rank{r}.json").read_text()) for r in (0, 1)
+        ]
+        assert len(one_rank) == 8 and all(len(h) == 4 for h in halves), halves
+        assert {**halves[0], **halves[1]} == one_rank
         # the exported weights (gathered under ZeRO-3) load in transformers as trained
         from transformers import AutoModelForCausalLM
 

@@ -43,7 +43,7 @@ from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Delivery, Streams
 from pipeline.tasks import reward_fn
 from pipeline.weightserver import ServeCounters, WeightStore, add_routes
 from workers.accounting import Accounting
-from workers.engine import EngineOptions, GenerationStopped, VLLMPathGenerator
+from workers.engine import EngineOptions, GenerationStopped, VLLMPathGenerator, trees_that_fit
 from workers.follow import WeightFollower
 from workers.heartbeat import HeartbeatSender
 from workers.metrics import SamplerMetrics
@@ -53,6 +53,10 @@ HOLD_OFF_POLL_S = 0.05
 """How often a sampler held off by stale weights looks again (the swap is between steps)."""
 
 log = logging.getLogger(__name__)
+
+PROMPT_ALLOWANCE = 512
+"""Prompt tokens allowed for per path when sizing trees in flight by the KV cache (a path's
+prompt blocks are shared through the prefix cache, so this is generous)."""
 
 
 class Sampler:
@@ -88,6 +92,7 @@ class Sampler:
             rng=random.Random(f"{settings.run.seed}-{self.worker_id}"),
             decode=decode_text,
         )
+        self.in_flight = self._trees_in_flight(tree_cfg)
         self.work_dir = Path(opts.work_dir) / self.worker_id
         self.accounting = Accounting(self.metrics, self.work_dir / "summary.json")
         engine.meter.listeners.append(self.accounting.on_step)
@@ -116,6 +121,22 @@ class Sampler:
         self.progress_at = time.monotonic()
         """When the loop last finished an iteration (health: a stuck loop is not ok)."""
         self.metrics.policy_version.set(engine.policy_version)
+
+    def _trees_in_flight(self, tree: Any) -> int:
+        """``trees_in_flight``, capped by the engine's KV capacity (``fit_trees_to_kv``)."""
+        wanted = self.settings.sampler.trees_in_flight
+        if not self.settings.sampler.fit_trees_to_kv:
+            return wanted
+        response = tree.max_response_tokens or tree.segment_tokens * tree.max_depth
+        tree_tokens = tree.width * (response + PROMPT_ALLOWANCE)
+        fit = trees_that_fit(wanted, getattr(self.engine, "kv_tokens", 0), tree_tokens)
+        if fit < wanted:
+            log.info(
+                "trees in flight %d, not %d: the KV cache holds %d tokens and a full tree %d "
+                "(TREEPO_SAMPLER__FIT_TREES_TO_KV=false to keep %d)",
+                fit, wanted, self.engine.kv_tokens, tree_tokens, wanted,
+            )  # fmt: skip
+        return fit
 
     # -- main loop -------------------------------------------------------------------------------
 
@@ -208,13 +229,12 @@ class Sampler:
     async def _loop(self, max_prompts: int | None) -> None:
         """Keep up to ``trees_in_flight`` trees growing: claim prompts for the free slots, grow
         each tree in its own task, publish it the moment it is done, claim again."""
-        opts = self.settings.sampler
         growing: dict[asyncio.Task[None], Delivery] = {}
         self._growing = growing
 
         def wanted() -> int:  # asked before each read; 0 ends the claiming (bounded mode)
             self.progress_at = time.monotonic()
-            free = opts.trees_in_flight - len(growing)
+            free = self.in_flight - len(growing)
             if max_prompts is not None:
                 free = min(free, max_prompts - self.prompts_done - len(growing))
             return free
@@ -230,7 +250,7 @@ class Sampler:
         idle_since: float | None = time.monotonic()
         try:
             while not self.stop.is_set():
-                if growing and len(growing) >= opts.trees_in_flight:
+                if growing and len(growing) >= self.in_flight:
                     await self._settle(growing, asyncio.FIRST_COMPLETED)
                     continue
                 if self.follower.too_far_behind():
