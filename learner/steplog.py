@@ -51,6 +51,9 @@ class StepRecord:
     """Token positions the step's forward passes computed (packed trees: each token once)."""
     tokens_per_leaf: float
     """What one row per leaf (no padding) would have computed for the same passes."""
+    padding_fraction: float = 0.0
+    """Share of the step's forward row positions that were padding (rows padded to the widest
+    of their micro-batch)."""
     eval_accuracy: float | None = None
     """Greedy held-out accuracy of the newest evaluation (``eval_every``), None before one."""
     eval_step: int | None = None
@@ -70,6 +73,7 @@ class StepRecord:
             "lr": stats.lr,
             "tokens_computed": stats.tokens_computed,
             "tokens_per_leaf": stats.tokens_per_leaf,
+            "padding_fraction": stats.padding_fraction,
         }
 
 

@@ -179,6 +179,8 @@ def resolve_precision(opts: LearnerOptions, dtypes: dict[str, torch.dtype]) -> s
 
 
 def build_engine(model_dir: str | Path, opts: LearnerOptions) -> Engine:
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     init_distributed(opts.rank_timeout_s)
     import deepspeed
     from transformers import AutoModelForCausalLM
@@ -227,7 +229,8 @@ def train_on_batch(
     step: int,
     seed: int = 0,
 ) -> StepStats:
-    """One learner step: recompute pi_prox, then ppo_epochs x mini_batches optimizer steps.
+    """One learner step: recompute pi_prox (unless the step makes one update: ``one_update``),
+    then ppo_epochs x mini_batches optimizer steps.
 
     On several ranks every rank holds the same whole batch and computes its share of each
     mini-batch's rows (and of pi_prox); each rank's loss is its rows' share of the mini-batch's
@@ -238,9 +241,15 @@ def train_on_batch(
     ds, ctl = engine.ds, control()
     batch = batch.to(next(ds.module.parameters()).device)
     lr = engine.set_lr(step)
-    ds.eval()
-    with torch.no_grad():
-        proximal, computed, own, positions = _proximal(ds.module, batch, opts, ctl)
+    if one_update(opts, ds.module):
+        # pi_prox is the policy the step starts from, and with one update that is the policy
+        # its only forward computes: that forward's detached log-probs serve (no second pass)
+        proximal: torch.Tensor | None = None
+        computed = own = positions = 0.0
+    else:
+        ds.eval()
+        with torch.no_grad():
+            proximal, computed, own, positions = _proximal(ds.module, batch, opts, ctl)
     ds.train()
     gen = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
     tally = _Tally(
@@ -288,7 +297,7 @@ def _mini_batch(
     engine: Engine,
     batch: TrainBatch,
     everyone: torch.Tensor,
-    proximal: torch.Tensor,
+    proximal: torch.Tensor | None,
     opts: LearnerOptions,
     loss: LossSettings,
     tally: _Tally,
@@ -309,7 +318,7 @@ def _mini_batch(
             ds.set_gradient_accumulation_boundary(last)
         pick = rows[part] if part.numel() else everyone[:1]  # an empty part computes one row x 0
         sub = batch.select(pick)
-        prox = proximal[pick.to(proximal.device)]
+        prox = proximal[pick.to(proximal.device)] if proximal is not None else None
         lp_loss, stats, computed, width = _micro_loss(ds.module, sub, prox, loss, opts)
         scale = stats["tokens"] / max(1.0, mb_tokens) if part.numel() else 0.0
         ds.backward(lp_loss * scale * factor)
@@ -322,6 +331,19 @@ def _mini_batch(
             tally.work["tokens_per_leaf"] += _real_tokens(sub)
             tally.work["positions"] += width
             tally.add(stats)
+
+
+def one_update(opts: LearnerOptions, module: torch.nn.Module) -> bool:
+    """Whether a step makes exactly one optimizer update with a deterministic forward (one PPO
+    epoch, one mini-batch, no active dropout): then pi_prox needs no pass of its own."""
+    if opts.ppo_epochs * opts.mini_batches != 1:
+        return False
+    config = getattr(module, "config", None)
+    if any(
+        float(getattr(config, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "hidden_dropout")
+    ):
+        return False
+    return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in module.modules())
 
 
 def _proximal(
@@ -427,16 +449,16 @@ def batch_logprobs(
 def _micro_loss(
     module: torch.nn.Module,
     sub: TrainBatch,
-    proximal: torch.Tensor,
+    proximal: torch.Tensor | None,
     loss: LossSettings,
     opts: LearnerOptions,
 ) -> tuple[torch.Tensor, dict[str, float], float, float]:
     """The TreePO loss of one micro-batch under the current weights (and the token and row
-    positions computed)."""
+    positions computed); ``proximal`` None: this forward's own detached log-probs."""
     logprobs, computed, width = batch_logprobs(module, sub, opts)
     value, stats = policy_loss(
         logprobs,
-        proximal,
+        logprobs.detach() if proximal is None else proximal,
         sub.behavior_logprobs,
         sub.advantages,
         sub.mask,

@@ -243,7 +243,7 @@ def test_trees_in_flight_are_capped_by_the_kv_cache() -> None:
     from workers.engine import trees_that_fit
 
     # a 7B engine's ~1.9M-token cache, 16 paths of 4k tokens (+ 512 prompt allowance) a tree
-    assert trees_that_fit(64, 1_900_000, 16 * (4096 + 512)) == 25
-    assert trees_that_fit(8, 1_900_000, 16 * (4096 + 512)) == 8  # fewer wanted: kept
+    assert trees_that_fit(64, 1_900_000, 16 * 4096 + 512) == 28
+    assert trees_that_fit(8, 1_900_000, 16 * 4096 + 512) == 8  # fewer wanted: kept
     assert trees_that_fit(64, 1000, 10_000) == 1  # never 0
     assert trees_that_fit(64, 0, 10_000) == 64  # capacity unknown: as asked

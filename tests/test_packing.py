@@ -286,6 +286,7 @@ def test_micro_batches_by_tokens_bound_the_work_and_keep_the_update(toy_model, m
         return lp, packed
 
     monkeypatch.setattr(trainer, "packed_batch_logprobs", recording)
+    monkeypatch.setattr(trainer, "one_update", lambda opts, module: False)  # a proximal pass
     for budget in (0, 24):
         opts = LearnerOptions(model=str(toy_model), lr=1e-3, micro_batch_tokens=budget)
         torch.manual_seed(0)
@@ -311,6 +312,9 @@ def test_micro_batches_by_tokens_bound_the_work_and_keep_the_update(toy_model, m
             assert len(proximal) == 1
     (s0, w0), (s1, w1) = results
     assert s1.tokens_computed > 0 and abs(s0.loss - s1.loss) < 1e-5
+    # one micro-batch: the proximal and training forwards both pack the whole batch
+    assert s0.padding_fraction == pytest.approx(pack(trees).padding_fraction)
+    assert 0.0 <= s1.padding_fraction < 1.0
     # the gradient before clipping (scale included: Adam's update alone would hide a scale)
     assert abs(s0.grad_norm - s1.grad_norm) <= 1e-4 * s0.grad_norm, (s0.grad_norm, s1.grad_norm)
     # the update's direction: Adam normalises each element, so float noise in near-zero
@@ -422,3 +426,43 @@ def binary_tree(depth: int, node_tokens: int, prompt: int = 100) -> TreeRollout:
     for node in frontier:
         tree.leaves.append(RolloutLeaf(node, 1.0, "eos"))
     return tree
+
+
+@pytest.mark.slow
+def test_one_update_steps_take_pi_prox_from_their_own_forward(toy_model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """With one update a step (one epoch, one mini-batch, no dropout) the proximal pass is
+    skipped, and the update is the one a separate proximal pass gives."""
+    import learner.trainer as trainer
+    from learner.trainer import build_engine, full_state_dict, train_on_batch
+    from pipeline.config import LearnerOptions, LossSettings
+
+    rng = random.Random(11)
+    trees = []
+    for _ in range(3):
+        t = random_tree(rng, empty_nodes=False)
+        t.prompt_token_ids = t.prompt_token_ids % 32
+        for node in t.nodes:
+            node.token_ids = node.token_ids % 32
+            node.logprobs = node.logprobs - 0.5  # behavior differs from the policy: w != 1
+        trees.append(t)
+    batch = build_batch(trees)
+    opts = LearnerOptions(model=str(toy_model), lr=1e-3)
+    after = []
+    for skip in (True, False):
+        monkeypatch.setattr(trainer, "one_update", lambda o, m, skip=skip: skip)
+        torch.manual_seed(0)
+        engine = build_engine(toy_model, opts)
+        assert trainer.one_update is not None
+        stats = train_on_batch(engine, batch, opts, LossSettings(), step=0)
+        after.append((stats, full_state_dict(engine)))
+    (s_skip, w_skip), (s_pass, w_pass) = after
+    assert s_skip.tokens_computed < s_pass.tokens_computed  # one forward fewer
+    assert (
+        abs(s_skip.loss - s_pass.loss) < 1e-6
+        and abs(s_skip.is_weight_mean - s_pass.is_weight_mean) < 1e-6
+    )
+    for k in w_skip:
+        assert torch.allclose(w_skip[k], w_pass[k], atol=1e-6), k
+    monkeypatch.undo()
+    assert trainer.one_update(opts, engine.module)  # the toy model qualifies by itself
+    assert not trainer.one_update(opts.model_copy(update={"mini_batches": 2}), engine.module)

@@ -55,8 +55,8 @@ HOLD_OFF_POLL_S = 0.05
 log = logging.getLogger(__name__)
 
 PROMPT_ALLOWANCE = 512
-"""Prompt tokens allowed for per path when sizing trees in flight by the KV cache (a path's
-prompt blocks are shared through the prefix cache, so this is generous)."""
+"""Prompt tokens allowed for per tree when sizing trees in flight by the KV cache (the paths of
+a tree share their prompt's blocks through the prefix cache)."""
 
 
 class Sampler:
@@ -128,7 +128,7 @@ class Sampler:
         if not self.settings.sampler.fit_trees_to_kv:
             return wanted
         response = tree.max_response_tokens or tree.segment_tokens * tree.max_depth
-        tree_tokens = tree.width * (response + PROMPT_ALLOWANCE)
+        tree_tokens = tree.width * response + PROMPT_ALLOWANCE
         fit = trees_that_fit(wanted, getattr(self.engine, "kv_tokens", 0), tree_tokens)
         if fit < wanted:
             log.info(
