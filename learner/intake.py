@@ -5,6 +5,8 @@ of the stream entries it resolved (acknowledged at the next checkpoint)."""
 from __future__ import annotations
 
 import logging
+import time
+from collections import Counter
 
 from learner.admission import Admission
 from learner.metrics import LearnerMetrics
@@ -36,6 +38,7 @@ class Intake:
         self.received_leaves: list[float] = []
         """Leaf rewards of every tree received since the last step, dropped ones included: an
         unfiltered view of what the samplers' policy scores (the trained batch is filtered)."""
+        self.drops = DropLog(settings.learner.batch_prompts)
 
     def waiting(self) -> set[str]:
         """Prompt ids whose tree arrived and waits for a batch."""
@@ -60,6 +63,9 @@ class Intake:
             if verdict in ("stale", "no_signal", "ready"):
                 self.received_leaves.extend(leaf.reward for leaf in tree.leaves)
             await self._apply(verdict, d, tree, state, since)
+            if verdict in ("stale", "no_signal"):
+                self.drops.add(verdict)
+        self.drops.maybe_log(len(self.ready))
 
     async def _apply(
         self, verdict: Verdict, d: Delivery, tree: TreeRollout, state: LearnerState, since: Resolved
@@ -118,6 +124,7 @@ class Intake:
     def trained(self, taken: list[tuple[Delivery, TreeRollout]], state: LearnerState) -> None:
         """Record an update made with ``taken`` (called after it; a failed update leaves them
         unresolved, so they come back after a restart)."""
+        self.drops.reset()
         for d, t in taken:
             state.trained.add(t.tree_id)
             state.ledger.finish(t.prompt_id, "trained")
@@ -127,3 +134,44 @@ class Intake:
         """The leaf rewards received since the last call (and the reset)."""
         leaves, self.received_leaves = self.received_leaves, []
         return leaves
+
+
+DROP_REASONS = {
+    "no_signal": "no signal: every leaf had the same reward",
+    "stale": "stale: sampled too many versions ago",
+}
+
+
+class DropLog:
+    """Trees dropped while the learner waits for a batch: one summary line at most every
+    ``every_s`` seconds (how many, why, since when), so a learner that trains nothing says why
+    instead of staying silent. A step starts a new count (``reset``)."""
+
+    def __init__(self, batch: int, every_s: float = 30.0) -> None:
+        self.batch, self.every_s = batch, every_s
+        self.counts: Counter[str] = Counter()
+        self.since: float | None = None
+        self.logged_at = time.monotonic()
+
+    def add(self, reason: str) -> None:
+        if self.since is None:
+            self.since = time.time()
+        self.counts[reason] += 1
+
+    def reset(self) -> None:
+        self.counts.clear()
+        self.since = None
+
+    def line(self, ready: int) -> str:
+        since = time.strftime("%H:%M:%S", time.localtime(self.since or time.time()))
+        reasons = "; ".join(f"{n} {DROP_REASONS.get(k, k)}" for k, n in self.counts.most_common())
+        return (
+            f"waiting for trees: {sum(self.counts.values())} dropped since {since} ({reasons}); "
+            f"{ready} of {self.batch} ready for the next step"
+        )
+
+    def maybe_log(self, ready: int) -> None:
+        now = time.monotonic()
+        if self.counts and now - self.logged_at >= self.every_s:
+            log.warning(self.line(ready))
+            self.logged_at = now

@@ -142,6 +142,21 @@ def _cmd_data_gsm8k(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_gym(args: argparse.Namespace) -> int:
+    from pipeline.gym import parse_config, prepare
+
+    try:
+        config = parse_config(args.gym_config)
+        train, held_out, n = prepare(
+            args.name, args.out, args.train, args.eval, args.seed, config, args.format_bonus
+        )
+    except DatasetError as exc:
+        print(f"treepo: {exc}", file=sys.stderr)
+        return 2
+    print(f"{train}: {args.train} problems; {held_out}: {n} problems (reasoning-gym {args.name})")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from pipeline.export import export_checkpoint, latest_checkpoint
 
@@ -240,6 +255,18 @@ def _add_data_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     gsm8k.add_argument("source")
     gsm8k.add_argument("out")
     gsm8k.set_defaults(func=_cmd_data_gsm8k)
+    gym = data.add_parser(
+        "reasoning-gym",
+        help="a reasoning-gym dataset -> train/eval JSONL (each entry kept for its verifier)",
+    )
+    gym.add_argument("name", help="dataset name, e.g. basic_arithmetic, chain_sum")
+    gym.add_argument("--config", dest="gym_config", action="append", default=[], metavar="K=V")
+    gym.add_argument("--train", type=int, default=1000)
+    gym.add_argument("--eval", type=int, default=400)
+    gym.add_argument("--seed", type=int, default=0)
+    gym.add_argument("--format-bonus", type=float, default=0.0)
+    gym.add_argument("--out", type=Path, required=True)
+    gym.set_defaults(func=_cmd_data_gym)
 
 
 def _add_watch_commands(sub: Any) -> None:

@@ -237,7 +237,7 @@ class SamplerOptions(_Section):
     """Skip graph capture/compilation; unset = eager on CPU (faster start), CUDA graphs on GPUs."""
     fit_trees_to_kv: bool = True
     """Cap ``trees_in_flight`` at the trees the engine's KV cache holds when each grows to its
-    full size (width x (max response tokens + a 512-token prompt allowance)), read from vLLM at
+    full size (width x max response tokens + a 512-token prompt allowance), read from vLLM at
     start and logged; beyond it vLLM preempts paths and computes them again."""
     max_model_len: int = Field(0, ge=0, le=1_000_000)
     """Engine context length; 0 = the model's own."""
@@ -408,6 +408,9 @@ class LearnerOptions(_Section):
     beyond one tree a row and pads least). On the dense 4-D mask path (CPU, SDPA) attention inside
     a row costs its length squared; FlexAttention skips the blocks nobody attends, so long rows
     cost it little (bench/learner_packing)."""
+    threads: int = Field(0, ge=0, le=1024)
+    """CPU threads of the learner's torch (0 = torch's default, or ``OMP_NUM_THREADS``): on a
+    small machine shared with samplers, the learner may take more threads than they do."""
     head_chunk_mb: int = Field(512, ge=16, le=65_536)
     """Memory budget (MB) of one chunk of the vocabulary projection: the head and log-softmax
     run over chunks of about ``head_chunk_mb / (16 x vocab)`` tokens whose logits are recomputed

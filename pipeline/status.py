@@ -107,7 +107,9 @@ def render(snap: Snapshot) -> str:
         f"{r.get('treepo_learner_steps_total', 0.0):.2f}   trained tokens/s "
         f"{r.get('treepo_learner_tokens_trained_total', 0.0):.0f}",
         f"reward (learner batch) {m.get('treepo_learner_reward_mean', float('nan')):+.3f}   "
-        f"staleness drops {m.get('treepo_learner_trees_dropped_stale_total', 0.0):.0f}",
+        f"trees dropped: no signal "
+        f"{m.get('treepo_learner_trees_dropped_no_signal_total', 0.0):.0f}, stale "
+        f"{m.get('treepo_learner_trees_dropped_stale_total', 0.0):.0f}",
         f"savings: {saving:.1%} of decoded tokens, "
         f"{m.get('treepo_sampler_gpu_seconds_saved', 0.0):.1f} GPU-seconds",
     ]

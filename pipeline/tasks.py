@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import DatasetError
+from pipeline.gym import EXTRACTORS, make_reward
 from pipeline.rewards import CORRECT, WRONG, last_boxed, math_reward
 
 BOX_OPEN = "\\boxed{"
@@ -35,7 +36,8 @@ class Problem:
     prompt: str
     answer: str
     task: str = "arith"
-    """Reward function name: ``arith`` or ``math``."""
+    """Reward function name: ``arith``, ``math``, a reasoning-gym rule (``rg``...) or an import
+    path (``reward_fn``)."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,12 @@ def arith_reward(response: str, reference: str) -> float:
     return CORRECT if boxed is not None and boxed.strip() == reference.strip() else WRONG
 
 
-REWARDS: dict[str, Callable[[str, str], float]] = {"arith": arith_reward, "math": math_reward}
+REWARDS: dict[str, Callable[[str, str], float]] = {
+    "arith": arith_reward,
+    "math": math_reward,
+    **{name: make_reward(name) for name in EXTRACTORS},
+}
+"""Built-in rewards: the toy task, math answers, and reasoning-gym entries (``pipeline.gym``)."""
 
 
 _IMPORTED: dict[str, Callable[[str, str], float]] = {}

@@ -163,6 +163,7 @@ async def check_status(server: RedisServer, urls: list[str]) -> None:
     assert snap.metrics["treepo_sampler_trees_total"] > 0
     text = render(snap)
     assert "samplers alive: 1" in text and "savings:" in text
+    assert "trees dropped: no signal" in text
 
 
 @pytest.mark.timeout(900)
@@ -318,3 +319,47 @@ def test_no_trained_tree_is_older_than_the_bound(
         await learner.streams.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_weights_are_published_in_the_base_models_dtypes(toy_model: Path, tmp_path: Path) -> None:
+    """A bf16 base model trained in fp32 (the CPU default) publishes bf16 weights that the
+    samplers' check accepts, holding the trained values (rounded to bf16)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from learner.batch import build_batch
+    from learner.trainer import build_engine, export_weights, full_state_dict, train_on_batch
+    from pipeline.config import LearnerOptions, LossSettings
+    from pipeline.weights import check_compatible, tensor_specs
+    from tests.test_packing import random_tree
+
+    base = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(str(toy_model), dtype=torch.bfloat16).save_pretrained(
+        str(base)
+    )
+    for f in toy_model.iterdir():
+        if not f.name.endswith(".safetensors") and not (base / f.name).exists():
+            shutil.copy(f, base / f.name)
+    assert {d for d, _ in tensor_specs(base).values()} == {"BF16"}
+    opts = LearnerOptions(model=str(base), lr=1e-2)
+    engine = build_engine(base, opts)
+    assert next(engine.module.parameters()).dtype == torch.float32  # auto: fp32 on CPU
+    import random
+
+    rng = random.Random(0)
+    trees = [random_tree(rng, empty_nodes=False) for _ in range(3)]
+    for t in trees:
+        t.prompt_token_ids = t.prompt_token_ids % 32
+        for node in t.nodes:
+            node.token_ids = node.token_ids % 32
+    train_on_batch(engine, build_batch(trees), opts, LossSettings(), step=0)
+    out = tmp_path / "published"
+    export_weights(engine, out)
+    check_compatible(tensor_specs(out), tensor_specs(base))  # raises on a dtype mismatch
+    published, trained = load_file(str(next(out.glob("*.safetensors")))), full_state_dict(engine)
+    for name, value in published.items():
+        assert torch.equal(value, trained[name].to(torch.bfloat16)), name

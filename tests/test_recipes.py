@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,97 @@ def test_the_gsm8k_recipe_runs_end_to_end(tmp_path: Path) -> None:
         assert asyncio.run(one()) >= 1
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_smollm2_recipe_runs_two_steps(tmp_path: Path) -> None:
+    """The smollm2-arithmetic recipe (a pretrained Llama-architecture model converted by
+    ``treepo model``, a reasoning-gym task, chat template, real EOS) through the real learner and
+    sampler processes for two steps, with smaller trees and batches: trees come from the real
+    model and are scored by the dataset's verifier, the tree-packed learner computes fewer
+    tokens than one row per leaf, the samplers take the learner's weights, and the trained
+    model is a normal HF directory."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from pipeline.entry import child_env
+    from pipeline.gym import prepare
+    from tests.services import RedisServer, free_port, wait_port
+    from tests.test_models import converted
+
+    model = converted()
+    train, _, _ = prepare(
+        "basic_arithmetic", tmp_path / "data", 20, 4, 0,
+        {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
+    )  # fmt: skip
+    redis = RedisServer(tmp_path / "redis", free_port()).start()
+    recipe = read_env_file(ROOT / "recipes" / "smollm2-arithmetic" / "recipe.env")
+    env = child_env()
+    env.update({k: v for k, v in recipe.items() if k.startswith("TREEPO_")})
+    env.update({
+        "TREEPO_REDIS__URL": redis.url,
+        "TREEPO_LEARNER__MODEL": str(model),
+        "TREEPO_SAMPLER__MODEL": str(model),
+        "TREEPO_LEARNER__DATASET": str(train),
+        "TREEPO_LEARNER__WORK_DIR": str(tmp_path / "learner"),
+        "TREEPO_SAMPLER__WORK_DIR": str(tmp_path / "samplers"),
+        "TREEPO_LEARNER__BATCH_PROMPTS": "2",
+        "TREEPO_LEARNER__TOTAL_STEPS": "2",
+        "TREEPO_LEARNER__CHECKPOINT_EVERY": "1",
+        "TREEPO_LEARNER__DYNAMIC_SAMPLING": "false",
+        "TREEPO_SAMPLER__TREES_IN_FLIGHT": "2",
+        "TREEPO_TREE__WIDTH": "4",
+        "TREEPO_TREE__MAX_DEPTH": "2",
+        "TREEPO_TREE__MAX_RESPONSE_TOKENS": "64",
+        "TREEPO_STREAMS__BLOCK_MS": "200",
+    })  # fmt: skip
+    logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("learner", "sampler")}
+    lport, sport = free_port(), free_port()
+    procs = {
+        "learner": subprocess.Popen(
+            [sys.executable, "-m", "learner.process", "--port", str(lport)],
+            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=logs["learner"],
+        ),
+        "sampler": subprocess.Popen(
+            [sys.executable, "-m", "workers.sampler", "--port", str(sport)],
+            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=logs["sampler"],
+        ),
+    }  # fmt: skip
+    try:
+        code = procs["learner"].wait(timeout=800)
+        assert code == 0, (tmp_path / "learner.log").read_text()[-3000:]
+        wait_port(sport, timeout=10)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the samplers take the last version
+            text = urllib.request.urlopen(f"http://127.0.0.1:{sport}/metrics", timeout=5).read()
+            if 'treepo_sampler_policy_version{run="smollm2-arithmetic"} 2.0' in text.decode():
+                break
+            time.sleep(1)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for f in logs.values():
+            f.close()
+        redis.kill()
+    text = text.decode()
+    assert 'treepo_sampler_policy_version{run="smollm2-arithmetic"} 2.0' in text, (
+        tmp_path / "sampler.log"
+    ).read_text()[-3000:]
+    assert 'treepo_sampler_reward_errors_total{run="smollm2-arithmetic"} 0.0' in text
+    steps = [json.loads(x) for x in (tmp_path / "learner" / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    assert all(-1.0 <= s["reward"] <= 1.0 for s in steps)
+    # trees from the real model share prefixes: the packed learner computes fewer positions
+    assert all(0 < s["tokens_computed"] < s["tokens_per_leaf"] for s in steps), steps
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(str(tmp_path / "learner" / "model"))
+    assert type(trained).__name__ == "LlamaForCausalLM"

@@ -75,7 +75,10 @@ def test_reward_functions_plug_in_by_import_path(tmp_path) -> None:  # type: ign
         ("tests.no_such_module:f", "cannot import 'tests.no_such_module'"),
         ("tests.test_rewards:nope", "has no 'nope'"),
         ("tests.test_rewards:two_many_args", "must be callable as f(response: str, reference"),
-        ("lengthy", "use one of ['arith', 'math'] or an import path"),
+        (
+            "lengthy",
+            "use one of ['arith', 'math', 'rg', 'rg_answer_is', 'rg_boxed', 'rg_last_number'] or an import path",
+        ),
     ]:
         with pytest.raises(ValueError, match=re.escape(why)):
             reward_fn(task)

@@ -56,3 +56,30 @@ def test_staleness_is_measured_from_the_oldest_segment() -> None:
 )
 def test_triage(t: TreeRollout, status: str, kw: dict[str, object], expected: str) -> None:
     assert verdict(t, status, **kw) == expected
+
+
+def test_the_drop_log_says_why_the_learner_waits(caplog) -> None:  # type: ignore[no-untyped-def]
+    """Drops are summarised in one line at most every ``every_s`` (how many, why, since when),
+    and a step starts the count again."""
+    import logging
+
+    from learner.intake import DropLog
+
+    drops = DropLog(batch=8, every_s=0.0)
+    drops.maybe_log(0)
+    assert not caplog.records  # nothing dropped: nothing said
+    for reason in ["no_signal"] * 5 + ["stale"] * 2:
+        drops.add(reason)
+    with caplog.at_level(logging.WARNING, logger="learner.process"):
+        drops.maybe_log(3)
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("waiting for trees: 7 dropped since ")
+    assert "5 no signal: every leaf had the same reward; 2 stale" in line
+    assert line.endswith("3 of 8 ready for the next step")
+    drops.reset()
+    assert drops.since is None and not drops.counts
+    quiet = DropLog(batch=8, every_s=3600.0)
+    quiet.add("stale")
+    caplog.clear()
+    quiet.maybe_log(0)
+    assert not caplog.records  # within the interval: no second line
