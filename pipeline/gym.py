@@ -146,17 +146,33 @@ def prepare(
     config: dict[str, Any] | None = None,
     format_bonus: float = 0.0,
 ) -> tuple[Path, Path, int]:
-    """Write ``out/train.jsonl`` and ``out/eval.jsonl`` (``eval_size`` entries whose questions
-    are not in the train split); returns their paths and the eval entries written."""
+    """Write ``out/train.jsonl`` and ``out/eval.jsonl`` (``eval_size`` distinct questions, none
+    in the train split; a ``DatasetError`` when the task has fewer); returns their paths and the
+    eval entries written."""
     if train < 1 or eval_size < 1:
         raise DatasetError("--train and --eval must be at least 1")
     config = config or {}
     data = create(name, seed, train, config)
     train_rows = [data[i] for i in range(train)]
     seen = {row["question"] for row in train_rows}
-    # the eval split: another seed, questions of the train split left out
-    pool = create(name, seed + 1_000_003, eval_size * 3 + 50, config)
-    eval_rows = [pool[i] for i in range(len(pool)) if pool[i]["question"] not in seen]
+    # the eval split: another seed, each question once and none of the train split's
+    eval_rows: list[dict[str, Any]] = []
+    size = eval_size * 3 + 50
+    for attempt in range(4):
+        pool = create(name, seed + 1_000_003 * (attempt + 1), size, config)
+        for i in range(len(pool)):
+            if pool[i]["question"] not in seen:
+                seen.add(pool[i]["question"])
+                eval_rows.append(pool[i])
+        if len(eval_rows) >= eval_size:
+            break
+        size *= 4
+    if len(eval_rows) < eval_size:
+        raise DatasetError(
+            f"reasoning-gym {name}: only {len(eval_rows)} distinct questions outside the "
+            f"{train}-problem train split, not the {eval_size} asked for (lower --train or "
+            "widen --config)"
+        )
     eval_rows = eval_rows[:eval_size]
     out.mkdir(parents=True, exist_ok=True)
     paths = []

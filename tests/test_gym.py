@@ -91,3 +91,14 @@ def test_the_data_command_and_its_errors(tmp_path: Path, capsys: pytest.CaptureF
 def test_a_reference_that_is_not_an_entry_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="not a reasoning-gym entry"):
         reward_fn("rg")("The answer is 3", "3")
+
+
+def test_an_eval_split_the_task_cannot_fill_is_refused(tmp_path: Path) -> None:
+    """Single-digit sums have 81 questions: 400 distinct held-out ones do not exist."""
+    small = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1, "operators": ["+"],
+             "allow_negation": False, "allow_parentheses": False}  # fmt: skip
+    with pytest.raises(DatasetError, match=r"only \d+ distinct questions outside the 50-problem"):
+        prepare("basic_arithmetic", tmp_path, 50, 400, 0, small)
+    _, held_out, n = prepare("basic_arithmetic", tmp_path, 20, 30, 0, small)
+    questions = [json.loads(x)["prompt"] for x in held_out.read_text().splitlines()]
+    assert n == 30 and len(set(questions)) == 30  # each held-out question once

@@ -35,7 +35,7 @@ DATA_SPEC = {
         "model": "smollm2-135m-instruct",
         "dataset": "basic_arithmetic",
         "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
-        "train": 4000,
+        "train": 1000,
         "eval": 400,
         "seed": 0,
     },
@@ -140,6 +140,7 @@ def greedy_eval(model: Path, eval_file: Path, n: int) -> dict[str, float]:
     correct = sum(score(t, p.answer) > 0 for t, p in zip(texts, problems))
     worked = sum("answer is" in t.lower() for t in texts)
     return {
+        "problems": len(problems),
         "accuracy": correct / len(problems),
         "worked_fraction": worked / len(problems),
         "mean_answer_chars": sum(len(t) for t in texts) / len(texts),
@@ -201,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.minutes:
         extra["TREEPO_LEARNER__MAX_SECONDS"] = str(args.minutes * 60)
     first = evaluate(model, eval_file, extra, args.heldout)
+    n = int(first["problems"])  # what the eval split holds, at most --heldout
     print(
         f"[demo-real] held-out greedy accuracy before: {first['accuracy']:.3f} ± "
-        f"{ci95(first['accuracy'], args.heldout):.3f} on {args.heldout} problems "
+        f"{ci95(first['accuracy'], n):.3f} on {n} problems "
         f"({first['worked_fraction']:.0%} end with 'The answer is N')",
         flush=True,
     )
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     last = evaluate(trained, eval_file, extra, args.heldout)
     lines = (run / "learner" / "steps.jsonl").read_text().splitlines()
     record = [json.loads(line) for line in lines]
-    summary = summarise(run, first, last, record, args.heldout, time.time() - started)
+    summary = summarise(run, first, last, record, n, time.time() - started)
     summary.update(
         recipe=args.recipe,
         pipeline_seconds=pipeline_s,
