@@ -424,6 +424,16 @@ def _order(batch: TrainBatch, opts: LearnerOptions, gen: torch.Generator) -> tor
     return torch.tensor(rows, dtype=torch.long, device="cpu")
 
 
+def row_budget(opts: LearnerOptions, module: torch.nn.Module) -> int:
+    """Tokens a packed row may hold: ``pack_row_tokens``, or when unset under FlexAttention the
+    micro-batch budget (its block mask skips what no query sees, so one long row costs no more
+    attention than many and needs no padding); else 0 (rows as wide as the longest tree)."""
+    if opts.pack_row_tokens:
+        return opts.pack_row_tokens
+    flex = getattr(module.config, "_attn_implementation", None) == "flex_attention"
+    return opts.micro_batch_tokens if flex else 0
+
+
 def batch_logprobs(
     module: torch.nn.Module, batch: TrainBatch, opts: LearnerOptions
 ) -> tuple[torch.Tensor, float, float]:
@@ -436,7 +446,7 @@ def batch_logprobs(
             batch.trees,
             batch.row_leaf,
             batch.mask,
-            opts.pack_row_tokens,
+            row_budget(opts, module),
             opts.head_chunk_mb,
         )
         return lp, float(packed.tokens), float(packed.group.numel())

@@ -404,10 +404,11 @@ class LearnerOptions(_Section):
     rows."""
     pack_row_tokens: int = Field(0, ge=0, le=10_000_000)
     """Tokens per packed row: trees fill rows (first fit, longest first) up to this many or the
-    longest tree's length, whichever is more (0 = the longest tree's, which costs no attention
-    beyond one tree a row and pads least). On the dense 4-D mask path (CPU, SDPA) attention inside
-    a row costs its length squared; FlexAttention skips the blocks nobody attends, so long rows
-    cost it little (bench/learner_packing)."""
+    longest tree's length, whichever is more. 0 = under FlexAttention the micro-batch budget
+    (one row, no padding: its block mask skips what nobody attends), else the longest tree's
+    length (no attention beyond one tree a row; padding at most 1 - mean/longest tree length of
+    the forward). On the dense 4-D mask path (CPU, SDPA) attention inside a row costs its length
+    squared (bench/learner_packing)."""
     threads: int = Field(0, ge=0, le=1024)
     """CPU threads of the learner's torch (0 = torch's default, or ``OMP_NUM_THREADS``): on a
     small machine shared with samplers, the learner may take more threads than they do."""

@@ -466,3 +466,25 @@ def test_one_update_steps_take_pi_prox_from_their_own_forward(toy_model, monkeyp
     monkeypatch.undo()
     assert trainer.one_update(opts, engine.module)  # the toy model qualifies by itself
     assert not trainer.one_update(opts.model_copy(update={"mini_batches": 2}), engine.module)
+
+
+def test_flex_attention_packs_a_micro_batch_into_one_row(model: torch.nn.Module) -> None:
+    """Under FlexAttention (block-sparse) rows take the micro-batch budget, so trees share one
+    row without padding; under SDPA rows stay as wide as the longest tree."""
+    import copy
+
+    from learner.trainer import row_budget
+    from pipeline.config import LearnerOptions
+
+    flex = copy.deepcopy(model)
+    flex.config._attn_implementation = "flex_attention"
+    opts = LearnerOptions(micro_batch_tokens=4096)
+    assert row_budget(opts, flex) == 4096 and row_budget(opts, model) == 0
+    assert row_budget(opts.model_copy(update={"pack_row_tokens": 100}), flex) == 100
+    rng = random.Random(5)
+    trees = [random_tree(rng, empty_nodes=False) for _ in range(6)]
+    one = pack(trees, row_tokens=row_budget(opts, flex))
+    assert one.input_ids.shape[0] == 1 and one.padding_fraction == 0.0
+    lengths = [len(pack_tree(t).tokens) for t in trees]
+    wide = pack(trees, row_tokens=row_budget(opts, model))
+    assert wide.padding_fraction <= 1 - (sum(lengths) / len(lengths)) / max(lengths) + 1e-9

@@ -300,6 +300,13 @@ def test_the_smollm2_recipe_runs_two_steps(tmp_path: Path) -> None:
         "TREEPO_TREE__MAX_RESPONSE_TOKENS": "64",
         "TREEPO_STREAMS__BLOCK_MS": "200",
     })  # fmt: skip
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    check = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "--env-file", str(empty), "config", "check"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr  # the converted model is accepted
     logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("learner", "sampler")}
     lport, sport = free_port(), free_port()
     procs = {
