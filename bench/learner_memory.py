@@ -93,27 +93,31 @@ def table() -> str:
     return "\n".join(lines)
 
 
-def tree(tokens: int, vocab: int) -> Any:
-    """A 16-leaf binary tree (31 nodes, depth 5) of about ``tokens`` packed tokens."""
+def binary_tree(depth: int, node_tokens: int, prompt: int, vocab: int, seed: int) -> Any:
+    """A binary tree of ``depth`` levels of ``node_tokens``-token nodes under one root node
+    (2^(depth-1) leaves), random tokens below ``vocab`` and leaf rewards of +-1."""
     import random
 
     from pipeline.messages import RolloutLeaf, TreeRollout
 
-    rng = random.Random(tokens)
-    prompt = 64
-    per_node = max(1, (tokens - prompt) // 31)
+    rng = random.Random(seed)
     t = TreeRollout([rng.randrange(1, vocab) for _ in range(prompt)])
     frontier = [-1]
-    for level in range(5):
+    for level in range(depth):
         nxt = []
         for parent in frontier:
             for _ in range(1 if level == 0 else 2):
-                ids = [rng.randrange(vocab) for _ in range(per_node)]
-                nxt.append(t.add_node(parent, ids, [-1.0] * per_node))
+                ids = [rng.randrange(vocab) for _ in range(node_tokens)]
+                nxt.append(t.add_node(parent, ids, [-1.0] * node_tokens))
         frontier = nxt
     for node in frontier:
         t.leaves.append(RolloutLeaf(node, float(rng.choice([-1, 1])), "eos"))
     return t
+
+
+def tree(tokens: int, vocab: int) -> Any:
+    """A 16-leaf binary tree (31 nodes, depth 5) of about ``tokens`` packed tokens."""
+    return binary_tree(5, max(1, (tokens - 64) // 31), 64, vocab, seed=tokens)
 
 
 def _status(key: str) -> float:

@@ -412,20 +412,11 @@ print(width, grown)
 
 
 def binary_tree(depth: int, node_tokens: int, prompt: int = 100) -> TreeRollout:
-    """A full binary tree of ``depth`` levels of ``node_tokens``-token nodes (2^depth leaves)."""
-    rng = random.Random(depth)
-    tree = TreeRollout([rng.randrange(1, VOCAB) for _ in range(prompt)])
-    frontier = [-1]
-    for level in range(depth):
-        nxt = []
-        for parent in frontier:
-            for _ in range(1 if level == 0 else 2):
-                ids = [rng.randrange(VOCAB) for _ in range(node_tokens)]
-                nxt.append(tree.add_node(parent, ids, [-0.5] * node_tokens))
-        frontier = nxt
-    for node in frontier:
-        tree.leaves.append(RolloutLeaf(node, 1.0, "eos"))
-    return tree
+    """A full binary tree of ``depth`` levels of ``node_tokens``-token nodes (the learner memory
+    benchmark's builder, tokens below this file's vocabulary)."""
+    from bench.learner_memory import binary_tree as build
+
+    return build(depth, node_tokens, prompt, VOCAB, seed=depth)  # type: ignore[no-any-return]
 
 
 @pytest.mark.slow

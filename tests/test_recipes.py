@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,11 +124,9 @@ def test_the_gsm8k_recipe_runs_end_to_end(tmp_path: Path) -> None:
     """The qwen2.5-math-gsm8k recipe's own settings (chat template, system prompt, math-verify
     reward, data command), with only what a CPU needs changed, through the real learner and
     sampler processes for two steps; the trained directory loads in transformers and vLLM."""
-    import subprocess
-    import sys
 
     from pipeline.entry import child_env
-    from tests.services import RedisServer, free_port, wait_port
+    from tests.services import RedisServer, free_port
 
     model = random_qwen2(tmp_path / "qwen")
     raw = tmp_path / "gsm8k-train.jsonl"
@@ -180,50 +179,11 @@ def test_the_gsm8k_recipe_runs_end_to_end(tmp_path: Path) -> None:
     env.update(cpu)
     kept = {k for k in recipe if k.startswith("TREEPO_") and k not in cpu}
     assert {"TREEPO_LEARNER__CHAT_TEMPLATE", "TREEPO_LEARNER__SYSTEM_PROMPT"} <= kept
-    empty = tmp_path / "empty.env"
-    empty.write_text("")
-    check = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "--env-file", str(empty), "config", "check"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert check.returncode == 0, check.stdout + check.stderr
-    logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("learner", "sampler")}
-    lport, sport = free_port(), free_port()
-    procs = {
-        "learner": subprocess.Popen(
-            [sys.executable, "-m", "learner.process", "--port", str(lport)],
-            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=logs["learner"],
-        ),
-        "sampler": subprocess.Popen(
-            [sys.executable, "-m", "workers.sampler", "--port", str(sport)],
-            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=logs["sampler"],
-        ),
-    }  # fmt: skip
-    try:
-        assert procs["learner"].wait(timeout=600) == 0, (tmp_path / "learner.log").read_text()[
-            -3000:
-        ]
-        wait_port(sport, timeout=10)
-        import urllib.request
-
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{sport}/metrics", timeout=5).read()
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        for f in logs.values():
-            f.close()
-        redis.kill()
+    text = run_recipe(env, tmp_path, redis, timeout=600)
     steps = [json.loads(x) for x in (tmp_path / "learner" / "steps.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2]
     # every leaf was scored by the math reward (math-verify): +1 or -1, no reward errors
     assert all(s["reward"] in (-1.0, 1.0) or -1 <= s["reward"] <= 1 for s in steps)
-    text = metrics.decode()
     assert 'treepo_sampler_reward_errors_total{run="gsm8k"} 0.0' in text
     assert "treepo_sampler_leaves_total" in text
     evals = (tmp_path / "learner" / "evals.jsonl").read_text().splitlines()
@@ -265,13 +225,10 @@ def test_the_smollm2_recipe_runs_two_steps(tmp_path: Path) -> None:
     model and are scored by the dataset's verifier, the tree-packed learner computes fewer
     tokens than one row per leaf, the samplers take the learner's weights, and the trained
     model is a normal HF directory."""
-    import subprocess
-    import sys
-    import urllib.request
 
     from pipeline.entry import child_env
     from pipeline.gym import prepare
-    from tests.services import RedisServer, free_port, wait_port
+    from tests.services import RedisServer, free_port
     from tests.test_models import converted
 
     model = converted()
@@ -300,34 +257,60 @@ def test_the_smollm2_recipe_runs_two_steps(tmp_path: Path) -> None:
         "TREEPO_TREE__MAX_RESPONSE_TOKENS": "64",
         "TREEPO_STREAMS__BLOCK_MS": "200",
     })  # fmt: skip
+    version = 'treepo_sampler_policy_version{run="smollm2-arithmetic"} 2.0'
+    text = run_recipe(env, tmp_path, redis, timeout=800, until=version)
+    assert version in text, (tmp_path / "sampler.log").read_text()[-3000:]
+    assert 'treepo_sampler_reward_errors_total{run="smollm2-arithmetic"} 0.0' in text
+    steps = [json.loads(x) for x in (tmp_path / "learner" / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    assert all(-1.0 <= s["reward"] <= 1.0 for s in steps)
+    # trees from the real model share prefixes: the packed learner computes fewer positions
+    assert all(0 < s["tokens_computed"] < s["tokens_per_leaf"] for s in steps), steps
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(str(tmp_path / "learner" / "model"))
+    assert type(trained).__name__ == "LlamaForCausalLM"
+
+
+def run_recipe(
+    env: dict[str, str], tmp_path: Path, redis: Any, timeout: float, until: str | None = None
+) -> str:
+    """``treepo config check`` with ``env`` (must pass), then the real learner and sampler
+    processes until the learner ends (must exit 0); returns the sampler's /metrics text, read
+    once ``until`` appears in it (or after 60 s). Stops both processes and ``redis``."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.services import free_port, wait_port
+
     empty = tmp_path / "empty.env"
     empty.write_text("")
     check = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "--env-file", str(empty), "config", "check"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert check.returncode == 0, check.stdout + check.stderr  # the converted model is accepted
+    assert check.returncode == 0, check.stdout + check.stderr
     logs = {name: (tmp_path / f"{name}.log").open("wb") for name in ("learner", "sampler")}
     lport, sport = free_port(), free_port()
     procs = {
-        "learner": subprocess.Popen(
-            [sys.executable, "-m", "learner.process", "--port", str(lport)],
-            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=logs["learner"],
-        ),
-        "sampler": subprocess.Popen(
-            [sys.executable, "-m", "workers.sampler", "--port", str(sport)],
-            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=logs["sampler"],
-        ),
+        name: subprocess.Popen(
+            [sys.executable, "-m", module, "--port", str(port)],
+            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=logs[name],
+        )
+        for name, module, port in (
+            ("learner", "learner.process", lport), ("sampler", "workers.sampler", sport)
+        )
     }  # fmt: skip
     try:
-        code = procs["learner"].wait(timeout=800)
+        code = procs["learner"].wait(timeout=timeout)
         assert code == 0, (tmp_path / "learner.log").read_text()[-3000:]
         wait_port(sport, timeout=10)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # the samplers take the last version
+        while True:
             text = urllib.request.urlopen(f"http://127.0.0.1:{sport}/metrics", timeout=5).read()
-            if 'treepo_sampler_policy_version{run="smollm2-arithmetic"} 2.0' in text.decode():
-                break
+            if until is None or until in text.decode() or time.monotonic() > deadline:
+                return str(text.decode())
             time.sleep(1)
     finally:
         for p in procs.values():
@@ -341,17 +324,3 @@ def test_the_smollm2_recipe_runs_two_steps(tmp_path: Path) -> None:
         for f in logs.values():
             f.close()
         redis.kill()
-    text = text.decode()
-    assert 'treepo_sampler_policy_version{run="smollm2-arithmetic"} 2.0' in text, (
-        tmp_path / "sampler.log"
-    ).read_text()[-3000:]
-    assert 'treepo_sampler_reward_errors_total{run="smollm2-arithmetic"} 0.0' in text
-    steps = [json.loads(x) for x in (tmp_path / "learner" / "steps.jsonl").read_text().splitlines()]
-    assert [s["step"] for s in steps] == [1, 2]
-    assert all(-1.0 <= s["reward"] <= 1.0 for s in steps)
-    # trees from the real model share prefixes: the packed learner computes fewer positions
-    assert all(0 < s["tokens_computed"] < s["tokens_per_leaf"] for s in steps), steps
-    from transformers import AutoModelForCausalLM
-
-    trained = AutoModelForCausalLM.from_pretrained(str(tmp_path / "learner" / "model"))
-    assert type(trained).__name__ == "LlamaForCausalLM"

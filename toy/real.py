@@ -168,6 +168,41 @@ def progress(run: Path, budget_s: float, total: int, stop: threading.Event) -> N
             print(f"[demo-real] {elapsed / 60:.1f} min: waiting for the first step", flush=True)
 
 
+def pipeline_settings(settings: dict[str, str], args: argparse.Namespace) -> dict[str, str]:
+    """The recipe's ``TREEPO_*`` and ``OMP_*`` settings for ``run_pipeline`` (which sets the work
+    folders to the run folder's), with the command line's step and time budgets."""
+    own = ("TREEPO_LEARNER__WORK_DIR", "TREEPO_SAMPLER__WORK_DIR")
+    extra = {
+        k: v for k, v in settings.items() if k.startswith(("TREEPO_", "OMP_")) and k not in own
+    }
+    extra["TREEPO_LEARNER__DATASET"] = str(ROOT / extra["TREEPO_LEARNER__DATASET"])
+    if args.steps:
+        extra["TREEPO_LEARNER__TOTAL_STEPS"] = str(args.steps)
+    if args.minutes:
+        extra["TREEPO_LEARNER__MAX_SECONDS"] = str(args.minutes * 60)
+    return extra
+
+
+def train(run: Path, model: Path, extra: dict[str, str], samplers: int) -> tuple[int, float]:
+    """The pipeline with progress lines: (honcho's exit code, pipeline seconds)."""
+    steps = int(extra["TREEPO_LEARNER__TOTAL_STEPS"])
+    budget = float(extra.get("TREEPO_LEARNER__MAX_SECONDS", "0"))
+    print(
+        f"[demo-real] pipeline: redis + learner + {samplers} sampler(s), up to {steps} steps"
+        + (f" or {budget / 60:.0f} minutes of training" if budget else ""),
+        flush=True,
+    )
+    stop = threading.Event()
+    ticker = threading.Thread(target=progress, args=(run, budget, steps, stop), daemon=True)
+    ticker.start()
+    started = time.time()
+    try:
+        code = run_pipeline(run, model, steps, samplers, budget + 1800 if budget else 7200, extra)
+    finally:
+        stop.set()
+    return code, time.time() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="treepo-demo-real", description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default="smollm2-arithmetic")
@@ -191,16 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     run.mkdir(parents=True)
     print(f"[demo-real] run folder {run}", flush=True)
     model, _, eval_file = prepare(args.recipe, settings)
-    # the run folder holds the learner's and samplers' work (run_pipeline sets those paths)
-    own = ("TREEPO_LEARNER__WORK_DIR", "TREEPO_SAMPLER__WORK_DIR")
-    extra = {
-        k: v for k, v in settings.items() if k.startswith(("TREEPO_", "OMP_")) and k not in own
-    }
-    extra["TREEPO_LEARNER__DATASET"] = str(ROOT / extra["TREEPO_LEARNER__DATASET"])
-    if args.steps:
-        extra["TREEPO_LEARNER__TOTAL_STEPS"] = str(args.steps)
-    if args.minutes:
-        extra["TREEPO_LEARNER__MAX_SECONDS"] = str(args.minutes * 60)
+    extra = pipeline_settings(settings, args)
     first = evaluate(model, eval_file, extra, args.heldout)
     n = int(first["problems"])  # what the eval split holds, at most --heldout
     print(
@@ -209,24 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({first['worked_fraction']:.0%} end with 'The answer is N')",
         flush=True,
     )
-    steps = int(extra["TREEPO_LEARNER__TOTAL_STEPS"])
-    budget = float(extra.get("TREEPO_LEARNER__MAX_SECONDS", "0"))
-    print(
-        f"[demo-real] pipeline: redis + learner + {args.samplers} sampler(s), up to {steps} steps"
-        + (f" or {budget / 60:.0f} minutes of training" if budget else ""),
-        flush=True,
-    )
-    stop = threading.Event()
-    ticker = threading.Thread(target=progress, args=(run, budget, steps, stop), daemon=True)
-    ticker.start()
-    pipeline_started = time.time()
-    try:
-        code = run_pipeline(
-            run, model, steps, args.samplers, budget + 1800 if budget else 7200, extra
-        )
-    finally:
-        stop.set()
-    pipeline_s = time.time() - pipeline_started
+    code, pipeline_s = train(run, model, extra, args.samplers)
     trained = run / "learner" / "model"
     if not (trained / "config.json").is_file():
         print(f"[demo-real] the pipeline failed (exit {code}); see {run / 'pipeline.log'}")
