@@ -113,6 +113,21 @@ def write_result(name: str, args: argparse.Namespace, data: dict[str, Any]) -> P
     return path
 
 
+def status_kib(field: str) -> int:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's peak resident memory (``VmHWM``) to its current one; returns the
+    current resident memory in KiB (a measurement's baseline: its peak is ``VmHWM`` later)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return status_kib("VmRSS")
+
+
 def ratio(a: float, b: float) -> float:
     """a / b, or 0.0 when b is 0 (JSON has no infinity)."""
     return a / b if b else 0.0

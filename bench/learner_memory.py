@@ -28,7 +28,7 @@ import sys
 import time
 from typing import Any
 
-from bench.common import ROOT, Progress, parser, write_result
+from bench.common import ROOT, Progress, parser, reset_peak_rss, status_kib, write_result
 
 SIZES = [1024, 2048, 4096, 8192, 16384]
 """Packed tokens per tree (full mode)."""
@@ -120,14 +120,6 @@ def tree(tokens: int, vocab: int) -> Any:
     return binary_tree(5, max(1, (tokens - 64) // 31), 64, vocab, seed=tokens)
 
 
-def _status(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def keep_logits_head() -> None:
     """Swap in the head as it was: autograd keeps each chunk's logits for backward."""
     import torch
@@ -174,9 +166,7 @@ def child(tokens: int, head: str, shape: str, device: str) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _status("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
+        base = reset_peak_rss() / 1024
     started = time.perf_counter()
     with torch.no_grad():  # the proximal pass
         leaf_logprobs(model, [t])
@@ -188,7 +178,7 @@ def child(tokens: int, head: str, shape: str, device: str) -> dict[str, Any]:
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = _status("VmHWM") - base
+        peak = status_kib("VmHWM") / 1024 - base
     return {
         "tokens": packed,
         "head": head,
@@ -209,10 +199,11 @@ def measure(tokens: int, head: str, shape: str, device: str) -> dict[str, Any]:
 
 
 def slope(rows: list[dict[str, Any]], head: str, lo: int, hi: int) -> float | None:
-    """MB per 1k packed tokens between the sizes ``lo`` and ``hi`` of ``head``."""
-    by = {r["tokens"] // 1000: r for r in rows if r["head"] == head and "peak_mb" in r}
-    a = next((r for k, r in by.items() if abs(r["tokens"] - lo) < 128), None)
-    b = next((r for k, r in by.items() if abs(r["tokens"] - hi) < 128), None)
+    """MB per 1k packed tokens between the sizes ``lo`` and ``hi`` of ``head`` (a tree packs to
+    within a few tokens of the size asked for)."""
+    measured = [r for r in rows if r["head"] == head and "peak_mb" in r]
+    a = next((r for r in measured if abs(r["tokens"] - lo) < 128), None)
+    b = next((r for r in measured if abs(r["tokens"] - hi) < 128), None)
     if a is None or b is None:
         return None
     return float((b["peak_mb"] - a["peak_mb"]) / ((b["tokens"] - a["tokens"]) / 1000))

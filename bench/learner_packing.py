@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, parser, ratio, write_result
+from bench.common import ROOT, parser, ratio, reset_peak_rss, status_kib, write_result
 from pipeline.config import TreeConfig
 from pipeline.messages import TreeRollout
 from pipeline.sampling import TreeSampler
@@ -142,18 +142,10 @@ def child(model_dir: str, trees_file: str, path: str, row_tokens: int) -> None:
         i += 8 + n
     model = load(Path(model_dir))
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    base = _status_kib("VmRSS")
+    base = reset_peak_rss()
     step(model, trees, path, row_tokens)
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     print(json.dumps({"peak_rss_mib": peak / 1024, "step_rss_increase_mib": (peak - base) / 1024}))
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def peak_memory(

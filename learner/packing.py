@@ -35,7 +35,6 @@ import numpy as np
 import torch
 
 from learner.logprobs import chunk_tokens, head_logprobs
-from learner.ranks import control
 from pipeline.messages import TreeRollout
 
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
@@ -235,6 +234,7 @@ class PackedBatch:
         groups = self.sees.shape[1]
         which = torch.arange(width, device=self.group.device) // block
         below = torch.ones(nb, nb, dtype=torch.bool, device=self.group.device).tril(-1)
+        diagonal = torch.eye(nb, dtype=torch.bool, device=self.group.device)
         partial = torch.zeros((rows, nb, nb), dtype=torch.bool, device=self.group.device)
         full = torch.zeros_like(partial)
         for r in range(rows):
@@ -244,9 +244,7 @@ class PackedBatch:
             some = (inc @ sees @ inc.T) > 0
             not_all = (inc @ (1.0 - sees) @ inc.T) > 0
             full[r] = below & some & ~not_all
-            partial[r] = (below & some & not_all) | torch.eye(
-                nb, dtype=torch.bool, device=self.group.device
-            )
+            partial[r] = (below & some & not_all) | diagonal
         if width % block:  # a block cut by the row's end is never full (as torch counts it)
             edge = torch.zeros(nb, nb, dtype=torch.bool, device=self.group.device)
             edge[-1, :] = edge[:, -1] = True
@@ -406,10 +404,8 @@ def packed_token_logprobs(
     ).last_hidden_state
     head = model.get_output_embeddings()
     chunk = chunk_tokens(int(model.config.vocab_size), chunk_mb)
-    # ZeRO-3 gathers the head's weight at every call: every rank makes as many
-    chunks = control().max(-(-len(batch.target) // chunk))
     return head_logprobs(
-        head, hidden, batch.pred_row, batch.pred_col, batch.target, batch.temperature, chunk, chunks
+        head, hidden, batch.pred_row, batch.pred_col, batch.target, batch.temperature, chunk
     )
 
 

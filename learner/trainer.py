@@ -356,7 +356,7 @@ def _proximal(
     gathers parameters in each)."""
     mine = torch.arange(batch.rows, device="cpu")[share(batch.rows, ctl.world, ctl.rank)]
     micro = micro_batches(batch, mine, opts) if mine.numel() else []
-    calls = ctl.max(len(micro)) if ctl.world > 1 else len(micro)
+    calls = ctl.max(len(micro))
     full = torch.zeros(batch.mask.shape, dtype=torch.float32, device=batch.mask.device)
     computed = positions = 0.0
     for i in range(calls):
@@ -367,9 +367,7 @@ def _proximal(
             full[pick.to(full.device)] = lp.to(full.dtype)
             computed, positions = computed + done, positions + width
     own = _real_tokens(batch.select(mine)) if mine.numel() else 0.0
-    if ctl.world > 1:
-        full = ctl.sum_tensor(full)
-    return full, computed, own, positions
+    return ctl.sum_tensor(full), computed, own, positions
 
 
 def micro_batches(
@@ -518,7 +516,6 @@ def token_logprobs(
         input_ids[:, 1:].reshape(-1),
         temps.repeat_interleave(width - 1),
         chunk,
-        control().max(-(-len(r) // chunk)),
     )
     return lp.view(rows, width - 1)
 

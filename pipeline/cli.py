@@ -133,11 +133,7 @@ def _cmd_config_docs(args: argparse.Namespace) -> int:
 def _cmd_data_gsm8k(args: argparse.Namespace) -> int:
     from pipeline.tasks import prepare_gsm8k
 
-    try:
-        n = prepare_gsm8k(args.source, args.out)
-    except DatasetError as exc:
-        print(f"treepo: {exc}", file=sys.stderr)
-        return 2
+    n = prepare_gsm8k(args.source, args.out)
     print(f"{args.out}: {n} problems (prompt, answer)")
     return 0
 
@@ -145,14 +141,10 @@ def _cmd_data_gsm8k(args: argparse.Namespace) -> int:
 def _cmd_data_gym(args: argparse.Namespace) -> int:
     from pipeline.gym import parse_config, prepare
 
-    try:
-        config = parse_config(args.gym_config)
-        train, held_out, n = prepare(
-            args.name, args.out, args.train, args.eval, args.seed, config, args.format_bonus
-        )
-    except DatasetError as exc:
-        print(f"treepo: {exc}", file=sys.stderr)
-        return 2
+    config = parse_config(args.gym_config)
+    train, held_out, n = prepare(
+        args.name, args.out, args.train, args.eval, args.seed, config, args.format_bonus
+    )
     print(f"{train}: {args.train} problems; {held_out}: {n} problems (reasoning-gym {args.name})")
     return 0
 
@@ -356,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # ``treepo config show | head``: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ConfigError, TransportError, MessageDecodeError, OSError) as exc:
+    except (ConfigError, DatasetError, TransportError, MessageDecodeError, OSError) as exc:
         print(f"treepo: {exc}", file=sys.stderr)
         return 2
 

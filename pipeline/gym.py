@@ -34,10 +34,6 @@ ANSWER_IS = re.compile(r"answer is[:\s]*\$?\s*(" + NUMBER + r"|[^\s.,;]+)", re.I
 LAST_NUMBER = re.compile(NUMBER)
 
 
-def _boxed(text: str) -> str | None:
-    return last_boxed(text)
-
-
 def _answer_is(text: str) -> str | None:
     found = ANSWER_IS.findall(text)
     return found[-1] if found else None
@@ -49,8 +45,8 @@ def _last_number(text: str) -> str | None:
 
 
 EXTRACTORS: dict[str, tuple[Callable[[str], str | None], ...]] = {
-    "rg": (_boxed, _answer_is, _last_number),
-    "rg_boxed": (_boxed,),
+    "rg": (last_boxed, _answer_is, _last_number),
+    "rg_boxed": (last_boxed,),
     "rg_answer_is": (_answer_is,),
     "rg_last_number": (_last_number,),
 }

@@ -382,14 +382,10 @@ from tests.test_packing import binary_tree, _layout_truth
 from learner.packing import pack
 batch = pack([binary_tree(depth=7, node_tokens=790)])
 width = batch.group.shape[1]
-def status(key):
-    for line in open('/proc/self/status'):
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
-before = status('VmRSS')
-open('/proc/self/clear_refs', 'w').write('5')  # peak (VmHWM) := now
+from bench.common import reset_peak_rss, status_kib
+before = reset_peak_rss()
 mask = batch.block_mask(torch.device('cpu'))
-grown = status('VmHWM') - before
+grown = (status_kib('VmHWM') - before) / 1024
 partial, full = batch.block_layout()
 nb = partial.shape[1]
 rng = random.Random(0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -87,7 +88,7 @@ def evaluate(model: Path, eval_file: Path, settings: dict[str, str], n: int) -> 
     result = model.parent / f".eval-{model.name}-{time.time_ns()}.json"
     cmd = [sys.executable, "-m", "toy.real", "--eval-model", str(model), "--eval-file"]
     cmd += [str(eval_file), "--heldout", str(n), "--eval-out", str(result)]
-    env = {**dict(__import__("os").environ), **settings}
+    env = {**os.environ, **settings}
     log = model.parent / f".eval-{model.name}.log"
     with log.open("w") as f:
         code = subprocess.run(cmd, stdout=f, stderr=f, cwd=ROOT, env=env, check=False).returncode
@@ -100,8 +101,6 @@ def evaluate(model: Path, eval_file: Path, settings: dict[str, str], n: int) -> 
 
 def greedy_eval(model: Path, eval_file: Path, n: int) -> dict[str, float]:
     """(In the child process.) Answer the problems with vLLM, greedy, and score them."""
-    import os
-
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     # the model in this process (no engine process to outlive it), on both cores
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

@@ -65,12 +65,6 @@ class EngineFailed(RuntimeError):
     sampler exits with an error, its prompts go back to the stream; none is dead-lettered)."""
 
 
-def _cuda() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
 def device_defaults(
     dtype: str, utilization: float, eager: bool | None, cuda: bool
 ) -> tuple[str, float, bool]:
@@ -127,7 +121,7 @@ class EngineOptions:
         machine: ``device_defaults``)."""
         o = settings.sampler
         dtype, utilization, eager = device_defaults(
-            o.dtype, o.gpu_memory_utilization, o.enforce_eager, _cuda()
+            o.dtype, o.gpu_memory_utilization, o.enforce_eager, not _cpu_backend()
         )
         return cls(
             model=model,
