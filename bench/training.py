@@ -16,7 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ROOT, ratio
-from toy.demo import ci95, heldout_accuracy, run_pipeline
+from toy.demo import ci95, heldout_accuracy, run_pipeline, savings
+
+HELDOUT_SEED = 1000
+"""Every training benchmark scores its runs on the same held-out problems, whatever the run's
+seed (so runs of different seeds and arms are paired on them)."""
 
 
 def pinned_procfile(run: Path) -> Path:
@@ -45,9 +49,11 @@ def train(
     settings: dict[str, str],
     heldout: int,
     timeout_s: float = 1800,
+    run: Path | None = None,
 ) -> dict[str, Any]:
-    """One pinned training run; returns its measurements (raises if the learner did not finish)."""
-    run = ROOT / "runs" / "bench" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """One pinned training run (in ``run``, default a new folder under runs/bench/); returns its
+    measurements, all read from the run's own files (raises if the learner did not finish)."""
+    run = run or ROOT / "runs" / "bench" / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run.mkdir(parents=True)
     started = time.monotonic()
     code = run_pipeline(
@@ -75,8 +81,9 @@ def train(
     final = json.loads((ckpt / "state.json").read_text()) if ckpt else {}
     trees = sum(s["trees"] for s in steps)
     training_s = last["training_seconds"]
-    accuracy = heldout_accuracy(trained, heldout, seed=1000)
+    accuracy = heldout_accuracy(trained, heldout, seed=HELDOUT_SEED)
     s_wall = sum(s["wall_seconds"] for s in sampler)
+    cost = savings(run)
     return {
         "run": str(run.relative_to(ROOT)),
         "steps": len(steps),
@@ -95,4 +102,31 @@ def train(
         "heldout_problems": heldout,
         "wall_seconds": time.monotonic() - started,
         "exit_code": code,
+        "tokens_decoded": cost["treepo_sampler_tokens_decoded_total"],
+        "engine_seconds": cost["treepo_sampler_gpu_seconds_used_total"],
+        "engine_seconds_independent": cost["treepo_sampler_gpu_seconds_independent_total"],
+        "curve": curve(run / "learner", steps),
     }
+
+
+def curve(work: Path, steps: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """The learner's in-run evaluations (``evals.jsonl``, when ``TREEPO_LEARNER__EVAL_EVERY`` is
+    set) with the tokens received and training seconds at their step."""
+    path = work / "evals.jsonl"
+    if not path.is_file():
+        return []
+    at = {s["step"]: s for s in steps}
+    points = []
+    for line in path.read_text().splitlines():
+        e = json.loads(line)
+        s = at.get(e["step"])
+        if s is not None:
+            points.append(
+                {
+                    "step": e["step"],
+                    "accuracy": e["accuracy"],
+                    "tokens": s["tokens_received"],
+                    "seconds": s["training_seconds"],
+                }
+            )
+    return points

@@ -46,6 +46,7 @@ from pipeline.entry import ProcessSpec, exit_now, process_main
 from pipeline.errors import ConfigError, Stopping
 from pipeline.httpserver import make_app, start
 from pipeline.messages import TreeRollout, encode
+from pipeline.seeds import derived_seed
 from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Streams
 from pipeline.tasks import Problem
 from pipeline.weightserver import add_routes
@@ -87,7 +88,7 @@ class Learner:
         self.intake = Intake(settings, self.streams, self.metrics, self.admission)
         self.durable = Persistence(settings, engine, self.streams, self.metrics, self.stop)
         self.ctl = control()
-        self.rng = random.Random(settings.run.seed)
+        self.rng = random.Random(derived_seed(settings.run.seed, "learner-rng"))
         self.state = self.durable.resume(self.rng) or LearnerState()
         self.since_step = Resolved()
         self.port = opts.port
@@ -328,6 +329,9 @@ def build_learner(settings: LearnerSettings) -> Learner | Follower:
         raise ConfigError(f"TREEPO_LEARNER__MODEL: {model!r} is not a model directory")
     problems = load_problems(settings)  # a bad dataset or reward fails before DeepSpeed starts
     eval_problems(settings)  # so does a bad evaluation split
+    import torch
+
+    torch.manual_seed(derived_seed(settings.run.seed, "learner"))  # every rank alike
     engine = build_engine(model, settings.learner)
     if rank() != 0:
         return Follower(settings, engine)

@@ -364,8 +364,8 @@ class LearnerOptions(_Section):
     """Passes over each batch."""
     mini_batches: int = Field(1, ge=1, le=1024)
     """Optimizer steps per pass (the batch's rows are split evenly)."""
-    lr: float = Field(1e-5, gt=0, le=1.0)
-    """AdamW learning rate."""
+    lr: float = Field(1e-5, ge=0, le=1.0)
+    """AdamW learning rate; 0 = no update (the control arm of a comparison)."""
     warmup_steps: int = Field(0, ge=0, le=1_000_000)
     """Linear learning-rate warm-up, in optimizer steps."""
     weight_decay: float = Field(0.0, ge=0, le=1.0)

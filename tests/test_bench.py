@@ -159,31 +159,57 @@ def test_learner_ranks_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_async_vs_sync_quick(tmp_path: Path, toy_model: Path) -> None:
-    from bench import async_vs_sync
+def test_compare_quick_reports_from_the_runs_own_files_and_resumes(
+    tmp_path: Path, toy_model: Path
+) -> None:
+    """2 arms x 2 seeds of real pipeline runs: the numbers of the report are those of each run's
+    files, the learning-rate-0 arm is reported as not learning (its trained model answers
+    exactly as the untrained one), and a second invocation reruns nothing."""
+    from bench import compare
 
-    args = ["--quick", "--out", str(tmp_path), "--model", str(toy_model), "--heldout", "10"]
-    assert async_vs_sync.main(args) == 0
-    d = load(tmp_path, "async_vs_sync")
-    assert set(d["speedup_vs_sync"]) == {"0", "1"} and d["speedup_vs_sync"]["0"] == 1.0
-    for mode in d["modes"].values():
-        assert mode["trained_trees"] >= 4 and mode["training_seconds"] > 0
-        assert 0 <= mode["learner_idle_fraction"] <= 1 and 0 <= mode["sampler_idle_fraction"] <= 1
-        assert 0 <= mode["heldout_accuracy"] <= 1
-    assert d["modes"]["0"]["staleness_mean"] == 0
+    work = tmp_path / "work"
+    args = ["quick", "--out", str(tmp_path), "--work", str(work), "--model", str(toy_model)]
+    args += ["--heldout", "10"]
+    assert compare.main(args) == 0
+    d = load(tmp_path, "compare-quick")
+    assert d["seeds"] == 2 and list(d["arms"]) == ["train", "lr-0"] and len(d["runs"]) == 4
+    for r in d["runs"]:
+        run = work / r["arm"] / f"seed-{r['seed']}"
+        steps = (run / "learner" / "steps.jsonl").read_text().splitlines()
+        assert r["steps"] == len(steps) >= 1
+        assert r["tokens_received"] >= d["budget"]["amount"]  # it stopped on the token budget
+        summaries = [json.loads(p.read_text()) for p in (run / "samplers").glob("*/summary.json")]
+        decoded = sum(s["treepo_sampler_tokens_decoded_total"] for s in summaries)
+        assert r["tokens_decoded"] == decoded > 0
+        env = (run / ".env").read_text()
+        assert f"TREEPO_RUN__SEED={r['seed']}" in env
+        assert ("TREEPO_LEARNER__LR=0" in env) == (r["arm"] == "lr-0")
+        assert r["curve"] and all(0 <= p["accuracy"] <= 1 for p in r["curve"])
+    lr0 = d["arms"]["lr-0"]
+    assert lr0["learned"] is False
+    assert [s["heldout_accuracy"] for s in lr0["seeds"]] == [d["untrained_accuracy"]] * 2
+    assert lr0["gain_over_untrained"]["mean"] == 0
+    accuracies = [s["heldout_accuracy"] for s in d["arms"]["train"]["seeds"]]
+    assert d["arms"]["train"]["heldout_accuracy"]["mean"] == pytest.approx(sum(accuracies) / 2)
+    diff = d["paired_differences"]["lr-0 - train"]
+    assert diff["mean"] == pytest.approx(d["untrained_accuracy"] - sum(accuracies) / 2)
+    assert "lr-0" in (tmp_path / "compare-quick.md").read_text()
+    assert (tmp_path / "compare-quick.png").stat().st_size > 0
+    runs_before = sorted(p.name for p in (work / "train").iterdir())
+    assert compare.main(args) == 0  # resumes: every run is already there
+    again = load(tmp_path, "compare-quick")
+    assert again["runs"] == d["runs"]
+    assert sorted(p.name for p in (work / "train").iterdir()) == runs_before
 
 
-@pytest.mark.slow
-def test_treepo_vs_grpo_quick(tmp_path: Path, toy_model: Path) -> None:
-    from bench import treepo_vs_grpo
+def test_intervals_over_seeds_use_students_t() -> None:
+    from bench.compare import excludes_zero, interval
 
-    args = ["--quick", "--out", str(tmp_path), "--model", str(toy_model), "--heldout", "10"]
-    assert treepo_vs_grpo.main(args) == 0
-    d = load(tmp_path, "treepo_vs_grpo")
-    for name in ("treepo", "grpo"):
-        m = d["methods"][name]
-        assert m["tokens_received"] >= d["token_budget"], "stopped on the token budget"
-        assert m["steps"] >= 1
+    iv = interval([0.5, 0.6, 0.7])
+    # mean 0.6, sample sd 0.1, t(0.975, 2 df) = 4.303
+    assert iv["mean"] == pytest.approx(0.6) and iv["ci95"] == pytest.approx(4.303 * 0.1 / 3**0.5)
+    assert interval([0.4])["ci95"] is None and not excludes_zero(interval([0.4]))
+    assert excludes_zero(interval([0.1, 0.11, 0.12])) and not excludes_zero(interval([-0.1, 0.1]))
 
 
 def test_benchmark_tables_match_the_result_files() -> None:

@@ -37,7 +37,7 @@ DATA_SPEC = {
         "dataset": "basic_arithmetic",
         "config": {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1},
         "train": 1000,
-        "eval": 400,
+        "eval": 800,
         "seed": 0,
     },
 }
@@ -69,7 +69,10 @@ def prepare(name: str, settings: dict[str, str]) -> tuple[Path, Path, Path]:
     meta = train.parent / "meta.json"
     want = {k: spec[k] for k in ("config", "seed")} | {"dataset": spec["dataset"]}
     have = json.loads(meta.read_text()) if meta.is_file() else {}
-    if {k: have.get(k) for k in want} != want or have.get("train") != spec["train"]:
+    if {k: have.get(k) for k in want} != want or [have.get("train"), have.get("eval")] != [
+        spec["train"],
+        spec["eval"],
+    ]:
         prepare_data(
             str(spec["dataset"]),
             train.parent,
@@ -205,7 +208,7 @@ def train(run: Path, model: Path, extra: dict[str, str], samplers: int) -> tuple
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="treepo-demo-real", description=__doc__.split("\n")[0])
     p.add_argument("--recipe", default="smollm2-arithmetic")
-    p.add_argument("--heldout", type=int, default=400, help="eval problems per evaluation")
+    p.add_argument("--heldout", type=int, default=800, help="eval problems per evaluation")
     p.add_argument("--samplers", type=int, default=1)
     p.add_argument("--steps", type=int, default=0, help="learner steps (0: the recipe's)")
     p.add_argument("--minutes", type=float, default=0, help="training budget (0: the recipe's)")

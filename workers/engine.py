@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 
 from pipeline.config import SamplerSettings
 from pipeline.sampling import GeneratedSegment, PathRequest
+from pipeline.seeds import derived_seed, sampler_key
 from workers.reaper import watch_children
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,7 @@ class EngineOptions:
             max_num_seqs=o.max_num_seqs,
             cpu_bind=o.cpu_bind,
             model_in_process=o.model_in_process,
-            seed=settings.run.seed,
+            seed=derived_seed(settings.run.seed, "engine", sampler_key(o.worker_id, o.port)),
         )
 
 

@@ -39,6 +39,7 @@ from pipeline.httpserver import make_app, start
 from pipeline.messages import PromptTask, TreeRollout
 from pipeline.rewards import WRONG
 from pipeline.sampling import TreeSampler
+from pipeline.seeds import derived_seed, sampler_key
 from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Delivery, Streams
 from pipeline.tasks import reward_fn
 from pipeline.weightserver import ServeCounters, WeightStore, add_routes
@@ -89,7 +90,7 @@ class Sampler:
         self.tree_sampler = TreeSampler(
             engine,
             tree_cfg,
-            rng=random.Random(f"{settings.run.seed}-{self.worker_id}"),
+            rng=tree_rng(settings),
             decode=decode_text,
         )
         self.in_flight = self._trees_in_flight(tree_cfg)
@@ -424,6 +425,12 @@ def build_sampler(settings: SamplerSettings) -> Sampler:
     except ConfigError:
         engine.close()
         raise
+
+
+def tree_rng(settings: SamplerSettings) -> random.Random:
+    """The sampler's generator of tree shapes (random root fan-out), from the run's seed."""
+    o = settings.sampler
+    return random.Random(derived_seed(settings.run.seed, "tree", sampler_key(o.worker_id, o.port)))
 
 
 def check_segments(segment_tokens: int, block_size: int, allowed: bool) -> None:
