@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from pipeline.checkpoints import latest_checkpoint
 from pipeline.entry import child_env
-from pipeline.export import latest_checkpoint
 from tests.services import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,8 +19,8 @@ from typing import Any
 from bench.common import ROOT, parser, ratio, write_result
 from bench.transport import synthetic_tree
 from pipeline.config import RedisSettings, RunSettings, StreamSettings
-from pipeline.messages import Message, PromptTask, encode
-from pipeline.streams import Streams
+from pipeline.wire.messages import Message, PromptTask, encode
+from pipeline.wire.streams import Streams
 from tests.services import free_port, wait_port
 
 

@@ -98,7 +98,7 @@ def binary_tree(depth: int, node_tokens: int, prompt: int, vocab: int, seed: int
     (2^(depth-1) leaves), random tokens below ``vocab`` and leaf rewards of +-1."""
     import random
 
-    from pipeline.messages import RolloutLeaf, TreeRollout
+    from pipeline.wire.messages import RolloutLeaf, TreeRollout
 
     rng = random.Random(seed)
     t = TreeRollout([rng.randrange(1, vocab) for _ in range(prompt)])

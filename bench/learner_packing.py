@@ -1,6 +1,6 @@
 """Tree-packed vs per-leaf learner: the same batches of trees through both paths, in one run.
 
-Trees are grown by the real tree sampler (``pipeline.sampling.TreeSampler``) with the scripted
+Trees are grown by the real tree sampler (``pipeline.treepo.sampling.TreeSampler``) with the scripted
 generator of the tests (token ids folded into the model's vocabulary), so their shapes are the
 algorithm's: early stops, fallback and branching included. Two settings:
 
@@ -33,8 +33,8 @@ from typing import Any
 
 from bench.common import ROOT, parser, ratio, reset_peak_rss, status_kib, write_result
 from pipeline.config import TreeConfig
-from pipeline.messages import TreeRollout
-from pipeline.sampling import TreeSampler
+from pipeline.treepo.sampling import TreeSampler
+from pipeline.wire.messages import TreeRollout
 
 TREES = {"toy": 8, "compute": 4}
 """Trees per batch: the demo's 8 on the toy model; 4 of 16 x 128 tokens on the 25M model."""
@@ -132,7 +132,7 @@ def counts(trees: list[TreeRollout], row_tokens: int) -> dict[str, float]:
 
 def child(model_dir: str, trees_file: str, path: str, row_tokens: int) -> None:
     """One forward + backward in a fresh process; prints its peak resident memory."""
-    from pipeline.messages import decode_as
+    from pipeline.wire.messages import decode_as
 
     raw = Path(trees_file).read_bytes()
     trees, i = [], 0
@@ -151,7 +151,7 @@ def child(model_dir: str, trees_file: str, path: str, row_tokens: int) -> None:
 def peak_memory(
     model_dir: Path, trees: list[TreeRollout], path: str, rows: int
 ) -> dict[str, float]:
-    from pipeline.messages import encode
+    from pipeline.wire.messages import encode
 
     blob = Path(ROOT / ".cache" / "packing-trees.bin")
     blob.parent.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,7 @@ def child(
     from learner.ranks import control
     from learner.trainer import build_engine, train_on_batch
     from pipeline.config import LearnerOptions, LossSettings
-    from pipeline.messages import TreeRollout, decode_as
+    from pipeline.wire.messages import TreeRollout, decode_as
 
     torch.manual_seed(0)
     trees = [
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from bench.learner_packing import grow, settings
     from bench.tree_vs_independent import build_compute_model
-    from pipeline.messages import encode
+    from pipeline.wire.messages import encode
 
     steps = args.steps or (2 if args.quick else 3)
     cache = ROOT / ".cache" / ("bench-compute-quick" if args.quick else "bench-compute")

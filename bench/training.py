@@ -75,7 +75,7 @@ def train(
         raise RuntimeError(f"{name}: no learner step within the budget; see {run / 'pipeline.log'}")
     sampler = [json.loads(p.read_text()) for p in (run / "samplers").glob("*/summary.json")]
     last = steps[-1]
-    from pipeline.export import latest_checkpoint
+    from pipeline.checkpoints import latest_checkpoint
 
     ckpt = latest_checkpoint(run / "learner" / "checkpoints")
     final = json.loads((ckpt / "state.json").read_text()) if ckpt else {}

@@ -2,7 +2,7 @@
 
 Pipeline path (what samplers and the learner do): ``messages.encode`` + XADD by a producer while a
 consumer does XREADGROUP + ``messages.decode`` (validated) + XACK, concurrently, through
-``pipeline.streams.Streams``. Raw path: the same bytes, already encoded, through XADD,
+``pipeline.wire.streams.Streams``. Raw path: the same bytes, already encoded, through XADD,
 XREADGROUP and XACK with a bare redis-py client and no decoding. Both run against one
 redis-server started with ``ops/redis.conf`` (append-only file, fsync every second).
 
@@ -25,8 +25,8 @@ import redis.asyncio as aioredis
 
 from bench.common import ROOT, parser, ratio, write_result
 from pipeline.config import RedisSettings, RunSettings, StreamSettings
-from pipeline.messages import TreeRollout, encode
-from pipeline.streams import Streams
+from pipeline.wire.messages import TreeRollout, encode
+from pipeline.wire.streams import Streams
 from tests.services import free_port, wait_port
 
 
@@ -117,7 +117,7 @@ async def raw_path(url: str, payloads: list[bytes]) -> dict[str, float]:
 
 
 def codec_only(trees: list[TreeRollout]) -> dict[str, float]:
-    from pipeline.messages import decode
+    from pipeline.wire.messages import decode
 
     started = time.perf_counter()
     payloads = [encode(t) for t in trees]

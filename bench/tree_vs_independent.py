@@ -23,7 +23,7 @@ ratios are taken within each repeat and their median over repeats counts. Measur
 steps, tokens decoded and prefilled.
 
 The cost model that the sampler and the demo price independent sampling with
-(``pipeline.costs``) is checked here: it is fitted on the tree run's own engine steps, prices the
+(``pipeline.treepo.costs``) is checked here: it is fitted on the tree run's own engine steps, prices the
 independent counterfactual of the trees' prompts from the trees alone, and the price is compared
 with the independent run's measured engine-seconds (``cost_model.predicted_vs_measured``).
 
@@ -41,10 +41,10 @@ from typing import Any
 
 from bench.common import ROOT, Progress, parser, ratio, write_result
 from pipeline.config import TreeConfig
-from pipeline.costs import CostModel, StepConcurrency, Work, independent_work
-from pipeline.messages import TreeRollout
-from pipeline.sampling import TreeSampler
-from pipeline.tasks import ArithTask, arith_reward
+from pipeline.treepo.costs import CostModel, StepConcurrency, Work, independent_work
+from pipeline.treepo.sampling import TreeSampler
+from pipeline.treepo.tasks import ArithTask, arith_reward
+from pipeline.wire.messages import TreeRollout
 
 DEMO_SHAPE = "demo"
 

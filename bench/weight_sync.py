@@ -15,7 +15,7 @@ Parts (``--gigabytes`` of synthetic float32 safetensors, 1 GB by default):
 * ``fanout``: 1, 4 and 8 receivers at once, ``full`` (everyone from the learner, no limit) and
   ``relay`` (the learner answers two receivers at a time; a receiver that verified the version
   advertises it in Redis and serves it to the others), both as between machines, and ``host``:
-  the receivers as samplers of one machine (not the learner's) with ``pipeline.hostshare`` on,
+  the receivers as samplers of one machine (not the learner's) with ``pipeline.weights.hostshare`` on,
   the default: one takes the machine's lease and fetches (relays as in ``relay``), the others
   link its verified copy. Seconds until all hold it, bytes the learner sent. Receivers are
   download-only processes (no vLLM engine: eight engines do not fit this machine next to each
@@ -113,11 +113,11 @@ async def _fetch_receiver(spec: dict[str, Any]) -> int:
     from aiohttp import web
 
     from pipeline.config import RedisSettings, RunSettings, StreamSettings
-    from pipeline.hostshare import HostShare, shared_fetch
     from pipeline.httpserver import start
-    from pipeline.streams import Streams
-    from pipeline.transfer import Sources, fetch_version
-    from pipeline.weightserver import ServeCounters, WeightStore, add_routes
+    from pipeline.weights.hostshare import HostShare, shared_fetch
+    from pipeline.weights.server import ServeCounters, WeightStore, add_routes
+    from pipeline.weights.transfer import Sources, fetch_version
+    from pipeline.wire.streams import Streams
 
     dest = Path(spec["dest"])
     dest.mkdir(parents=True, exist_ok=True)
@@ -298,7 +298,7 @@ class Publisher:
     """A WeightStore served by the learner's own routes."""
 
     def __init__(self, root: Path) -> None:
-        from pipeline.weightserver import ServeCounters, WeightStore
+        from pipeline.weights.server import ServeCounters, WeightStore
 
         self.store = WeightStore(root, keep=4, full_every=0)
         self.counters = ServeCounters()
@@ -310,7 +310,7 @@ class Publisher:
         from aiohttp import web
 
         from pipeline.httpserver import start
-        from pipeline.weightserver import add_routes
+        from pipeline.weights.server import add_routes
 
         self.app = web.Application()
         add_routes(self.app, self.store, slots=slots, counters=self.counters)
@@ -414,7 +414,7 @@ async def run_fetch(
     """``n`` receivers of one version; (seconds until all verified, reports, learner bytes).
     ``warm``: each receiver holds an older version whose files it overwrites (a sampler from
     its third update on); cold receivers write into memory never used before."""
-    from pipeline.weights import sha256_bytes
+    from pipeline.weights.manifest import sha256_bytes
 
     before = pub.counters.bytes_sent
     specs = []
@@ -445,7 +445,7 @@ async def run_fetch(
 
 
 async def synthetic(work: Path, gigabytes: float, repeats: int, quick: bool) -> dict[str, Any]:
-    from pipeline.weights import DIGESTS
+    from pipeline.weights.manifest import DIGESTS
     from tests.services import RedisServer, free_port
 
     files = synthetic_weights(work / "src", gigabytes)
@@ -542,7 +542,7 @@ async def _set_slots(pub: Publisher, slots: int) -> None:
     from aiohttp import web
 
     from pipeline.httpserver import start
-    from pipeline.weightserver import add_routes
+    from pipeline.weights.server import add_routes
 
     await pub.runner.cleanup()
     port = int(pub.url.rsplit(":", 1)[1])
@@ -553,7 +553,7 @@ async def _set_slots(pub: Publisher, slots: int) -> None:
 
 async def _clear_sources(redis_url: str) -> None:
     from pipeline.config import RedisSettings, RunSettings, StreamSettings
-    from pipeline.streams import Streams
+    from pipeline.wire.streams import Streams
 
     s = Streams(RedisSettings(url=redis_url), RunSettings(name="bench"), StreamSettings())
     await s.client.delete(s.keys.weight_sources)
@@ -632,8 +632,8 @@ def codec_study(model: Path) -> dict[str, Any]:
     from safetensors.torch import save
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline import delta
-    from pipeline.tasks import ArithTask
+    from pipeline.treepo.tasks import ArithTask
+    from pipeline.weights import delta
     from toy.demo import DEMO_SETTINGS
 
     torch.manual_seed(0)

@@ -19,9 +19,9 @@ from learner.metrics import LearnerMetrics
 from learner.state import LearnerState, Resolved
 from pipeline.config import LearnerSettings
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.messages import PromptTask
-from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Streams
-from pipeline.tasks import ArithTask, Problem, load_dataset, reward_fn
+from pipeline.treepo.tasks import ArithTask, Problem, load_dataset, reward_fn
+from pipeline.wire.messages import PromptTask
+from pipeline.wire.streams import PROMPT_GROUP, TREE_GROUP, Streams
 
 log = logging.getLogger("learner.process")
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.advantage import AdvantageMode, tree_advantages, whiten
-from pipeline.messages import TreeRollout
+from pipeline.treepo.advantage import AdvantageMode, tree_advantages, whiten
+from pipeline.wire.messages import TreeRollout
 
 
 @dataclass

@@ -33,8 +33,8 @@ from safetensors.torch import load_file, save_file
 
 from learner.ranks import Control
 from learner.trainer import Engine, full_parameters
+from pipeline.checkpoints import LATEST
 from pipeline.errors import ConfigError
-from pipeline.export import LATEST
 
 
 def _flatten_optimizer(

@@ -15,14 +15,16 @@ training by construction).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 from learner.ranks import Control, share
 from pipeline.config import LearnerSettings
 from pipeline.errors import ConfigError, DatasetError
-from pipeline.tasks import ArithTask, Problem, load_dataset, reward_fn
+from pipeline.treepo.tasks import ArithTask, Problem, load_dataset, reward_fn
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,23 @@ class Evaluator:
             correct += reward_fn(problem.task)(text, problem.answer) > 0
         total = ctl.sum([float(correct)])[0]
         return total / max(1, len(self.problems)), time.perf_counter() - started
+
+    def record(
+        self, engine: Any, ctl: Control, work: Path, step: int, version: int
+    ) -> tuple[float, float]:
+        """(Rank 0.) ``accuracy`` of the training module on every rank (it tells the others to
+        join), appended to ``<work>/evals.jsonl`` and logged in one line."""
+        ctl.send("evaluate")
+        accuracy, seconds = self.accuracy(engine.module, ctl, engine.zero_stage == 3)
+        n = len(self.problems)
+        line = {"step": step, "version": version, "accuracy": accuracy, "problems": n}
+        with (work / "evals.jsonl").open("a") as f:
+            f.write(json.dumps({**line, "seconds": seconds}) + "\n")
+        log.info(
+            "evaluation at step %d: greedy accuracy %.3f on %d held-out problems (%.1fs)",
+            step, accuracy, n, seconds,
+        )  # fmt: skip
+        return accuracy, seconds
 
     def answers(
         self, module: Any, ctl: Control, zero3: bool = False, batch: int = 32

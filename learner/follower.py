@@ -14,7 +14,7 @@ from learner.evaluate import Evaluator, eval_problems
 from learner.ranks import Control, control, follow
 from learner.trainer import Engine, save_pretrained, train_on_batch
 from pipeline.config import LearnerSettings
-from pipeline.messages import TreeRollout, decode_as
+from pipeline.wire.messages import TreeRollout, decode_as
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from learner.metrics import LearnerMetrics
 from learner.rules import Verdict, staleness, triage
 from learner.state import LearnerState, Resolved
 from pipeline.config import LearnerSettings
-from pipeline.messages import TreeRollout
-from pipeline.streams import TREE_GROUP, Delivery, Streams
+from pipeline.wire.messages import TreeRollout
+from pipeline.wire.streams import TREE_GROUP, Delivery, Streams
 
 log = logging.getLogger("learner.process")
 

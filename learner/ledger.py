@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.export import latest_checkpoint
+from pipeline.checkpoints import latest_checkpoint
 
 Outcome = Literal["trained", "no_signal", "abandoned"]
 Status = Literal["outstanding", "finished", "unknown"]

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from learner.logprobs import chunk_tokens, head_logprobs
-from pipeline.messages import TreeRollout
+from pipeline.wire.messages import TreeRollout
 
 SUPPORTED_ATTENTION = ("sdpa", "eager", "flex_attention")
 """Attention implementations that take the tree mask: a dense 4-D mask (boolean for SDPA,

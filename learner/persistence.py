@@ -21,12 +21,12 @@ from learner.ranks import control
 from learner.state import LearnerState
 from learner.steplog import cut_step_log
 from learner.trainer import Engine, save_pretrained
+from pipeline.checkpoints import latest_checkpoint
 from pipeline.config import LearnerSettings
 from pipeline.errors import Stopping, TransportError
-from pipeline.export import latest_checkpoint
-from pipeline.streams import TREE_GROUP, Streams
-from pipeline.weights import Manifest
-from pipeline.weightserver import WeightStore, announce
+from pipeline.weights.manifest import Manifest
+from pipeline.weights.server import WeightStore, announce
+from pipeline.wire.streams import TREE_GROUP, Streams
 
 log = logging.getLogger("learner.process")
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import random
@@ -37,19 +36,19 @@ from learner.intake import Intake
 from learner.metrics import LearnerMetrics
 from learner.persistence import Persistence
 from learner.ranks import control, launch, rank
-from learner.rules import leaf_summary, staleness
+from learner.rules import staleness
 from learner.state import LearnerState, Resolved
-from learner.steplog import StepRecord, TensorBoardLog, write_step
+from learner.steplog import TensorBoardLog, TrainingClock, step_record, write_step
 from learner.trainer import Engine, StepStats, build_engine, train_on_batch
 from pipeline.config import LearnerSettings
 from pipeline.entry import ProcessSpec, exit_now, process_main
 from pipeline.errors import ConfigError, Stopping
 from pipeline.httpserver import make_app, start
-from pipeline.messages import TreeRollout, encode
 from pipeline.seeds import derived_seed
-from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Streams
-from pipeline.tasks import Problem
-from pipeline.weightserver import add_routes
+from pipeline.treepo.tasks import Problem
+from pipeline.weights.server import add_routes
+from pipeline.wire.messages import TreeRollout, encode
+from pipeline.wire.streams import PROMPT_GROUP, TREE_GROUP, Streams
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +92,7 @@ class Learner:
         self.since_step = Resolved()
         self.port = opts.port
         self.base_url = settings.weights.public_url
-        self.started = time.monotonic()
-        self.first_tree_at: float | None = None
-        """When the first tree arrived (the training clock of ``max_seconds`` starts here)."""
-        self.wait_seconds = 0.0
-        """Seconds spent waiting for trees after the first one arrived (idle time)."""
+        self.clock = TrainingClock()
         self.tensorboard = TensorBoardLog(opts.tensorboard_dir) if opts.tensorboard_dir else None
         held_out = eval_problems(settings)
         self.evaluator = Evaluator(settings, tokenizer, held_out) if held_out else None
@@ -156,11 +151,7 @@ class Learner:
                 await self.admission.readmit_overdue(self.state, self.since_step, waiting)
                 waited = time.monotonic()
                 batch = await anext(trees, [])
-                if self.first_tree_at is not None and self.first_tree_at < waited:
-                    self.wait_seconds += time.monotonic() - waited
-                self.metrics.wait_seconds.inc(time.monotonic() - waited)
-                if batch and self.first_tree_at is None:
-                    self.first_tree_at = time.monotonic()
+                self.metrics.wait_seconds.inc(self.clock.waited(waited, bool(batch)))
                 await self.intake.take(batch, self.state, self.since_step)
                 await self._observe_streams()
                 await self.intake.drop_now_stale(self.state, self.since_step)
@@ -187,11 +178,7 @@ class Learner:
     def budget_spent(self) -> bool:
         """True once the time or token budget (when set) is used up."""
         opts = self.settings.learner
-        if (
-            opts.max_seconds
-            and self.first_tree_at is not None
-            and time.monotonic() - self.first_tree_at >= opts.max_seconds
-        ):
+        if opts.max_seconds and self.clock.training_seconds(started=False) >= opts.max_seconds:
             return True
         return bool(opts.token_budget) and self.state.tokens_received >= opts.token_budget
 
@@ -211,7 +198,11 @@ class Learner:
         seconds = time.perf_counter() - started
         self.state.step += 1
         self.intake.trained(taken, self.state)
-        record = self._record(trees, lags, batch.rewards, stats, seconds)
+        received = self.intake.leaves_received()
+        record = step_record(
+            self.state, self.version, trees, lags, batch.rewards, received, stats, seconds,
+            self.clock, self.since_step, self.last_eval,
+        )  # fmt: skip
         self.metrics.observe_step(record, lags, stats.tokens)
         self.since_step = Resolved()
         write_step(self.work, record)
@@ -236,48 +227,6 @@ class Learner:
         s = self.settings
         return train_on_batch(self.engine, batch, s.learner, s.loss, step, s.run.seed)
 
-    def _record(
-        self,
-        trees: list[TreeRollout],
-        lags: list[int],
-        rewards: list[float],
-        stats: StepStats,
-        seconds: float,
-    ) -> StepRecord:
-        """The step log record of the step just taken (and the reset of the leaves received)."""
-        reward, accuracy = leaf_summary(rewards)
-        received = self.intake.leaves_received()
-        sampled_reward, sampled_accuracy = leaf_summary(received) if received else (None, None)
-        record = StepRecord(
-            step=self.state.step,
-            version=self.version,
-            reward=reward,
-            accuracy=accuracy,
-            sampled_reward=sampled_reward,
-            sampled_accuracy=sampled_accuracy,
-            trees=len(trees),
-            leaves=len(rewards),
-            staleness_mean=sum(lags) / len(lags),
-            staleness_max=max(lags),
-            seconds=seconds,
-            tokens_per_second=stats.tokens / max(seconds, 1e-9),
-            wall=time.monotonic() - self.started,
-            training_seconds=time.monotonic() - (self.first_tree_at or self.started),
-            wait_seconds=self.wait_seconds,
-            tokens_received=self.state.tokens_received,
-            dropped_stale=self.state.dropped_stale,
-            dropped_no_signal=self.state.dropped_no_signal,
-            tree_ids=[t.tree_id for t in trees],
-            no_signal_ids=self.since_step.no_signal,
-            abandoned_ids=self.since_step.abandoned,
-            readmitted_ids=self.since_step.readmitted,
-            outstanding=len(self.state.ledger.outstanding),
-            **StepRecord.loss_fields(stats),
-            eval_accuracy=self.last_eval[0] if self.last_eval else None,
-            eval_step=self.last_eval[1] if self.last_eval else None,
-        )
-        return record
-
     async def _checkpoint(self) -> None:
         entries, self.intake.resolved_entries = self.intake.resolved_entries, []
         left = await self.durable.checkpoint(self.state, self.rng, entries)
@@ -286,36 +235,17 @@ class Learner:
     async def _publish(self) -> None:
         await self.durable.publish(self.version, self.base_url)
 
-    def _evaluate_on_ranks(self) -> tuple[float, float]:
-        assert self.evaluator is not None
-        self.ctl.send("evaluate")
-        return self.evaluator.accuracy(self.engine.module, self.ctl, self.engine.zero_stage == 3)
-
     async def _evaluate(self) -> None:
         """Greedy held-out accuracy of the weights just published (their version's files)."""
         assert self.evaluator is not None
         if self.version not in self.durable.store.versions():
             await self._publish()
-        accuracy, seconds = await asyncio.to_thread(self._evaluate_on_ranks)
+        accuracy, seconds = await asyncio.to_thread(
+            self.evaluator.record, self.engine, self.ctl, self.work, self.state.step, self.version
+        )
         self.last_eval = (accuracy, self.state.step)
         self.metrics.eval_accuracy.set(accuracy)
         self.metrics.eval_seconds.observe(seconds)
-        with (self.work / "evals.jsonl").open("a") as f:
-            record = {
-                "step": self.state.step,
-                "version": self.version,
-                "accuracy": accuracy,
-                "problems": len(self.evaluator.problems),
-                "seconds": seconds,
-            }
-            f.write(json.dumps(record) + "\n")
-        log.info(
-            "evaluation at step %d: greedy accuracy %.3f on %d held-out problems (%.1fs)",
-            self.state.step,
-            accuracy,
-            len(self.evaluator.problems),
-            seconds,
-        )
 
 
 # -- entry point ---------------------------------------------------------------------------------

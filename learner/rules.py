@@ -7,8 +7,8 @@ from collections.abc import Container
 from typing import Literal
 
 from learner.ledger import Status, prompt_id
-from pipeline.advantage import has_signal
-from pipeline.messages import TreeRollout
+from pipeline.treepo.advantage import has_signal
+from pipeline.wire.messages import TreeRollout
 
 Verdict = Literal[
     "ready", "before_restart", "unknown", "sampling", "duplicate", "stale", "no_signal"

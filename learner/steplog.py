@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from learner.rules import leaf_summary
+from learner.state import LearnerState, Resolved
 from learner.trainer import StepStats
 from pipeline.errors import ConfigError
+from pipeline.wire.messages import TreeRollout
 
 log = logging.getLogger("learner.process")
 
@@ -75,6 +79,79 @@ class StepRecord:
             "tokens_per_leaf": stats.tokens_per_leaf,
             "padding_fraction": stats.padding_fraction,
         }
+
+
+@dataclass
+class TrainingClock:
+    """The learner's clocks: training time runs from the first tree (``max_seconds`` counts
+    from there), and the seconds it waited for trees after that are its idle time."""
+
+    started: float = field(default_factory=time.monotonic)
+    first_tree_at: float | None = None
+    wait_seconds: float = 0.0
+
+    def waited(self, since: float, got_trees: bool) -> float:
+        """A read of the tree stream that began at ``since`` has returned; its seconds."""
+        now = time.monotonic()
+        if self.first_tree_at is not None and self.first_tree_at < since:
+            self.wait_seconds += now - since
+        if got_trees and self.first_tree_at is None:
+            self.first_tree_at = now
+        return now - since
+
+    def training_seconds(self, started: bool = True) -> float:
+        """Seconds since the first tree (before it: since the start, or 0 if not ``started``)."""
+        if self.first_tree_at is None:
+            return time.monotonic() - self.started if started else 0.0
+        return time.monotonic() - self.first_tree_at
+
+
+def step_record(
+    state: LearnerState,
+    version: int,
+    trees: list[TreeRollout],
+    lags: list[int],
+    rewards: list[float],
+    received: list[float],
+    stats: StepStats,
+    seconds: float,
+    clock: TrainingClock,
+    resolved: Resolved,
+    last_eval: tuple[float, int] | None,
+) -> StepRecord:
+    """The step log record of the step just taken: the trained ``trees`` (their staleness
+    ``lags`` and leaf ``rewards``), the leaves ``received`` since the last step, the loss
+    ``stats`` and the step's ``seconds``."""
+    reward, accuracy = leaf_summary(rewards)
+    sampled_reward, sampled_accuracy = leaf_summary(received) if received else (None, None)
+    return StepRecord(
+        step=state.step,
+        version=version,
+        reward=reward,
+        accuracy=accuracy,
+        sampled_reward=sampled_reward,
+        sampled_accuracy=sampled_accuracy,
+        trees=len(trees),
+        leaves=len(rewards),
+        staleness_mean=sum(lags) / len(lags),
+        staleness_max=max(lags),
+        seconds=seconds,
+        tokens_per_second=stats.tokens / max(seconds, 1e-9),
+        wall=time.monotonic() - clock.started,
+        training_seconds=clock.training_seconds(),
+        wait_seconds=clock.wait_seconds,
+        tokens_received=state.tokens_received,
+        dropped_stale=state.dropped_stale,
+        dropped_no_signal=state.dropped_no_signal,
+        tree_ids=[t.tree_id for t in trees],
+        no_signal_ids=resolved.no_signal,
+        abandoned_ids=resolved.abandoned,
+        readmitted_ids=resolved.readmitted,
+        outstanding=len(state.ledger.outstanding),
+        **StepRecord.loss_fields(stats),
+        eval_accuracy=last_eval[0] if last_eval else None,
+        eval_step=last_eval[1] if last_eval else None,
+    )
 
 
 def write_step(work: Path, r: StepRecord) -> None:

@@ -161,7 +161,7 @@ SAFETENSORS_DTYPES = {
 
 def base_dtypes(model_dir: str | Path) -> dict[str, torch.dtype]:
     """Tensor name -> torch dtype of the floating-point tensors of the base model's files."""
-    from pipeline.weights import tensor_specs
+    from pipeline.weights.manifest import tensor_specs
 
     specs = tensor_specs(Path(model_dir))
     return {k: SAFETENSORS_DTYPES[d] for k, (d, _) in specs.items() if d in SAFETENSORS_DTYPES}

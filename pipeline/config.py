@@ -339,7 +339,7 @@ class LearnerOptions(_Section):
     """Reward function for file datasets (the built-in dataset always uses ``arith``):
     ``math`` (math-verify equivalence of the last ``\\boxed{}``), ``arith`` (exact integer),
     ``rg`` / ``rg_boxed`` / ``rg_answer_is`` / ``rg_last_number`` (reasoning-gym entries from
-    ``treepo data reasoning-gym``, scored by the dataset's own verifier: ``pipeline.gym``), or
+    ``treepo data reasoning-gym``, scored by the dataset's own verifier: ``pipeline.treepo.gym``), or
     an import path ``package.module:function`` of your own ``f(response, reference) -> float``,
     importable by the learner and every sampler (checked at start)."""
     chat_template: bool = False

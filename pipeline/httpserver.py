@@ -13,7 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from pipeline.streams import DEADLETTER_REASONS
+from pipeline.wire.streams import DEADLETTER_REASONS
 
 
 class Labelled:
@@ -72,7 +72,7 @@ async def start(app: web.Application, host: str, port: int) -> tuple[web.AppRunn
 
 def deadletter_counter(prefix: str, what: str, registry: CollectorRegistry) -> Counter:
     """``<prefix>deadletter_total{reason}``: entries of ``what`` this process dead-lettered, one
-    series per reason of ``pipeline.streams.DEADLETTER_REASONS`` (all present from the start)."""
+    series per reason of ``pipeline.wire.streams.DEADLETTER_REASONS`` (all present from the start)."""
     counter = Counter(
         prefix + "deadletter",
         f"{what} sent to the dead-letter stream, by reason.",

@@ -56,7 +56,7 @@ def evaluator(model_dir: str):  # type: ignore[no-untyped-def]
 
     from learner.evaluate import Evaluator
     from pipeline.config import LearnerOptions, LearnerSettings
-    from pipeline.tasks import ArithTask
+    from pipeline.treepo.tasks import ArithTask
 
     settings = LearnerSettings(learner=LearnerOptions(model=model_dir, eval_max_tokens=24))
     problems = ArithTask().problems("heldout", 8, seed=1)
@@ -77,8 +77,8 @@ def run(mode: str, model_dir: str, out: Path, stage: int) -> None:
     from learner.checkpoint import load_checkpoint, save_checkpoint
     from learner.ranks import control
     from learner.trainer import build_engine, export_weights, full_state_dict, train_on_batch
+    from pipeline.checkpoints import latest_checkpoint
     from pipeline.config import LearnerOptions, LossSettings
-    from pipeline.export import latest_checkpoint
 
     torch.manual_seed(0)
     opts = LearnerOptions(

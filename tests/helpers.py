@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.config import RedisSettings, RunSettings, StreamSettings
-from pipeline.streams import Streams
+from pipeline.wire.streams import Streams
 from tests.services import RedisServer
 
 T = TypeVar("T")

@@ -19,7 +19,7 @@ import random
 import zlib
 from dataclasses import dataclass, field
 
-from pipeline.sampling import GeneratedSegment, PathRequest
+from pipeline.treepo.sampling import GeneratedSegment, PathRequest
 
 EOS = 0
 VOCAB = 1_000_003

@@ -12,9 +12,9 @@ import json
 import sys
 
 from pipeline.config import SamplerSettings, load_settings
-from pipeline.sampling import TreeSampler
+from pipeline.treepo.sampling import TreeSampler
 from workers.engine import EngineOptions, VLLMPathGenerator
-from workers.sampler import tree_rng
+from workers.trees import tree_rng
 
 
 def main(model: str, out: str) -> None:

@@ -32,8 +32,8 @@ def test_prompts_longer_than_the_limit_are_skipped_and_counted(redis_server) -> 
     from learner.metrics import LearnerMetrics
     from learner.state import LearnerState
     from pipeline.config import LearnerOptions, LearnerSettings, RedisSettings, RunSettings
-    from pipeline.messages import PromptTask, decode_as
-    from pipeline.tasks import Problem
+    from pipeline.treepo.tasks import Problem
+    from pipeline.wire.messages import PromptTask, decode_as
     from tests.helpers import make_streams
 
     tok = build_tokenizer()
@@ -110,9 +110,9 @@ def test_a_lost_prompt_is_admitted_again_while_trees_wait_unread(redis_server) -
     from learner.metrics import LearnerMetrics
     from learner.state import LearnerState, Resolved
     from pipeline.config import LearnerOptions, LearnerSettings, RedisSettings, RunSettings
-    from pipeline.messages import RolloutLeaf, RolloutNode, TreeRollout
-    from pipeline.streams import PROMPT_GROUP, TREE_GROUP
-    from pipeline.tasks import Problem
+    from pipeline.treepo.tasks import Problem
+    from pipeline.wire.messages import RolloutLeaf, RolloutNode, TreeRollout
+    from pipeline.wire.streams import PROMPT_GROUP, TREE_GROUP
     from tests.helpers import make_streams
 
     after = 100.0

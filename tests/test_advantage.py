@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.advantage import (
+from pipeline.treepo.advantage import (
     filter_informative,
     has_signal,
     tree_advantages,

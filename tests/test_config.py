@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import config_reference, main
+from pipeline.cli.main import config_reference, main
 from pipeline.config import (
     LearnerSettings,
     SamplerSettings,
@@ -124,7 +124,7 @@ def test_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     bad.write_bytes(b"\x00")
     assert main(["decode", str(bad)]) == 1
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "pipeline.cli.main", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and re.search(r"config.*decode|decode.*config", out.stdout, re.S)
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.costs import CostModel, StepConcurrency, Work, independent_work
+from pipeline.cli.treeview import render_html
 from pipeline.errors import WeightVerificationError
-from pipeline.messages import decode
-from pipeline.treeview import render_html
-from pipeline.weights import Manifest, check_compatible, safetensors_header, write_manifest
+from pipeline.treepo.costs import CostModel, StepConcurrency, Work, independent_work
+from pipeline.weights.manifest import Manifest, check_compatible, safetensors_header, write_manifest
+from pipeline.wire.messages import decode
 
 DATA = Path(__file__).parent / "data"
 
@@ -156,8 +156,8 @@ def test_staged_dir_replaces_whole_or_not_at_all(tmp_path: Path) -> None:
 
 def test_announcements_are_signed_and_checked_before_any_download() -> None:
     from pipeline.errors import WeightVerificationError
-    from pipeline.messages import WeightAnnouncement
-    from pipeline.weights import announcement_signature, check_announcement
+    from pipeline.weights.manifest import announcement_signature, check_announcement
+    from pipeline.wire.messages import WeightAnnouncement
 
     ann = WeightAnnouncement(7, "http://learner:5100/weights/7", "ab" * 32, 123, 1.5)
     ann.signature = announcement_signature(ann, "tok")

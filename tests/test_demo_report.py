@@ -59,7 +59,7 @@ def test_a_run_without_deltas_or_sampler_summaries_still_reports_its_versions(
 def test_the_demo_reports_engine_steps_and_request_start_lag(tmp_path: Path) -> None:
     """Steps run and priced add up over samplers; the start lag is the mean over all requests
     (weighted by each sampler's request count, not a mean of the samplers' means)."""
-    from pipeline.costs import Work
+    from pipeline.treepo.costs import Work
     from toy.demo import engine_steps
 
     run = tmp_path / "run"

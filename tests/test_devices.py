@@ -12,7 +12,7 @@ import torch
 
 from learner.batch import build_batch
 from learner.loss import behavior_log_weights
-from pipeline.messages import RolloutLeaf, RolloutNode, TreeRollout
+from pipeline.wire.messages import RolloutLeaf, RolloutNode, TreeRollout
 
 ROOT = Path(__file__).resolve().parent.parent
 FACTORIES = {

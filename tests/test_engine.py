@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import TreeConfig
-from pipeline.sampling import PathRequest, TreeSampler
+from pipeline.treepo.sampling import PathRequest, TreeSampler
 from tests.helpers import run_restoring
 from workers.engine import EngineFailed, GenerationStopped, VLLMPathGenerator
 

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from learner.checkpoint import model_tensors
-from pipeline.cli import main
+from pipeline.cli.export import export_checkpoint
+from pipeline.cli.main import main
 from pipeline.errors import ConfigError
-from pipeline.export import export_checkpoint
 
 
 def fake_checkpoint(root: Path, step: int, module: torch.nn.Module) -> Path:

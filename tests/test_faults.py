@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from bench.cluster import PASSWORDS, Cluster
 from learner.ledger import Ledger, audit
 from pipeline.config import RedisSettings, RunSettings, StreamSettings
-from pipeline.messages import (
+from pipeline.wire.messages import (
     Heartbeat,
     PromptTask,
     RolloutLeaf,
@@ -31,7 +31,7 @@ from pipeline.messages import (
     decode,
     encode,
 )
-from pipeline.streams import PAYLOAD_FIELD, Streams
+from pipeline.wire.streams import PAYLOAD_FIELD, Streams
 
 pytestmark = pytest.mark.slow
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.errors import DatasetError
-from pipeline.gym import extract, prepare
-from pipeline.rewards import CORRECT, WRONG
-from pipeline.tasks import load_dataset, reward_fn
+from pipeline.treepo.gym import extract, prepare
+from pipeline.treepo.rewards import CORRECT, WRONG
+from pipeline.treepo.tasks import load_dataset, reward_fn
 
 TASKS = [
     ("basic_arithmetic", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}),
@@ -44,7 +44,7 @@ def test_entries_score_with_their_own_verifier(tmp_path: Path, name: str, config
 def test_extraction_rules() -> None:
     rules = {name: reward_fn(name) for name in ("rg", "rg_boxed", "rg_answer_is", "rg_last_number")}
     assert set(rules)  # every rule is a registered reward
-    from pipeline.gym import EXTRACTORS
+    from pipeline.treepo.gym import EXTRACTORS
 
     text = "3 + 4 = 7, so the answer is 7. Check: 1,200 apples"
     assert extract(text, EXTRACTORS["rg"]) == ("7", 1)  # no box: "answer is" before last number

@@ -22,7 +22,7 @@ from pipeline.config import (
     StreamSettings,
     TreeConfig,
 )
-from pipeline.messages import TreeRollout, decode
+from pipeline.wire.messages import TreeRollout, decode
 from tests.helpers import make_streams, run_restoring
 from tests.services import PrometheusServer, RedisServer, free_port
 from workers.engine import VLLMPathGenerator
@@ -150,7 +150,7 @@ async def check_observability(learner_port: int, sampler_port: int, tmp: Path) -
 
 async def check_status(server: RedisServer, urls: list[str]) -> None:
     """``treepo status`` sees the live sampler, the streams and the rates."""
-    from pipeline.status import render, snapshot
+    from pipeline.cli.status import render, snapshot
 
     s = make_streams(server)
     try:
@@ -271,9 +271,9 @@ def test_no_trained_tree_is_older_than_the_bound(
     from learner.rules import staleness
     from learner.trainer import build_engine
     from pipeline.config import LearnerOptions, LearnerSettings
-    from pipeline.messages import RolloutLeaf, RolloutNode
-    from pipeline.streams import Delivery
-    from pipeline.tasks import ArithTask
+    from pipeline.treepo.tasks import ArithTask
+    from pipeline.wire.messages import RolloutLeaf, RolloutNode
+    from pipeline.wire.streams import Delivery
 
     opts = LearnerOptions(model=str(toy_model), work_dir=str(tmp_path / "work"), batch_prompts=8)
     settings = LearnerSettings(
@@ -334,7 +334,7 @@ def test_weights_are_published_in_the_base_models_dtypes(toy_model: Path, tmp_pa
     from learner.batch import build_batch
     from learner.trainer import build_engine, export_weights, full_state_dict, train_on_batch
     from pipeline.config import LearnerOptions, LossSettings
-    from pipeline.weights import check_compatible, tensor_specs
+    from pipeline.weights.manifest import check_compatible, tensor_specs
     from tests.test_packing import random_tree
 
     base = tmp_path / "bf16"

@@ -9,8 +9,8 @@ import torch
 
 from learner.batch import build_batch
 from learner.loss import policy_loss
-from pipeline.advantage import tree_advantages, whiten
-from pipeline.messages import RolloutLeaf, RolloutNode, TreeRollout
+from pipeline.treepo.advantage import tree_advantages, whiten
+from pipeline.wire.messages import RolloutLeaf, RolloutNode, TreeRollout
 
 
 def reference_loss(lp, prox, mu, adv, mask, seg, level, clip_low, clip_high, dual_clip, is_cap):  # type: ignore[no-untyped-def]

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import MessageDecodeError
-from pipeline.messages import (
+from pipeline.wire.messages import (
     FINISH_REASONS,
     DecodeLimits,
     Heartbeat,

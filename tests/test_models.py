@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from learner.models import MODELS, extract_gguf, get, lookup
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

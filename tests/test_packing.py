@@ -12,7 +12,7 @@ import torch
 from learner.batch import build_batch
 from learner.packing import _fill_rows, check_model, leaf_logprobs, pack, pack_tree
 from learner.trainer import token_logprobs
-from pipeline.messages import RolloutLeaf, TreeRollout
+from pipeline.wire.messages import RolloutLeaf, TreeRollout
 
 VOCAB = 64
 

@@ -26,7 +26,7 @@ from pipeline.config import (
     WeightSettings,
 )
 from pipeline.errors import TransportError
-from pipeline.streams import Streams
+from pipeline.wire.streams import Streams
 from tests.services import free_port
 
 

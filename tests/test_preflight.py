@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from tests.services import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,7 +139,7 @@ def test_a_toml_settings_file_sits_under_the_environment(
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "pipeline.cli.main", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -171,7 +171,7 @@ def test_a_closed_pipe_ends_quietly() -> None:
     os.close(read)
     try:
         shown = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "config", "show", "--process", "learner"],
+            [sys.executable, "-m", "pipeline.cli.main", "config", "show", "--process", "learner"],
             stdout=write,
             stderr=subprocess.PIPE,
             text=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.messages import PromptTask
+from pipeline.wire.messages import PromptTask
 from workers.prompts import prompt_problem
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 from pipeline.config import (
     LearnerSettings,
     SamplerSettings,
@@ -17,7 +17,7 @@ from pipeline.config import (
     load_settings,
     read_env_file,
 )
-from pipeline.tasks import gsm8k_answer, load_dataset, reward_fn
+from pipeline.treepo.tasks import gsm8k_answer, load_dataset, reward_fn
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p.parent for p in (ROOT / "recipes").glob("*/recipe.env"))
@@ -198,7 +198,7 @@ def test_the_gsm8k_recipe_runs_end_to_end(tmp_path: Path) -> None:
     # ... that vLLM serves
     import asyncio
 
-    from pipeline.sampling import PathRequest
+    from pipeline.treepo.sampling import PathRequest
     from workers.engine import EngineOptions, VLLMPathGenerator
 
     engine = VLLMPathGenerator(EngineOptions(model=str(trained), dtype="float32"))
@@ -227,7 +227,7 @@ def test_the_smollm2_recipe_runs_two_steps(tmp_path: Path) -> None:
     model is a normal HF directory."""
 
     from pipeline.entry import child_env
-    from pipeline.gym import prepare
+    from pipeline.treepo.gym import prepare
     from tests.services import RedisServer, free_port
     from tests.test_models import converted
 
@@ -287,7 +287,7 @@ def run_recipe(
     empty = tmp_path / "empty.env"
     empty.write_text("")
     check = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "--env-file", str(empty), "config", "check"],
+        [sys.executable, "-m", "pipeline.cli.main", "--env-file", str(empty), "config", "check"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr

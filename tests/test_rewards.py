@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.rewards import last_boxed, math_reward
+from pipeline.treepo.rewards import last_boxed, math_reward
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ def two_many_args(response: str, reference: str, extra: str) -> float:
 def test_reward_functions_plug_in_by_import_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from pipeline.config import LearnerOptions, LearnerSettings
     from pipeline.errors import ConfigError
-    from pipeline.tasks import reward_fn
+    from pipeline.treepo.tasks import reward_fn
 
     fn = reward_fn("tests.test_rewards:length_reward")
     assert fn("abc", "3") == 1.0 and fn("abcd", "3") == -1.0

@@ -8,7 +8,7 @@ import pytest
 
 from learner.ledger import prompt_id
 from learner.rules import staleness, triage
-from pipeline.messages import RolloutLeaf, RolloutNode, TreeRollout
+from pipeline.wire.messages import RolloutLeaf, RolloutNode, TreeRollout
 
 
 def tree(position: int = 3, versions: tuple[int, ...] = (5, 6), rewards=(1.0, -1.0)) -> TreeRollout:  # type: ignore[no-untyped-def]

@@ -27,10 +27,10 @@ from pipeline.config import (
     TreeConfig,
 )
 from pipeline.httpserver import start
-from pipeline.messages import PromptTask, TreeRollout
-from pipeline.streams import Streams
-from pipeline.tasks import ArithTask
-from pipeline.weightserver import WeightStore, add_routes, announce
+from pipeline.treepo.tasks import ArithTask
+from pipeline.weights.server import WeightStore, add_routes, announce
+from pipeline.wire.messages import PromptTask, TreeRollout
+from pipeline.wire.streams import Streams
 from tests.helpers import make_streams, run_restoring
 from tests.services import RedisServer, free_port, wait_port
 from tests.test_sampling import expected_independent
@@ -376,7 +376,7 @@ def test_samplers_sharing_a_machine_take_one_download(
     """Two samplers of one machine see a version at once (the learner treated as remote): one
     downloads it, the other links that verified copy; the learner sends it once and both
     samplers' metrics say how they took it."""
-    from pipeline.weightserver import ServeCounters
+    from pipeline.weights.server import ServeCounters
 
     start_version = engine.policy_version
 
@@ -511,7 +511,7 @@ def test_on_policy_importance_weights_are_one_at_any_temperature(
     from learner.batch import build_batch
     from learner.loss import behavior_log_weights
     from learner.trainer import token_logprobs
-    from pipeline.messages import decode, encode
+    from pipeline.wire.messages import decode, encode
 
     async def sample() -> list[TreeRollout]:
         s = make_streams(redis_server)

@@ -11,9 +11,15 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from pipeline.config import TreeConfig
-from pipeline.messages import TreeRollout
-from pipeline.rewards import last_boxed
-from pipeline.sampling import GeneratedSegment, PathGenerator, PathStream, TreeSampler, repeats_tail
+from pipeline.treepo.rewards import last_boxed
+from pipeline.treepo.sampling import (
+    GeneratedSegment,
+    PathGenerator,
+    PathStream,
+    TreeSampler,
+    repeats_tail,
+)
+from pipeline.wire.messages import TreeRollout
 from tests.scripted import (
     BOX_CLOSE,
     BOX_OPEN,
@@ -416,7 +422,7 @@ def test_generator_contract_violations_are_errors() -> None:
 
 
 def PathRequest_(tokens: list[int]):  # type: ignore[no-untyped-def]
-    from pipeline.sampling import PathRequest
+    from pipeline.treepo.sampling import PathRequest
 
     return PathRequest(tokens, 4)
 

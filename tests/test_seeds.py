@@ -16,7 +16,7 @@ import pytest
 from pipeline.config import SamplerSettings
 from pipeline.seeds import derived_seed, sampler_key
 from workers.engine import EngineOptions
-from workers.sampler import tree_rng
+from workers.trees import tree_rng
 
 ROOT = Path(__file__).resolve().parent.parent
 

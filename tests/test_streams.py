@@ -10,8 +10,8 @@ import signal
 import pytest
 
 from pipeline.errors import Stopping, TransportError
-from pipeline.messages import SCHEMA_VERSION, DecodeLimits, Heartbeat, PromptTask, encode
-from pipeline.streams import PAYLOAD_FIELD, Delivery, Streams
+from pipeline.wire.messages import SCHEMA_VERSION, DecodeLimits, Heartbeat, PromptTask, encode
+from pipeline.wire.streams import PAYLOAD_FIELD, Delivery, Streams
 from tests.helpers import make_streams
 from tests.services import RedisServer
 

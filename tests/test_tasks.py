@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import DatasetError
-from pipeline.tasks import ArithTask, arith_reward, load_dataset, reward_fn
+from pipeline.treepo.tasks import ArithTask, arith_reward, load_dataset, reward_fn
 
 
 def test_arith_problems_and_solutions_check_out() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.tasks import ArithTask, arith_reward
+from pipeline.treepo.tasks import ArithTask, arith_reward
 from toy.kit import (
     EOS_ID,
     KIT_VERSION,

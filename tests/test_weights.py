@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from pipeline import delta
 from pipeline.errors import WeightVerificationError
 from pipeline.httpserver import start
-from pipeline.transfer import FetchStats, Sources, fetch_version
-from pipeline.weights import CHUNK_BYTES, Manifest, delta_name, hash_file, sha256_bytes
-from pipeline.weightserver import ServeCounters, WeightStore, add_routes
+from pipeline.weights import delta
+from pipeline.weights.manifest import CHUNK_BYTES, Manifest, delta_name, hash_file, sha256_bytes
+from pipeline.weights.server import ServeCounters, WeightStore, add_routes
+from pipeline.weights.transfer import FetchStats, Sources, fetch_version
 from tests.services import RedisServer
 
 
@@ -183,7 +183,7 @@ def test_a_corrupt_peer_and_a_dying_peer_cost_only_their_pieces(
     mid-piece are tried first (peers before the learner); their pieces come from the learner
     instead and the file is exact."""
     store, server, files = published
-    monkeypatch.setattr("pipeline.transfer.BUFFER_BYTES", 4096)
+    monkeypatch.setattr("pipeline.weights.transfer.BUFFER_BYTES", 4096)
     corrupt = WeightStore(tmp_path / "corrupt")
     shutil.copytree(store.path(1), corrupt.path(1))
     blob = bytearray((corrupt.path(1) / "model.safetensors").read_bytes())
@@ -430,7 +430,7 @@ def test_a_file_a_peer_links_during_the_recycling_move_is_not_overwritten(
             os.link(src, peer)  # the peer's link lands between the check and the move
         replace(src, dst)
 
-    monkeypatch.setattr("pipeline.transfer.os.replace", linked_first)
+    monkeypatch.setattr("pipeline.weights.transfer.os.replace", linked_first)
     _, new, _ = fetch_version(
         Sources(server.url(2)), sha2, tmp_path / "own", allow_link=False, recycle=own
     )
@@ -449,7 +449,7 @@ def test_samplers_of_one_machine_fetch_a_version_once(
     three wait and link its copy; the learner sends the version once. A lease holder that
     dies (never renews, never releases) holds the others back only until its lease lapses, one
     whose fetch fails gives it back at once, and without Redis a sampler fetches on its own."""
-    from pipeline.hostshare import HostShare, shared_fetch
+    from pipeline.weights.hostshare import HostShare, shared_fetch
     from tests.helpers import make_streams
 
     store, server, files = published
@@ -491,7 +491,7 @@ def test_samplers_of_one_machine_fetch_a_version_once(
         assert await s.claim_weight_fetch("node-3", 2, "next", ttl_s=30)
         # Redis out of reach: the sampler fetches on its own instead of waiting
         from pipeline.config import RedisSettings, RunSettings, StreamSettings
-        from pipeline.streams import Streams
+        from pipeline.wire.streams import Streams
         from tests.services import free_port
 
         away = Streams(

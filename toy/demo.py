@@ -61,7 +61,7 @@ def heldout_eval(model_dir: Path, n: int, seed: int) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.tasks import ArithTask
+    from pipeline.treepo.tasks import ArithTask
     from toy.kit import greedy_eval
 
     torch.manual_seed(0)

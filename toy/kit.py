@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.fsutil import staged_dir
-from pipeline.tasks import BOX_OPEN, ArithTask
+from pipeline.treepo.tasks import BOX_OPEN, ArithTask
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def greedy_eval(model, tokenizer, problems, max_new_tokens: int = 48) -> dict[st
     and ``worked_fraction`` (the response shows at least one step before its answer)."""
     import torch
 
-    from pipeline.tasks import reward_fn
+    from pipeline.treepo.tasks import reward_fn
 
     model.eval()
     enc = tokenizer([p.prompt for p in problems], return_tensors="pt", padding=True)

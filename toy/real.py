@@ -57,7 +57,7 @@ def recipe_settings(name: str) -> dict[str, str]:
 def prepare(name: str, settings: dict[str, str]) -> tuple[Path, Path, Path]:
     """(model directory, train file, eval file): converted and written once, then reused."""
     from learner.models import get
-    from pipeline.gym import prepare as prepare_data
+    from pipeline.treepo.gym import prepare as prepare_data
 
     spec = DATA_SPEC[name]
     model = ROOT / settings["TREEPO_LEARNER__MODEL"]
@@ -115,7 +115,7 @@ def greedy_eval(model: Path, eval_file: Path, n: int) -> dict[str, float]:
 
     from learner.admission import encode_prompt
     from pipeline.config import LearnerSettings, load_settings
-    from pipeline.tasks import load_dataset, reward_fn
+    from pipeline.treepo.tasks import load_dataset, reward_fn
 
     opts = load_settings(LearnerSettings, warn=False).learner
     problems = load_dataset(eval_file, opts.prompt_field, opts.answer_field, opts.task)[:n]

@@ -1,6 +1,6 @@
 """The sampler's bookkeeping: every engine step feeds the cost model and the measured
 engine-seconds; every published tree adds its counters and prices independent sampling of its
-prompt with that model (``pipeline.costs``); ``summary.json`` holds the final counters.
+prompt with that model (``pipeline.treepo.costs``); ``summary.json`` holds the final counters.
 
 Engine-seconds used are measured (the engine's busy wall time, step by step, and its weight
 swaps). The independent side is a prediction: ``bench/tree_vs_independent.py`` checks it against
@@ -18,8 +18,8 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.costs import CostModel, StepConcurrency, Work, independent_work
-from pipeline.messages import PromptTask, TreeRollout
+from pipeline.treepo.costs import CostModel, StepConcurrency, Work, independent_work
+from pipeline.wire.messages import PromptTask, TreeRollout
 from workers.engine import StepStats
 from workers.metrics import SamplerMetrics
 

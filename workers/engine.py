@@ -1,4 +1,4 @@
-"""vLLM's engine behind ``pipeline.sampling.PathGenerator``, stepped by the sampler.
+"""vLLM's engine behind ``pipeline.treepo.sampling.PathGenerator``, stepped by the sampler.
 
 ``VLLMPathGenerator`` runs one vLLM V1 ``LLMEngine`` (continuous batching, prefix caching) with
 its core in this process, and steps it from an event loop of its own, in a thread of the
@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.config import SamplerSettings
-from pipeline.sampling import GeneratedSegment, PathRequest
 from pipeline.seeds import derived_seed, sampler_key
+from pipeline.treepo.sampling import GeneratedSegment, PathRequest
 from workers.reaper import watch_children
 
 log = logging.getLogger(__name__)

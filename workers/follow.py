@@ -33,11 +33,11 @@ from pipeline.errors import (
     WeightDownloadError,
     WeightVerificationError,
 )
-from pipeline.hostshare import HostShare, shared_fetch
-from pipeline.messages import WeightAnnouncement, decode_as
-from pipeline.streams import Streams
-from pipeline.transfer import FetchStats, Sources, fetch_version
-from pipeline.weights import MANIFEST, check_announcement, tensor_specs
+from pipeline.weights.hostshare import HostShare, shared_fetch
+from pipeline.weights.manifest import MANIFEST, check_announcement, tensor_specs
+from pipeline.weights.transfer import FetchStats, Sources, fetch_version
+from pipeline.wire.messages import WeightAnnouncement, decode_as
+from pipeline.wire.streams import Streams
 from workers.engine import VLLMPathGenerator
 from workers.metrics import SamplerMetrics
 
@@ -94,7 +94,7 @@ class WeightFollower:
         self.parallel = parallel
         self.link = link
         self.share = share
-        """Fetch each version once per machine (``pipeline.hostshare``); None = on its own."""
+        """Fetch each version once per machine (``pipeline.weights.hostshare``); None = on its own."""
         self.last_fetch: FetchStats | None = None
         self.verified = engine.policy_version
         """Newest version fetched, verified and staged (the staleness reference)."""

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 from pipeline.aio import wait_or_stop
 from pipeline.errors import Stopping, TransportError
-from pipeline.messages import Heartbeat
-from pipeline.streams import Streams
+from pipeline.wire.messages import Heartbeat
+from pipeline.wire.streams import Streams
 
 log = logging.getLogger("workers.sampler")
 

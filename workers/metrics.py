@@ -3,7 +3,7 @@
 Names follow ``treepo_sampler_<what>_<unit>``; labels are never prompt or tree ids. The savings
 of tree sampling are readable straight from counters: ``1 - tokens_decoded / tokens_independent``
 and ``gpu_seconds_independent - gpu_seconds_used`` (used is measured, independent is priced by
-the cost model of ``pipeline.costs``).
+the cost model of ``pipeline.treepo.costs``).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ the same configuration (it would fail there too) and never allowed to stop the s
 
 from __future__ import annotations
 
-from pipeline.messages import PromptTask
-from pipeline.tasks import reward_fn
+from pipeline.treepo.tasks import reward_fn
+from pipeline.wire.messages import PromptTask
 
 
 def prompt_problem(

@@ -1,11 +1,10 @@
 """The sampler process: claims prompts, grows TreePO trees with vLLM, publishes them.
 
 Loop: keep up to ``trees_in_flight`` trees growing. Claim PromptTasks for the free slots
-(reclaiming dead samplers' entries first), dead-letter the ones it cannot use (too long for the
-engine, unknown reward function, token ids outside the vocabulary), and grow each tree in its own
-task on the shared engine (``pipeline.sampling``: every path is an engine request, no barrier
-between trees or levels). A finished tree is scored, XADDed as one TreeRollout and its prompt
-XACKed at once, and the slot is claimed again. Background tasks keep a heartbeat key alive and
+(reclaiming dead samplers' entries first) and grow each tree in its own task on the shared
+engine (``workers.trees``: unusable prompts are dead-lettered; a finished tree is scored,
+XADDed as one TreeRollout and its prompt XACKed at once; ``pipeline.treepo.sampling``: every
+path is an engine request, no barrier between trees or levels). Background tasks keep a heartbeat key alive and
 follow the weight announcements (``workers.follow``), swapping verified weights into the engine
 between two engine steps; before its first prompt the sampler takes the newest verified weights.
 While the learner's announced version is more than ``max_staleness`` ahead of the engine's (a
@@ -13,8 +12,6 @@ download under way or failing), the sampler claims no new prompt: its tree would
 stale and its prompt's admissions used up; the prompts stay in the stream for other samplers.
 SIGTERM stops at once, also in the middle of a tree or while Redis is down: the unfinished
 prompts are handed back (``Streams.release``) and the process exits.
-
-What the learner does with the trees is in ``learner/``; the algorithm is ``pipeline.sampling``.
 """
 
 from __future__ import annotations
@@ -22,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
-import random
 import socket
 import time
 from collections.abc import Callable
@@ -34,30 +29,22 @@ from typing import Any
 from pipeline.aio import Background, wait_or_stop
 from pipeline.config import SamplerSettings
 from pipeline.entry import ProcessSpec, exit_now, process_main
-from pipeline.errors import ConfigError, Stopping, TransportError
+from pipeline.errors import ConfigError, Stopping
 from pipeline.httpserver import make_app, start
-from pipeline.messages import PromptTask, TreeRollout
-from pipeline.rewards import WRONG
-from pipeline.sampling import TreeSampler
-from pipeline.seeds import derived_seed, sampler_key
-from pipeline.streams import PROMPT_GROUP, TREE_GROUP, Delivery, Streams
-from pipeline.tasks import reward_fn
-from pipeline.weightserver import ServeCounters, WeightStore, add_routes
+from pipeline.treepo.tasks import reward_fn
+from pipeline.weights.server import ServeCounters, WeightStore, add_routes
+from pipeline.wire.streams import PROMPT_GROUP, TREE_GROUP, Delivery, Streams
 from workers.accounting import Accounting
-from workers.engine import EngineOptions, GenerationStopped, VLLMPathGenerator, trees_that_fit
+from workers.engine import EngineOptions, VLLMPathGenerator
 from workers.follow import WeightFollower
 from workers.heartbeat import HeartbeatSender
 from workers.metrics import SamplerMetrics
-from workers.prompts import prompt_problem
+from workers.trees import TreeWork
 
 HOLD_OFF_POLL_S = 0.05
 """How often a sampler held off by stale weights looks again (the swap is between steps)."""
 
 log = logging.getLogger(__name__)
-
-PROMPT_ALLOWANCE = 512
-"""Prompt tokens allowed for per tree when sizing trees in flight by the KV cache (the paths of
-a tree share their prompt's blocks through the prefix cache)."""
 
 
 class Sampler:
@@ -70,9 +57,7 @@ class Sampler:
         decode_text: Callable[[list[int]], str],
         metrics: SamplerMetrics | None = None,
     ) -> None:
-        self.settings = settings
-        self.engine = engine
-        self.decode_text = decode_text
+        self.settings, self.engine, self.decode_text = settings, engine, decode_text
         self.metrics = metrics or SamplerMetrics()
         opts = settings.sampler
         self.worker_id = opts.worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -83,23 +68,17 @@ class Sampler:
             self.stop,
             lambda reason: self.metrics.deadletter.labels(reason).inc(),
         )
-        tree_cfg = settings.tree
-        check_segments(tree_cfg.segment_tokens, engine.block_size, opts.allow_short_segments)
-        if tree_cfg.eos_token_id is None and engine.eos_token_id is not None:
-            tree_cfg = tree_cfg.model_copy(update={"eos_token_id": engine.eos_token_id})
-        self.tree_sampler = TreeSampler(
-            engine,
-            tree_cfg,
-            rng=tree_rng(settings),
-            decode=decode_text,
-        )
-        self.in_flight = self._trees_in_flight(tree_cfg)
         self.work_dir = Path(opts.work_dir) / self.worker_id
         self.accounting = Accounting(self.metrics, self.work_dir / "summary.json")
         engine.meter.listeners.append(self.accounting.on_step)
         engine.meter.listeners.append(self._stepped)
         engine.meter.start_listeners.append(self.accounting.on_request_started)
         engine.meter.swap_listeners.append(self.accounting.on_swap)
+        self.trees = TreeWork(
+            settings, engine, self.streams, self.metrics, self.accounting, decode_text,
+            self.worker_id, self.stop,
+        )  # fmt: skip
+        self.in_flight = self.trees.in_flight
         self._growing: dict[asyncio.Task[None], Delivery] = {}
         self._holding: list[Delivery] = []
         """Prompts read while the follower learned that the engine is too far behind."""
@@ -116,28 +95,16 @@ class Sampler:
             self.stop,
             opts.heartbeat_ttl_s,
         )
-        self.prompts_done = 0
         self.port = opts.port
         self.failed: BaseException | None = None
         self.progress_at = time.monotonic()
         """When the loop last finished an iteration (health: a stuck loop is not ok)."""
         self.metrics.policy_version.set(engine.policy_version)
 
-    def _trees_in_flight(self, tree: Any) -> int:
-        """``trees_in_flight``, capped by the engine's KV capacity (``fit_trees_to_kv``)."""
-        wanted = self.settings.sampler.trees_in_flight
-        if not self.settings.sampler.fit_trees_to_kv:
-            return wanted
-        response = tree.max_response_tokens or tree.segment_tokens * tree.max_depth
-        tree_tokens = tree.width * response + PROMPT_ALLOWANCE
-        fit = trees_that_fit(wanted, getattr(self.engine, "kv_tokens", 0), tree_tokens)
-        if fit < wanted:
-            log.info(
-                "trees in flight %d, not %d: the KV cache holds %d tokens and a full tree %d "
-                "(TREEPO_SAMPLER__FIT_TREES_TO_KV=false to keep %d)",
-                fit, wanted, self.engine.kv_tokens, tree_tokens, wanted,
-            )  # fmt: skip
-        return fit
+    @property
+    def prompts_done(self) -> int:
+        """Trees published (each acknowledges its prompt)."""
+        return self.trees.done
 
     # -- main loop -------------------------------------------------------------------------------
 
@@ -252,7 +219,7 @@ class Sampler:
         try:
             while not self.stop.is_set():
                 if growing and len(growing) >= self.in_flight:
-                    await self._settle(growing, asyncio.FIRST_COMPLETED)
+                    await self.trees.settle(growing, asyncio.FIRST_COMPLETED)
                     continue
                 if self.follower.too_far_behind():
                     await self._hold_off(growing)
@@ -261,28 +228,28 @@ class Sampler:
                     batch = await prompts.__anext__()
                 except StopAsyncIteration:
                     break
-                usable = self._holding = await self._usable(batch)
+                usable = self._holding = await self.trees.usable(batch)
                 while usable and self.follower.too_far_behind() and not self.stop.is_set():
                     await self._hold_off(growing)  # read while the announcement came in
                 self._holding = []
                 if self.stop.is_set():
-                    await self._release(usable)
+                    await self.trees.release(usable)
                     break
                 for d in usable:
-                    task = asyncio.create_task(self._serve(d))
+                    task = asyncio.create_task(self.trees.serve(d))
                     growing[task] = d
                     self.accounting.tree_started()
                 if growing and idle_since is not None:
                     self.metrics.idle_seconds.inc(time.monotonic() - idle_since)
                     idle_since = None
-                await self._settle(growing, None)
+                await self.trees.settle(growing, None)
                 if not growing and idle_since is None:
                     idle_since = time.monotonic()
             while growing and not self.stop.is_set():  # bounded mode: finish what was claimed
-                await self._settle(growing, asyncio.FIRST_COMPLETED)
+                await self.trees.settle(growing, asyncio.FIRST_COMPLETED)
         finally:
             if growing:
-                await self._abandon(growing)
+                await self.trees.abandon(growing)
 
     async def _keep_claims(self) -> None:
         """Mark the prompts of the growing trees as in work every ``keep_every_s``: a tree may
@@ -299,110 +266,8 @@ class Sampler:
         started = time.monotonic()
         self.progress_at = started  # waiting for weights is not being stuck
         await wait_or_stop(self.stop, HOLD_OFF_POLL_S)
-        await self._settle(growing, None)
+        await self.trees.settle(growing, None)
         self.metrics.held_off_seconds.inc(time.monotonic() - started)
-
-    async def _settle(self, growing: dict[asyncio.Task[None], Delivery], wait: str | None) -> None:
-        """Forget finished tree tasks (waiting for one with ``FIRST_COMPLETED``, or until stop);
-        a tree task's unexpected error is the sampler's."""
-        if wait is not None:
-            stopped = asyncio.ensure_future(self.stop.wait())
-            try:
-                await asyncio.wait([*growing, stopped], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stopped.cancel()
-        for task in [t for t in growing if t.done()]:
-            growing.pop(task)
-            self.accounting.tree_ended()
-            error = None if task.cancelled() else task.exception()
-            if error is not None and not isinstance(error, (Stopping, GenerationStopped)):
-                raise error
-
-    async def _abandon(self, growing: dict[asyncio.Task[None], Delivery]) -> None:
-        """Stop every growing tree and hand its prompt back."""
-        for task in growing:
-            task.cancel()
-        await asyncio.gather(*growing, return_exceptions=True)
-        unfinished = [d for t, d in growing.items() if not self._published(t)]
-        for _ in growing:
-            self.accounting.tree_ended()
-        growing.clear()
-        await self._release(unfinished)
-
-    @staticmethod
-    def _published(task: asyncio.Task[None]) -> bool:
-        return task.done() and not task.cancelled() and task.exception() is None
-
-    async def _usable(self, batch: list[Delivery]) -> list[Delivery]:
-        """The deliveries this sampler can grow trees for; the rest are dead-lettered."""
-        good = []
-        for d in batch:
-            problem = prompt_problem(
-                d.message,  # type: ignore[arg-type]  # the transport checked the type
-                self.settings.sampler.default_task,
-                self.engine.max_model_len,
-                self.tree_sampler.config.response_cap,
-            )
-            if problem is None:
-                good.append(d)
-            else:
-                await self.streams.reject(d, PROMPT_GROUP, *problem)
-        return good
-
-    async def _serve(self, d: Delivery) -> None:
-        """Grow, score and publish one tree, then ack its prompt."""
-        task: PromptTask = d.message  # type: ignore[assignment]
-        claimed = time.perf_counter()
-        if task.created_at > 0:
-            self.metrics.prompt_wait_seconds.observe(max(0.0, time.time() - task.created_at))
-        try:
-            tree = await self.engine.call(
-                self.accounting.growing(self.tree_sampler.grow(task.prompt_token_ids))
-            )
-        except GenerationStopped as exc:
-            raise Stopping(str(exc)) from exc
-        except (ValueError, TypeError) as exc:  # the engine refused the request
-            log.error("engine refused prompt %s: %s", task.prompt_id, exc)
-            await self.streams.reject(
-                d, PROMPT_GROUP, "engine_error", f"{type(exc).__name__}: {exc}"
-            )
-            return
-        self._stamp(tree, task)
-        await self.streams.publish(self.streams.keys.trees, tree)
-        await self.streams.ack(self.streams.keys.prompts, PROMPT_GROUP, [d.entry_id])
-        self.prompts_done += 1
-        self.accounting.tree_published(task, tree, time.perf_counter() - claimed)
-
-    def _stamp(self, tree: TreeRollout, task: PromptTask) -> None:
-        """Score the leaves and set the ids and the sampling settings the engine used."""
-        name = task.task or self.settings.sampler.default_task
-        check = reward_fn(name)
-        for leaf in tree.leaves:
-            text = self.decode_text(tree.response_tokens(leaf.node).tolist())
-            try:
-                leaf.reward = float(check(text, task.answer))
-                if not math.isfinite(leaf.reward):
-                    raise ValueError(f"returned {leaf.reward}")
-            except Exception as exc:  # a user's reward function: one bad call scores one leaf
-                log.warning("reward %s failed on prompt %s: %r", name, task.prompt_id, exc)
-                self.metrics.reward_errors.inc()
-                leaf.reward = WRONG
-        tree.tree_id, tree.prompt_id = f"t-{task.prompt_id}", task.prompt_id
-        tree.sampler_id, tree.dataset_position = self.worker_id, task.dataset_position
-        tree.created_at = time.time()
-        tree.temperature, tree.top_p = self.engine.options.temperature, self.engine.options.top_p
-
-    async def _release(self, batch: list[Delivery]) -> None:
-        """Hand unfinished prompts back to the group (best effort: Redis may be down too; then
-        they are reclaimed after ``claim_idle_ms``)."""
-        ids = [d.entry_id for d in batch]
-        if not ids:
-            return
-        try:
-            await self.streams.release(self.streams.keys.prompts, PROMPT_GROUP, self.worker_id, ids)
-            log.info("stopping: released %d unfinished prompts", len(ids))
-        except (TransportError, Stopping) as exc:
-            log.warning("stopping: %d prompts not released (%s); reclaimed later", len(ids), exc)
 
 
 # -- entry point ---------------------------------------------------------------------------------
@@ -425,30 +290,6 @@ def build_sampler(settings: SamplerSettings) -> Sampler:
     except ConfigError:
         engine.close()
         raise
-
-
-def tree_rng(settings: SamplerSettings) -> random.Random:
-    """The sampler's generator of tree shapes (random root fan-out), from the run's seed."""
-    o = settings.sampler
-    return random.Random(derived_seed(settings.run.seed, "tree", sampler_key(o.worker_id, o.port)))
-
-
-def check_segments(segment_tokens: int, block_size: int, allowed: bool) -> None:
-    """Refuse segments shorter than the engine's KV block unless allowed (one line naming both
-    settings): every new sibling would compute part of its parent's context again."""
-    if segment_tokens >= block_size:
-        return
-    message = (
-        f"TREEPO_TREE__SEGMENT_TOKENS={segment_tokens} is shorter than the engine's KV block "
-        f"({block_size} tokens, TREEPO_SAMPLER__BLOCK_SIZE): each new sibling would compute up "
-        f"to {block_size - 1} tokens of its parent's context again"
-    )
-    if not allowed:
-        raise ConfigError(
-            message + "; use segments of at least one block, or set "
-            "TREEPO_SAMPLER__ALLOW_SHORT_SEGMENTS=true to accept the cost"
-        )
-    log.warning("%s (allowed by TREEPO_SAMPLER__ALLOW_SHORT_SEGMENTS)", message)
 
 
 SPEC = ProcessSpec(

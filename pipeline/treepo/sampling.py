@@ -48,8 +48,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from pipeline.config import TreeConfig
-from pipeline.messages import TreeRollout
-from pipeline.rewards import last_boxed
+from pipeline.treepo.rewards import last_boxed
+from pipeline.wire.messages import TreeRollout
 
 ANSWER_REASONS = ("answer", "eos", "stop")
 """Finish reasons of paths that ended on their own: the only leaves fallback forks from."""

@@ -43,7 +43,7 @@ from pipeline.config import (
     stream_key,
 )
 from pipeline.errors import MessageDecodeError, Stopping, TransportError
-from pipeline.messages import (
+from pipeline.wire.messages import (
     DecodeLimits,
     Heartbeat,
     Message,

@@ -1,9 +1,5 @@
-"""Learner checkpoints seen from outside the learner (no torch): the newest one, and its export
-as a normal Hugging Face model directory (``treepo export``).
-
-A checkpoint (``learner/checkpoint.py`` writes it) is ``<work>/checkpoints/step-<N>`` with the
-full model weights in ``model.safetensors`` in the model's own tensor names; ``LATEST`` names
-the newest complete one. An export is the base model directory's configuration, tokenizer and
+"""``treepo export``: a learner checkpoint (``pipeline/checkpoints.py``) as a normal Hugging Face
+model directory. An export is the base model directory's configuration, tokenizer and
 generation files with those weights: what ``transformers`` and vLLM load, at any step of a run,
 including one that stopped before its end.
 """
@@ -15,19 +11,9 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError, WeightVerificationError
 from pipeline.fsutil import staged_dir
-from pipeline.weights import safetensors_header, tensor_specs
+from pipeline.weights.manifest import safetensors_header, tensor_specs
 
-LATEST = "LATEST"
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json")
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (``<work>/checkpoints``), or None."""
-    pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
 
 
 def export_checkpoint(checkpoint: Path, base: Path, out: Path) -> Path:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import DatasetError
-from pipeline.gym import EXTRACTORS, make_reward
-from pipeline.rewards import CORRECT, WRONG, last_boxed, math_reward
+from pipeline.treepo.gym import EXTRACTORS, make_reward
+from pipeline.treepo.rewards import CORRECT, WRONG, last_boxed, math_reward
 
 BOX_OPEN = "\\boxed{"
 
@@ -94,7 +94,7 @@ REWARDS: dict[str, Callable[[str, str], float]] = {
     "math": math_reward,
     **{name: make_reward(name) for name in EXTRACTORS},
 }
-"""Built-in rewards: the toy task, math answers, and reasoning-gym entries (``pipeline.gym``)."""
+"""Built-in rewards: the toy task, math answers, and reasoning-gym entries (``pipeline.treepo.gym``)."""
 
 
 _IMPORTED: dict[str, Callable[[str, str], float]] = {}

@@ -2,15 +2,15 @@
 
 ``fetch_version`` reads the manifest (its sha256 must match the signed announcement), then takes
 the cheapest way that verifies (pieces are checked with the manifest's digest,
-``pipeline.weights.DIGESTS``):
+``pipeline.weights.manifest.DIGESTS``):
 
 1. **same machine**: the manifest names the machine and directory the learner wrote the version
    to; a sampler on that machine hard-links the files (no bytes move; the files are the
    publisher's own, hashed when they were published) and only checks their sizes and headers.
    Likewise a verified copy another sampler of this machine holds (``host_copies``, found by
-   ``pipeline.hostshare``): its manifest must be the announced one, byte for byte;
+   ``pipeline.weights.hostshare``): its manifest must be the announced one, byte for byte;
 2. **delta**: when the manifest offers a delta against a version this sampler holds, it fetches
-   the small delta file, rebuilds the full file (``pipeline.delta``) and checks the rebuilt
+   the small delta file, rebuilds the full file (``pipeline.weights.delta``) and checks the rebuilt
    file against the full file's piece digests;
 3. **full**: the files in ``chunk_bytes`` pieces, several at once, each piece from any source
    that has the version (peer samplers first, the learner last), hashed as it arrives, written
@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 from pipeline.aio import jitter
 from pipeline.errors import WeightDownloadError, WeightVerificationError
 from pipeline.fsutil import staged_dir
-from pipeline.weights import (
+from pipeline.weights.manifest import (
     MANIFEST,
     RECEIVER_HEADER,
     FileEntry,
@@ -232,8 +232,8 @@ def _rebuild(
     """Rebuild the version from the base it is a delta of, when this sampler holds that base.
     False (nothing left behind) when there is no usable delta or the rebuilt file does not
     verify."""
-    from pipeline import delta as codec
-    from pipeline.weights import delta_name
+    from pipeline.weights import delta as codec
+    from pipeline.weights.manifest import delta_name
 
     d = manifest.delta
     if d is None or d.base not in local:
@@ -276,7 +276,7 @@ def _rebuild_file(
     every piece matches the manifest."""
     import mmap
 
-    from pipeline import delta as codec
+    from pipeline.weights import delta as codec
 
     if base.stat().st_size != entry.size:
         return False

@@ -6,7 +6,7 @@ see a version takes a lease on it in Redis (``claim_weight_fetch``: one key per 
 version, lapsing after ``lease_s`` unless its holder renews it) and fetches it the usual way
 (relay peers, learner, delta); when its copy has verified it advertises the directory beside its
 relay URL (``advertise_weights``). The other samplers of the machine wait for that advertisement
-and hard-link the verified files (``pipeline.transfer``: the copy's manifest must be the
+and hard-link the verified files (``pipeline.weights.transfer``: the copy's manifest must be the
 announced one byte for byte; sizes and safetensors headers are checked as for any version).
 
 Nothing waits forever: when the holder fails it gives the lease back, when it dies the lease
@@ -26,8 +26,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from pipeline.errors import Stopping
-from pipeline.streams import Streams
-from pipeline.weights import machine_id
+from pipeline.weights.manifest import machine_id
+from pipeline.wire.streams import Streams
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import DatasetError
-from pipeline.rewards import CORRECT, WRONG, last_boxed
+from pipeline.treepo.rewards import CORRECT, WRONG, last_boxed
 
 NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 ANSWER_IS = re.compile(r"answer is[:\s]*\$?\s*(" + NUMBER + r"|[^\s.,;]+)", re.IGNORECASE)

@@ -32,8 +32,8 @@ from pipeline.config import (
 )
 from pipeline.entry import setup_logging
 from pipeline.errors import ConfigError, DatasetError, MessageDecodeError, TransportError
-from pipeline.messages import TreeRollout, decode, decode_as, to_jsonable
-from pipeline.streams import Streams
+from pipeline.wire.messages import TreeRollout, decode, decode_as, to_jsonable
+from pipeline.wire.streams import Streams
 
 log = logging.getLogger("treepo")
 COMMAND_PLUGINS = "treepo.commands"
@@ -55,7 +55,7 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
-    from pipeline.preflight import preflight
+    from pipeline.cli.preflight import preflight
 
     sampler = load_settings(SamplerSettings, warn=False)
     learner = load_settings(LearnerSettings, warn=False)
@@ -131,7 +131,7 @@ def _cmd_config_docs(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_gsm8k(args: argparse.Namespace) -> int:
-    from pipeline.tasks import prepare_gsm8k
+    from pipeline.treepo.tasks import prepare_gsm8k
 
     n = prepare_gsm8k(args.source, args.out)
     print(f"{args.out}: {n} problems (prompt, answer)")
@@ -139,7 +139,7 @@ def _cmd_data_gsm8k(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_gym(args: argparse.Namespace) -> int:
-    from pipeline.gym import parse_config, prepare
+    from pipeline.treepo.gym import parse_config, prepare
 
     config = parse_config(args.gym_config)
     train, held_out, n = prepare(
@@ -150,7 +150,8 @@ def _cmd_data_gym(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.export import export_checkpoint, latest_checkpoint
+    from pipeline.checkpoints import latest_checkpoint
+    from pipeline.cli.export import export_checkpoint
 
     opts = load_settings(LearnerSettings).learner
     work = Path(opts.work_dir)
@@ -188,7 +189,7 @@ def _streams() -> Streams:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.status import default_urls, run_status
+    from pipeline.cli.status import default_urls, run_status
 
     async def go() -> str:
         streams = _streams()
@@ -204,7 +205,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_tree_show(args: argparse.Namespace) -> int:
-    from pipeline.treeview import render_html
+    from pipeline.cli.treeview import render_html
 
     if args.file:
         data = Path(args.file).read_bytes()

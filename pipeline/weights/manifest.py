@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import WeightVerificationError
-from pipeline.messages import WeightAnnouncement
+from pipeline.wire.messages import WeightAnnouncement
 
 MANIFEST = "manifest.json"
 _MAX_HEADER = 100 * 1024 * 1024
@@ -61,7 +61,7 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Delta:
-    """The version as a delta against ``base`` (``pipeline.delta``): one delta file per full
+    """The version as a delta against ``base`` (``pipeline.weights.delta``): one delta file per full
     file, ``delta_name(base, name)``, for receivers that hold the base version."""
 
     base: int

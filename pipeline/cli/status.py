@@ -15,8 +15,8 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.errors import MessageDecodeError
-from pipeline.messages import Heartbeat, WeightAnnouncement, decode_as
-from pipeline.streams import Streams
+from pipeline.wire.messages import Heartbeat, WeightAnnouncement, decode_as
+from pipeline.wire.streams import Streams
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 ``WeightStore.publish(version, write)`` lets ``write(dir)`` put safetensors files (HF layout)
 into a fresh directory, encodes each file as a delta against the previous version when that is
-smaller (``pipeline.delta``; a full version only every ``full_every`` versions), hashes
+smaller (``pipeline.weights.delta``; a full version only every ``full_every`` versions), hashes
 everything once (piece digests, ``weights.piece_digest``) into ``manifest.json`` with the
 machine and directory it was written to, moves the directory into place atomically as
 ``<root>/v<version>`` and deletes versions beyond the last ``keep``.
@@ -30,11 +30,9 @@ from typing import Any
 
 from aiohttp import web
 
-from pipeline import delta as codec
 from pipeline.fsutil import staged_dir
-from pipeline.messages import WeightAnnouncement, encode
-from pipeline.streams import Streams
-from pipeline.weights import (
+from pipeline.weights import delta as codec
+from pipeline.weights.manifest import (
     CHUNK_BYTES,
     DIGESTS,
     MANIFEST,
@@ -48,6 +46,8 @@ from pipeline.weights import (
     sha256_bytes,
     write_manifest,
 )
+from pipeline.wire.messages import WeightAnnouncement, encode
+from pipeline.wire.streams import Streams
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class WeightStore:
         self.root = Path(root)
         self.chunk_bytes = chunk_bytes
         self.digest = digest
-        """Piece digest of the manifests this store writes (``pipeline.weights.DIGESTS``)."""
+        """Piece digest of the manifests this store writes (``pipeline.weights.manifest.DIGESTS``)."""
         self.last_delta_bytes: int | None = None
         """Size of the delta the newest ``publish`` computed, offered or not (None: none was
         computed: a full version by schedule, or a different layout)."""

@@ -9,7 +9,7 @@ describes each field so that a reader in another language can decode a ``TreeRol
 input larger than the configured limits is refused before it is unpacked, and msgpack's own
 length limits are bounded by the input size, so decoding never allocates far more than it reads.
 
-This module does not know about Redis or engines; ``pipeline.streams`` moves the bytes.
+This module does not know about Redis or engines; ``pipeline.wire.streams`` moves the bytes.
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ class WeightAnnouncement:
     created_at: float = 0.0
     signature: str = ""
     """HMAC-SHA256 (hex) of the other fields under the run's weight token
-    (``pipeline.weights.announcement_signature``); empty when no token is configured."""
+    (``pipeline.weights.manifest.announcement_signature``); empty when no token is configured."""
 
 
 @dataclass

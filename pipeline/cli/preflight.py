@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.config import LearnerSettings, RedisSettings, SamplerSettings
 from pipeline.errors import DatasetError
-from pipeline.tasks import load_dataset
+from pipeline.treepo.tasks import load_dataset
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -72,7 +72,7 @@ def tokenizer_problems(setting: str, value: str, chat_template: bool = False) ->
 
 
 def reward_problems(sampler: SamplerSettings, learner: LearnerSettings) -> list[str]:
-    from pipeline.tasks import reward_fn
+    from pipeline.treepo.tasks import reward_fn
 
     out = []
     for setting, name in (
@@ -119,7 +119,7 @@ def dataset_problems(settings: LearnerSettings) -> list[str]:
 
 
 async def redis_problems(settings: RedisSettings, timeout_s: float = 3.0) -> list[str]:
-    from pipeline.streams import make_client
+    from pipeline.wire.streams import make_client
 
     client = make_client(settings)
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 from collections.abc import Callable
 
-from pipeline.messages import TreeRollout
+from pipeline.wire.messages import TreeRollout
 
 Decode = Callable[[list[int]], str]
 

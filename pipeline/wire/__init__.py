@@ -1,0 +1,1 @@
+"""The wire: msgpack messages (``messages``) and the Redis Streams they travel on (``streams``)."""
