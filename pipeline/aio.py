@@ -8,7 +8,7 @@ import random
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from pipeline.errors import Stopping
+from pipeline.errors import Stopping, TransportError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -47,8 +47,14 @@ class Background:
     """Tasks that run beside a process's main loop. One that dies of an error (not of a stop)
     calls ``on_failure`` with it, once; ``close`` cancels them all and waits for them."""
 
-    def __init__(self, on_failure: Callable[[BaseException], None]) -> None:
+    def __init__(
+        self,
+        on_failure: Callable[[BaseException], None],
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.on_failure = on_failure
+        self.stopping = stopping
+        """True once the process is stopping: a task that then loses Redis is not a failure."""
         self.tasks: list[asyncio.Task[Any]] = []
 
     def start(self, name: str, work: Coroutine[Any, Any, Any]) -> None:
@@ -60,6 +66,11 @@ class Background:
         if task.cancelled() or isinstance(task.exception(), Stopping):
             return
         error = task.exception()
+        if isinstance(error, TransportError) and self.stopping():
+            log.info(
+                "background task %s: Redis went away during the stop (%s)", task.get_name(), error
+            )
+            return
         if error is not None:
             log.error("background task %s died: %r; stopping", task.get_name(), error)
             self.on_failure(error)

@@ -17,7 +17,7 @@ from typing import Any, Generic, NoReturn, Protocol, TypeVar
 from pydantic_settings import BaseSettings
 
 from pipeline.config import load_settings
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TransportError
 
 S = TypeVar("S", bound=BaseSettings)
 LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -134,8 +134,21 @@ def process_main(spec: ProcessSpec[S], argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
+    asked: list[bool] = []
+
+    def request_stop() -> None:
+        asked.append(True)
+        process.request_stop()
+
     try:
-        done = serve(lambda: process.run(getattr(args, bound)), process.request_stop)
+        done = serve(lambda: process.run(getattr(args, bound)), request_stop)
+    except TransportError as exc:
+        # one line, no traceback: Redis going away is an outage, not a bug of this process
+        if asked:  # the normal end of a run: everything stops at once, Redis too
+            log.warning("stopped; Redis went away during the stop (%s)", exc)
+            return process.exit_code()
+        log.error("Redis unavailable: %s", exc)
+        return 1
     finally:
         process.close()
     log.info(spec.done, done)

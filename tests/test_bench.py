@@ -181,6 +181,8 @@ def test_compare_quick_reports_from_the_runs_own_files_and_resumes(
         summaries = [json.loads(p.read_text()) for p in (run / "samplers").glob("*/summary.json")]
         decoded = sum(s["treepo_sampler_tokens_decoded_total"] for s in summaries)
         assert r["tokens_decoded"] == decoded > 0
+        # a normal end (the learner ends, honcho stops the rest, Redis too) prints no traceback
+        assert "Traceback" not in (run / "pipeline.log").read_text()
         env = (run / ".env").read_text()
         assert f"TREEPO_RUN__SEED={r['seed']}" in env
         assert ("TREEPO_LEARNER__LR=0" in env) == (r["arm"] == "lr-0")

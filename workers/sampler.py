@@ -163,7 +163,7 @@ class Sampler:
             self.settings.sampler.host,
             self.port,
         )
-        background = Background(self._fail)
+        background = Background(self._fail, self.stop.is_set)
         try:
             await self.follower.poll()  # the newest verified weights before the first prompt
             await self.follower.apply_staged()
