@@ -44,15 +44,19 @@ lint: setup
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m toy.demo $(DEMO_ARGS)
 
-# Full benchmarks (about an hour on 2 cores): results in bench/results/, tables in docs/benchmarks.md
-BENCHES := transport durability weight_sync tree_vs_independent learner_packing learner_memory learner_ranks async_vs_sync treepo_vs_grpo
+# Full benchmarks (about an hour on 2 cores, and about three more for the comparisons over five
+# seeds, which resume where they stopped): results in bench/results/, tables in docs/benchmarks.md
+BENCHES := transport durability weight_sync tree_vs_independent learner_packing learner_memory learner_ranks
+COMPARISONS := treepo-vs-grpo async advantage
 bench: setup
 	for b in $(BENCHES); do PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m bench.$$b || exit 1; done
+	for c in $(COMPARISONS); do PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m bench.compare $$c || exit 1; done
 	$(PY) -m bench.report
 
 # Quick modes (what CI runs through tests/test_bench.py); results in runs/bench-quick/
 bench-quick: setup
 	for b in $(BENCHES); do PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m bench.$$b --quick || exit 1; done
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m bench.compare quick
 
 # A pretrained model this project did not build (SmolLM2-135M-Instruct, fetched and converted
 # once) learning reasoning-gym arithmetic through the real pipeline: about 65 minutes on 2 cores

@@ -204,14 +204,15 @@ def summarise(cmp: Comparison, runs: list[dict[str, Any]], base: float) -> dict[
     return {"arms": arms, "paired_differences": paired}
 
 
-def markdown(name: str, cmp: Comparison, data: dict[str, Any]) -> str:
+def table(data: dict[str, Any]) -> str:
+    """The comparison's Markdown: one row per arm, then the paired differences."""
+
     def pm(iv: dict[str, Any]) -> str:
         return f"{iv['mean']:.3f}" + (f" ± {iv['ci95']:.3f}" if iv["ci95"] is not None else "")
 
+    budget = data["budget"]
     lines = [
-        f"### {cmp.doc}",
-        "",
-        f"{data['seeds']} seeds per arm; budget {cmp.amount:g} {cmp.budget}; held-out: "
+        f"{data['seeds']} seeds per arm; budget {budget['amount']:g} {budget['kind']}; held-out: "
         f"{data['heldout_problems']} problems, untrained model {data['untrained_accuracy']:.3f}.",
         "",
         "| arm | held-out (mean ± 95 % over seeds) | per seed | learned | engine-s used / "
@@ -310,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     path = write_result(f"compare-{name}", args, data)
     out = path.parent
-    (out / f"compare-{name}.md").write_text(markdown(name, cmp, data))
+    (out / f"compare-{name}.md").write_text(f"### {cmp.doc}\n\n" + table(data))
     plot(out / f"compare-{name}.png", cmp, runs)
     print((out / f"compare-{name}.md").read_text())
     return 0
