@@ -23,6 +23,7 @@ Finished runs are kept under ``runs/compare/<name>/`` and skipped when the comma
 (so a long comparison resumes where it stopped); progress lines show runs done and an ETA.
 
     python -m bench.compare treepo-vs-grpo|async|advantage [--seeds 5]
+    python -m bench.compare swap-kv --seeds 3      # weight swaps: keep vs recompute the KV cache
     python -m bench.compare quick          # 2 arms (one with learning rate 0) x 2 seeds, for CI
 """
 
@@ -56,7 +57,8 @@ class Comparison:
     doc: str
     arms: dict[str, dict[str, str]]
     budget: str
-    """``tokens`` (TREEPO_LEARNER__TOKEN_BUDGET) or ``seconds`` (TREEPO_LEARNER__MAX_SECONDS)."""
+    """``tokens`` (TREEPO_LEARNER__TOKEN_BUDGET), ``seconds`` (TREEPO_LEARNER__MAX_SECONDS) or
+    ``steps`` (TREEPO_LEARNER__TOTAL_STEPS)."""
     amount: float
     settings: dict[str, str]
     """Settings every arm shares."""
@@ -79,22 +81,29 @@ COMPARISONS = {
             },
         },
         "tokens",
-        100_000,
+        60_000,
         {"TREEPO_TREE__WIDTH": str(WIDTH)},
     ),
     "async": Comparison(
         "Async (max staleness 1, 2, 4) vs sync (0) pipelines at equal training wall time",
         {f"staleness-{s}": {"TREEPO_RUN__MAX_STALENESS": str(s)} for s in (0, 1, 2, 4)},
         "seconds",
-        90,
+        60,
         {},
     ),
     "advantage": Comparison(
         "TreePO advantage variants (average, size-weighted, root) at an equal token budget",
         {a: {**TREE, "TREEPO_LOSS__ADVANTAGE": a} for a in ("average", "size_weighted", "root")},
         "tokens",
-        100_000,
+        60_000,
         {"TREEPO_TREE__WIDTH": str(WIDTH)},
+    ),
+    "swap-kv": Comparison(
+        "Weight swaps that keep the running paths' KV cache vs recompute it, same learner steps",
+        {m: {"TREEPO_SAMPLER__SWAP_KV": m} for m in ("recompute", "keep")},
+        "steps",
+        40,
+        {},
     ),
     "quick": Comparison(
         "The harness itself: the demo's settings vs learning rate 0 (must not learn)",
@@ -103,6 +112,12 @@ COMPARISONS = {
         1500,
         {**QUICK_SETTINGS, "TREEPO_LEARNER__EVAL_SIZE": "8"},
     ),
+}
+
+BUDGET_SETTING = {
+    "tokens": "TREEPO_LEARNER__TOKEN_BUDGET",
+    "seconds": "TREEPO_LEARNER__MAX_SECONDS",
+    "steps": "TREEPO_LEARNER__TOTAL_STEPS",
 }
 
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
@@ -136,9 +151,7 @@ def run_one(
         import shutil
 
         shutil.rmtree(run)
-    key = (
-        "TREEPO_LEARNER__TOKEN_BUDGET" if cmp.budget == "tokens" else "TREEPO_LEARNER__MAX_SECONDS"
-    )
+    key = BUDGET_SETTING[cmp.budget]
     settings = {
         "TREEPO_LEARNER__CHECKPOINT_EVERY": "10",
         "TREEPO_LEARNER__EVAL_EVERY": "1" if quick else "10",
@@ -155,6 +168,20 @@ def run_one(
     result["run"] = str(run.relative_to(ROOT)) if run.is_relative_to(ROOT) else str(run)
     record.write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+RUN_FIGURES = (
+    "engine_seconds",
+    "engine_seconds_independent",
+    "tokens_decoded",
+    "recomputed_tokens",
+    "trained_trees_per_minute",
+    "is_weight_mean",
+    "is_ess_mean",
+    "wall_seconds",
+    "steps",
+)
+"""What every run reports, averaged over the seeds of an arm."""
 
 
 def summarise(cmp: Comparison, runs: list[dict[str, Any]], base: float) -> dict[str, Any]:
@@ -178,17 +205,10 @@ def summarise(cmp: Comparison, runs: list[dict[str, Any]], base: float) -> dict[
             ],
             "gain_over_untrained": gain,
             "learned": excludes_zero(gain) and gain["mean"] > 0,
-            **{
-                k: interval([float(r[k]) for r in mine])["mean"]
-                for k in (
-                    "engine_seconds",
-                    "engine_seconds_independent",
-                    "tokens_decoded",
-                    "trained_trees_per_minute",
-                    "wall_seconds",
-                    "steps",
-                )
-            },
+            **{k: interval([float(r[k]) for r in mine])["mean"] for k in RUN_FIGURES},
+            "engine_seconds_per_trained_leaf": interval(
+                [r["engine_seconds"] / max(1, r.get("trained_leaves", 0)) for r in mine]
+            )["mean"],
         }
     first = next(iter(cmp.arms))
     paired: dict[str, Any] = {}
@@ -216,8 +236,9 @@ def table(data: dict[str, Any]) -> str:
         f"{data['heldout_problems']} problems, untrained model {data['untrained_accuracy']:.3f}.",
         "",
         "| arm | held-out (mean ± 95 % over seeds) | per seed | learned | engine-s used / "
-        "independent | tokens decoded | trees/min | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "independent | engine-s per trained leaf | tokens decoded | recomputed | trees/min | "
+        "IS weight / ESS | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, a in data["arms"].items():
         seeds = ", ".join(f"{s['heldout_accuracy']:.2f}" for s in a["seeds"])
@@ -225,8 +246,9 @@ def table(data: dict[str, Any]) -> str:
             f"| {arm} | {pm(a['heldout_accuracy'])} | {seeds} | "
             f"{'yes' if a['learned'] else 'no'} ({pm(a['gain_over_untrained'])}) | "
             f"{a['engine_seconds']:.0f} / {a['engine_seconds_independent']:.0f} | "
-            f"{a['tokens_decoded']:,.0f} | {a['trained_trees_per_minute']:.0f} | "
-            f"{a['wall_seconds']:.0f} |"
+            f"{a['engine_seconds_per_trained_leaf']:.3f} | {a['tokens_decoded']:,.0f} | "
+            f"{a['recomputed_tokens']:,.0f} | {a['trained_trees_per_minute']:.0f} | "
+            f"{a['is_weight_mean']:.3f} / {a['is_ess_mean']:.3f} | {a['wall_seconds']:.0f} |"
         )
     lines.append("")
     for label, d in data["paired_differences"].items():
@@ -241,7 +263,7 @@ def plot(path: Path, cmp: Comparison, runs: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x_key = "tokens" if cmp.budget == "tokens" else "seconds"
+    x_key = {"tokens": "tokens", "seconds": "seconds", "steps": "step"}[cmp.budget]
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, arm in enumerate(cmp.arms):
         color = f"C{i}"
@@ -255,7 +277,8 @@ def plot(path: Path, cmp: Comparison, runs: list[dict[str, Any]]) -> None:
             xs = [statistics.fmean(c[j][x_key] for c in curves) for j in range(n)]
             ys = [statistics.fmean(c[j]["accuracy"] for c in curves) for j in range(n)]
             ax.plot(xs, ys, color=color, lw=2.5, label=arm)
-    ax.set_xlabel("tokens received by the learner" if x_key == "tokens" else "training seconds")
+    labels = {"tokens": "tokens received by the learner", "seconds": "training seconds"}
+    ax.set_xlabel(labels.get(x_key, "learner steps"))
     ax.set_ylabel("held-out accuracy (in-run evaluation)")
     ax.set_title(cmp.doc, fontsize=9)
     ax.legend()

@@ -239,6 +239,12 @@ class SamplerOptions(_Section):
     """Cap ``trees_in_flight`` at the trees the engine's KV cache holds when each grows to its
     full size (width x max response tokens + a 512-token prompt allowance), read from vLLM at
     start and logged; beyond it vLLM preempts paths and computes them again."""
+    swap_kv: Literal["keep", "recompute"] = "recompute"
+    """What a weight swap does to the KV cache. ``recompute``: every running path computes its
+    context again under the new weights (and the prefix cache is emptied); ``keep``: running
+    paths and the prefix cache keep the keys and values the old weights computed, and every
+    token sampled after the swap comes from the new weights (its log-prob, the behaviour
+    policy's, is recorded as sampled). See docs/algorithm.md."""
     max_model_len: int = Field(0, ge=0, le=1_000_000)
     """Engine context length; 0 = the model's own."""
     kv_cache_gib: int = Field(1, ge=1, le=1024)

@@ -86,7 +86,7 @@ def test_a_weight_swap_is_kept_out_of_the_steps_and_counted_on_both_sides(
     import time
 
     from toy.demo import savings
-    from workers.engine import EngineMeter
+    from workers.engine import EngineMeter, SwapStats
 
     meter = EngineMeter()
     steps: list[float] = []
@@ -98,14 +98,14 @@ def test_a_weight_swap_is_kept_out_of_the_steps_and_counted_on_both_sides(
     meter.started()
     meter.step(4, 0, 1)
     time.sleep(0.05)  # the swap itself
-    meter.swapped(0.05)
-    meter.step(0, 0, 1)
+    meter.swapped(SwapStats(0.03, 0.02, 120))  # a recompute swap: 120 context tokens dropped
+    meter.step(0, 0, 1, recomputed=120)  # ... and computed again as the paths resume
     started = time.perf_counter()
     time.sleep(0.02)
     meter.step(0, 0, 1)
     reference = time.perf_counter() - started
     meter.ended()
-    meter.swapped(0.5)  # a swap while idle: in no step, on both sides all the same
+    meter.swapped(SwapStats(0.5, 0.0, 0))  # a keep swap while idle: in no step, both sides
     assert steps[1] < 0.04, steps  # the 50 ms swap is not in the step after it
     assert 0.015 < steps[2] <= reference + 0.005
     assert meter.swap_seconds == 0.55 and meter.snapshot()["swap_seconds"] == 0.55
@@ -117,3 +117,12 @@ def test_a_weight_swap_is_kept_out_of_the_steps_and_counted_on_both_sides(
     assert summary["treepo_sampler_gpu_seconds_used_total"] == acc.used_seconds
     assert summary["treepo_sampler_gpu_seconds_independent_total"] == 0.55
     assert savings(tmp_path / "run")["weight_swap_seconds"] == 0.55
+    # the swap's parts and the context it made the engine compute again
+    assert summary["treepo_sampler_swap_load_seconds_total"] == 0.53
+    assert summary["treepo_sampler_swap_reset_seconds_total"] == 0.02
+    assert summary["treepo_sampler_swap_dropped_tokens_total"] == 120
+    assert summary["treepo_sampler_recomputed_tokens_total"] == 120
+    # priced at the fitted cost of a prefill token
+    coef = acc.cost.coef[0]
+    assert summary["treepo_sampler_recompute_seconds_total"] >= 0
+    assert savings(tmp_path / "run")["recomputed_tokens"] == 120 and coef >= 0

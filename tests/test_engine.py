@@ -64,6 +64,60 @@ def test_a_swap_lands_between_steps_and_every_token_carries_its_version(
     assert straddled >= 1, "no request ran across the swap"
 
 
+@pytest.mark.parametrize("mode", ["recompute", "keep"])
+def test_a_swap_keeps_or_recomputes_the_running_paths_context(
+    engine: VLLMPathGenerator,
+    tokenizer,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    mode: str,
+) -> None:
+    """``swap_kv``: under ``recompute`` the swap counts the running paths' context and the
+    engine computes it again in the steps after (vLLM's own count of preempted requests'
+    uncached context); under ``keep`` nothing is dropped and nothing is computed again."""
+    from workers.engine import SwapStats
+
+    start = engine.policy_version
+    swaps: list[SwapStats] = []
+    engine.meter.swap_listeners.append(swaps.append)
+    engine.options.swap_kv = mode
+    context = len(prompt(tokenizer)) + 8
+
+    async def main() -> tuple[int, int]:
+        paths = [engine.open(PathRequest(prompt(tokenizer), 40, 8)) for _ in range(4)]
+        for p in paths:
+            await p.next(8)
+        requests = [await p._resolved() for p in paths]
+        running = engine.running_context_tokens()
+        d = tmp_path / "same-weights"
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(
+            (Path(engine.options.model) / "model.safetensors").read_bytes()
+        )
+        engine.stage_weights(start + 1, d)
+        steps: list[int] = []
+        engine.meter.listeners.append(lambda st: steps.append(st.recomputed_tokens))
+        assert await engine.apply_staged() is not None
+        for p, r in zip(paths, requests):
+            while not (r.done and r.read == len(r.tokens)):
+                await p.next(1)
+        engine.meter.listeners.pop()
+        return running, sum(steps)
+
+    try:
+        running, prefilled = run_restoring(engine, tmp_path, start, main())
+    finally:
+        engine.options.swap_kv = "recompute"
+        engine.meter.swap_listeners.remove(swaps.append)
+    assert running >= 4 * context
+    assert swaps[0].load_seconds > 0
+    if mode == "recompute":
+        assert swaps[0].dropped_tokens == running and swaps[0].reset_seconds > 0
+        assert prefilled >= running // 2, "the engine computed the dropped context again"
+    else:
+        assert swaps[0].dropped_tokens == 0 and swaps[0].reset_seconds == 0
+        assert prefilled == 0, "keep: no running path computed its context again"
+
+
 def test_a_sibling_finds_its_parents_context_in_the_prefix_cache(
     engine: VLLMPathGenerator,
     tokenizer,  # type: ignore[no-untyped-def]

@@ -27,7 +27,9 @@ class Ending:
         if self.stopped:
             os.kill(os.getpid(), signal.SIGTERM)  # as honcho stops the run
             await asyncio.wait_for(self.stop.wait(), 5)
-        raise TransportError("redis XREADGROUP failed after 1 attempts: Connection closed by server")
+        raise TransportError(
+            "redis XREADGROUP failed after 1 attempts: Connection closed by server"
+        )
 
     def request_stop(self) -> None:
         self.stop.set()

@@ -275,11 +275,18 @@ def savings(run: Path) -> dict[str, float]:
         "treepo_sampler_prefill_tokens_total",
         "treepo_sampler_generation_seconds_total",
         "weight_swap_seconds",
+        "treepo_sampler_swap_load_seconds_total",
+        "treepo_sampler_swap_reset_seconds_total",
+        "treepo_sampler_swap_dropped_tokens_total",
+        "treepo_sampler_recomputed_tokens_total",
+        "treepo_sampler_recompute_seconds_total",
     )
     total = dict.fromkeys(keys, 0.0)
     for data in sampler_summaries(run):
         for k in keys:
             total[k] += float(data.get(k, 0.0))
+    for k in [k for k in total if k.startswith(("treepo_sampler_swap_", "treepo_sampler_rec"))]:
+        total[k.removeprefix("treepo_sampler_").removesuffix("_total")] = total.pop(k)
     return total
 
 
@@ -375,6 +382,7 @@ def summarise(
         "gpu_seconds_independent": alone,
         "gpu_seconds_saved": alone - used,
         "weight_swap_seconds": sav["weight_swap_seconds"],
+        **{k: v for k, v in sav.items() if k.startswith(("swap_", "recompute"))},
         **engine_steps(run),
         "learner_tokens_computed": sum(s.get("tokens_computed", 0.0) for s in steps),
         "learner_tokens_per_leaf": sum(s.get("tokens_per_leaf", 0.0) for s in steps),
@@ -415,6 +423,14 @@ def report(summary: dict[str, Any], png: Path) -> None:
         f"{summary['gpu_seconds_independent']:.1f} (saved {summary['gpu_seconds_saved']:.1f}; "
         f"both include the {summary.get('weight_swap_seconds', 0.0):.1f} s of weight swaps)"
     )
+    if summary.get("weight_swap_seconds"):
+        print(
+            f"[demo] weight swaps: {summary['weight_swap_seconds']:.1f} s (loading "
+            f"{summary.get('swap_load_seconds', 0.0):.1f} s, emptying the KV cache "
+            f"{summary.get('swap_reset_seconds', 0.0):.1f} s); running paths computed "
+            f"{summary.get('recomputed_tokens', 0.0):.0f} context tokens again after preemptions "
+            f"(about {summary.get('recompute_seconds', 0.0):.1f} engine-seconds)"
+        )
     if summary.get("mean_request_start_steps") is not None:
         print(
             f"[demo] engine steps: {summary['engine_steps']:.0f} run, independent sampling priced "

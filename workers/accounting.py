@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from pipeline.treepo.costs import CostModel, StepConcurrency, Work, independent_work
 from pipeline.wire.messages import PromptTask, TreeRollout
-from workers.engine import StepStats
+from workers.engine import StepStats, SwapStats
 from workers.metrics import SamplerMetrics
 
 log = logging.getLogger("workers.sampler")
@@ -74,8 +74,10 @@ class Accounting:
     def on_step(self, step: StepStats) -> None:
         """One engine step (the engine meter's listener; runs on the engine's thread)."""
         m = self.metrics
+        prefill = step.prefill_tokens + step.recomputed_tokens
         with self._lock:
-            self.cost.observe(Work(step.prefill_tokens, step.decoded_tokens, 1), step.seconds)
+            self.cost.observe(Work(prefill, step.decoded_tokens, 1), step.seconds)
+            recompute_s = step.recomputed_tokens * self.cost.coef[0]
             self.concurrency.step()
             self.used_seconds += step.seconds
         m.engine_steps.inc()
@@ -83,17 +85,25 @@ class Accounting:
         m.gpu_seconds_used.inc(step.seconds)
         m.prefill_tokens.inc(step.prefill_tokens + step.cached_tokens)
         m.prefill_cached_tokens.inc(step.cached_tokens)
+        if step.recomputed_tokens:
+            m.recomputed_tokens.inc(step.recomputed_tokens)
+            m.recompute_seconds.inc(recompute_s)
 
-    def on_swap(self, seconds: float) -> None:
+    def on_swap(self, swap: SwapStats) -> None:
         """A weight swap (the engine meter's listener): engine time used, and time independent
-        sampling would have used as well (it swaps the same weights), so it moves no saving."""
-        m = self.metrics
+        sampling would have used as well (it swaps the same weights), so it moves no saving.
+        The context it drops is counted here; the engine's recomputing it, in the steps after
+        (``on_step``)."""
+        m, seconds = self.metrics, swap.seconds
         with self._lock:
             self.used_seconds += seconds
             self.independent_seconds += seconds
             self.swap_seconds += seconds
         m.gpu_seconds_used.inc(seconds)
         m.gpu_seconds_independent.inc(seconds)
+        m.swap_load_seconds.inc(swap.load_seconds)
+        m.swap_reset_seconds.inc(swap.reset_seconds)
+        m.swap_dropped_tokens.inc(swap.dropped_tokens)
 
     def on_request_started(self, steps: int) -> None:
         """A request's first token, ``steps`` engine steps after it was submitted (the engine

@@ -112,6 +112,8 @@ class EngineOptions:
     model_in_process: bool = True
     """CPU backend, unbound, one worker: the model runs in this process (no worker process)."""
     seed: int = 0
+    swap_kv: str = "recompute"
+    """``keep`` or ``recompute`` (``SamplerOptions.swap_kv``)."""
     ignore_eos: bool = False
     """Decode every request to its token budget (benchmarks with forced lengths)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -137,6 +139,7 @@ class EngineOptions:
             max_num_seqs=o.max_num_seqs,
             cpu_bind=o.cpu_bind,
             model_in_process=o.model_in_process,
+            swap_kv=o.swap_kv,
             seed=derived_seed(settings.run.seed, "engine", sampler_key(o.worker_id, o.port)),
         )
 
@@ -151,6 +154,27 @@ class StepStats:
     decoded_tokens: int
     seconds: float
     """Wall seconds since the previous step, or since requests arrived at an idle engine."""
+    recomputed_tokens: int = 0
+    """Context of preempted requests computed again as they resumed (vLLM's prefix-cache
+    stats of preempted requests: queried minus hit). A swap under ``swap_kv = recompute``
+    preempts every running request; so does a full KV cache."""
+
+
+@dataclass
+class SwapStats:
+    """What one weight swap cost."""
+
+    load_seconds: float
+    """Reading the new weights into the model."""
+    reset_seconds: float
+    """Emptying the KV cache (``swap_kv = recompute``; 0 under ``keep``)."""
+    dropped_tokens: int
+    """Context tokens of the running paths whose keys and values the reset dropped: the engine
+    computes them again in the steps after the swap (0 under ``keep``)."""
+
+    @property
+    def seconds(self) -> float:
+        return self.load_seconds + self.reset_seconds
 
 
 class EngineMeter:
@@ -177,8 +201,8 @@ class EngineMeter:
         self.listeners: list[Callable[[StepStats], None]] = []
         self.start_listeners: list[Callable[[int], None]] = []
         """Called with each request's steps from submission to its first token."""
-        self.swap_listeners: list[Callable[[float], None]] = []
-        """Called with the seconds of each weight swap."""
+        self.swap_listeners: list[Callable[[SwapStats], None]] = []
+        """Called with what each weight swap cost."""
         self._lock = threading.Lock()
 
     def started(self) -> None:
@@ -194,12 +218,13 @@ class EngineMeter:
             if self.in_flight == 0:
                 self.busy_since = None
 
-    def step(self, prefill: int, cached: int, decoded: int) -> None:
+    def step(self, prefill: int, cached: int, decoded: int, recomputed: int = 0) -> None:
         now = time.perf_counter()
         with self._lock:
             since = max(self.last_step, self.busy_since or now)
             self.last_step = now
-            stats = StepStats(prefill, cached, decoded, max(0.0, now - since - self._paused))
+            seconds = max(0.0, now - since - self._paused)
+            stats = StepStats(prefill, cached, decoded, seconds, recomputed)
             self._paused = 0.0
             self.steps += 1
             self.busy_seconds += stats.seconds
@@ -214,16 +239,16 @@ class EngineMeter:
         with self._lock:
             self.in_step_seconds += seconds
 
-    def swapped(self, seconds: float) -> None:
-        """A weight swap took ``seconds`` between two steps: counted apart, not in the next
+    def swapped(self, swap: SwapStats) -> None:
+        """A weight swap between two steps: its seconds are counted apart, not in the next
         step's seconds (independent sampling would swap the same weights; the cost model is
-        fitted on steps only)."""
+        fitted on steps only). The recomputation it causes is in the later steps' prefill."""
         with self._lock:
-            self.swap_seconds += seconds
+            self.swap_seconds += swap.seconds
             if self.in_flight:
-                self._paused += seconds
+                self._paused += swap.seconds
         for listener in self.swap_listeners:
-            listener(seconds)
+            listener(swap)
 
     def request_started(self, steps: int) -> None:
         """A request's first token came ``steps`` engine steps after it was submitted."""
@@ -266,10 +291,15 @@ def _stat_logger(meter: EngineMeter) -> Any:
             if iteration_stats is None:
                 return
             prompt = iteration_stats.prompt_token_stats
+            cache = getattr(scheduler_stats, "prefix_cache_stats", None)
+            resumed = (
+                int(cache.preempted_queries - cache.preempted_hits) if cache is not None else 0
+            )
             meter.step(
                 int(prompt.computed),
                 int(prompt.cached_tokens),
                 iteration_stats.num_generation_tokens,
+                resumed,
             )
 
         def log_engine_initialized(self) -> None:
@@ -759,14 +789,31 @@ class VLLMPathGenerator:
         started = time.perf_counter()
         engine = self.engine
         engine.collective_rpc("reload_weights", kwargs={"weights_path": str(directory)})
-        # running requests recompute their context under the new weights
-        engine.reset_prefix_cache(reset_running_requests=True)
+        loaded = time.perf_counter()
+        dropped, reset_s = 0, 0.0
+        if self.options.swap_kv == "recompute":
+            # running requests compute their context again under the new weights
+            dropped = self.running_context_tokens()
+            engine.reset_prefix_cache(reset_running_requests=True)
+            reset_s = time.perf_counter() - loaded
         engine.set_weight_version(str(version))  # the engine labels its steps too
         self.policy_version = version  # every token from here on comes from the new weights
-        seconds = time.perf_counter() - started
-        self.meter.swapped(seconds)
-        log.info("swapped to policy version %d from %s in %.3fs", version, directory, seconds)
-        return seconds
+        swap = SwapStats(loaded - started, reset_s, dropped)
+        self.meter.swapped(swap)
+        log.info(
+            "swapped to policy version %d from %s in %.3fs (KV %s: %d context tokens dropped)",
+            version, directory, swap.seconds, self.options.swap_kv, dropped,
+        )  # fmt: skip
+        return swap.seconds
+
+    def running_context_tokens(self) -> int:
+        """Context tokens (prompt + tokens so far) of the path requests in the engine now: what
+        a reset of the KV cache makes it compute again."""
+        return sum(
+            len(r.request.token_ids) + len(r.tokens)
+            for r in self.live.values()
+            if isinstance(r, _Request) and not r.done
+        )
 
     # -- independent sampling (benchmarks, calibration) ----------------------------------------------
 

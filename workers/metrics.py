@@ -110,6 +110,30 @@ class SamplerMetrics:
             registry=r,
         )
         self.weight_swaps = Counter(p + "weight_swaps", "Weight versions swapped in.", registry=r)
+        self.swap_load_seconds = Counter(
+            p + "swap_load_seconds", "Seconds of swaps spent loading the weights.", registry=r
+        )
+        self.swap_reset_seconds = Counter(
+            p + "swap_reset_seconds",
+            "Seconds of swaps spent emptying the KV cache (swap_kv=recompute).",
+            registry=r,
+        )
+        self.swap_dropped_tokens = Counter(
+            p + "swap_dropped_tokens",
+            "Context tokens of running paths whose KV cache a swap dropped (swap_kv=recompute).",
+            registry=r,
+        )
+        self.recomputed_tokens = Counter(
+            p + "recomputed_tokens",
+            "Context tokens of preempted paths computed again as they resumed (after a swap "
+            "under swap_kv=recompute, or a full KV cache).",
+            registry=r,
+        )
+        self.recompute_seconds = Counter(
+            p + "recompute_seconds",
+            "Engine-seconds those recomputed tokens cost (priced with the fitted prefill cost).",
+            registry=r,
+        )
         self.weight_rejected = Counter(
             p + "weight_rejected", "Weight versions refused (failed verification).", registry=r
         )
