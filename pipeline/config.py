@@ -164,7 +164,10 @@ class RunSettings(_Section):
     max_staleness: int = Field(1, ge=0, le=64)
     """How many policy versions a tree may lag behind the learner. 0 = synchronous on-policy."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
-    """Base random seed of the run."""
+    """The run's one seed: prompt order, the toy task's problems, the learner's generators,
+    and each sampler's engine and tree shapes (keyed by its worker id or host:port, so two
+    samplers draw different numbers and the same sampler the same numbers in every run of the
+    seed; ``pipeline/seeds.py``)."""
 
     @field_validator("name")
     @classmethod
