@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from learner.batch import build_batch
+from learner.canary import canary_logprobs
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.evaluate import Evaluator, eval_problems
 from learner.ranks import Control, control, follow
@@ -36,6 +37,7 @@ class Follower:
             "resume": self.resume,
             "gather": lambda c: save_pretrained(self.engine, None, c["weights_only"]),
             "evaluate": self.evaluate,
+            "canary": lambda c: canary_logprobs(self.engine.module, c["token_ids"]),
         }
 
     def evaluate(self, command: dict[str, Any]) -> None:

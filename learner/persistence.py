@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from learner.canary import make_canary
 from learner.checkpoint import load_checkpoint, save_checkpoint
 from learner.metrics import LearnerMetrics
 from learner.ranks import control
@@ -24,7 +25,7 @@ from learner.trainer import Engine, save_pretrained
 from pipeline.checkpoints import latest_checkpoint
 from pipeline.config import LearnerSettings
 from pipeline.errors import Stopping, TransportError
-from pipeline.weights.manifest import Manifest
+from pipeline.weights.manifest import Canary, Manifest
 from pipeline.weights.server import WeightStore, announce
 from pipeline.wire.streams import TREE_GROUP, Streams
 
@@ -54,6 +55,8 @@ class Persistence:
             digest=settings.weights.piece_digest,
         )
         self.ctl = control()
+        self.canary_ids: list[int] | None = None
+        """The canary's tokens (``learner.canary``); None publishes versions without one."""
 
     def resume(self, rng: random.Random) -> LearnerState | None:
         """The state of the newest checkpoint, with weights, optimizer and ``rng`` restored and
@@ -117,11 +120,19 @@ class Persistence:
         self.ctl.send("gather", weights_only=weights_only)
         save_pretrained(self.engine, directory, weights_only)
 
+    def _canary(self) -> Canary | None:
+        """The canary of the weights now, on every rank (``learner.canary``)."""
+        if self.canary_ids is None:
+            return None
+        self.ctl.send("canary", token_ids=self.canary_ids)
+        return make_canary(self.engine.module, self.canary_ids)
+
     async def publish(self, version: int, base_url: str) -> None:
         """Export (once), serve and announce the weights of ``version``."""
         started = time.perf_counter()
         if version not in self.store.versions():
-            await asyncio.to_thread(self.store.publish, version, self._export)
+            canary = await asyncio.to_thread(self._canary)
+            await asyncio.to_thread(self.store.publish, version, self._export, canary)
         data = self.store.manifest_bytes(version)
         total = Manifest.from_bytes(data).total_bytes
         token = self.settings.weights.token

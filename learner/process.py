@@ -30,6 +30,7 @@ from typing import Any
 
 from learner.admission import Admission, load_problems
 from learner.batch import TrainBatch, build_batch
+from learner.canary import canary_tokens
 from learner.evaluate import Evaluator, eval_problems
 from learner.follower import Follower
 from learner.intake import Intake
@@ -86,6 +87,7 @@ class Learner:
         self.admission = Admission(settings, self.streams, self.metrics, tokenizer, problems)
         self.intake = Intake(settings, self.streams, self.metrics, self.admission)
         self.durable = Persistence(settings, engine, self.streams, self.metrics, self.stop)
+        self.durable.canary_ids = canary_tokens(tokenizer)
         self.ctl = control()
         self.rng = random.Random(derived_seed(settings.run.seed, "learner-rng"))
         self.state = self.durable.resume(self.rng) or LearnerState()

@@ -242,6 +242,12 @@ class SamplerOptions(_Section):
     """Cap ``trees_in_flight`` at the trees the engine's KV cache holds when each grows to its
     full size (width x max response tokens + a 512-token prompt allowance), read from vLLM at
     start and logged; beyond it vLLM preempts paths and computes them again."""
+    canary_tolerance: float = Field(0.05, gt=0, le=100)
+    """Mean absolute difference (nats) allowed between the engine's and the learner's log-probs
+    of a version's canary after a swap (``workers/canary.py``); fp32 against fp32 differs by
+    about 1e-5, bf16 against fp32 by about 1e-2."""
+    canary_attempts: int = Field(3, ge=1, le=100)
+    """Swaps of one version whose canary fails before the sampler stops with an error."""
     swap_kv: Literal["keep", "recompute"] = "recompute"
     """What a weight swap does to the KV cache. ``recompute``: every running path computes its
     context again under the new weights (and the prefix cache is emptied); ``keep``: running

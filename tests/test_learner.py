@@ -144,6 +144,11 @@ async def check_observability(learner_port: int, sampler_port: int, tmp: Path) -
                     break
                 await asyncio.sleep(1)
             assert not missing, f"core panels without data: {missing}"
+            # every swap was proven: the engine's canary log-probs match the learner's (fp32 here)
+            query = {"query": 'max(treepo_sampler_canary_mismatch{run="test"})'}
+            async with http.get(f"{prom.url}/api/v1/query", params=query) as resp:
+                value = float((await resp.json())["data"]["result"][0]["value"][1])
+            assert 0 <= value < 1e-3, value
     finally:
         prom.stop()
 

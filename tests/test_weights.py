@@ -319,6 +319,9 @@ def test_the_key_is_read_as_soon_as_the_weights_channel_is_subscribed(
     class Engine:
         policy_version = 0
 
+        def staged(self) -> None:
+            return None
+
         async def apply_staged(self) -> None:
             return None
 

@@ -482,6 +482,48 @@ class _Group:
             self.result.set_exception(error)
 
 
+class _Score:
+    """The log-prob of each token of ``token_ids`` given the tokens before it, at temperature
+    1 (a one-token request with prompt log-probs; vLLM computes such a prompt in full, without
+    the prefix cache)."""
+
+    def __init__(self, gen: VLLMPathGenerator, token_ids: list[int]) -> None:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        self.gen = gen
+        self.token_ids = token_ids
+        self.request_id = f"s{next(gen._ids)}"
+        self.result: asyncio.Future[list[float]] = asyncio.get_running_loop().create_future()
+        params = SamplingParams(
+            max_tokens=1,
+            temperature=1.0,
+            prompt_logprobs=0,
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        gen.submit(self, TokensPrompt(prompt_token_ids=list(token_ids)), params)
+
+    def deliver(self, out: Any) -> None:
+        if not out.finished:
+            return
+        logprobs = out.prompt_logprobs or []
+        try:
+            values = [float(logprobs[i][t].logprob) for i, t in enumerate(self.token_ids) if i > 0]
+        except (IndexError, KeyError, TypeError) as exc:
+            self.finish(EngineFailed(f"no prompt log-probs for the scored tokens: {exc!r}"))
+            return
+        self.gen.forget(self.request_id)
+        if not self.result.done():
+            self.result.set_result(values)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        self.gen.forget(self.request_id)
+        if not self.result.done():
+            self.result.set_exception(error or GenerationStopped("scoring ended early"))
+
+
 class VLLMPath:
     """A ``PathStream``: one request, read from any event loop."""
 
@@ -531,7 +573,7 @@ class VLLMPathGenerator:
         self.policy_version = policy_version
         self.stopping = False
         self.meter = EngineMeter()
-        self.live: dict[str, _Request | _Group] = {}
+        self.live: dict[str, _Request | _Group | _Score] = {}
         """Requests the engine runs, by id (touched on the engine's loop only)."""
         self.failed: BaseException | None = None
         """Why the engine stopped stepping (every later request fails with it)."""
@@ -614,7 +656,7 @@ class VLLMPathGenerator:
 
     # -- stepping the engine -------------------------------------------------------------------------
 
-    def submit(self, request: _Request | _Group, prompt: Any, params: Any) -> None:
+    def submit(self, request: _Request | _Group | _Score, prompt: Any, params: Any) -> None:
         """Hand a request to the engine (on the engine's loop): it runs in the next step."""
         if self.failed is not None:
             raise EngineFailed(str(self.failed)) from self.failed.__cause__
@@ -825,6 +867,19 @@ class VLLMPathGenerator:
 
     async def _independent(self, prompt: list[int], n: int, max_tokens: int) -> list[list[int]]:
         return await _Group(self, prompt, n, max_tokens).result
+
+    async def score(self, token_ids: list[int]) -> list[float]:
+        """Log-probs of ``token_ids[1:]`` under the engine's weights now (the canary check)."""
+
+        async def run() -> list[float]:
+            return await _Score(self, token_ids).result
+
+        return await self.call(run())
+
+    def staged(self) -> tuple[int, Path] | None:
+        """The (version, directory) the next ``apply_staged`` swaps in, if any."""
+        with self._staged_lock:
+            return self._staged
 
     # -- lifecycle -----------------------------------------------------------------------------------
 

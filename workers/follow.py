@@ -38,6 +38,7 @@ from pipeline.weights.manifest import MANIFEST, check_announcement, tensor_specs
 from pipeline.weights.transfer import FetchStats, Sources, fetch_version
 from pipeline.wire.messages import WeightAnnouncement, decode_as
 from pipeline.wire.streams import Streams
+from workers.canary import CanaryCheck
 from workers.engine import VLLMPathGenerator
 from workers.metrics import SamplerMetrics
 
@@ -77,8 +78,11 @@ class WeightFollower:
         parallel: int = 4,
         link: bool = True,
         share: HostShare | None = None,
+        canary: CanaryCheck | None = None,
     ) -> None:
         self.streams = streams
+        self.canary = canary or CanaryCheck(engine, metrics, tolerance=0.05, attempts=3)
+        """Proves each swap (``workers.canary``)."""
         self.engine = engine
         self.metrics = metrics
         self.work_dir = work_dir
@@ -138,6 +142,9 @@ class WeightFollower:
             parallel=w.parallel,
             link=w.link_same_machine,
             share=HostShare(streams, worker_id) if w.share_same_machine else None,
+            canary=CanaryCheck(
+                engine, metrics, settings.sampler.canary_tolerance, settings.sampler.canary_attempts
+            ),
         )
 
     async def poll(self) -> None:
@@ -290,6 +297,8 @@ class WeightFollower:
         prompt while this holds: the learner would drop the tree and admit its prompt again, and
         a prompt admitted ``max_admissions`` times is abandoned. A version that failed does not
         hold sampling (``trouble()`` reports it on /healthz)."""
+        if not self.canary.gate.is_set():  # a swap not (yet) proven: claim nothing
+            return True
         behind = self.current - self.engine.policy_version > self.max_staleness
         return behind and self.current not in self.failing
 
@@ -334,12 +343,19 @@ class WeightFollower:
             await wait_or_stop(stop, min(poll_s, 1.0))
 
     async def apply_staged(self) -> None:
-        """Swap staged weights into the engine (between engine steps) and delete older versions."""
+        """Swap staged weights into the engine (between engine steps), prove the swap took
+        (``workers.canary``: no tree is published meanwhile) and delete older versions."""
+        staged = self.engine.staged()
+        if staged is not None:
+            self.canary.gate.clear()
         seconds = await self.engine.apply_staged()
-        if seconds is not None:
+        if seconds is None:
+            self.canary.gate.set()
+        elif staged is not None:
             self.metrics.weight_swap_seconds.observe(seconds)
             self.metrics.weight_swaps.inc()
-            self._prune_versions()
+            if await self.canary.check(*staged):
+                self._prune_versions()
         self.metrics.policy_version.set(self.engine.policy_version)
 
     def _prune_versions(self) -> None:

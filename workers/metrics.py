@@ -8,6 +8,7 @@ the cost model of ``pipeline.treepo.costs``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -110,6 +111,21 @@ class SamplerMetrics:
             registry=r,
         )
         self.weight_swaps = Counter(p + "weight_swaps", "Weight versions swapped in.", registry=r)
+        self.canary_mismatch = Gauge(
+            p + "canary_mismatch",
+            "Mean absolute difference (nats) of the engine's and the learner's log-probs of the "
+            "last swapped version's canary (the train/inference mismatch).",
+            registry=r,
+        )
+        self.canary_mismatch.set(math.nan)
+        self.canary_failures = Counter(
+            p + "canary_failures", "Weight swaps whose canary did not match.", registry=r
+        )
+        self.canary_dropped_trees = Counter(
+            p + "canary_dropped_trees",
+            "Trees not published because a swap during their growth did not take.",
+            registry=r,
+        )
         self.swap_load_seconds = Counter(
             p + "swap_load_seconds", "Seconds of swaps spent loading the weights.", registry=r
         )

@@ -35,6 +35,7 @@ from pipeline.treepo.tasks import reward_fn
 from pipeline.weights.server import ServeCounters, WeightStore, add_routes
 from pipeline.wire.streams import PROMPT_GROUP, TREE_GROUP, Delivery, Streams
 from workers.accounting import Accounting
+from workers.canary import CanaryFailed
 from workers.engine import EngineOptions, VLLMPathGenerator
 from workers.follow import WeightFollower
 from workers.heartbeat import HeartbeatSender
@@ -74,27 +75,23 @@ class Sampler:
         engine.meter.listeners.append(self._stepped)
         engine.meter.start_listeners.append(self.accounting.on_request_started)
         engine.meter.swap_listeners.append(self.accounting.on_swap)
-        self.trees = TreeWork(
-            settings, engine, self.streams, self.metrics, self.accounting, decode_text,
-            self.worker_id, self.stop,
-        )  # fmt: skip
-        self.in_flight = self.trees.in_flight
         self._growing: dict[asyncio.Task[None], Delivery] = {}
         self._holding: list[Delivery] = []
         """Prompts read while the follower learned that the engine is too far behind."""
         self.follower = WeightFollower.for_sampler(
             settings, self.streams, engine, self.metrics, self.work_dir, self.worker_id
         )
+        self.trees = TreeWork(
+            settings, engine, self.streams, self.metrics, self.accounting, decode_text,
+            self.worker_id, self.stop, self.follower.canary,
+        )  # fmt: skip
+        self.in_flight = self.trees.in_flight
         self.relay = ServeCounters()
         self.metrics.weight_bytes_relayed.set_function(lambda: self.relay.bytes_sent)
         self.heartbeat = HeartbeatSender(
-            self.streams,
-            self.worker_id,
-            "sampler",
-            lambda: engine.policy_version,
-            self.stop,
+            self.streams, self.worker_id, "sampler", lambda: engine.policy_version, self.stop,
             opts.heartbeat_ttl_s,
-        )
+        )  # fmt: skip
         self.port = opts.port
         self.failed: BaseException | None = None
         self.progress_at = time.monotonic()
@@ -174,6 +171,9 @@ class Sampler:
             await self._loop(max_prompts)
         except Stopping as exc:
             log.info("stopping: %s", exc)
+        except CanaryFailed as exc:  # the weights do not take in this engine: give up loudly
+            log.error("stopping: %s", exc)
+            self.failed = exc
         finally:
             self.stop.set()
             await background.close()

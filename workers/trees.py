@@ -25,6 +25,7 @@ from pipeline.treepo.tasks import reward_fn
 from pipeline.wire.messages import PromptTask, TreeRollout
 from pipeline.wire.streams import PROMPT_GROUP, Delivery, Streams
 from workers.accounting import Accounting
+from workers.canary import CanaryCheck
 from workers.engine import GenerationStopped, VLLMPathGenerator, trees_that_fit
 from workers.metrics import SamplerMetrics
 from workers.prompts import prompt_problem
@@ -73,10 +74,11 @@ class TreeWork:
         decode_text: Callable[[list[int]], str],
         worker_id: str,
         stop: asyncio.Event,
+        canary: CanaryCheck,
     ) -> None:
         self.settings, self.engine, self.streams = settings, engine, streams
         self.metrics, self.accounting, self.decode_text = metrics, accounting, decode_text
-        self.worker_id, self.stop = worker_id, stop
+        self.worker_id, self.stop, self.canary = worker_id, stop, canary
         opts, tree_cfg = settings.sampler, settings.tree
         check_segments(tree_cfg.segment_tokens, engine.block_size, opts.allow_short_segments)
         if tree_cfg.eos_token_id is None and engine.eos_token_id is not None:
@@ -156,10 +158,12 @@ class TreeWork:
         claimed = time.perf_counter()
         if task.created_at > 0:
             self.metrics.prompt_wait_seconds.observe(max(0.0, time.time() - task.created_at))
+        failed_swaps = self.canary.failures
         try:
             tree = await self.engine.call(
                 self.accounting.growing(self.tree_sampler.grow(task.prompt_token_ids))
             )
+            await self.canary.gate.wait()  # the swaps its tokens came after are proven
         except GenerationStopped as exc:
             raise Stopping(str(exc)) from exc
         except (ValueError, TypeError) as exc:  # the engine refused the request
@@ -167,6 +171,10 @@ class TreeWork:
             await self.streams.reject(
                 d, PROMPT_GROUP, "engine_error", f"{type(exc).__name__}: {exc}"
             )
+            return
+        if self.canary.failures != failed_swaps:  # tokens not from the version they say
+            self.metrics.canary_dropped_trees.inc()
+            await self.release([d])
             return
         self.stamp(tree, task)
         await self.streams.publish(self.streams.keys.trees, tree)

@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import math
 import os
 import struct
 from dataclasses import asdict, dataclass
@@ -69,6 +70,26 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class Canary:
+    """Proof that a version loaded: the publisher's log-probs of a short fixed token sequence
+    under the version's weights (``logprobs[i]`` is token ``i + 1`` given the tokens before it,
+    softmax at temperature 1). A sampler scores the same tokens with its engine after the swap
+    and compares (``workers.canary``)."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.token_ids) < 2 or len(self.logprobs) != len(self.token_ids) - 1:
+            raise ValueError(
+                f"canary of {len(self.token_ids)} tokens needs {len(self.token_ids) - 1} "
+                f"log-probs, has {len(self.logprobs)}"
+            )
+        if not all(math.isfinite(x) and x <= 0 for x in self.logprobs):
+            raise ValueError("canary log-probs must be finite and <= 0")
+
+
+@dataclass(frozen=True)
 class Manifest:
     version: int
     files: tuple[FileEntry, ...]
@@ -78,6 +99,7 @@ class Manifest:
     """(machine id, directory) where the publisher wrote the version: a sampler on the same
     machine hard-links the files instead of downloading them."""
     delta: Delta | None = None
+    canary: Canary | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -103,6 +125,11 @@ class Manifest:
                 "base": self.delta.base,
                 "files": [asdict(f) for f in self.delta.files],
             }
+        if self.canary is not None:
+            body["canary"] = {
+                "token_ids": list(self.canary.token_ids),
+                "logprobs": list(self.canary.logprobs),
+            }
         return json.dumps(body, sort_keys=True, indent=1).encode()
 
     @classmethod
@@ -112,6 +139,7 @@ class Manifest:
             files = _entries(body["files"])
             origin = body.get("origin")
             delta = body.get("delta")
+            canary = body.get("canary")
             manifest = cls(
                 int(body["version"]),
                 files,
@@ -119,6 +147,12 @@ class Manifest:
                 int(body.get("chunk_bytes", CHUNK_BYTES)),
                 (str(origin["machine"]), str(origin["path"])) if origin else None,
                 Delta(int(delta["base"]), _entries(delta["files"])) if delta else None,
+                Canary(
+                    tuple(int(t) for t in canary["token_ids"]),
+                    tuple(float(x) for x in canary["logprobs"]),
+                )
+                if canary
+                else None,
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise WeightVerificationError(f"manifest is malformed: {exc}") from None
@@ -246,6 +280,7 @@ def write_manifest(
     delta: Delta | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     algorithm: str = DIGESTS[0],
+    canary: Canary | None = None,
 ) -> tuple[Manifest, bytes]:
     """Describe every full ``*.safetensors`` file of ``directory`` (delta files are described
     by ``delta``) in its ``manifest.json``, pieces hashed with ``algorithm``."""
@@ -255,7 +290,9 @@ def write_manifest(
         for p in sorted(directory.glob("*.safetensors"))
         if p.name not in skip
     )
-    manifest = Manifest(version, files, chunk_bytes=chunk_bytes, origin=origin, delta=delta)
+    manifest = Manifest(
+        version, files, chunk_bytes=chunk_bytes, origin=origin, delta=delta, canary=canary
+    )
     data = manifest.to_bytes()
     (directory / MANIFEST).write_bytes(data)
     return manifest, data

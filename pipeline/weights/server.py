@@ -37,6 +37,7 @@ from pipeline.weights.manifest import (
     DIGESTS,
     MANIFEST,
     RECEIVER_HEADER,
+    Canary,
     Delta,
     Manifest,
     announcement_signature,
@@ -90,8 +91,11 @@ class WeightStore:
                 out.append(int(d.name[1:]))
         return sorted(out)
 
-    def publish(self, version: int, write: Callable[[Path], None]) -> tuple[Manifest, bytes]:
-        """Write one version (``write`` fills the directory with safetensors files)."""
+    def publish(
+        self, version: int, write: Callable[[Path], None], canary: Canary | None = None
+    ) -> tuple[Manifest, bytes]:
+        """Write one version (``write`` fills the directory with safetensors files; ``canary``
+        goes into its manifest)."""
         final = self.path(version)
         with staged_dir(final) as tmp:
             write(tmp)
@@ -103,6 +107,7 @@ class WeightStore:
                 delta=delta,
                 chunk_bytes=self.chunk_bytes,
                 algorithm=self.digest,
+                canary=canary,
             )
         for old in self.versions()[: -self.keep]:
             shutil.rmtree(self.path(old), ignore_errors=True)
