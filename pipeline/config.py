@@ -242,10 +242,11 @@ class SamplerOptions(_Section):
     """Cap ``trees_in_flight`` at the trees the engine's KV cache holds when each grows to its
     full size (width x max response tokens + a 512-token prompt allowance), read from vLLM at
     start and logged; beyond it vLLM preempts paths and computes them again."""
-    canary_tolerance: float = Field(0.05, gt=0, le=100)
+    canary_tolerance: float = Field(0.1, gt=0, le=100)
     """Mean absolute difference (nats) allowed between the engine's and the learner's log-probs
-    of a version's canary after a swap (``workers/canary.py``); fp32 against fp32 differs by
-    about 1e-5, bf16 against fp32 by about 1e-2."""
+    of a version's canary after a swap (``workers/canary.py``). Measured: the fp32 CPU engine
+    against the fp32 learner differs by under 1e-3; SmolLM2-135M in bf16 against fp32 by 0.043
+    (at most 0.20 on one token)."""
     canary_attempts: int = Field(3, ge=1, le=100)
     """Swaps of one version whose canary fails before the sampler stops with an error."""
     swap_kv: Literal["keep", "recompute"] = "recompute"

@@ -81,7 +81,7 @@ class WeightFollower:
         canary: CanaryCheck | None = None,
     ) -> None:
         self.streams = streams
-        self.canary = canary or CanaryCheck(engine, metrics, tolerance=0.05, attempts=3)
+        self.canary = canary or CanaryCheck(engine, metrics, tolerance=0.1, attempts=3)
         """Proves each swap (``workers.canary``)."""
         self.engine = engine
         self.metrics = metrics
