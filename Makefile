@@ -46,7 +46,7 @@ demo: setup
 
 # Full benchmarks (about an hour on 2 cores, and about three more for the comparisons over five
 # seeds, which resume where they stopped): results in bench/results/, tables in docs/benchmarks.md
-BENCHES := transport durability weight_sync tree_vs_independent learner_packing learner_memory learner_ranks
+BENCHES := transport durability weight_sync swap_memory tree_vs_independent learner_packing learner_memory learner_ranks
 COMPARISONS := treepo-vs-grpo async advantage
 bench: setup
 	for b in $(BENCHES); do PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m bench.$$b || exit 1; done

@@ -385,6 +385,25 @@ def learner_memory(d: dict[str, Any]) -> str:
     )
 
 
+def swap_memory(d: dict[str, Any]) -> str:
+    m = d["modes"]
+    rows = [
+        [
+            mode,
+            f"{m[mode]['loop_wait_seconds_median'] * 1000:.0f}",
+            f"{m[mode]['read_seconds_median'] * 1000:.0f}" if mode == "memory" else "-",
+        ]
+        for mode in ("disk", "memory")
+    ]
+    return _table(
+        ["swap from", "engine loop waits (ms, median)", "read beforehand, off the loop (ms)"], rows
+    ) + (
+        f"\n\n{d['model']}, {d['weight_bytes'] / 1e6:.0f} MB of weights, {d['repeats']} swaps "
+        f"each, alternating: from memory the engine waits **x{d['loop_wait_memory_vs_disk']:.2f}** "
+        "the time of a swap from disk."
+    )
+
+
 def learner_ranks(d: dict[str, Any]) -> str:
     rows = [
         [
@@ -445,6 +464,7 @@ SECTIONS = [
     ("learner_memory", "Learner memory against packed tokens", learner_memory),
     ("learner_ranks", "Learner on 1 and 2 ranks, ZeRO 0-3", learner_ranks),
     ("weight_sync", "Weight sync", weight_sync),
+    ("swap_memory", "Weight swaps from memory vs from disk", swap_memory),
     ("durability", "Redis durability: appendfsync always vs everysec", durability),
     ("soak", "Soak: random SIGKILLs of samplers, learner and redis-server", soak),
 ]

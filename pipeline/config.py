@@ -249,6 +249,10 @@ class SamplerOptions(_Section):
     (at most 0.20 on one token)."""
     canary_attempts: int = Field(3, ge=1, le=100)
     """Swaps of one version whose canary fails before the sampler stops with an error."""
+    swap_from_memory: bool = False
+    """Read a verified version's files into memory before its swap (off the engine's loop), so
+    the swap only copies tensors in; CPU engines whose model runs in the sampler's process
+    only (see ``bench/swap_memory.py``)."""
     swap_kv: Literal["keep", "recompute"] = "recompute"
     """What a weight swap does to the KV cache. ``recompute``: every running path computes its
     context again under the new weights (and the prefix cache is emptied); ``keep``: running

@@ -204,6 +204,19 @@ def test_compare_quick_reports_from_the_runs_own_files_and_resumes(
     assert sorted(p.name for p in (work / "train").iterdir()) == runs_before
 
 
+@pytest.mark.slow
+def test_swap_memory_quick(tmp_path: Path, toy_model: Path) -> None:
+    from bench import swap_memory
+
+    assert swap_memory.main(["--quick", "--out", str(tmp_path), "--model", str(toy_model)]) == 0
+    d = load(tmp_path, "swap_memory")
+    assert d["in_process"] is True and d["weight_bytes"] > 0
+    for mode in ("disk", "memory"):
+        swaps = d["modes"][mode]["swaps"]
+        assert len(swaps) == 2 and all(s["loop_wait_seconds"] > 0 for s in swaps)
+    assert all(s["read_seconds"] > 0 for s in d["modes"]["memory"]["swaps"])
+
+
 def test_intervals_over_seeds_use_students_t() -> None:
     from bench.compare import excludes_zero, interval
 

@@ -83,6 +83,7 @@ def test_the_check_proves_a_real_swap_and_catches_one_that_loaded_nothing(
     engine, toy_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:  # type: ignore[no-untyped-def]
     from workers.canary import CanaryCheck, CanaryFailed
+    from workers.engine import read_weights
     from workers.metrics import SamplerMetrics
 
     start = engine.policy_version
@@ -95,6 +96,13 @@ def test_the_check_proves_a_real_swap_and_catches_one_that_loaded_nothing(
         engine.stage_weights(start + 1, good)
         await engine.apply_staged()
         assert await check.check(start + 1, good)  # fp32 engine vs fp32 learner: far below
+        assert metrics.canary_mismatch._value.get() < 1e-3
+        # a swap from memory (tensors read beforehand) takes as well
+        from_memory = perturbed_version(toy_model, tmp_path, start + 3, 1.6)
+        check.gate.clear()
+        engine.stage_weights(start + 3, from_memory, read_weights(from_memory))
+        await engine.apply_staged()
+        assert await check.check(start + 3, from_memory)
         assert metrics.canary_mismatch._value.get() < 1e-3
         load_nothing(engine, monkeypatch)
         check.gate.clear()

@@ -334,6 +334,17 @@ def _shutdown_beside(client: Any) -> None:
     core.scheduler.shutdown()
 
 
+def read_weights(directory: Path) -> dict[str, Any]:
+    """Every tensor of the safetensors files of ``directory``, in memory (for a swap from
+    memory: call it off the engine's loop)."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, Any] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
 def _in_process(options: EngineOptions) -> bool:
     """Whether the CPU engine runs its model in this process: vLLM's worker process only adds a
     hop per step and a core spinning while the step waits (see ``model_in_process``). Not with
@@ -579,6 +590,7 @@ class VLLMPathGenerator:
         """Why the engine stopped stepping (every later request fails with it)."""
         self._ids = itertools.count()
         self._staged: tuple[int, Path] | None = None
+        self._staged_tensors: dict[str, Any] | None = None
         self._staged_lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="vllm", daemon=True)
@@ -807,10 +819,16 @@ class VLLMPathGenerator:
 
     # -- weights -------------------------------------------------------------------------------------
 
-    def stage_weights(self, version: int, directory: Path) -> None:
-        """Queue verified weights for the next ``apply_staged``."""
+    def stage_weights(
+        self, version: int, directory: Path, tensors: dict[str, Any] | None = None
+    ) -> None:
+        """Queue verified weights for the next ``apply_staged``; with ``tensors`` (the files of
+        ``directory`` already read into memory, ``read_weights``) the swap copies them in
+        instead of reading the files, when the model runs in this process (``in_process``: a
+        worker process would need them serialized)."""
         with self._staged_lock:
             self._staged = (version, directory)
+            self._staged_tensors = tensors if self.in_process else None
 
     async def apply_staged(self) -> float | None:
         """Swap staged weights in now (between engine steps); returns the swap seconds or None."""
@@ -830,7 +848,14 @@ class VLLMPathGenerator:
         """On the engine's loop, so between two steps: the requests stay in the scheduler."""
         started = time.perf_counter()
         engine = self.engine
-        engine.collective_rpc("reload_weights", kwargs={"weights_path": str(directory)})
+        with self._staged_lock:
+            tensors, self._staged_tensors = self._staged_tensors, None
+        if tensors is not None:  # read beforehand, off this loop: only the copy pauses it
+            engine.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": iter(tensors.items())}
+            )
+        else:
+            engine.collective_rpc("reload_weights", kwargs={"weights_path": str(directory)})
         loaded = time.perf_counter()
         dropped, reset_s = 0, 0.0
         if self.options.swap_kv == "recompute":

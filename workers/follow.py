@@ -39,7 +39,7 @@ from pipeline.weights.transfer import FetchStats, Sources, fetch_version
 from pipeline.wire.messages import WeightAnnouncement, decode_as
 from pipeline.wire.streams import Streams
 from workers.canary import CanaryCheck
-from workers.engine import VLLMPathGenerator
+from workers.engine import VLLMPathGenerator, read_weights
 from workers.metrics import SamplerMetrics
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,11 @@ class WeightFollower:
         link: bool = True,
         share: HostShare | None = None,
         canary: CanaryCheck | None = None,
+        from_memory: bool = False,
     ) -> None:
         self.streams = streams
+        self.from_memory = from_memory
+        """Swap versions in from memory (``SamplerOptions.swap_from_memory``)."""
         self.canary = canary or CanaryCheck(engine, metrics, tolerance=0.1, attempts=3)
         """Proves each swap (``workers.canary``)."""
         self.engine = engine
@@ -145,6 +148,7 @@ class WeightFollower:
             canary=CanaryCheck(
                 engine, metrics, settings.sampler.canary_tolerance, settings.sampler.canary_attempts
             ),
+            from_memory=settings.sampler.swap_from_memory,
         )
 
     async def poll(self) -> None:
@@ -221,7 +225,10 @@ class WeightFollower:
             time.perf_counter() - started,
             stats.bytes_received,
         )
-        self.engine.stage_weights(ann.version, directory)
+        tensors = None
+        if self.from_memory and self.engine.in_process:  # read now, off the engine's loop
+            tensors = await asyncio.to_thread(read_weights, directory)
+        self.engine.stage_weights(ann.version, directory, tensors)
         self.verified = ann.version
         self.failing = {v: f for v, f in self.failing.items() if v > ann.version}
 
