@@ -385,6 +385,13 @@ def learner_memory(d: dict[str, Any]) -> str:
     )
 
 
+def comparison(d: dict[str, Any]) -> str:
+    """A comparison over seeds (``bench.compare``): one row per arm, the paired differences."""
+    from bench.compare import table
+
+    return table(d)
+
+
 def swap_memory(d: dict[str, Any]) -> str:
     m = d["modes"]
     rows = [

@@ -21,7 +21,13 @@ def main(model: str, out: str) -> None:
     settings = load_settings(SamplerSettings, warn=False)
     engine = VLLMPathGenerator(EngineOptions.from_settings(settings, model))
     tree_cfg = settings.tree.model_copy(update={"eos_token_id": engine.eos_token_id})
-    sampler = TreeSampler(engine, tree_cfg, rng=tree_rng(settings))
+    tokenizer = engine.tokenizer
+    sampler = TreeSampler(
+        engine,
+        tree_cfg,
+        rng=tree_rng(settings),
+        decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+    )
     prompt = engine.tokenizer("12+34+5=")["input_ids"]
     trees = [asyncio.run(engine.call(sampler.grow(prompt))) for _ in range(2)]
     leaves = [[t.response_tokens(leaf.node).tolist() for leaf in t.leaves] for t in trees]
