@@ -50,7 +50,9 @@ def test_the_canary_is_the_models_own_sequence_log_likelihood(toy_model: Path) -
 
 
 def perturbed_version(toy_model: Path, tmp: Path, version: int, scale: float) -> Path:
-    """A weight version whose final norm is scaled by ``scale``, with its manifest and canary."""
+    """A weight version whose final norm and (tied) embeddings are scaled by ``scale``, with its
+    manifest and canary. The embeddings matter: vLLM's CPU backend packs a copy of a tied head
+    for its logits GEMM that an in-place reload leaves stale (``_repack_embedding_heads``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,6 +60,7 @@ def perturbed_version(toy_model: Path, tmp: Path, version: int, scale: float) ->
     with torch.no_grad():
         for p in model.model.norm.parameters():
             p.mul_(scale)
+        model.model.embed_tokens.weight.mul_(scale)
     canary = make_canary(model, canary_tokens(AutoTokenizer.from_pretrained(str(toy_model))))
     d = tmp / f"v{version}"
     model.save_pretrained(str(d), safe_serialization=True)
