@@ -165,7 +165,6 @@ def run_one(
         "seed": seed,
         **train(f"{arm}-s{seed}", model, settings, heldout, run=run),
     }
-    result["run"] = str(run.relative_to(ROOT)) if run.is_relative_to(ROOT) else str(run)
     record.write_text(json.dumps(result, indent=1) + "\n")
     return result
 

@@ -85,7 +85,7 @@ def train(
     s_wall = sum(s["wall_seconds"] for s in sampler)
     cost = savings(run)
     return {
-        "run": str(run.relative_to(ROOT)),
+        "run": str(run.relative_to(ROOT)) if run.is_relative_to(ROOT) else str(run),
         "steps": len(steps),
         "trained_trees": trees,
         "training_seconds": training_s,
