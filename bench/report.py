@@ -127,56 +127,6 @@ def tree_vs_independent(d: dict[str, Any]) -> str:
     return "\n\n".join(out)
 
 
-def async_vs_sync(d: dict[str, Any]) -> str:
-    rows = [
-        [
-            k,
-            f"{m['trained_trees_per_minute']:.0f}",
-            f"**{d['speedup_vs_sync'][k]:.2f}**",
-            f"{m['learner_idle_fraction']:.0%}",
-            f"{m['sampler_idle_fraction']:.0%}",
-            f"{m['staleness_mean']:.2f}",
-            f"{m['heldout_accuracy']:.3f} ± {m['heldout_ci95']:.3f}",
-            str(m["steps"]),
-        ]
-        for k, m in d["modes"].items()
-    ]
-    return (
-        _table(
-            [
-                "max_staleness",
-                "trained trees/min",
-                "speedup vs sync",
-                "learner idle",
-                "sampler idle",
-                "mean staleness",
-                "held-out accuracy",
-                "steps",
-            ],
-            rows,
-        )
-        + f"\n\n{d['training_seconds']:.0f} s of training per mode."
-    )
-
-
-def treepo_vs_grpo(d: dict[str, Any]) -> str:
-    rows = [
-        [
-            k,
-            f"{m['tokens_received']}",
-            f"{m['trees_sampled']:.0f}",
-            f"{m['trained_trees']}",
-            str(m["steps"]),
-            f"{m['heldout_accuracy']:.3f} ± {m['heldout_ci95']:.3f}",
-        ]
-        for k, m in d["methods"].items()
-    ]
-    return _table(
-        ["method", "tokens spent", "trees sampled", "trees trained", "steps", "held-out accuracy"],
-        rows,
-    )
-
-
 def transport(d: dict[str, Any]) -> str:
     t = d["tree"]
     return _table(
@@ -464,8 +414,12 @@ def learner_ranks(d: dict[str, Any]) -> str:
 
 SECTIONS = [
     ("tree_vs_independent", "Tree vs independent sampling", tree_vs_independent),
-    ("async_vs_sync", "Async vs sync pipeline", async_vs_sync),
-    ("treepo_vs_grpo", "TreePO vs GRPO-style training at an equal token budget", treepo_vs_grpo),
+    (
+        "compare-treepo-vs-grpo",
+        "Over seeds: TreePO vs GRPO-style at an equal token budget",
+        comparison,
+    ),
+    ("compare-swap-kv", "Over seeds: weight swaps that keep vs recompute the KV cache", comparison),
     ("transport", "Transport", transport),
     ("learner_packing", "Tree-packed vs per-leaf learner", learner_packing),
     ("learner_memory", "Learner memory against packed tokens", learner_memory),

@@ -255,12 +255,13 @@ class SamplerOptions(_Section):
     only. Off by default: measured on SmolLM2-135M (538 MB), the engine waits 0.96x as long
     as for a swap from disk, because reading from the page cache takes 12 ms of the 670
     (``bench/swap_memory.py``); it may help where the files are on a slow disk."""
-    swap_kv: Literal["keep", "recompute"] = "recompute"
-    """What a weight swap does to the KV cache. ``recompute``: every running path computes its
-    context again under the new weights (and the prefix cache is emptied); ``keep``: running
-    paths and the prefix cache keep the keys and values the old weights computed, and every
-    token sampled after the swap comes from the new weights (its log-prob, the behaviour
-    policy's, is recorded as sampled). See docs/algorithm.md."""
+    swap_kv: Literal["keep", "recompute"] = "keep"
+    """What a weight swap does to the KV cache. ``keep`` (default): running paths and the prefix
+    cache keep the keys and values the old weights computed, and every token sampled after the
+    swap comes from the new weights (its log-prob, the behaviour policy's, is recorded as
+    sampled); ``recompute``: every running path computes its context again under the new
+    weights (and the prefix cache is emptied). Chosen by measurement (``bench.compare swap-kv``,
+    docs/algorithm.md): the same accuracy and importance weights, no recomputation."""
     max_model_len: int = Field(0, ge=0, le=1_000_000)
     """Engine context length; 0 = the model's own."""
     kv_cache_gib: int = Field(1, ge=1, le=1024)

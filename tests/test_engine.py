@@ -106,7 +106,7 @@ def test_a_swap_keeps_or_recomputes_the_running_paths_context(
     try:
         running, prefilled = run_restoring(engine, tmp_path, start, main())
     finally:
-        engine.options.swap_kv = "recompute"
+        engine.options.swap_kv = "keep"
         engine.meter.swap_listeners.remove(swaps.append)
     assert running >= 4 * context
     assert swaps[0].load_seconds > 0

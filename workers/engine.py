@@ -112,7 +112,7 @@ class EngineOptions:
     model_in_process: bool = True
     """CPU backend, unbound, one worker: the model runs in this process (no worker process)."""
     seed: int = 0
-    swap_kv: str = "recompute"
+    swap_kv: str = "keep"
     """``keep`` or ``recompute`` (``SamplerOptions.swap_kv``)."""
     ignore_eos: bool = False
     """Decode every request to its token budget (benchmarks with forced lengths)."""
