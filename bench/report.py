@@ -420,6 +420,7 @@ SECTIONS = [
         comparison,
     ),
     ("compare-swap-kv", "Over seeds: weight swaps that keep vs recompute the KV cache", comparison),
+    ("compare-advantage", "Over seeds: TreePO advantage variants", comparison),
     ("transport", "Transport", transport),
     ("learner_packing", "Tree-packed vs per-leaf learner", learner_packing),
     ("learner_memory", "Learner memory against packed tokens", learner_memory),
