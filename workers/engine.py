@@ -606,8 +606,8 @@ class VLLMPathGenerator:
         self.failed: BaseException | None = None
         """Why the engine stopped stepping (every later request fails with it)."""
         self._ids = itertools.count()
-        self._staged: tuple[int, Path] | None = None
-        self._staged_tensors: dict[str, Any] | None = None
+        self._staged: tuple[int, Path, dict[str, Any] | None] | None = None
+        """(version, directory, its tensors when read into memory) for the next swap."""
         self._staged_lock = threading.Lock()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="vllm", daemon=True)
@@ -844,8 +844,7 @@ class VLLMPathGenerator:
         instead of reading the files, when the model runs in this process (``in_process``: a
         worker process would need them serialized)."""
         with self._staged_lock:
-            self._staged = (version, directory)
-            self._staged_tensors = tensors if self.in_process else None
+            self._staged = (version, directory, tensors if self.in_process else None)
 
     async def apply_staged(self) -> float | None:
         """Swap staged weights in now (between engine steps); returns the swap seconds or None."""
@@ -861,12 +860,12 @@ class VLLMPathGenerator:
             staged, self._staged = self._staged, None
         return None if staged is None else self._wait(self._swap(*staged))
 
-    async def _swap(self, version: int, directory: Path) -> float:
+    async def _swap(
+        self, version: int, directory: Path, tensors: dict[str, Any] | None = None
+    ) -> float:
         """On the engine's loop, so between two steps: the requests stay in the scheduler."""
         started = time.perf_counter()
         engine = self.engine
-        with self._staged_lock:
-            tensors, self._staged_tensors = self._staged_tensors, None
         if tensors is not None:  # read beforehand, off this loop: only the copy pauses it
             engine.collective_rpc(
                 "reload_weights", kwargs={"weights_iterator": iter(tensors.items())}
@@ -923,7 +922,7 @@ class VLLMPathGenerator:
     def staged(self) -> tuple[int, Path] | None:
         """The (version, directory) the next ``apply_staged`` swaps in, if any."""
         with self._staged_lock:
-            return self._staged
+            return None if self._staged is None else (self._staged[0], self._staged[1])
 
     # -- lifecycle -----------------------------------------------------------------------------------
 

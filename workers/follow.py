@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.aio import wait_or_stop
-from pipeline.config import SamplerSettings
+from pipeline.config import SamplerOptions, SamplerSettings
 from pipeline.errors import (
     MessageDecodeError,
     WeightDownloadError,
@@ -43,6 +43,11 @@ from workers.engine import VLLMPathGenerator, read_weights
 from workers.metrics import SamplerMetrics
 
 log = logging.getLogger(__name__)
+
+CANARY_DEFAULTS = {
+    k: SamplerOptions.model_fields[k].default for k in ("canary_tolerance", "canary_attempts")
+}
+"""The sampler settings' own defaults, for a follower built without settings (tests, tools)."""
 
 BACKOFF_MAX_S = 60.0
 
@@ -84,7 +89,9 @@ class WeightFollower:
         self.streams = streams
         self.from_memory = from_memory
         """Swap versions in from memory (``SamplerOptions.swap_from_memory``)."""
-        self.canary = canary or CanaryCheck(engine, metrics, tolerance=0.1, attempts=3)
+        self.canary = canary or CanaryCheck(
+            engine, metrics, CANARY_DEFAULTS["canary_tolerance"], CANARY_DEFAULTS["canary_attempts"]
+        )
         """Proves each swap (``workers.canary``)."""
         self.engine = engine
         self.metrics = metrics
