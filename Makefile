@@ -44,7 +44,7 @@ lint: setup
 demo: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m toy.demo $(DEMO_ARGS)
 
-# Full benchmarks (about an hour on 2 cores, and about three more for the comparisons over five
+# Full benchmarks (about an hour on 2 cores, and about 1.5 more for the comparisons over five
 # seeds, which resume where they stopped): results in bench/results/, tables in docs/benchmarks.md
 BENCHES := transport durability weight_sync swap_memory tree_vs_independent learner_packing learner_memory learner_ranks
 COMPARISONS := treepo-vs-grpo async advantage

@@ -419,6 +419,11 @@ SECTIONS = [
         "Over seeds: TreePO vs GRPO-style at an equal token budget",
         comparison,
     ),
+    (
+        "compare-async",
+        "Over seeds: async (staleness 1, 2, 4) vs sync at equal training time",
+        comparison,
+    ),
     ("compare-swap-kv", "Over seeds: weight swaps that keep vs recompute the KV cache", comparison),
     ("compare-advantage", "Over seeds: TreePO advantage variants", comparison),
     ("transport", "Transport", transport),
