@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -357,6 +358,52 @@ def test_the_key_is_read_as_soon_as_the_weights_channel_is_subscribed(
     polls, started = asyncio.run(main())
     assert polls, "the key was not read after subscribing"
     assert polls[0] - started < 1.0
+
+
+def test_a_failed_download_is_a_warning_until_it_keeps_failing(
+    redis_server: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A download that fails once (the learner exiting right after announcing its last version)
+    is routine and logged as a warning; the third failure in a row of the same version is an
+    error, and a failed verification is an error the first time (someone served wrong bytes)."""
+    from pipeline.wire.messages import WeightAnnouncement
+    from tests.helpers import make_streams
+    from workers.follow import LOUD_AFTER_ATTEMPTS, WeightFollower
+    from workers.metrics import SamplerMetrics
+
+    class Engine:
+        policy_version = 4
+
+    metrics = SamplerMetrics()
+    follower = WeightFollower(
+        make_streams(redis_server),
+        Engine(),  # type: ignore[arg-type]
+        metrics,
+        tmp_path,
+        {},
+        token=None,
+        trusted_url="",
+        download_timeout_s=5.0,
+        max_staleness=1,
+        unhealthy_after_s=60.0,
+    )
+    ann = WeightAnnouncement(5, "http://127.0.0.1:9/weights/5", "0" * 64, 1)
+    levels = []
+    with caplog.at_level(logging.WARNING, logger="workers.follow"):
+        for _ in range(LOUD_AFTER_ATTEMPTS):
+            caplog.clear()
+            follower._failed(ann, ConnectionRefusedError(111, "Connection refused"))
+            levels.append(caplog.records[-1].levelno)
+        caplog.clear()
+        follower._failed(
+            WeightAnnouncement(6, ann.url, "1" * 64, 1),
+            WeightVerificationError("piece 0: sha256 mismatch"),
+        )
+        verification = caplog.records[-1]
+    assert levels == [logging.WARNING] * (LOUD_AFTER_ATTEMPTS - 1) + [logging.ERROR]
+    assert verification.levelno == logging.ERROR and "verification" in verification.getMessage()
+    assert follower.failing[5].attempts == LOUD_AFTER_ATTEMPTS
+    assert metrics.weight_failures.labels("download")._value.get() == LOUD_AFTER_ATTEMPTS
 
 
 def test_an_old_version_is_overwritten_in_place_but_never_the_learners(

@@ -50,6 +50,8 @@ CANARY_DEFAULTS = {
 """The sampler settings' own defaults, for a follower built without settings (tests, tools)."""
 
 BACKOFF_MAX_S = 60.0
+LOUD_AFTER_ATTEMPTS = 3
+"""A download failing this many times in a row is logged as an error (before: a warning)."""
 
 
 @dataclass
@@ -294,7 +296,11 @@ class WeightFollower:
         self.metrics.weight_failures.labels(kind).inc()
         if kind == "verification":
             self.metrics.weight_rejected.inc()
-        log.error(
+        # a download that fails once is routine (the learner restarting or exiting, a relay
+        # gone); one that keeps failing, or any failed verification, is an operator's problem
+        loud = kind == "verification" or attempts >= LOUD_AFTER_ATTEMPTS
+        log.log(
+            logging.ERROR if loud else logging.WARNING,
             "weights v%d not taken (attempt %d, %s: %s); retry in %.0fs, keeping v%d",
             version,
             attempts,
