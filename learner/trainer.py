@@ -550,12 +550,20 @@ def save_pretrained(engine: Engine, directory: Path | None, weights_only: bool =
     directory (tied weights stored once, as the original checkpoint has them), each tensor in
     the base model's dtype. Every rank calls it; rank 0 writes (``directory`` may be None
     elsewhere)."""
+    from transformers.utils import logging as hf_logging
+
     module: Any = engine.module
-    with full_parameters(engine):
-        if rank() == 0 and directory is not None:
-            module.save_pretrained(
-                str(directory), state_dict=_publish_state(engine), safe_serialization=True
-            )
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one per version is two log lines of noise
+    try:
+        with full_parameters(engine):
+            if rank() == 0 and directory is not None:
+                module.save_pretrained(
+                    str(directory), state_dict=_publish_state(engine), safe_serialization=True
+                )
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if weights_only and directory is not None and rank() == 0:
         for extra in directory.iterdir():  # the weight server serves weights only
             if not extra.name.endswith(".safetensors"):

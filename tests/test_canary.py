@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from pipeline.errors import WeightVerificationError
 from pipeline.weights.manifest import Canary, Manifest, write_manifest
 from tests.helpers import make_streams, run_restoring
 from tests.services import RedisServer
+from workers.engine import RELOAD_LOGGER
 
 
 def test_a_manifest_carries_its_canary_and_refuses_a_malformed_one(tmp_path: Path) -> None:
@@ -71,6 +73,38 @@ def perturbed_version(toy_model: Path, tmp: Path, version: int, scale: float) ->
     return d
 
 
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_only_the_layers_no_checkpoint_holds_are_quiet_on_reload() -> None:
+    """The rotary cache never loads from a checkpoint, nor does a tied head; a layer that
+    should have loaded and did not (an untied head, any other layer) still warns."""
+    from workers.engine import _ExpectedReloadWarnings
+
+    def passes(layer: str, tied: bool) -> bool:
+        record = logging.LogRecord(
+            RELOAD_LOGGER,
+            logging.WARNING,
+            __file__,
+            1,
+            "%s: Failed to load weights",
+            (layer,),
+            None,
+        )
+        return _ExpectedReloadWarnings(tied).filter(record)
+
+    assert not passes("RotaryEmbedding", tied=False)
+    assert not passes("ParallelLMHead", tied=True)
+    assert passes("ParallelLMHead", tied=False)
+    assert passes("QKVParallelLinear", tied=True)
+
+
 def load_nothing(engine, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """Make the engine's weight reload a silent no-op (the failure a broken update path has)."""
     real = engine.engine.collective_rpc
@@ -94,11 +128,15 @@ def test_the_check_proves_a_real_swap_and_catches_one_that_loaded_nothing(
     check = CanaryCheck(engine, metrics, tolerance=0.05, attempts=2)
     good = perturbed_version(toy_model, tmp_path, start + 1, 1.3)
     bad = perturbed_version(toy_model, tmp_path, start + 2, 0.7)
+    reload_log = Records()
+    logging.getLogger(RELOAD_LOGGER).addHandler(reload_log)
 
     async def main() -> None:
         engine.stage_weights(start + 1, good)
         await engine.apply_staged()
         assert await check.check(start + 1, good)  # fp32 engine vs fp32 learner: far below
+        # vLLM's "Failed to load weights" for the rotary cache and the tied head say nothing
+        assert not [r.getMessage() for r in reload_log.records if r.levelno >= logging.WARNING]
         assert metrics.canary_mismatch._value.get() < 1e-3
         # a swap from memory (tensors read beforehand) takes as well
         from_memory = perturbed_version(toy_model, tmp_path, start + 3, 1.6)
@@ -123,6 +161,7 @@ def test_the_check_proves_a_real_swap_and_catches_one_that_loaded_nothing(
         run_restoring(engine, tmp_path, start, main())
     finally:
         monkeypatch.undo()
+        logging.getLogger(RELOAD_LOGGER).removeHandler(reload_log)
 
 
 @pytest.mark.slow

@@ -351,6 +351,48 @@ def _repack_embedding_heads(worker: Any) -> int:
     return rebuilt
 
 
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class _ExpectedReloadWarnings(logging.Filter):
+    """Drops vLLM's ``<layer>: Failed to load weights`` for the layers no checkpoint has weights
+    for. On every in-place reload vLLM warns of each layer that loaded nothing and puts its
+    tensors back: the rotary embedding (a cache it computes) and, with tied embeddings, the
+    output head (its weight is the embedding's, reloaded under that name and repacked by
+    ``_repack_embedding_heads``). That is two lines per swap per sampler that say nothing; the
+    canary proves each swap instead (``workers.canary``). Any other layer still warns."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.expected = {"RotaryEmbedding"} | ({"ParallelLMHead"} if tied else set())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (
+            record.msg == "%s: Failed to load weights" and args and args[0] in self.expected
+        )
+
+
+SWAP_INFO_LOGGERS = (
+    "vllm.model_executor.model_loader.weight_utils",
+    "vllm.model_executor.model_loader.reload.inplace",
+)
+"""vLLM's loggers that say, at INFO, on every swap, what the sampler's own "swapped to policy
+version" line says (the checkpoint's size, the reload's seconds)."""
+
+
+def _quiet_swap_logs(tied: bool) -> None:
+    """Once the engine has loaded: install ``_ExpectedReloadWarnings`` on vLLM's reload logger
+    (once per process: the engine of this process replaces the filter of an earlier one) and
+    keep ``SWAP_INFO_LOGGERS`` to warnings."""
+    logger = logging.getLogger(RELOAD_LOGGER)
+    for f in [f for f in logger.filters if isinstance(f, _ExpectedReloadWarnings)]:
+        logger.removeFilter(f)
+    logger.addFilter(_ExpectedReloadWarnings(tied))
+    for name in SWAP_INFO_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def read_weights(directory: Path) -> dict[str, Any]:
     """Every tensor of the safetensors files of ``directory``, in memory (for a swap from
     memory: call it off the engine's loop)."""
@@ -654,6 +696,7 @@ class VLLMPathGenerator:
             "logprobs_mode": "processed_logprobs",
             "seed": o.seed,
             "max_num_seqs": o.max_num_seqs,
+            "use_tqdm_on_load": False,  # a progress bar per swap is three log lines of noise
             **o.extra,
         }
         if o.max_model_len:
@@ -681,6 +724,8 @@ class VLLMPathGenerator:
                 x for x in manager.stat_loggers if type(x).__name__ != "PrometheusStatLogger"
             ]
         engine.set_weight_version(str(self.policy_version))
+        tied = bool(getattr(config.model_config.hf_config, "tie_word_embeddings", False))
+        _quiet_swap_logs(tied)
         return engine
 
     # -- stepping the engine -------------------------------------------------------------------------
