@@ -14,6 +14,7 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import blake3
 import numpy as np
@@ -307,6 +308,25 @@ def test_announcements_are_followed_over_pub_sub(redis_server: RedisServer) -> N
     assert got[-1] == b"hello" and None in got[:-1]
 
 
+def bare_follower(streams: object, engine: object, metrics: object, work_dir: Path) -> Any:
+    """A follower with no token, relay or trusted URL, over a stand-in engine (what is under
+    test is the follower's own bookkeeping, not a swap)."""
+    from workers.follow import WeightFollower
+
+    return WeightFollower(
+        streams,  # type: ignore[arg-type]
+        engine,  # type: ignore[arg-type]
+        metrics,  # type: ignore[arg-type]
+        work_dir,
+        {},
+        token=None,
+        trusted_url="",
+        download_timeout_s=5.0,
+        max_staleness=1,
+        unhealthy_after_s=60.0,
+    )
+
+
 def test_the_key_is_read_as_soon_as_the_weights_channel_is_subscribed(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -314,7 +334,6 @@ def test_the_key_is_read_as_soon_as_the_weights_channel_is_subscribed(
     in the key: the follower reads it as soon as it is subscribed, not ``weights_poll_s`` later
     (a sampler left on old weights that long makes every tree it sends stale)."""
     from tests.helpers import make_streams
-    from workers.follow import WeightFollower
     from workers.metrics import SamplerMetrics
 
     class Engine:
@@ -328,18 +347,7 @@ def test_the_key_is_read_as_soon_as_the_weights_channel_is_subscribed(
 
     async def main() -> tuple[list[float], float]:
         s = make_streams(redis_server)
-        follower = WeightFollower(
-            s,
-            Engine(),  # type: ignore[arg-type]
-            SamplerMetrics(),
-            tmp_path,
-            {},
-            token=None,
-            trusted_url="",
-            download_timeout_s=5.0,
-            max_staleness=1,
-            unhealthy_after_s=60.0,
-        )
+        follower = bare_follower(s, Engine(), SamplerMetrics(), tmp_path)
         polls: list[float] = []
 
         async def poll() -> None:
@@ -368,25 +376,14 @@ def test_a_failed_download_is_a_warning_until_it_keeps_failing(
     error, and a failed verification is an error the first time (someone served wrong bytes)."""
     from pipeline.wire.messages import WeightAnnouncement
     from tests.helpers import make_streams
-    from workers.follow import LOUD_AFTER_ATTEMPTS, WeightFollower
+    from workers.follow import LOUD_AFTER_ATTEMPTS
     from workers.metrics import SamplerMetrics
 
     class Engine:
         policy_version = 4
 
     metrics = SamplerMetrics()
-    follower = WeightFollower(
-        make_streams(redis_server),
-        Engine(),  # type: ignore[arg-type]
-        metrics,
-        tmp_path,
-        {},
-        token=None,
-        trusted_url="",
-        download_timeout_s=5.0,
-        max_staleness=1,
-        unhealthy_after_s=60.0,
-    )
+    follower = bare_follower(make_streams(redis_server), Engine(), metrics, tmp_path)
     ann = WeightAnnouncement(5, "http://127.0.0.1:9/weights/5", "0" * 64, 1)
     levels = []
     with caplog.at_level(logging.WARNING, logger="workers.follow"):
