@@ -18,7 +18,7 @@ from pipeline.errors import WeightVerificationError
 from pipeline.weights.manifest import Canary, Manifest, write_manifest
 from tests.helpers import make_streams, run_restoring
 from tests.services import RedisServer
-from workers.engine import RELOAD_LOGGER
+from workers.engine import RELOAD_LOGGER, SWAP_INFO_LOGGERS
 
 
 def test_a_manifest_carries_its_canary_and_refuses_a_malformed_one(tmp_path: Path) -> None:
@@ -117,7 +117,11 @@ def load_nothing(engine, monkeypatch: pytest.MonkeyPatch) -> None:  # type: igno
 
 @pytest.mark.slow
 def test_the_check_proves_a_real_swap_and_catches_one_that_loaded_nothing(
-    engine, toy_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    engine,
+    toy_model: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:  # type: ignore[no-untyped-def]
     from workers.canary import CanaryCheck, CanaryFailed
     from workers.engine import read_weights
@@ -129,14 +133,18 @@ def test_the_check_proves_a_real_swap_and_catches_one_that_loaded_nothing(
     good = perturbed_version(toy_model, tmp_path, start + 1, 1.3)
     bad = perturbed_version(toy_model, tmp_path, start + 2, 0.7)
     reload_log = Records()
-    logging.getLogger(RELOAD_LOGGER).addHandler(reload_log)
+    swap_loggers = [logging.getLogger(n) for n in (RELOAD_LOGGER, *SWAP_INFO_LOGGERS)]
+    for logger in swap_loggers:
+        logger.addHandler(reload_log)
 
     async def main() -> None:
         engine.stage_weights(start + 1, good)
         await engine.apply_staged()
         assert await check.check(start + 1, good)  # fp32 engine vs fp32 learner: far below
-        # vLLM's "Failed to load weights" for the rotary cache and the tied head say nothing
-        assert not [r.getMessage() for r in reload_log.records if r.levelno >= logging.WARNING]
+        # vLLM's "Failed to load weights" for the rotary cache and the tied head, its INFO lines
+        # on the checkpoint and the reload, and its progress bar say nothing a swap needs
+        assert not [r.getMessage() for r in reload_log.records]
+        assert "checkpoint shards" not in capfd.readouterr().err
         assert metrics.canary_mismatch._value.get() < 1e-3
         # a swap from memory (tensors read beforehand) takes as well
         from_memory = perturbed_version(toy_model, tmp_path, start + 3, 1.6)
@@ -161,7 +169,8 @@ def test_the_check_proves_a_real_swap_and_catches_one_that_loaded_nothing(
         run_restoring(engine, tmp_path, start, main())
     finally:
         monkeypatch.undo()
-        logging.getLogger(RELOAD_LOGGER).removeHandler(reload_log)
+        for logger in swap_loggers:
+            logger.removeHandler(reload_log)
 
 
 @pytest.mark.slow

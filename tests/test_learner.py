@@ -327,9 +327,13 @@ def test_no_trained_tree_is_older_than_the_bound(
 
 
 @pytest.mark.slow
-def test_weights_are_published_in_the_base_models_dtypes(toy_model: Path, tmp_path: Path) -> None:
+def test_weights_are_published_in_the_base_models_dtypes(
+    toy_model: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
     """A bf16 base model trained in fp32 (the CPU default) publishes bf16 weights that the
-    samplers' check accepts, holding the trained values (rounded to bf16)."""
+    samplers' check accepts, holding the trained values (rounded to bf16), without a progress
+    bar (one per version is noise in the learner's log) and leaving transformers' setting as
+    it was."""
     import shutil
 
     import torch
@@ -363,7 +367,13 @@ def test_weights_are_published_in_the_base_models_dtypes(toy_model: Path, tmp_pa
             node.token_ids = node.token_ids % 32
     train_on_batch(engine, build_batch(trees), opts, LossSettings(), step=0)
     out = tmp_path / "published"
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    capfd.readouterr()
     export_weights(engine, out)
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled() == bars
     check_compatible(tensor_specs(out), tensor_specs(base))  # raises on a dtype mismatch
     published, trained = load_file(str(next(out.glob("*.safetensors")))), full_state_dict(engine)
     for name, value in published.items():
