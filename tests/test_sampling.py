@@ -677,3 +677,35 @@ def test_independent_estimate_is_unbiased_where_leaf_sums_are_not() -> None:
     true_mean = 3 * 2.0  # geometric(1/2) segments of 3 tokens (the depth cap barely matters)
     assert abs(weighted - true_mean) < 0.25, weighted
     assert plain > true_mean + 1.0, plain
+
+
+def test_paths_failing_together_leave_no_unretrieved_task_error() -> None:
+    """When the engine stops, every open path's read fails at once: the tree raises that error
+    and retrieves all of them (asyncio would log each one left as 'Task exception was never
+    retrieved', with a traceback, at a normal shutdown)."""
+    import gc
+
+    class Stopping(Exception):
+        pass
+
+    class StopsAtOnce(ScriptedEngine):
+        def segment(self, path: ScriptedPath, n: int) -> GeneratedSegment:
+            if path.context[0] == 2 and len(path.reads) > 1:
+                raise Stopping("the engine is stopping")
+            return GeneratedSegment([1] * n, [-1.0] * n, False)
+
+    cfg = TreeConfig(width=8, segment_tokens=2, max_depth=6, initial_divergence=4, branching=2)
+    unretrieved: list[dict[str, object]] = []
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unretrieved.append(ctx))
+        engine = StopsAtOnce()
+        with pytest.raises(Stopping):
+            await TreeSampler(engine, cfg, rng=0, decode=decode).grow([2])
+        assert sum(isinstance(p, ScriptedPath) and len(p.reads) > 1 for p in engine.paths) > 1
+        assert engine.running == 0
+        gc.collect()
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert unretrieved == []

@@ -145,6 +145,15 @@ class _Growth:
     started: float = field(default_factory=time.perf_counter)
 
 
+def _retrieve(tasks: set[asyncio.Task[None]]) -> None:
+    """Mark the errors of finished path tasks as seen. When the engine stops, every open path
+    fails at once; the tree raises one error, and asyncio would log each of the others as
+    'Task exception was never retrieved', with a traceback, at a normal shutdown."""
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()
+
+
 class TreeSampler:
     """Grows TreePO segment trees with any ``PathGenerator``."""
 
@@ -181,6 +190,7 @@ class TreeSampler:
                 else:
                     done, _ = await asyncio.wait(g.tasks, return_when=asyncio.FIRST_EXCEPTION)
                     g.tasks -= done
+                    _retrieve(done)
                     if g.error is not None:
                         raise g.error
                     for task in done:
@@ -191,6 +201,7 @@ class TreeSampler:
                 task.cancel()
             if g.tasks:
                 await asyncio.wait(g.tasks)
+                _retrieve(g.tasks)
             for stream in g.streams:  # also those whose task was cancelled before it ran
                 stream.cancel()
         tree = g.tree
